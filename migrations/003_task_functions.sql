@@ -140,7 +140,8 @@ $$;
 -- Records a failed attempt. While attempts < max_attempts (and p_retry), the
 -- row goes back to pending, visible again after an exponential backoff:
 -- p_backoff * 2^(attempts-1), at most p_max_backoff. Otherwise it is final:
--- 'failed', the error kept. Returns the row's new status, or NULL when fenced.
+-- 'failed', the error kept (p_error NULL keeps the error the task already
+-- recorded). Returns the row's new status, or NULL when fenced.
 
 CREATE FUNCTION fail_task(
     p_task_id     bigint,
@@ -163,7 +164,7 @@ BEGIN
                              ELSE visible_at END,
            completed_at = CASE WHEN p_retry AND attempts < max_attempts
                                THEN NULL ELSE now() END,
-           error = p_error,
+           error = coalesce(p_error, error),
            worker_id = NULL,
            lease_token = NULL,
            lease_expires_at = NULL
