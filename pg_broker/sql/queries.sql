@@ -22,3 +22,100 @@ SELECT COUNT(*) FROM job_tasks WHERE status IN ('claimed', 'processing')
 -- name: reclaim_stale_tasks
 -- The watchdog: expired leases back to pending (or dead); returns how many.
 SELECT reclaim_stale_tasks();
+
+-- ---------------------------------------------------------------------------
+-- The worker app and the job model (pg_broker.jobs, storage, maintenance;
+-- tasks/). Task rows are addressed by Celery task id while a worker holds them.
+
+-- name: insert_job
+-- A new job row for a user; its tasks are inserted by the publishes that follow.
+INSERT INTO jobs (user_id, job_type, title, params)
+VALUES (%(user_id)s, %(job_type)s, %(title)s, %(params)s)
+RETURNING id;
+
+-- name: job_by_id
+-- One job with its counters (RLS decides whether the caller may see it).
+SELECT id, user_id, job_type, title, params, status, total_tasks, completed_tasks,
+       failed_tasks, progress, error, created_at, updated_at, started_at, completed_at
+  FROM jobs WHERE id = %(job_id)s;
+
+-- name: tasks_of_job
+-- A job's tasks in submission order.
+SELECT id, task_id, task_type, queue, status, attempts, max_attempts, worker_id, error,
+       result, created_at, started_at, completed_at
+  FROM job_tasks WHERE job_id = %(job_id)s ORDER BY sequence, id;
+
+-- name: artifacts_of_job
+-- A job's artifacts, oldest first.
+SELECT id, job_id, task_id, kind, storage_backend, storage_path, content_type, bytes,
+       sha256, duration_seconds, metadata
+  FROM job_artifacts WHERE job_id = %(job_id)s ORDER BY kind, created_at, storage_path;
+
+-- name: upsert_artifact
+-- Records a stored file; a re-run task (same path) updates its one row.
+INSERT INTO job_artifacts (job_id, task_id, user_id, kind, storage_backend, storage_path,
+                           content_type, bytes, sha256, duration_seconds, metadata)
+VALUES (%(job_id)s, %(task_id)s, %(user_id)s, %(kind)s, %(storage_backend)s, %(storage_path)s,
+        %(content_type)s, %(bytes)s, %(sha256)s, %(duration_seconds)s, %(metadata)s)
+ON CONFLICT (storage_backend, storage_path) DO UPDATE
+   SET task_id = EXCLUDED.task_id, content_type = EXCLUDED.content_type,
+       bytes = EXCLUDED.bytes, sha256 = EXCLUDED.sha256,
+       duration_seconds = EXCLUDED.duration_seconds, metadata = EXCLUDED.metadata
+RETURNING id, job_id, task_id, kind, storage_backend, storage_path, content_type, bytes,
+          sha256, duration_seconds, metadata;
+
+-- name: cancel_job
+-- Marks a job cancelled unless it already finished; returns its id if it did.
+UPDATE jobs SET status = 'cancelled', completed_at = now()
+ WHERE id = %(job_id)s AND status IN ('pending', 'processing')
+RETURNING id;
+
+-- name: cancel_pending_tasks
+-- A cancelled job's tasks that no worker holds yet: they will never be claimed.
+UPDATE job_tasks SET status = 'cancelled', completed_at = now()
+ WHERE job_id = %(job_id)s AND status = 'pending';
+
+-- name: mark_task_processing
+-- The worker began executing the task (claimed -> processing), by Celery task id.
+UPDATE job_tasks
+   SET status = 'processing', started_at = coalesce(started_at, now()), last_heartbeat = now()
+ WHERE task_id = %(task_id)s AND status IN ('claimed', 'processing');
+
+-- name: record_task_error
+-- Keeps the exception text of a failed attempt; fail_task then retries or fails the row.
+UPDATE job_tasks SET error = %(error)s
+ WHERE task_id = %(task_id)s AND status IN ('claimed', 'processing');
+
+-- name: dead_tasks
+-- Dead letters: tasks that failed or died for good, newest first.
+SELECT id, task_id, task_type, queue, status, attempts, max_attempts, job_id, error,
+       completed_at
+  FROM job_tasks WHERE status IN ('dead', 'failed')
+ ORDER BY completed_at DESC NULLS LAST, id DESC
+ LIMIT %(limit)s;
+
+-- name: retry_dead_tasks
+-- Re-queues dead or failed tasks (all, or those whose row id or Celery task id is
+-- given) with fresh attempts; their jobs reopen. Returns the re-queued rows' queues.
+WITH retried AS (
+    UPDATE job_tasks
+       SET status = 'pending', attempts = 0, error = NULL, visible_at = now(),
+           completed_at = NULL, worker_id = NULL, lease_token = NULL, lease_expires_at = NULL
+     WHERE status IN ('dead', 'failed')
+       AND (%(ids)s::text[] IS NULL OR id::text = ANY (%(ids)s) OR task_id = ANY (%(ids)s))
+    RETURNING id, queue, job_id
+), reopened AS (
+    UPDATE jobs SET error = NULL, completed_at = NULL
+     WHERE id IN (SELECT job_id FROM retried) AND status <> 'cancelled'
+)
+SELECT id, queue FROM retried;
+
+-- name: delete_finished_tasks
+-- Retention: one batch of finished task rows older than the given age leaves the table.
+DELETE FROM job_tasks
+ WHERE id IN (SELECT id FROM job_tasks
+               WHERE status IN ('completed', 'failed', 'dead', 'cancelled')
+                 AND completed_at < now() - %(age)s::interval
+               ORDER BY completed_at
+               LIMIT %(batch)s
+                 FOR UPDATE SKIP LOCKED);

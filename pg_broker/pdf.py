@@ -1,0 +1,99 @@
+"""The package as a PDF: a title page, then one section per chapter (fpdf2).
+
+Text is Unicode. A TrueType font with wide coverage is used when the system
+has one (DejaVu Sans, or the file named by ``PG_BROKER_PDF_FONT``); otherwise
+the PDF core font Helvetica, which only knows Latin-1, so text is first folded
+to what it can show (typographic quotes and dashes to ASCII, the rest to "?").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from fpdf import FPDF
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/pdf"
+FONT_VARIABLE = "PG_BROKER_PDF_FONT"
+_FONT_CANDIDATES = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/local/share/fonts/DejaVuSans.ttf",
+    "/Library/Fonts/DejaVuSans.ttf",
+)
+_LATIN1_FOLDS = str.maketrans({
+    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201c": '"', "\u201d": '"',
+    "\u201e": '"', "\u2013": "-", "\u2014": "--", "\u2026": "...", "\u00a0": " ",
+})
+
+
+@dataclass(frozen=True)
+class Chapter:
+    title: str
+    text: str
+
+
+def unicode_font() -> Path | None:
+    """A TrueType font covering most scripts, if the system has one."""
+    configured = os.environ.get(FONT_VARIABLE, "").strip()
+    candidates = (configured,) if configured else _FONT_CANDIDATES
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    if configured:
+        log.warning("%s=%s is not a file; using the core font", FONT_VARIABLE, configured)
+    return None
+
+
+def to_latin1(text: str) -> str:
+    """Text the core fonts can show: accents kept where Latin-1 has them."""
+    folded = unicodedata.normalize("NFC", text.translate(_LATIN1_FOLDS))
+    return folded.encode("latin-1", errors="replace").decode("latin-1")
+
+
+def render_package(title: str, chapters: Sequence[Chapter], out: BinaryIO) -> int:
+    """Write the package (title page, then chapters) to ``out``; return pages."""
+    pdf = FPDF(format="A4")
+    pdf.set_title(title)
+    pdf.set_creator("pg_broker")
+    pdf.set_auto_page_break(auto=True, margin=18)
+    font = unicode_font()
+    if font is not None:
+        pdf.add_font("Body", "", str(font))
+        family, clean = "Body", _identity
+    else:
+        family, clean = "Helvetica", to_latin1
+
+    pdf.add_page()
+    pdf.set_font(family, size=26)
+    pdf.ln(60)
+    pdf.multi_cell(0, 13, clean(title), align="C")
+    pdf.ln(8)
+    pdf.set_font(family, size=12)
+    pdf.multi_cell(0, 7, f"{len(chapters)} chapters", align="C")
+
+    for number, chapter in enumerate(chapters, start=1):
+        pdf.add_page()
+        pdf.start_section(clean(chapter.title) or f"Chapter {number}")
+        pdf.set_font(family, size=18)
+        pdf.multi_cell(0, 10, clean(chapter.title))
+        pdf.ln(4)
+        pdf.set_font(family, size=11)
+        for paragraph in chapter.text.split("\n\n"):
+            if paragraph.strip():
+                pdf.multi_cell(0, 6, clean(" ".join(paragraph.split())))
+                pdf.ln(3)
+    out.write(bytes(pdf.output()))
+    return pdf.pages_count
+
+
+def _identity(text: str) -> str:
+    return text
