@@ -26,6 +26,7 @@ from types import ModuleType
 import kombu
 import psycopg
 import pytest
+from celery_workers import pgbroker_url
 
 import pg_broker  # noqa: F401  (registers the pgbroker scheme)
 
@@ -87,11 +88,6 @@ def _import_integration_common() -> ModuleType:
 
 
 common = _import_integration_common()
-
-
-def pgbroker_url(database_url: str) -> str:
-    """The broker URL for a libpq URL: the same URL under the pgbroker scheme."""
-    return "pgbroker://" + database_url.split("://", 1)[1]
 
 
 @pytest.fixture

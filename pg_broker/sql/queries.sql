@@ -33,6 +33,10 @@ INSERT INTO jobs (user_id, job_type, title, params)
 VALUES (%(user_id)s, %(job_type)s, %(title)s, %(params)s)
 RETURNING id;
 
+-- name: act_as_user
+-- For the rest of the transaction, act as a Supabase user: role authenticated, JWT claims set.
+SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', %(claims)s, true);
+
 -- name: job_by_id
 -- One job with its counters (RLS decides whether the caller may see it).
 SELECT id, user_id, job_type, title, params, status, total_tasks, completed_tasks,
@@ -119,3 +123,30 @@ DELETE FROM job_tasks
                ORDER BY completed_at
                LIMIT %(batch)s
                  FOR UPDATE SKIP LOCKED);
+
+-- ---------------------------------------------------------------------------
+-- Flower (pg_broker.flower): the Broker tab and /api/queues/length.
+
+-- name: flower_queue_lengths
+-- Per queue name: messages held (unexpired), ready to deliver now, held unacked by workers.
+SELECT q.name,
+       coalesce(d.pending, 0) + coalesce(d.unacked, 0) + coalesce(t.transient, 0) AS messages,
+       coalesce(d.ready, 0) + coalesce(t.transient, 0) AS messages_ready,
+       coalesce(d.unacked, 0) AS messages_unacknowledged,
+       bq.last_used_at AS idle_since
+  FROM unnest(%(names)s::text[]) AS q(name)
+  LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+               count(*) FILTER (WHERE status = 'pending' AND visible_at <= now()) AS ready,
+               count(*) FILTER (WHERE status IN ('claimed', 'processing')) AS unacked
+          FROM job_tasks
+         WHERE queue = q.name
+           AND status IN ('pending', 'claimed', 'processing')
+           AND (expires_at IS NULL OR expires_at > now())
+       ) d ON true
+  LEFT JOIN LATERAL (
+        SELECT count(*) AS transient
+          FROM broker_transient_messages
+         WHERE queue = q.name AND (expires_at IS NULL OR expires_at > now())
+       ) t ON true
+  LEFT JOIN broker_queues bq ON bq.name = q.name;

@@ -1,0 +1,100 @@
+"""Flower's Broker tab and ``/api/queues/length`` for ``pgbroker://``.
+
+Flower asks ``flower.utils.broker.Broker(broker_url, ...)`` for an object with
+``async def queues(names)`` and knows only RabbitMQ and Redis URLs; for any
+other scheme the Broker page stays empty and the API answers 404.
+:func:`install` teaches that factory the ``pgbroker`` scheme, answering from
+``job_tasks`` and ``broker_transient_messages``.
+
+It runs by itself when a Celery app that imports ``pg_broker`` is loaded by
+``celery -A app flower`` (the celery command imports Flower before the app).
+Started any other way, put this in ``flowerconfig.py``::
+
+    import pg_broker.flower
+    pg_broker.flower.install()
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pg_broker.database import database_url
+from pg_broker.queries import queries
+
+log = logging.getLogger(__name__)
+
+SCHEME = "pgbroker"
+
+
+def libpq_url(broker_url: str) -> str:
+    """The database a ``pgbroker://`` URL names (``pgbroker://`` alone: the default one)."""
+    parts = urlsplit(broker_url)
+    if not (parts.netloc or parts.path.strip("/") or parts.query):
+        return database_url()
+    return urlunsplit(parts._replace(scheme="postgresql"))
+
+
+class PgBroker:
+    """Queue lengths for Flower, read from the broker database."""
+
+    def __init__(self, broker_url: str, *_: Any, **__: Any) -> None:
+        self.url = libpq_url(broker_url)
+
+    async def queues(self, names: Iterable[str]) -> list[dict[str, Any]]:
+        """One dict per queue name: messages, ready, unacknowledged, consumers, idle_since.
+
+        ``messages`` counts every message the queue holds (including those
+        waiting for a retry back-off), ``messages_ready`` those a worker could
+        take now, ``messages_unacknowledged`` those workers hold.
+        """
+        names = list(names)
+        async with await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, row_factory=dict_row,
+        ) as conn:
+            cursor = await conn.execute(queries["flower_queue_lengths"], {"names": names})
+            rows = {row["name"]: row for row in await cursor.fetchall()}
+        return [
+            {
+                "name": name,
+                "messages": rows[name]["messages"],
+                "messages_ready": rows[name]["messages_ready"],
+                "messages_unacknowledged": rows[name]["messages_unacknowledged"],
+                # Consumers are known to Flower's workers view, not to the database.
+                "consumers": None,
+                "idle_since": _isoformat(rows[name]["idle_since"]),
+            }
+            for name in names
+        ]
+
+
+def _isoformat(moment: datetime | None) -> str | None:
+    return moment.isoformat(timespec="seconds") if moment else None
+
+
+def install() -> None:
+    """Make Flower's broker factory answer ``pgbroker://`` URLs with :class:`PgBroker`.
+
+    Flower binds ``Broker`` by name in several modules, so the factory's
+    ``__new__`` is wrapped in place rather than the name replaced. Idempotent.
+    """
+    from flower.utils.broker import Broker
+
+    if getattr(Broker.__new__, "pg_broker", False):
+        return
+    flower_new = Broker.__new__
+
+    def __new__(cls, broker_url, *args, **kwargs):
+        if urlsplit(broker_url).scheme == SCHEME:
+            return PgBroker(broker_url, *args, **kwargs)
+        return flower_new(cls, broker_url, *args, **kwargs)
+
+    __new__.pg_broker = True
+    Broker.__new__ = staticmethod(__new__)
+    log.debug("Flower's broker view now reads %s:// queues", SCHEME)

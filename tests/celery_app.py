@@ -1,0 +1,75 @@
+"""The Celery app the end-to-end and Flower tests run in real worker processes.
+
+Broker ``pgbroker://`` (``PG_BROKER_URL`` names the database); results through
+Celery's SQLAlchemy result backend on the same database. Tasks carry explicit
+names so the test process (which imports this file as ``celery_app``) and the
+workers (``celery -A tests.celery_app``) agree on them.
+
+``E2E_TRANSPORT_OPTIONS`` (JSON) sets ``broker_transport_options``, so a test
+can give its workers a short lease.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from celery import Celery
+
+import pg_broker  # noqa: F401  (registers the pgbroker scheme)
+
+
+def result_backend_url(database_url: str) -> str:
+    """Celery's SQLAlchemy backend on a libpq URL, through psycopg 3."""
+    return "db+postgresql+psycopg://" + database_url.split("://", 1)[1]
+
+
+app = Celery("e2e")
+app.conf.update(
+    broker_url="pgbroker://",
+    result_backend=(
+        result_backend_url(os.environ["PG_BROKER_URL"]) if os.environ.get("PG_BROKER_URL") else None
+    ),
+    broker_transport_options=json.loads(os.environ.get("E2E_TRANSPORT_OPTIONS") or "{}"),
+    task_default_queue="e2e",
+    result_extended=True,
+    broker_connection_retry_on_startup=True,
+)
+
+
+@app.task(name="e2e.add")
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task(name="e2e.tsum")
+def tsum(values: list[int]) -> int:
+    return sum(values)
+
+
+@app.task(name="e2e.retry_until", bind=True, max_retries=5)
+def retry_until(self, retries: int) -> int:
+    """Retry with a one-second countdown until it has been retried ``retries`` times."""
+    if self.request.retries < retries:
+        raise self.retry(countdown=1)
+    return self.request.retries
+
+
+@app.task(name="e2e.record")
+def record(path: str, token: str) -> str:
+    """Append one line per execution, so a test can count how often a task ran."""
+    with open(path, "a") as log:
+        log.write(f"{token} {os.getpid()}\n")
+    return token
+
+
+@app.task(name="e2e.sleep_then_record", acks_late=True)
+def sleep_then_record(path: str, seconds: float) -> str:
+    """Write 'start' then sleep then 'done': a long task a test can catch mid-run."""
+    with open(path, "a") as log:
+        log.write(f"start {os.getpid()}\n")
+    time.sleep(seconds)
+    with open(path, "a") as log:
+        log.write(f"done {os.getpid()}\n")
+    return "slept"

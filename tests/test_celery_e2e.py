@@ -1,0 +1,265 @@
+"""Celery end to end on ``pgbroker://``: real worker subprocesses, real results.
+
+The producer is this test process; workers are ``celery -A tests.celery_app
+worker`` subprocesses; results travel through Celery's SQLAlchemy result
+backend on the same database. One prefork worker (with events) is shared by
+most tests; tests that kill or stop a worker start their own, on a queue of
+their own.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import celery_app
+import psycopg
+import pytest
+from celery import Celery, chain, chord, group
+from celery.events import EventReceiver
+from celery_workers import (
+    Worker,
+    pgbroker_url,
+    process_environment,
+    run_celery,
+    run_celery_json,
+    wait_for,
+)
+from psycopg.rows import dict_row
+
+pytestmark = pytest.mark.slow
+
+# Short leases keep crash recovery fast; renewal must keep held messages alive.
+LEASE_SECONDS = 4
+TRANSPORT_OPTIONS = {"lease_seconds": LEASE_SECONDS}
+RESULT_TIMEOUT = 90
+
+
+@pytest.fixture(scope="module")
+def app(database_url: str) -> Celery:
+    """The test app in this process: producer, result reader, control client."""
+    app = celery_app.app
+    app.conf.update(
+        broker_url=pgbroker_url(database_url),
+        result_backend=celery_app.result_backend_url(database_url),
+        broker_transport_options=TRANSPORT_OPTIONS,
+    )
+    # Create the result tables here, before several workers race to.
+    app.backend.ResultSession().close()
+    return app
+
+
+@pytest.fixture(scope="module")
+def env(database_url: str) -> dict[str, str]:
+    return process_environment(database_url, E2E_TRANSPORT_OPTIONS=json.dumps(TRANSPORT_OPTIONS))
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("worker-logs")
+
+
+@pytest.fixture(scope="module")
+def dbconn(database_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="module")
+def worker(app, env: dict[str, str], logs: Path) -> Iterator[Worker]:
+    """The shared prefork worker on queue 'e2e', sending events."""
+    worker = Worker(env, logs, pool="prefork", concurrency=2, queues=["e2e"], events=True)
+    try:
+        yield worker.start()
+    finally:
+        worker.kill()
+
+
+def start_worker(request: pytest.FixtureRequest, env, logs, **options) -> Worker:
+    """A worker of the test's own, killed when the test ends."""
+    worker = Worker(env, logs, **options)
+    request.addfinalizer(worker.kill)
+    return worker.start()
+
+
+def unique_queue(label: str) -> str:
+    return f"e2e.{label}.{uuid.uuid4().hex[:8]}"
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def task_row(dbconn: psycopg.Connection, task_id: str) -> dict | None:
+    with dbconn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT queue, task_type, status, attempts, lease_token FROM job_tasks"
+            " WHERE task_id = %s", (task_id,),
+        ).fetchone()
+
+
+def test_delay_returns_its_result_through_the_database_backend(app, worker, dbconn):
+    result = celery_app.add.delay(2, 3)
+
+    assert result.get(timeout=RESULT_TIMEOUT) == 5
+    row = wait_for(
+        lambda: (r := task_row(dbconn, result.id)) and r["status"] == "completed" and r, 30,
+        lambda: f"the message row of {result.id} to be completed: {task_row(dbconn, result.id)}",
+    )
+    assert (row["queue"], row["task_type"]) == ("e2e", "e2e.add")
+
+
+def test_chain_group_and_chord_complete(app, worker):
+    chained = chain(celery_app.add.s(1, 2), celery_app.add.s(3), celery_app.add.s(4)).delay()
+    grouped = group(celery_app.add.s(i, i) for i in range(5)).delay()
+    chorded = chord(celery_app.add.s(i, i) for i in range(4))(celery_app.tsum.s())
+
+    assert chained.get(timeout=RESULT_TIMEOUT) == 10
+    assert grouped.get(timeout=RESULT_TIMEOUT) == [0, 2, 4, 6, 8]
+    assert chorded.get(timeout=RESULT_TIMEOUT) == 12
+
+
+def test_retry_with_countdown_runs_the_task_again(app, worker):
+    result = celery_app.retry_until.delay(2)
+
+    assert result.get(timeout=RESULT_TIMEOUT) == 2
+
+
+def test_countdown_longer_than_the_lease_runs_once(app, worker, tmp_path):
+    runs = tmp_path / "runs"
+    result = celery_app.record.apply_async((str(runs), "once"), countdown=2 * LEASE_SECONDS + 1)
+
+    assert result.get(timeout=RESULT_TIMEOUT) == "once"
+    # Had the lease lapsed while the worker held the message, the row would
+    # have been claimed again and the task run a second time: give a second
+    # run every chance to show up.
+    time.sleep(LEASE_SECONDS + 2)
+    assert len(lines(runs)) == 1, lines(runs)
+
+
+def test_acks_late_task_killed_mid_run_runs_again(request, app, env, logs, dbconn, tmp_path):
+    queue = unique_queue("killed")
+    runs = tmp_path / "runs"
+    victim = start_worker(request, env, logs, pool="prefork", concurrency=1, queues=[queue])
+    result = celery_app.sleep_then_record.apply_async((str(runs), 3), queue=queue)
+    wait_for(lambda: lines(runs), 60, lambda: victim.describe("the task to start"))
+
+    victim.signal(signal.SIGKILL)
+    victim.wait_exit(30)
+    assert task_row(dbconn, result.id)["status"] in ("claimed", "processing")
+    start_worker(request, env, logs, pool="prefork", concurrency=1, queues=[queue])
+
+    assert result.get(timeout=RESULT_TIMEOUT) == "slept"
+    assert [line.split()[0] for line in lines(runs)] == ["start", "start", "done"]
+    assert task_row(dbconn, result.id)["attempts"] == 2
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_pool_processes_tasks(request, app, env, logs, pool):
+    queue = unique_queue(pool)
+    start_worker(request, env, logs, pool=pool, concurrency=2, queues=[queue])
+
+    results = [celery_app.add.apply_async((i, 1), queue=queue) for i in range(4)]
+
+    assert [r.get(timeout=RESULT_TIMEOUT) for r in results] == [1, 2, 3, 4]
+
+
+def test_warm_shutdown_returns_prefetched_messages_to_pending(
+    request, app, env, logs, dbconn, tmp_path,
+):
+    queue = unique_queue("warm")
+    runs = tmp_path / "runs"
+    # Published before the worker starts, so its first claim takes them all:
+    # the long task runs while the others wait, prefetched, in the worker.
+    long_task = celery_app.sleep_then_record.apply_async((str(runs), 3), queue=queue)
+    waiting = [celery_app.add.apply_async((i, i), queue=queue) for i in range(3)]
+    long_lease = process_environment(
+        env["PG_BROKER_URL"], E2E_TRANSPORT_OPTIONS=json.dumps({"lease_seconds": 300}),
+    )
+    worker = start_worker(
+        request, long_lease, logs, pool="solo", concurrency=1, queues=[queue],
+        extra_args=["--prefetch-multiplier=4"],
+    )
+    wait_for(lambda: lines(runs), 60, lambda: worker.describe("the long task to start"))
+    prefetched = [r.id for r in waiting if task_row(dbconn, r.id)["status"] == "claimed"]
+    assert prefetched, [task_row(dbconn, r.id) for r in waiting]
+
+    worker.signal(signal.SIGTERM)
+
+    assert worker.wait_exit(60) == 0, worker.describe("warm shutdown")
+    assert long_task.get(timeout=RESULT_TIMEOUT) == "slept"
+    rows = [task_row(dbconn, task_id) for task_id in prefetched]
+    assert [(row["status"], row["lease_token"]) for row in rows] == [("pending", None)] * len(rows)
+
+
+def test_inspect_commands_reach_a_worker_in_another_process(app, worker, env, tmp_path):
+    runs = tmp_path / "runs"
+    running = celery_app.sleep_then_record.apply_async((str(runs), 6), queue="e2e")
+    wait_for(lambda: lines(runs), 60, lambda: worker.describe("the long task to start"))
+    node = worker.nodename
+
+    ping = run_celery_json(env, "inspect", "ping", "-d", node, "-t", "20")
+    active = run_celery_json(env, "inspect", "active", "-d", node, "-t", "20")
+    stats = run_celery_json(env, "inspect", "stats", "-d", node, "-t", "20")
+    registered = run_celery_json(env, "inspect", "registered", "-d", node, "-t", "20")
+
+    assert ping == {node: {"ok": "pong"}}
+    assert running.id in [task["id"] for task in active[node]]
+    assert stats[node]["broker"]["transport"] == "pgbroker"
+    assert stats[node]["pool"]["implementation"].endswith("prefork:TaskPool")
+    assert {"e2e.add", "e2e.tsum", "e2e.retry_until"} <= set(registered[node])
+    assert running.get(timeout=RESULT_TIMEOUT) == "slept"
+
+
+def test_control_rate_limit_reaches_a_worker_in_another_process(app, worker, env):
+    node = worker.nodename
+
+    reply = run_celery_json(env, "control", "rate_limit", "e2e.tsum", "1000/s", "-d", node, "-t", "20")
+
+    assert "new rate limit set successfully" in json.dumps(reply)
+    registered = app.control.inspect(destination=[node], timeout=20).registered("rate_limit")
+    assert "e2e.tsum [rate_limit=1000/s]" in registered[node]
+
+
+def test_control_shutdown_stops_a_worker_in_another_process(request, app, env, logs):
+    worker = start_worker(request, env, logs, pool="threads", concurrency=2, queues=[unique_queue("stop")])
+
+    done = run_celery(env, "control", "shutdown", "-d", worker.nodename, "-t", "20")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert worker.wait_exit(60) == 0, worker.describe("shutdown by remote control")
+
+
+def test_worker_events_reach_an_event_receiver(app, worker):
+    events: list[dict] = []
+    with app.connection_for_read() as connection:
+        receiver = EventReceiver(connection, handlers={"*": events.append}, app=app)
+        capture = threading.Thread(
+            target=receiver.capture, kwargs={"limit": None, "timeout": None, "wakeup": True},
+            daemon=True,
+        )
+        capture.start()
+        try:
+            # wakeup=True asks every worker for a heartbeat: once ours arrives
+            # the receiver's queue is bound and no task event can be missed.
+            wait_for(
+                lambda: any(e["type"] == "worker-heartbeat" and e["hostname"] == worker.nodename
+                            for e in events),
+                60, "a heartbeat from the worker",
+            )
+            result = celery_app.add.delay(20, 22)
+            assert result.get(timeout=RESULT_TIMEOUT) == 42
+            wait_for(
+                lambda: {"task-received", "task-started", "task-succeeded"}
+                <= {e["type"] for e in events if e.get("uuid") == result.id},
+                60, lambda: f"task events of {result.id}; got {[e['type'] for e in events]}",
+            )
+        finally:
+            receiver.should_stop = True
+            capture.join(30)
+    assert not capture.is_alive()

@@ -1,0 +1,139 @@
+"""Flower against ``pgbroker://``: workers, tasks and queue lengths over its HTTP API.
+
+A worker with events (-E) and ``celery -A tests.celery_app flower`` run as
+subprocesses on the test database; the test talks to Flower over HTTP only.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import celery_app
+import pytest
+from celery import Celery
+from celery_workers import (
+    Process,
+    Worker,
+    celery_command,
+    pgbroker_url,
+    process_environment,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+RESULT_TIMEOUT = 90
+QUEUE = f"flower.{uuid.uuid4().hex[:8]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fetch(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=20) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+    except OSError as error:
+        return 0, str(error)
+
+
+@pytest.fixture(scope="module")
+def app(database_url: str) -> Celery:
+    app = celery_app.app
+    app.conf.update(
+        broker_url=pgbroker_url(database_url),
+        result_backend=celery_app.result_backend_url(database_url),
+    )
+    app.backend.ResultSession().close()
+    return app
+
+
+@pytest.fixture(scope="module")
+def env(database_url: str) -> dict[str, str]:
+    return process_environment(database_url, FLOWER_UNAUTHENTICATED_API="true")
+
+
+@pytest.fixture(scope="module")
+def worker(app, env, tmp_path_factory) -> Iterator[Worker]:
+    worker = Worker(env, tmp_path_factory.mktemp("flower-logs"), queues=[QUEUE], events=True)
+    try:
+        yield worker.start()
+    finally:
+        worker.kill()
+
+
+@pytest.fixture(scope="module")
+def flower(worker, env, tmp_path_factory) -> Iterator[str]:
+    """Base URL of a Flower watching the worker."""
+    port = free_port()
+    log_path = Path(tmp_path_factory.mktemp("flower-logs")) / "flower.log"
+    process = Process(
+        celery_command("flower", f"--port={port}", "--address=127.0.0.1"), env, log_path,
+    )
+    process.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: fetch(base + "/healthcheck")[0] == 200 or not process.running, 90,
+            lambda: process.describe("Flower to answer /healthcheck"),
+        )
+        assert process.running, process.describe("Flower exited")
+        yield base
+    finally:
+        process.kill()
+
+
+def get_json(url: str):
+    status, body = fetch(url)
+    return json.loads(body) if status == 200 else None
+
+
+def test_api_workers_lists_the_worker(flower, worker):
+    workers = wait_for(
+        lambda: (w := get_json(flower + "/api/workers?refresh=1")) and worker.nodename in w and w,
+        90, lambda: f"{worker.nodename} in /api/workers: {fetch(flower + '/api/workers')}",
+    )
+
+    assert QUEUE in [queue["name"] for queue in workers[worker.nodename]["active_queues"]]
+
+
+def test_api_tasks_lists_tasks_the_worker_ran(app, flower, worker):
+    result = celery_app.add.apply_async((40, 2), queue=QUEUE)
+    assert result.get(timeout=RESULT_TIMEOUT) == 42
+
+    task = wait_for(
+        lambda: (get_json(flower + "/api/tasks") or {}).get(result.id), 60,
+        lambda: f"task {result.id} in /api/tasks: {fetch(flower + '/api/tasks')}",
+    )
+
+    assert (task["name"], task["state"], task["worker"]) == ("e2e.add", "SUCCESS", worker.nodename)
+
+
+def test_queue_lengths_and_broker_page_show_our_queue(app, flower, worker):
+    # Countdown tasks stay in the worker unacknowledged until they are due.
+    held = [celery_app.add.apply_async((i, i), queue=QUEUE, countdown=600) for i in range(3)]
+
+    def our_queue():
+        lengths = get_json(flower + "/api/queues/length") or {}
+        return next((q for q in lengths.get("active_queues", []) if q["name"] == QUEUE), None)
+
+    queue = wait_for(
+        lambda: (q := our_queue()) and q["messages_unacknowledged"] == len(held) and q, 60,
+        lambda: f"{len(held)} unacked messages of {QUEUE}: {fetch(flower + '/api/queues/length')}",
+    )
+    status, page = fetch(flower + "/broker")
+
+    assert (queue["messages"], queue["messages_ready"]) == (len(held), 0)
+    assert status == 200
+    assert f'<tr id="{QUEUE}">' in page
