@@ -1,0 +1,225 @@
+"""Jobs: one user request as one job of many tasks, and how to read and stop it.
+
+A *package* job turns N chapters of text into N MP3 files and one PDF: N
+``tasks.audio.synthesize_chapter`` tasks and one
+``tasks.documents.render_package_pdf`` task. :func:`submit_job` writes the job
+row and every task message in ONE transaction of the caller's connection (the
+transport's :func:`~pg_broker.transport.enqueue_in`): if it rolls back, nothing
+was ever queued; once it commits, workers wake and each task runs.
+
+Job tasks take the job id as their first argument and carry the Celery headers
+``job_id`` and ``user_id``, which the transport copies into ``job_tasks``; the
+triggers of ``migrations/003_task_functions.sql`` keep the job's status,
+counters and progress true from there.
+
+Reading goes through :func:`get_job`; a user-facing API reads inside
+:func:`user_session`, where row-level security shows a user only their own jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from celery import Celery
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from pg_broker.pdf import Chapter
+from pg_broker.queries import queries
+from pg_broker.speech import DEFAULT_RATE_WPM, DEFAULT_VOICE, MAX_RATE_WPM, MIN_RATE_WPM
+from pg_broker.storage import Artifact, StorageError, get_storage
+
+log = logging.getLogger(__name__)
+
+AUDIO_TASK = "tasks.audio.synthesize_chapter"
+PDF_TASK = "tasks.documents.render_package_pdf"
+PACKAGE = "package"
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    id: int
+    task_id: str | None
+    task_type: str | None
+    queue: str
+    status: str
+    attempts: int
+    max_attempts: int
+    worker_id: str | None
+    error: str | None
+    result: Any
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ArtifactLink:
+    """An artifact and where its owner can fetch it (signed URL or local file)."""
+
+    artifact: Artifact
+    url: str | None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: uuid.UUID
+    user_id: uuid.UUID | None
+    job_type: str
+    title: str | None
+    params: dict[str, Any]
+    status: str
+    total_tasks: int
+    completed_tasks: int
+    failed_tasks: int
+    progress: Decimal
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    tasks: list[TaskInfo] = field(default_factory=list)
+    artifacts: list[ArtifactLink] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled")
+
+
+def _default_app() -> Celery:
+    from tasks import app
+
+    return app
+
+
+def submit_job(
+    conn: psycopg.Connection,
+    *,
+    user_id: uuid.UUID | str,
+    job_type: str,
+    title: str,
+    params: dict[str, Any],
+    tasks: Sequence[tuple[str, tuple]],
+    app: Celery | None = None,
+) -> uuid.UUID:
+    """Insert a job and publish its tasks in one transaction; return the job id.
+
+    ``tasks`` lists ``(task name, extra args)``; each task is sent with the job
+    id as its first argument. Runs inside the caller's transaction if one is
+    open (as a savepoint), else in a transaction of its own.
+    """
+    from pg_broker.transport import enqueue_in
+
+    if not tasks:
+        raise ValueError("a job needs at least one task")
+    app = app or _default_app()
+    with conn.transaction():
+        (job_id,) = conn.execute(queries["insert_job"], {
+            "user_id": user_id, "job_type": job_type, "title": title, "params": Jsonb(params),
+        }).fetchone()
+        headers = {"job_id": str(job_id), "user_id": str(user_id)}
+        with enqueue_in(conn):
+            for name, args in tasks:
+                app.send_task(name, args=(str(job_id), *args), headers=headers)
+    log.info("submitted %s job %s for user %s: %d tasks", job_type, job_id, user_id, len(tasks))
+    return job_id
+
+
+def submit_package(
+    conn: psycopg.Connection,
+    *,
+    user_id: uuid.UUID | str,
+    title: str,
+    chapters: Sequence[Chapter],
+    voice: str = DEFAULT_VOICE,
+    rate_wpm: int = DEFAULT_RATE_WPM,
+    app: Celery | None = None,
+) -> uuid.UUID:
+    """A package job: one audio task per chapter and one PDF of the whole package.
+
+    The text lives once, in ``jobs.params``; messages name the chapter by index.
+    """
+    if not chapters:
+        raise ValueError("a package needs at least one chapter")
+    for number, chapter in enumerate(chapters, start=1):
+        if not chapter.text.strip():
+            raise ValueError(f"chapter {number} ({chapter.title!r}) has no text")
+    if not MIN_RATE_WPM <= rate_wpm <= MAX_RATE_WPM:
+        raise ValueError(f"speed {rate_wpm} wpm is outside {MIN_RATE_WPM}–{MAX_RATE_WPM}")
+    params = {
+        "voice": voice,
+        "rate_wpm": rate_wpm,
+        "chapters": [{"title": c.title, "text": c.text} for c in chapters],
+    }
+    tasks = [(AUDIO_TASK, (index,)) for index in range(len(chapters))] + [(PDF_TASK, ())]
+    return submit_job(conn, user_id=user_id, job_type=PACKAGE, title=title, params=params,
+                      tasks=tasks, app=app)
+
+
+def package_chapters(params: dict[str, Any]) -> list[Chapter]:
+    """The chapters of a package job, from its ``params``."""
+    return [Chapter(c["title"], c["text"]) for c in params["chapters"]]
+
+
+def get_job(
+    conn: psycopg.Connection,
+    job_id: uuid.UUID | str,
+    *,
+    details: bool = True,
+    with_urls: bool = True,
+) -> Job | None:
+    """The job with its tasks and artifacts (the row alone when not
+    ``details``), or None if it does not exist or the caller's row-level
+    security hides it. Artifacts carry a URL unless ``with_urls`` is false."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(queries["job_by_id"], {"job_id": job_id}).fetchone()
+        if row is None or not details:
+            return None if row is None else Job(**row)
+        tasks = [TaskInfo(**r) for r in cur.execute(queries["tasks_of_job"], {"job_id": job_id})]
+        artifacts = [Artifact.from_row(r)
+                     for r in cur.execute(queries["artifacts_of_job"], {"job_id": job_id})]
+    links = [ArtifactLink(a, _url(a) if with_urls else None) for a in artifacts]
+    return Job(**row, tasks=tasks, artifacts=links)
+
+
+def _url(artifact: Artifact) -> str | None:
+    try:
+        return get_storage(artifact.storage_backend).url(artifact.storage_path)
+    except StorageError as exc:
+        log.warning("no URL for %s: %s", artifact.storage_path, exc)
+        return None
+
+
+def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> int | None:
+    """Cancel a job: its pending tasks become 'cancelled' and are never claimed.
+
+    Tasks a worker already holds finish (a job task checks its job before it
+    starts work and skips a cancelled one). Returns how many tasks were
+    cancelled, or None when the job does not exist or has already finished.
+    """
+    with conn.transaction():
+        if conn.execute(queries["cancel_job"], {"job_id": job_id}).fetchone() is None:
+            return None
+        cancelled = conn.execute(queries["cancel_pending_tasks"], {"job_id": job_id}).rowcount
+    log.info("cancelled job %s: %d pending tasks will not run", job_id, cancelled)
+    return cancelled
+
+
+@contextmanager
+def user_session(conn: psycopg.Connection, user_id: uuid.UUID | str) -> Iterator[psycopg.Connection]:
+    """A transaction in which ``conn`` acts as the Supabase user ``user_id``:
+    the ``authenticated`` role with the user's id as the JWT ``sub`` claim, as
+    PostgREST does, so row-level security applies."""
+    claims = json.dumps({"sub": str(user_id), "role": "authenticated"})
+    with conn.transaction():
+        conn.execute(queries["act_as_user"], {"claims": claims})
+        yield conn

@@ -1,0 +1,91 @@
+"""Background duties, each a small named unit with one ``run(conn)``.
+
+- :class:`Watchdog` returns tasks whose lease expired (their worker died or
+  hung) to pending, or to dead after their last attempt.
+- :class:`Retention` deletes finished task rows older than an age, in small
+  batches, so the hot table stays small; jobs keep their counters and
+  artifacts.
+- :func:`dead_tasks` / :func:`retry_dead_tasks`: the dead-letter view and
+  re-queueing from it.
+
+celery beat runs the first two (``tasks.maintenance``); the ``pg-broker`` CLI
+runs all of them by hand. Each is safe to run from many processes at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pg_broker.queries import queries
+
+log = logging.getLogger(__name__)
+
+RETENTION_VARIABLE = "PG_BROKER_RETENTION"
+DEFAULT_RETENTION = "7 days"
+
+
+@dataclass
+class Watchdog:
+    """Expired leases back to pending (or dead): ``reclaim_stale_tasks()``."""
+
+    name: str = "watchdog"
+
+    def run(self, conn: psycopg.Connection) -> int:
+        (reclaimed,) = conn.execute(queries["reclaim_stale_tasks"]).fetchone()
+        if reclaimed:
+            log.warning("watchdog: %d task(s) had expired leases and were reclaimed", reclaimed)
+        return reclaimed
+
+
+def default_retention() -> str:
+    return os.environ.get(RETENTION_VARIABLE, "").strip() or DEFAULT_RETENTION
+
+
+@dataclass
+class Retention:
+    """Deletes finished task rows (completed, failed, dead, cancelled) older
+    than ``age`` — a PostgreSQL interval such as ``7 days`` or ``12 hours`` —
+    one batch per transaction, so no long lock and no huge WAL burst."""
+
+    age: str = field(default_factory=default_retention)
+    batch_size: int = 1000
+    name: str = "retention"
+
+    def run(self, conn: psycopg.Connection) -> int:
+        deleted = 0
+        while True:
+            with conn.transaction():
+                batch = conn.execute(
+                    queries["delete_finished_tasks"], {"age": self.age, "batch": self.batch_size}
+                ).rowcount
+            deleted += batch
+            if batch < self.batch_size:
+                break
+        if deleted:
+            log.info("retention: deleted %d finished task row(s) older than %s", deleted, self.age)
+        return deleted
+
+
+def dead_tasks(conn: psycopg.Connection, limit: int = 100) -> list[dict[str, Any]]:
+    """Dead letters: failed and dead tasks, newest first."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(queries["dead_tasks"], {"limit": limit}).fetchall()
+
+
+def retry_dead_tasks(conn: psycopg.Connection, ids: Sequence[str] | None = None) -> int:
+    """Re-queue dead/failed tasks (those with the given row ids or Celery task
+    ids, or all when ``ids`` is None) with fresh attempts, and wake the workers
+    of their queues (the transport's NOTIFY channel). Returns how many."""
+    with conn.transaction():
+        rows = conn.execute(
+            queries["retry_dead_tasks"], {"ids": list(ids) if ids is not None else None}
+        ).fetchall()
+    log.info("re-queued %d dead or failed task(s)", len(rows))
+    return len(rows)

@@ -1,0 +1,122 @@
+"""Job reads, cancel, row-level security, retention, the watchdog and dead
+letters, on task rows written directly (no worker needed)."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pg_broker.jobs import cancel_job, get_job, user_session
+from pg_broker.maintenance import Retention, Watchdog, dead_tasks, retry_dead_tasks
+
+OWNER = uuid.UUID("00000000-0000-4000-8000-00000000000a")
+STRANGER = uuid.UUID("00000000-0000-4000-8000-00000000000b")
+
+
+def _job(db: psycopg.Connection, statuses: list[str]) -> uuid.UUID:
+    (job_id,) = db.execute(
+        "INSERT INTO jobs (user_id, title) VALUES (%s, 'test') RETURNING id", (OWNER,)
+    ).fetchone()
+    for number, status in enumerate(statuses):
+        db.execute(
+            """INSERT INTO job_tasks (queue, job_id, user_id, task_type, task_id, payload)
+               VALUES ('audio', %s, %s, 'tasks.audio.synthesize_chapter', %s, '{}')""",
+            (job_id, OWNER, f"{job_id}-{number}"),
+        )
+        if status != "pending":
+            _set_status(db, f"{job_id}-{number}", status)
+    return job_id
+
+
+def _set_status(db: psycopg.Connection, task_id: str, status: str) -> None:
+    held = status in ("claimed", "processing")
+    db.execute(
+        """UPDATE job_tasks SET status = %s, attempts = max_attempts,
+                  lease_token = CASE WHEN %s THEN gen_random_uuid() END,
+                  lease_expires_at = CASE WHEN %s THEN now() + interval '5 minutes' END,
+                  completed_at = CASE WHEN %s THEN NULL ELSE now() END,
+                  error = CASE WHEN %s IN ('failed', 'dead') THEN 'boom' END
+            WHERE task_id = %s""",
+        (status, held, held, held, status, task_id),
+    )
+
+
+def test_cancel_stops_pending_tasks_and_leaves_held_ones_alone(db: psycopg.Connection) -> None:
+    job_id = _job(db, ["pending", "pending", "claimed", "completed"])
+    assert cancel_job(db, job_id) == 2
+    job = get_job(db, job_id)
+    assert job.status == "cancelled" and job.finished
+    assert [t.status for t in job.tasks] == ["cancelled", "cancelled", "claimed", "completed"]
+    assert cancel_job(db, job_id) is None  # already finished
+
+
+def test_a_user_sees_their_own_job_and_nobody_elses(db: psycopg.Connection) -> None:
+    job_id = _job(db, ["completed"])
+    db.execute(
+        """INSERT INTO job_artifacts (job_id, task_id, user_id, kind, storage_backend,
+                                      storage_path, content_type, bytes, sha256)
+           VALUES (%s, 't', %s, 'pdf', 'local', 'p.pdf', 'application/pdf', 1, repeat('a', 64))""",
+        (job_id, OWNER),
+    )
+    with user_session(db, OWNER):
+        mine = get_job(db, job_id)
+    assert mine is not None and len(mine.tasks) == 1 and len(mine.artifacts) == 1
+    with user_session(db, STRANGER):
+        assert get_job(db, job_id) is None
+        assert db.execute("SELECT count(*) FROM job_tasks").fetchone() == (0,)
+    assert db.execute("SELECT current_user").fetchone() != ("authenticated",)
+
+
+def test_retention_deletes_old_finished_rows_in_batches_and_keeps_job_counters(
+    db: psycopg.Connection,
+) -> None:
+    job_id = _job(db, ["completed"] * 5 + ["failed", "pending", "claimed"])
+    db.execute("UPDATE job_tasks SET completed_at = now() - interval '8 days' "
+               "WHERE status IN ('completed', 'failed')")
+    recent = _job(db, ["completed"])
+    before = get_job(db, job_id, details=False)
+
+    assert Retention(age="7 days", batch_size=2).run(db) == 6
+    assert sorted(s for (s,) in db.execute("SELECT status FROM job_tasks")) == [
+        "claimed", "completed", "pending"]
+    after = get_job(db, job_id, details=False)
+    assert (after.total_tasks, after.completed_tasks, after.failed_tasks) == (
+        before.total_tasks, before.completed_tasks, before.failed_tasks) == (8, 5, 1)
+    assert get_job(db, recent).tasks[0].status == "completed"
+    with pytest.raises(psycopg.errors.InvalidDatetimeFormat):
+        Retention(age="a week").run(db)
+
+
+def test_watchdog_returns_expired_leases_to_pending(db: psycopg.Connection) -> None:
+    job_id = _job(db, ["claimed", "claimed"])
+    db.execute("UPDATE job_tasks SET attempts = 1 WHERE task_id = %s", (f"{job_id}-0",))
+    db.execute("UPDATE job_tasks SET lease_expires_at = now() - interval '1 second'")
+    assert Watchdog().run(db) == 2
+    assert [t.status for t in get_job(db, job_id).tasks] == ["pending", "dead"]
+
+
+def test_dead_letters_are_listed_and_requeued_with_a_wake_up(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    job_id = _job(db, ["completed", "failed", "dead"])
+    assert get_job(db, job_id, details=False).status == "failed"
+    listed = dead_tasks(db)
+    assert {(t["task_id"], t["status"], t["error"]) for t in listed} == {
+        (f"{job_id}-1", "failed", "boom"), (f"{job_id}-2", "dead", "boom")}
+
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        (channel,) = listener.execute("SELECT 'pgbroker_' || md5('audio')").fetchone()
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        assert retry_dead_tasks(db, [f"{job_id}-1"]) == 1
+        assert [n.channel for n in listener.notifies(timeout=5, stop_after=1)] == [channel]
+
+    job = get_job(db, job_id)
+    assert [(t.status, t.attempts, t.error) for t in job.tasks][1] == ("pending", 0, None)
+    assert job.tasks[2].status == "dead"
+    # The job runs again; its error is now the one of the task still dead.
+    assert (job.status, job.error, job.completed_at, job.failed_tasks) == ("processing", "boom", None, 1)
+    assert retry_dead_tasks(db) == 1
+    assert dead_tasks(db) == []
