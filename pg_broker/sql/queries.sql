@@ -37,6 +37,10 @@ RETURNING id;
 -- For the rest of the transaction, act as a Supabase user: role authenticated, JWT claims set.
 SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', %(claims)s, true);
 
+-- name: act_as_user
+-- For the rest of the transaction, act as a Supabase user: role authenticated, JWT claims set.
+SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', %(claims)s, true);
+
 -- name: job_by_id
 -- One job with its counters (RLS decides whether the caller may see it).
 SELECT id, user_id, job_type, title, params, status, total_tasks, completed_tasks,
@@ -99,8 +103,7 @@ SELECT id, task_id, task_type, queue, status, attempts, max_attempts, job_id, er
  LIMIT %(limit)s;
 
 -- name: retry_dead_tasks
--- Re-queues dead or failed tasks (all, or those whose row id or Celery task id is
--- given) with fresh attempts; their jobs reopen. Returns the re-queued rows' queues.
+-- Re-queues dead/failed tasks (all, or by row id or Celery task id) with fresh attempts, reopens their jobs, wakes their queues' workers.
 WITH retried AS (
     UPDATE job_tasks
        SET status = 'pending', attempts = 0, error = NULL, visible_at = now(),
@@ -109,10 +112,15 @@ WITH retried AS (
        AND (%(ids)s::text[] IS NULL OR id::text = ANY (%(ids)s) OR task_id = ANY (%(ids)s))
     RETURNING id, queue, job_id
 ), reopened AS (
-    UPDATE jobs SET error = NULL, completed_at = NULL
-     WHERE id IN (SELECT job_id FROM retried) AND status <> 'cancelled'
+    UPDATE jobs j
+       SET completed_at = NULL,
+           error = (SELECT t.error FROM job_tasks t
+                     WHERE t.job_id = j.id AND t.status IN ('failed', 'dead')
+                       AND t.id NOT IN (SELECT id FROM retried)
+                     ORDER BY t.completed_at LIMIT 1)
+     WHERE j.id IN (SELECT job_id FROM retried) AND j.status <> 'cancelled'
 )
-SELECT id, queue FROM retried;
+SELECT id, queue, pg_notify('pgbroker_' || md5(queue), '') FROM retried;
 
 -- name: delete_finished_tasks
 -- Retention: one batch of finished task rows older than the given age leaves the table.
