@@ -1,0 +1,39 @@
+"""Audio tasks: a chapter of a package job, spoken and stored as an MP3."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pg_broker import speech
+from pg_broker.jobs import AUDIO_TASK
+from pg_broker.storage import get_storage, store_artifact
+from tasks import app
+from tasks.lifecycle import connection, job_to_work_on
+
+
+@app.task(name=AUDIO_TASK, bind=True)
+def synthesize_chapter(self, job_id: str, chapter: int) -> dict[str, Any]:
+    """Speak chapter ``chapter`` (0-based) of the job's package with the job's
+    voice and speed, store it at ``{userId}/{jobId}/audio/{taskId}.mp3``."""
+    job = job_to_work_on(job_id, self.request.id)
+    if job is None:
+        return {"skipped": True}
+    spec = job.params["chapters"][chapter]
+    voice = job.params.get("voice", speech.DEFAULT_VOICE)
+    rate_wpm = job.params.get("rate_wpm", speech.DEFAULT_RATE_WPM)
+    with tempfile.TemporaryDirectory(prefix="pg-broker-audio-") as scratch:
+        mp3 = Path(scratch) / "chapter.mp3"
+        with open(mp3, "wb") as out:
+            spoken = speech.synthesize_mp3(spec["text"], out, voice=voice, rate_wpm=rate_wpm)
+        artifact = store_artifact(
+            connection(), get_storage(),
+            job_id=job.id, user_id=job.user_id, task_id=self.request.id, kind="audio",
+            source=mp3, content_type=speech.CONTENT_TYPE,
+            duration_seconds=round(spoken.duration_seconds, 3),
+            metadata={"chapter": chapter + 1, "title": spec["title"], "voice": voice,
+                      "rate_wpm": rate_wpm, "bit_rate_kbps": speech.BIT_RATE_KBPS},
+        )
+    return {"path": artifact.storage_path, "bytes": artifact.bytes,
+            "duration_seconds": float(artifact.duration_seconds)}
