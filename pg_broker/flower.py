@@ -20,31 +20,25 @@ import logging
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.rows import dict_row
 
-from pg_broker.database import database_url
 from pg_broker.queries import queries
 
 log = logging.getLogger(__name__)
 
-SCHEME = "pgbroker"
-
-
-def libpq_url(broker_url: str) -> str:
-    """The database a ``pgbroker://`` URL names (``pgbroker://`` alone: the default one)."""
-    parts = urlsplit(broker_url)
-    if not (parts.netloc or parts.path.strip("/") or parts.query):
-        return database_url()
-    return urlunsplit(parts._replace(scheme="postgresql"))
+SCHEME = "pgbroker"  # as pg_broker.transport.urls.SCHEME
 
 
 class PgBroker:
     """Queue lengths for Flower, read from the broker database."""
 
     def __init__(self, broker_url: str, *_: Any, **__: Any) -> None:
+        # Imported here: pg_broker's __init__ imports this module early.
+        from pg_broker.transport.urls import libpq_url
+
         self.url = libpq_url(broker_url)
 
     async def queues(self, names: Iterable[str]) -> list[dict[str, Any]]:

@@ -229,9 +229,9 @@ def test_control_rate_limit_reaches_a_worker_in_another_process(app, worker, env
 def test_control_shutdown_stops_a_worker_in_another_process(request, app, env, logs):
     worker = start_worker(request, env, logs, pool="threads", concurrency=2, queues=[unique_queue("stop")])
 
-    done = run_celery(env, "control", "shutdown", "-d", worker.nodename, "-t", "20")
+    # A worker obeys shutdown without replying: the CLI waits out its timeout.
+    run_celery(env, "control", "shutdown", "-d", worker.nodename, "-t", "2")
 
-    assert done.returncode == 0, done.stdout + done.stderr
     assert worker.wait_exit(60) == 0, worker.describe("shutdown by remote control")
 
 
