@@ -36,6 +36,7 @@ CREATE TABLE jobs (
     total_tasks     integer NOT NULL DEFAULT 0 CHECK (total_tasks >= 0),
     completed_tasks integer NOT NULL DEFAULT 0 CHECK (completed_tasks >= 0),
     failed_tasks    integer NOT NULL DEFAULT 0 CHECK (failed_tasks >= 0),
+    cancelled_tasks integer NOT NULL DEFAULT 0 CHECK (cancelled_tasks >= 0),
     progress        numeric(5, 2) NOT NULL DEFAULT 0 CHECK (progress BETWEEN 0 AND 100),
     error           text,
     created_at      timestamptz NOT NULL DEFAULT now(),

@@ -25,10 +25,18 @@ CREATE TRIGGER job_artifacts_touch_updated_at BEFORE UPDATE ON job_artifacts
 
 -- claim_tasks ---------------------------------------------------------------
 -- Claims up to p_batch_size ready rows of the given queues for one worker:
--- highest priority first, then sequence (FIFO). Ready means pending, visible
--- (ETA/backoff reached) and not expired. Each claimed row gets the batch's
--- lease token, a lease of p_lease, and one more attempt. SKIP LOCKED lets any
--- number of workers claim at once without waiting on one another.
+-- highest priority first, then sequence (FIFO), and returns them in that
+-- order. Ready means pending, visible (ETA/backoff reached) and not expired.
+-- Each claimed row gets the batch's lease token, a lease of p_lease, and one
+-- more attempt. SKIP LOCKED lets any number of workers claim at once without
+-- waiting on one another.
+--
+-- Each queue is read on its own (`queue = q.queue`), so job_tasks_claim_idx
+-- hands rows over already in (priority DESC, sequence) order and a claim reads
+-- about p_batch_size index entries however long the backlog is; one scan with
+-- `queue = ANY (p_queues)` would read and sort the whole backlog on every
+-- claim. With several queues each one locks up to p_batch_size rows and the
+-- best p_batch_size of them are claimed; the others are released at commit.
 
 CREATE FUNCTION claim_tasks(
     p_worker_id  text,
@@ -38,29 +46,38 @@ CREATE FUNCTION claim_tasks(
 ) RETURNS SETOF job_tasks
     LANGUAGE sql VOLATILE AS $$
     WITH ready AS (
-        SELECT id
-          FROM job_tasks
-         WHERE status = 'pending'
-           AND queue = ANY (p_queues)
-           AND visible_at <= now()
-           AND (expires_at IS NULL OR expires_at > now())
-         ORDER BY priority DESC, sequence
+        SELECT r.id
+          FROM (SELECT DISTINCT unnest(p_queues) AS queue) q
+         CROSS JOIN LATERAL (
+                SELECT t.id, t.priority, t.sequence
+                  FROM job_tasks t
+                 WHERE t.status = 'pending'
+                   AND t.queue = q.queue
+                   AND t.visible_at <= now()
+                   AND (t.expires_at IS NULL OR t.expires_at > now())
+                 ORDER BY t.priority DESC, t.sequence
+                 LIMIT greatest(p_batch_size, 1)
+                   FOR UPDATE SKIP LOCKED
+               ) r
+         ORDER BY r.priority DESC, r.sequence
          LIMIT greatest(p_batch_size, 1)
-           FOR UPDATE SKIP LOCKED
     ), token AS (
+        -- A CTE is evaluated once: one lease token for the whole batch.
         SELECT gen_random_uuid() AS lease_token
+    ), claimed AS (
+        UPDATE job_tasks t
+           SET status = 'claimed',
+               worker_id = p_worker_id,
+               lease_token = token.lease_token,
+               lease_expires_at = now() + p_lease,
+               last_heartbeat = now(),
+               claimed_at = now(),
+               attempts = t.attempts + 1
+          FROM ready, token
+         WHERE t.id = ready.id
+        RETURNING t.*
     )
-    UPDATE job_tasks t
-       SET status = 'claimed',
-           worker_id = p_worker_id,
-           lease_token = token.lease_token,
-           lease_expires_at = now() + p_lease,
-           last_heartbeat = now(),
-           claimed_at = now(),
-           attempts = t.attempts + 1
-      FROM ready, token
-     WHERE t.id = ready.id
-    RETURNING t.*;
+    SELECT * FROM claimed ORDER BY priority DESC, sequence;
 $$;
 
 -- heartbeat_task ------------------------------------------------------------
@@ -228,88 +245,150 @@ END
 $$;
 
 -- Job status -----------------------------------------------------------------
--- The rule, applied on every status change of a job's task:
+-- The rule, applied whenever a job's tasks are inserted or change status:
 --   total_tasks      tasks inserted for the job (retention deleting finished
 --                    rows does not change the counters)
 --   completed_tasks  tasks whose status is completed
 --   failed_tasks     tasks whose status is failed or dead
---   progress         100 * (completed + failed) / total
+--   cancelled_tasks  tasks whose status is cancelled (e.g. purged unstarted)
+--   progress         100 * (completed + failed + cancelled) / total
 --   status           cancelled stays cancelled;
 --                    completed when every task completed;
---                    failed when every task finished and one failed or died;
+--                    once every task finished otherwise: failed when one
+--                    failed or died, else cancelled;
 --                    processing once any task was claimed;
 --                    pending before that.
---   started_at       first claim; completed_at when it finished.
+--   started_at       first claim (a task that expired unclaimed does not
+--                    start its job); completed_at when it finished.
 --   error            the first final task error.
+-- A task's job_id never changes.
+--
+-- The triggers are per statement, not per row: one claim, watchdog run or
+-- batch of acks can move tasks of many jobs at once, and concurrent
+-- statements that locked those jobs row by row, each in its own order,
+-- deadlocked. Here each statement sums its changes per job, locks the jobs it
+-- must change in id order, and updates each once. A claim of an already
+-- started job changes no counter and locks nothing.
 
-CREATE FUNCTION pg_broker_job_task_changed() RETURNS trigger
+CREATE FUNCTION pg_broker_job_tasks_changed() RETURNS trigger
     LANGUAGE plpgsql AS $$
 DECLARE
-    d_total     integer := 0;
-    d_completed integer := 0;
-    d_failed    integer := 0;
-    v_started   boolean := false;
-    v_error     text := NULL;
+    v_deltas jsonb;
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM new_rows WHERE job_id IS NOT NULL) THEN
+        RETURN NULL;  -- plain Celery messages: no job to keep
+    END IF;
     IF TG_OP = 'INSERT' THEN
-        d_total := 1;
-        d_completed := (NEW.status = 'completed')::integer;
-        d_failed := (NEW.status IN ('failed', 'dead'))::integer;
+        SELECT jsonb_agg(d) INTO v_deltas
+          FROM (SELECT n.job_id,
+                       count(*) AS total,
+                       count(*) FILTER (WHERE n.status = 'completed') AS completed,
+                       count(*) FILTER (WHERE n.status IN ('failed', 'dead')) AS failed,
+                       count(*) FILTER (WHERE n.status = 'cancelled') AS cancelled,
+                       bool_or(n.status IN ('claimed', 'processing', 'completed', 'failed')) AS started,
+                       (array_agg(n.error ORDER BY n.id)
+                            FILTER (WHERE n.status IN ('failed', 'dead')))[1] AS error
+                  FROM new_rows n
+                 WHERE n.job_id IS NOT NULL
+                 GROUP BY n.job_id) d;
     ELSE
-        d_completed := (NEW.status = 'completed')::integer - (OLD.status = 'completed')::integer;
-        d_failed := (NEW.status IN ('failed', 'dead'))::integer
-                  - (OLD.status IN ('failed', 'dead'))::integer;
-    END IF;
-    v_started := NEW.status NOT IN ('pending', 'cancelled');
-    IF NEW.status IN ('failed', 'dead') THEN
-        v_error := NEW.error;
+        SELECT jsonb_agg(d) INTO v_deltas
+          FROM (SELECT n.job_id,
+                       0 AS total,
+                       sum((n.status = 'completed')::integer
+                           - (o.status = 'completed')::integer) AS completed,
+                       sum((n.status IN ('failed', 'dead'))::integer
+                           - (o.status IN ('failed', 'dead'))::integer) AS failed,
+                       sum((n.status = 'cancelled')::integer
+                           - (o.status = 'cancelled')::integer) AS cancelled,
+                       bool_or(n.status IN ('claimed', 'processing', 'completed', 'failed')) AS started,
+                       (array_agg(n.error ORDER BY n.id)
+                            FILTER (WHERE n.status IN ('failed', 'dead')))[1] AS error
+                  FROM new_rows n
+                  JOIN old_rows o ON o.id = n.id
+                 WHERE n.job_id IS NOT NULL
+                   AND n.status IS DISTINCT FROM o.status
+                 GROUP BY n.job_id) d;
     END IF;
 
-    UPDATE jobs j
-       SET total_tasks = j.total_tasks + d_total,
-           completed_tasks = j.completed_tasks + d_completed,
-           failed_tasks = j.failed_tasks + d_failed,
-           started_at = CASE WHEN v_started THEN coalesce(j.started_at, now()) ELSE j.started_at END,
-           error = coalesce(j.error, v_error)
-     WHERE j.id = NEW.job_id;
+    -- Keep only the jobs that change; a snapshot read, no lock. started_at is
+    -- never reset, so a job seen started needs nothing for a claim.
+    SELECT jsonb_agg(d) INTO v_deltas
+      FROM jsonb_to_recordset(v_deltas)
+               AS d(job_id uuid, total integer, completed integer, failed integer,
+                    cancelled integer, started boolean, error text)
+      JOIN jobs j ON j.id = d.job_id
+     WHERE d.total <> 0 OR d.completed <> 0 OR d.failed <> 0 OR d.cancelled <> 0
+        OR (d.started AND j.started_at IS NULL);
+    IF v_deltas IS NULL THEN
+        RETURN NULL;
+    END IF;
 
+    PERFORM 1
+       FROM jobs
+      WHERE id IN (SELECT (e ->> 'job_id')::uuid FROM jsonb_array_elements(v_deltas) e)
+      ORDER BY id
+        FOR NO KEY UPDATE;
+
+    -- The jobs are locked by this transaction, so this statement's snapshot
+    -- holds their latest counters.
     UPDATE jobs j
-       SET progress = CASE WHEN j.total_tasks = 0 THEN 0
-                           ELSE round(100.0 * (j.completed_tasks + j.failed_tasks) / j.total_tasks, 2)
-                      END,
+       SET total_tasks = c.total,
+           completed_tasks = c.completed,
+           failed_tasks = c.failed,
+           cancelled_tasks = c.cancelled,
+           progress = CASE WHEN c.total = 0 THEN 0
+                           ELSE round(100.0 * c.finished / c.total, 2) END,
            status = CASE
                         WHEN j.status = 'cancelled' THEN 'cancelled'
-                        WHEN j.total_tasks > 0 AND j.completed_tasks = j.total_tasks THEN 'completed'
-                        WHEN j.total_tasks > 0
-                             AND j.completed_tasks + j.failed_tasks = j.total_tasks THEN 'failed'
-                        WHEN j.started_at IS NOT NULL THEN 'processing'
+                        WHEN c.total > 0 AND c.completed = c.total THEN 'completed'
+                        WHEN c.total > 0 AND c.finished = c.total AND c.failed > 0 THEN 'failed'
+                        WHEN c.total > 0 AND c.finished = c.total THEN 'cancelled'
+                        WHEN c.started_at IS NOT NULL THEN 'processing'
                         ELSE 'pending'
                     END,
+           started_at = c.started_at,
            completed_at = CASE
-                              WHEN j.status <> 'cancelled' AND j.total_tasks > 0
-                                   AND j.completed_tasks + j.failed_tasks = j.total_tasks
+                              WHEN j.status <> 'cancelled' AND c.total > 0
+                                   AND c.finished = c.total
                               THEN coalesce(j.completed_at, now())
                               ELSE j.completed_at
-                          END
-     WHERE j.id = NEW.job_id;
+                          END,
+           error = coalesce(j.error, c.error)
+      FROM (SELECT cur.id,
+                   cur.total_tasks + d.total AS total,
+                   cur.completed_tasks + d.completed AS completed,
+                   cur.failed_tasks + d.failed AS failed,
+                   cur.cancelled_tasks + d.cancelled AS cancelled,
+                   cur.completed_tasks + d.completed + cur.failed_tasks + d.failed
+                       + cur.cancelled_tasks + d.cancelled AS finished,
+                   CASE WHEN d.started THEN coalesce(cur.started_at, now())
+                        ELSE cur.started_at END AS started_at,
+                   d.error
+              FROM jsonb_to_recordset(v_deltas)
+                       AS d(job_id uuid, total integer, completed integer, failed integer,
+                            cancelled integer, started boolean, error text)
+              JOIN jobs cur ON cur.id = d.job_id) c
+     WHERE j.id = c.id;
     RETURN NULL;
 END
 $$;
 
--- WHEN clauses keep plain Celery messages (no job) free of any trigger cost.
 CREATE TRIGGER job_tasks_job_insert AFTER INSERT ON job_tasks
-    FOR EACH ROW WHEN (NEW.job_id IS NOT NULL)
-    EXECUTE FUNCTION pg_broker_job_task_changed();
-CREATE TRIGGER job_tasks_job_status AFTER UPDATE OF status ON job_tasks
-    FOR EACH ROW WHEN (NEW.job_id IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status)
-    EXECUTE FUNCTION pg_broker_job_task_changed();
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pg_broker_job_tasks_changed();
+CREATE TRIGGER job_tasks_job_status AFTER UPDATE ON job_tasks
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pg_broker_job_tasks_changed();
 
-REVOKE ALL ON FUNCTION claim_tasks(text, text[], integer, interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION heartbeat_task(text, uuid, bigint, interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION start_task(bigint, uuid) FROM PUBLIC;
-REVOKE ALL ON FUNCTION complete_task(bigint, uuid, jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION fail_task(bigint, uuid, text, boolean, interval, interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reclaim_stale_tasks() FROM PUBLIC;
+-- FROM anon, authenticated too: Supabase's default privileges grant EXECUTE on
+-- every new function in public to both, and PostgREST exposes them as /rpc/.
+REVOKE ALL ON FUNCTION claim_tasks(text, text[], integer, interval) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION heartbeat_task(text, uuid, bigint, interval) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION start_task(bigint, uuid) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION complete_task(bigint, uuid, jsonb) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION fail_task(bigint, uuid, text, boolean, interval, interval) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION reclaim_stale_tasks() FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION claim_tasks(text, text[], integer, interval) TO service_role;
 GRANT EXECUTE ON FUNCTION heartbeat_task(text, uuid, bigint, interval) TO service_role;
 GRANT EXECUTE ON FUNCTION start_task(bigint, uuid) TO service_role;

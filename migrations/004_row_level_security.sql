@@ -34,8 +34,14 @@ CREATE POLICY job_tasks_select_own ON job_tasks FOR SELECT TO authenticated
 CREATE POLICY job_artifacts_select_own ON job_artifacts FOR SELECT TO authenticated
     USING (user_id = (SELECT auth.uid()));
 
+-- Revoke first: on Supabase the default privileges of schema public have
+-- already granted ALL on every new table and sequence to anon and
+-- authenticated.
+REVOKE ALL ON jobs, job_tasks, job_artifacts FROM anon, authenticated;
 GRANT SELECT ON jobs, job_tasks, job_artifacts TO authenticated;
-REVOKE ALL ON jobs, job_tasks, job_artifacts FROM anon;
+REVOKE ALL ON SEQUENCE job_tasks_sequence_seq, job_tasks_id_seq,
+    broker_transient_messages_id_seq FROM anon, authenticated;
+REVOKE ALL ON pg_broker_migrations FROM anon, authenticated;
 GRANT ALL ON jobs, job_tasks, job_artifacts TO service_role;
 GRANT ALL ON broker_queues, broker_bindings, broker_transient_messages TO service_role;
 REVOKE ALL ON broker_queues, broker_bindings, broker_transient_messages FROM anon, authenticated;
