@@ -1,0 +1,173 @@
+"""``python -m bench [--quick]``: run the comparison and write bench/results/*.json."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import logging
+import os
+import platform
+import re
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+
+from bench import report
+from bench.brokers import ALL_BROKERS, PG_SERVER_URL, prepare
+from bench.measure import Sizes
+from bench.runner import ROLES, Run
+from bench.workers import install_cleanup
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+PRESETS = {
+    "quick": Sizes(enqueue=200, bulk=300, throughput=200, latency_samples=10,
+                   endurance=800, idle_seconds=2.0, cap=3.0, endurance_cap=5.0),
+    "full": Sizes(enqueue=2000, bulk=10_000, throughput=2000, latency_samples=100,
+                  endurance=200_000, idle_seconds=10.0, cap=60.0, endurance_cap=900.0),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Celery on pg_broker against Redis, RabbitMQ and kombu's SQL transports: "
+                    "same app, task and worker settings; interleaved repeats; ratios to Redis.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, a few minutes (default: full sizes)")
+    parser.add_argument("--brokers", default=",".join(ALL_BROKERS),
+                        help=f"comma-separated subset of {','.join(ALL_BROKERS)}")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repeats per figure (default 3; fewer is a smoke run)")
+    parser.add_argument("--pg-server", default=PG_SERVER_URL,
+                        help="PostgreSQL server (maintenance database URL) for pgbroker, "
+                             "sqla and pgmq; each gets a bench database of its own there")
+    parser.add_argument("--pgbroker-database", default=None,
+                        help="use this existing database for pgbroker instead of "
+                             "pg_broker_bench on --pg-server")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output path")
+    for field in dataclasses.fields(Sizes):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=field.type == "int" and int
+                            or float, default=None, help=f"override the preset's {field.name}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    preset = PRESETS["quick" if args.quick else "full"]
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)
+                 if getattr(args, f.name) is not None}
+    return dataclasses.replace(preset, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    install_cleanup()
+    names = [n.strip() for n in args.brokers.split(",") if n.strip()]
+    unknown = set(names) - set(ALL_BROKERS)
+    if unknown:
+        print(f"unknown broker(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    sizes = sizes_from(args)
+    mode = "quick" if args.quick else "full"
+    started = dt.datetime.now(dt.UTC)
+    print(f"pg_broker benchmark ({mode}), {args.repeats} interleaved repeats, {sizes}")
+
+    brokers = prepare(names, args.pg_server, args.pgbroker_database)
+    for broker in brokers:
+        if broker.skip:
+            print(f"skipping {broker.name}: not reachable or not set up ({broker.skip})")
+    run = Run(brokers, sizes, args.repeats)
+    load_before = os.getloadavg()
+    clock = time.monotonic()
+    run.execute()
+    duration = time.monotonic() - clock
+
+    measured = [b.name for b in brokers if b.skip is None]
+    summary = report.summarise(run.samples, measured)
+    print()
+    print(report.text_table(summary, measured))
+    for broker, messages in run.errors.items():
+        print(f"errors on {broker}: {len(messages)} (first: {messages[0]})")
+    capped = {k: dict(v) for k, v in run.capped.items()}
+    if capped:
+        print("hit the time cap (figure = what finished in the time):",
+              ", ".join(f"{k}[{', '.join(v)}]" for k, v in capped.items()))
+
+    document = {
+        "meta": {
+            "mode": mode,
+            "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+            "started": started.isoformat(timespec="seconds"),
+            "duration_seconds": round(duration, 1),
+            "repeats": args.repeats,
+            "order": "interleaved: every repeat runs every broker in turn",
+            "sizes": dataclasses.asdict(sizes),
+            "worker_roles": {role: {"pool": p, "concurrency": c, "events": e}
+                             for role, (p, c, e) in ROLES.items()},
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        },
+        "machine": machine_facts(),
+        "versions": versions(brokers),
+        "brokers": {
+            b.name: {"url": mask(b.url), "description": b.description, "version": b.version,
+                     "skipped": b.skip}
+            for b in brokers
+        },
+        "figures": summary,
+        "capped": capped,
+        "errors": dict(run.errors),
+    }
+    out = args.out or RESULTS_DIR / f"bench-{mode}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    report.write_json(out, document)
+    out.with_suffix(".md").write_text(report.markdown_table(summary, measured) + "\n")
+    print(f"\nwrote {out} (and {out.with_suffix('.md').name}) in {duration:.0f}s")
+    return 0
+
+
+def machine_facts() -> dict:
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu_model,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def versions(brokers: list) -> dict:
+    found = {}
+    for package in ("celery", "kombu", "pg_broker", "psycopg", "redis", "amqp", "sqlalchemy",
+                    "pgmq"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    for broker in brokers:
+        if broker.version:
+            found[f"{broker.name} server"] = broker.version
+    return found
+
+
+def mask(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The one Celery app every benchmarked broker runs.
+
+One task, ``bench.mark``, does no work: it appends a 16-byte record (the
+timestamp the producer put in the message, the time the task started) to a
+file named by ``BENCH_MARK_FILE``. The harness counts completions and reads
+start times from that file, so the measurement never goes through the broker
+under test and is the same for every broker. Appends with ``O_APPEND`` are
+atomic per ``write``, so solo, threads and prefork pools can share one file.
+
+Workers load it as ``celery -A bench.app worker`` with the broker URL in
+``BENCH_BROKER_URL``; the harness builds its producer apps with
+:func:`make_app`, so producer and worker settings cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+
+from celery import Celery
+
+import pg_broker  # noqa: F401  (registers the pgbroker:// scheme)
+
+BROKER_VARIABLE = "BENCH_BROKER_URL"
+TRANSPORT_OPTIONS_VARIABLE = "BENCH_TRANSPORT_OPTIONS"
+MARK_FILE_VARIABLE = "BENCH_MARK_FILE"
+TASK_NAME = "bench.mark"
+# Where delay() sends by default; no worker consumes it, so enqueue figures
+# measure publishing alone.
+ENQUEUE_QUEUE = "bench.enqueue"
+RECORD = struct.Struct("<dd")
+
+# Identical for every broker. Result storage is off: no result backend is
+# part of what we compare.
+SETTINGS = {
+    "task_ignore_result": True,
+    "task_default_queue": ENQUEUE_QUEUE,
+    "task_serializer": "json",
+    "accept_content": ["json"],
+    "broker_connection_retry_on_startup": True,
+    "worker_prefetch_multiplier": 4,
+    "worker_redirect_stdouts": False,
+}
+
+_mark_lock = threading.Lock()
+_mark_fd: tuple[int, int] | None = None  # (pid, fd): reopened after a fork
+
+
+def mark(sent: float = 0.0) -> None:
+    """Record (publish timestamp, start timestamp) for the harness."""
+    started = time.time()
+    os.write(_mark_descriptor(), RECORD.pack(sent, started))
+
+
+def _mark_descriptor() -> int:
+    global _mark_fd
+    pid = os.getpid()
+    with _mark_lock:
+        if _mark_fd is None or _mark_fd[0] != pid:
+            path = os.environ[MARK_FILE_VARIABLE]
+            _mark_fd = (pid, os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        return _mark_fd[1]
+
+
+def make_app(broker_url: str, transport_options: dict | None = None) -> Celery:
+    """A Celery app with the benchmark's settings and its one task."""
+    app = Celery("bench", broker=broker_url, set_as_current=False)
+    app.conf.update(SETTINGS)
+    app.conf.broker_transport_options = dict(transport_options or {})
+    app.task(name=TASK_NAME, ignore_result=True)(mark)
+    return app
+
+
+def _options_from_env() -> dict:
+    import json
+
+    raw = os.environ.get(TRANSPORT_OPTIONS_VARIABLE, "").strip()
+    return json.loads(raw) if raw else {}
+
+
+app = make_app(os.environ.get(BROKER_VARIABLE, "memory://"), _options_from_env())

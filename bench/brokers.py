@@ -1,0 +1,290 @@
+"""The brokers under comparison: how to reach each, reset it and read its state.
+
+Each :class:`Broker` names a Celery broker URL plus, for the ones that keep
+messages in PostgreSQL, the database behind it, so the harness can empty the
+message table before a measurement, count the transactions an idle worker
+runs (``pg_stat_database``) and read the table's size and dead tuples.
+:func:`prepare` checks reachability; a broker that is not reachable is
+returned with ``skip`` set to the reason, never raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from kombu import Connection, Exchange, Queue
+from psycopg import sql
+
+log = logging.getLogger(__name__)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+RABBITMQ_URL = "pyamqp://guest:guest@127.0.0.1:5672//"
+PG_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+PGBROKER_DATABASE = "pg_broker_bench"
+SQLA_DATABASE = "pg_broker_bench_sqla"
+PGMQ_DATABASE = "pg_broker_bench_pgmq"
+EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / ".pgdata"
+
+ALL_BROKERS = ("redis", "rabbitmq", "sqla", "pgmq", "pgbroker", "pgbroker-embedded")
+
+
+@dataclass
+class Broker:
+    name: str
+    url: str
+    description: str
+    transport_options: dict = field(default_factory=dict)
+    # Environment differences for worker processes (None removes a variable).
+    env_changes: dict[str, str | None] = field(default_factory=dict)
+    database_url: str | None = None  # libpq URL of the database holding the messages
+    admin_url: str | None = None  # same server, maintenance database (for pg_stat_*)
+    tables: tuple[str, ...] = ()  # message tables: emptied on reset, measured after endurance
+    skip: str | None = None
+    version: str | None = None  # server version, for the report
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database_url is not None
+
+    def worker_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for key, value in self.env_changes.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        return env
+
+    def transport_options_json(self) -> str:
+        return json.dumps(self.transport_options)
+
+    # --- state -----------------------------------------------------------
+
+    def purge(self, queues: list[str]) -> int:
+        """Empty the bench queues through Kombu, as a user would."""
+        purged = 0
+        with Connection(self.url, transport_options=self.transport_options) as conn:
+            for name in queues:
+                channel = conn.channel()
+                try:
+                    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+                    queue.bind(channel).declare()
+                    purged += queue.bind(channel).purge() or 0
+                finally:
+                    channel.close()
+        return purged
+
+    def truncate(self) -> None:
+        """Empty the message tables (finished rows too), so every measurement starts clean."""
+        if not self.tables:
+            return
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            existing = [t for t in self.tables if _relation_exists(conn, t)]
+            if existing:
+                conn.execute(
+                    sql.SQL("TRUNCATE {}").format(
+                        sql.SQL(", ").join(_qualified(t) for t in existing)
+                    )
+                )
+
+    def transactions(self) -> int | None:
+        """Committed + rolled-back transactions in the broker's database so far."""
+        if not self.is_postgres:
+            return None
+        dbname = psycopg.conninfo.conninfo_to_dict(self.database_url).get("dbname")
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s",
+                (dbname,),
+            ).fetchone()
+        return int(row[0]) if row else None
+
+    def table_state(self) -> dict | None:
+        """Total size and dead tuples of the message tables (after stats settle)."""
+        if not self.tables:
+            return None
+        time.sleep(1.2)  # backends flush their table statistics at most once a second
+        size = dead = live = 0
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            for table in self.tables:
+                if not _relation_exists(conn, table):
+                    continue
+                row = conn.execute(
+                    "SELECT pg_total_relation_size(c.oid), coalesce(s.n_dead_tup, 0),"
+                    " coalesce(s.n_live_tup, 0)"
+                    " FROM pg_class c LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid"
+                    " WHERE c.oid = to_regclass(%s)",
+                    (table,),
+                ).fetchone()
+                size += row[0]
+                dead += row[1]
+                live += row[2]
+        return {"total_bytes": size, "dead_tuples": dead, "live_tuples": live}
+
+
+def _relation_exists(conn: psycopg.Connection, table: str) -> bool:
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
+
+
+def _qualified(table: str) -> sql.Composable:
+    return sql.Identifier(*table.split("."))
+
+
+def libpq_to_broker(url: str, scheme: str) -> str:
+    """postgresql://u@h/db?x=y -> <scheme>://u@h/db?x=y"""
+    return scheme + "://" + url.split("://", 1)[1]
+
+
+def with_database(url: str, dbname: str) -> str:
+    from pg_broker.database import with_database as replace
+
+    return replace(url, dbname)
+
+
+def ensure_database(admin_url: str, dbname: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+
+
+def server_version(url: str) -> str:
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        return conn.execute("SHOW server_version").fetchone()[0]
+
+
+# --- the brokers -------------------------------------------------------------
+
+
+def prepare(names: list[str], pg_server: str, pgbroker_database: str | None) -> list[Broker]:
+    """Build the named brokers, each either usable or carrying the reason to skip it."""
+    builders = {
+        "redis": _redis,
+        "rabbitmq": _rabbitmq,
+        "sqla": lambda: _sqla(pg_server),
+        "pgmq": lambda: _pgmq(pg_server),
+        "pgbroker": lambda: _pgbroker(pg_server, pgbroker_database),
+        "pgbroker-embedded": _pgbroker_embedded,
+    }
+    brokers = []
+    for name in names:
+        try:
+            brokers.append(builders[name]())
+        except Exception as exc:  # any failure to reach or set up means "skip"
+            brokers.append(Broker(name=name, url="", description="", skip=_reason(exc)))
+    return brokers
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def _redis() -> Broker:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
+    info = client.info("server")
+    return Broker("redis", REDIS_URL, "Celery on Redis", version=info["redis_version"])
+
+
+def _rabbitmq() -> Broker:
+    with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
+        conn.ensure_connection(max_retries=1)
+        props = conn.connection.server_properties
+    version = props.get("version")
+    if isinstance(version, bytes):
+        version = version.decode()
+    return Broker("rabbitmq", RABBITMQ_URL, "Celery on RabbitMQ (py-amqp)", version=version)
+
+
+def _sqla(pg_server: str) -> Broker:
+    ensure_database(pg_server, SQLA_DATABASE)
+    database_url = with_database(pg_server, SQLA_DATABASE)
+    return Broker(
+        "sqla", libpq_to_broker(database_url, "sqla+postgresql+psycopg"),
+        "kombu's SQLAlchemy transport on the same PostgreSQL",
+        database_url=database_url, admin_url=pg_server,
+        tables=("kombu_message",), version=server_version(pg_server),
+    )
+
+
+def _pgmq(pg_server: str) -> Broker:
+    # kombu's pgmq transport needs the pgmq client package, which also ships
+    # pgmq's SQL: where the extension is not installed on the server, that SQL
+    # is loaded as a plain schema (pgmq's "SQL-only install").
+    from pgmq.install import get_embedded_sql_version, install_pgmq_from_sql
+
+    ensure_database(pg_server, PGMQ_DATABASE)
+    database_url = with_database(pg_server, PGMQ_DATABASE)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        installed = conn.execute("SELECT to_regnamespace('pgmq') IS NOT NULL").fetchone()[0]
+        extension = conn.execute(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq'"
+        ).fetchone()
+        if not installed and extension:
+            conn.execute("CREATE EXTENSION pgmq")
+    if not installed and not extension:
+        install_pgmq_from_sql(dsn=database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        pgmq_version = conn.execute(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pgmq'"
+        ).fetchone()
+    version = pgmq_version[0] if pgmq_version else f"{get_embedded_sql_version()} (SQL-only)"
+    return Broker(
+        "pgmq", libpq_to_broker(database_url, "pgmq"),
+        "kombu 5.7's PGMQ transport on the same PostgreSQL",
+        transport_options={"init_extension": False},
+        database_url=database_url, admin_url=pg_server,
+        tables=tuple(f"pgmq.q_bench_{role}"
+                     for role in ("enqueue", "solo", "threads", "prefork", "events")),
+        version=f"{server_version(pg_server)}, pgmq {version}",
+    )
+
+
+def _pgbroker_common(name: str, url: str, description: str, database_url: str,
+                     env_changes: dict) -> Broker:
+    import pg_broker.transport  # noqa: F401  (skip cleanly until the transport exists)
+    from pg_broker.migrate import migrate
+
+    migrate(database_url)
+    return Broker(
+        name, url, description, env_changes=env_changes,
+        database_url=database_url, admin_url=with_database(database_url, "postgres"),
+        tables=("job_tasks", "broker_transient_messages"),
+        version=server_version(database_url),
+    )
+
+
+def _pgbroker(pg_server: str, database_url: str | None) -> Broker:
+    if database_url is None:
+        ensure_database(pg_server, PGBROKER_DATABASE)
+        database_url = with_database(pg_server, PGBROKER_DATABASE)
+    return _pgbroker_common(
+        "pgbroker", libpq_to_broker(database_url, "pgbroker"),
+        "pg_broker on the PostgreSQL server", database_url,
+        {"PG_BROKER_URL": None, "DATABASE_URL": None},
+    )
+
+
+def _pgbroker_embedded() -> Broker:
+    from pg_broker.database import embedded_url
+
+    # The embedded default, in a data directory of the harness's own so a
+    # benchmark never truncates a real deployment's tables.
+    os.environ["PG_BROKER_DATA_DIR"] = str(EMBEDDED_DATA_DIR)
+    for variable in ("PG_BROKER_URL", "DATABASE_URL"):
+        os.environ.pop(variable, None)
+    database_url = embedded_url(EMBEDDED_DATA_DIR)
+    return _pgbroker_common(
+        "pgbroker-embedded", "pgbroker://",
+        "pg_broker, embedded default (pgbroker:// with nothing after it)", database_url,
+        {"PG_BROKER_URL": None, "DATABASE_URL": None,
+         "PG_BROKER_DATA_DIR": str(EMBEDDED_DATA_DIR)},
+    )

@@ -1,0 +1,257 @@
+"""One function per figure. Each takes a broker's producer app and workers and
+returns plain numbers; the runner decides when to call it and collects them.
+
+Completion is read from the workers' mark files (see :mod:`bench.app`), never
+through the broker under test, so every broker is timed the same way: from
+the first publish to the start of the last task (a no-op finishes within
+microseconds of its start).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+from celery import Celery, group
+
+from bench.app import TASK_NAME
+from bench.brokers import Broker
+from bench.workers import Worker
+
+log = logging.getLogger(__name__)
+
+POLL = 0.002  # seconds between looks at a mark file
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each figure does (``--quick`` and full presets in __main__)."""
+
+    enqueue: int  # delay() loop
+    bulk: int  # signatures in one group; also the transactional batch
+    throughput: int  # tasks per end-to-end run (each pool, and with events)
+    latency_samples: int
+    endurance: int
+    idle_seconds: float  # one idle-worker window
+    cap: float  # seconds after which a run stops waiting and reports what it got
+    endurance_cap: float
+
+
+def enqueue_delay(app: Celery, n: int) -> dict:
+    """delay() in a loop, one process, the way application code publishes."""
+    task = app.tasks[TASK_NAME]
+    task.delay(0.0)  # connect and declare outside the timed loop
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        task.delay(0.0)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"enqueue_delay": n / elapsed, "producer_cpu_us_per_delay": cpu / n * 1e6}
+
+
+def enqueue_group(app: Celery, n: int) -> dict:
+    """One group of n signatures, published with apply_async()."""
+    task = app.tasks[TASK_NAME]
+    signatures = group(task.s(0.0) for _ in range(n))
+    t0 = time.perf_counter()
+    signatures.apply_async()
+    return {"enqueue_group": n / (time.perf_counter() - t0)}
+
+
+def enqueue_transactional(app: Celery, broker: Broker, n: int) -> dict:
+    """pg_broker's own path: n delay() calls inside one caller transaction."""
+    import psycopg
+
+    from pg_broker.transport import enqueue_in
+
+    task = app.tasks[TASK_NAME]
+    with psycopg.connect(broker.database_url) as conn:
+        with conn.transaction(), enqueue_in(conn):
+            task.delay(0.0)  # warm-up inside a transaction that commits with the rest
+        t0 = time.perf_counter()
+        with conn.transaction(), enqueue_in(conn):
+            for _ in range(n):
+                task.delay(0.0)
+        elapsed = time.perf_counter() - t0
+    return {"enqueue_transactional": n / elapsed}
+
+
+def run_tasks(app: Celery, worker: Worker, n: int, cap: float) -> dict:
+    """Publish n no-op tasks to a running worker's queue; time first publish -> last start.
+
+    Stops publishing and waiting after ``cap`` seconds; the figure is then what
+    completed over the time spent, flagged ``capped``. ``published_at`` holds
+    the time each tenth of the tasks had been published.
+    """
+    task = app.tasks[TASK_NAME]
+    worker.clear_marks()
+    cpu_before = worker.cpu_seconds()
+    tenth = max(n // 10, 1)
+    published_at = []
+    t0 = time.time()
+    published = 0
+    for _ in range(n):
+        task.apply_async((0.0,), queue=worker.queue)
+        published += 1
+        if published % tenth == 0:
+            published_at.append(time.time())
+        if published % 64 == 0 and time.time() - t0 > cap:
+            break
+    while worker.mark_count() < published and time.time() - t0 < cap:
+        time.sleep(POLL)
+    starts = sorted(started for _, started in worker.marks())
+    done = len(starts)
+    capped = done < n
+    end = time.time() if capped or not starts else starts[-1]
+    elapsed = max(end - t0, 1e-9)
+    cpu = worker.cpu_seconds() - cpu_before
+    return {
+        "throughput": done / elapsed,
+        "done": done,
+        "published": published,
+        "capped": capped,
+        "elapsed": elapsed,
+        "starts": starts,
+        "t0": t0,
+        "published_at": published_at,
+        "worker_cpu_ms_per_task": cpu / done * 1e3 if done else None,
+    }
+
+
+def throughput(app: Celery, worker: Worker, n: int, cap: float) -> dict:
+    run = run_tasks(app, worker, n, cap)
+    role = worker.role
+    figures = {
+        f"throughput_{role}": run["throughput"],
+        f"rss_{role}_mb": worker.rss_bytes() / 2**20,
+        f"worker_cpu_ms_per_task_{role}": run["worker_cpu_ms_per_task"],
+    }
+    return {"figures": figures, "capped": run["capped"]}
+
+
+def latency(app: Celery, worker: Worker, samples: int, cap: float) -> dict:
+    """publish -> task start on an idle worker: one task at a time, with a pause."""
+    task = app.tasks[TASK_NAME]
+    worker.clear_marks()
+    t_end = time.time() + cap
+    for i in range(samples):
+        task.apply_async((time.time(),), queue=worker.queue)
+        while worker.mark_count() <= i and time.time() < t_end:
+            time.sleep(0.0005)
+        if time.time() >= t_end:
+            break
+        time.sleep(random.uniform(0.01, 0.03))  # let the worker go idle again
+    delays = sorted((started - sent) * 1e3 for sent, started in worker.marks())
+    if not delays:
+        raise RuntimeError("no task started within the time cap")
+    return {
+        "latency_p50_ms": percentile(delays, 50),
+        "latency_p95_ms": percentile(delays, 95),
+        "latency_p99_ms": percentile(delays, 99),
+        "latency_samples": len(delays),
+    }
+
+
+def endurance(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> dict:
+    """Many tasks through one queue: does the rate hold, and what is left in the table?
+
+    The first and last tenths are windows of the publishing loop (from the
+    first publish to the 10% mark, from the 90% mark to the last publish), so
+    both are measured with the producer running, and the figure is the number
+    of tasks that started inside each window divided by its length.
+    """
+    run = run_tasks(app, worker, n, cap)
+    figures = {"endurance_throughput": run["throughput"]}
+    marks = run["published_at"]
+    if len(marks) >= 10:
+        first = _started_between(run["starts"], run["t0"], marks[0])
+        last = _started_between(run["starts"], marks[8], marks[9])
+        figures["endurance_first10_rate"] = first
+        figures["endurance_last10_rate"] = last
+        figures["endurance_last_vs_first"] = last / first if first else None
+    state = broker.table_state()
+    if state is not None:
+        figures["endurance_table_mb"] = state["total_bytes"] / 2**20
+        figures["endurance_dead_tuples"] = state["dead_tuples"]
+        figures["endurance_live_tuples"] = state["live_tuples"]
+    return {"figures": figures, "capped": run["capped"], "done": run["done"]}
+
+
+def _started_between(starts: list[float], begin: float, end: float) -> float:
+    """Tasks started per second inside [begin, end)."""
+    count = bisect.bisect_left(starts, end) - bisect.bisect_left(starts, begin)
+    return count / max(end - begin, 1e-9)
+
+
+class EventReceiver(threading.Thread):
+    """A Flower-like monitor: celery's event Receiver feeding an events State."""
+
+    def __init__(self, app: Celery):
+        super().__init__(daemon=True, name="bench-events")
+        self.app = app
+        self.ready = threading.Event()
+        self.received = 0
+        self.error: BaseException | None = None
+        self._receiver = None
+
+    def run(self) -> None:
+        state = self.app.events.State()
+
+        def on_event(event: dict) -> None:
+            self.received += 1
+            state.event(event)
+
+        try:
+            with self.app.connection() as conn:
+                receiver = self.app.events.Receiver(conn, handlers={"*": on_event})
+                original_ready = receiver.on_consume_ready
+
+                def consume_ready(*args, **kwargs):
+                    original_ready(*args, **kwargs)
+                    self.ready.set()
+
+                receiver.on_consume_ready = consume_ready
+                self._receiver = receiver
+                receiver.capture(limit=None, timeout=None, wakeup=False)
+        except BaseException as exc:  # reported by the caller
+            self.error = exc
+            self.ready.set()
+
+    def stop(self) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self.join(10)
+
+
+def events(app: Celery, worker: Worker, n: int, cap: float) -> dict:
+    """Throughput of a worker started with -E while a receiver consumes its events."""
+    monitor = EventReceiver(app)
+    monitor.start()
+    try:
+        if not monitor.ready.wait(15):
+            raise RuntimeError("the event receiver did not start consuming within 15 s")
+        if monitor.error is not None:
+            raise RuntimeError(f"event receiver failed: {monitor.error!r}")
+        run = run_tasks(app, worker, n, cap)
+        time.sleep(0.3)  # let the last events arrive
+    finally:
+        monitor.stop()
+    return {
+        "figures": {
+            "throughput_events": run["throughput"],
+            "events_received_per_task": monitor.received / run["done"] if run["done"] else 0.0,
+        },
+        "capped": run["capped"],
+    }
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        raise ValueError("no values")
+    rank = min(len(sorted_values), max(1, math.ceil(pct / 100 * len(sorted_values))))
+    return sorted_values[rank - 1]

@@ -1,0 +1,209 @@
+"""Orchestration: start every broker's workers, interleave the repeats
+(broker A, B, C, A, B, C ...), measure idle workers last, stop everything.
+
+Each broker gets four long-lived workers, one per role, each on its own
+queue: ``solo``, ``threads`` (8), ``prefork`` (2) and ``events`` (solo with
+``-E``). They stay up for the whole run so start-up time is paid once; the
+workers of the brokers not being measured sit idle, the same background for
+every broker. Before every measurement the broker's queues are emptied
+(message tables truncated for the PostgreSQL-backed ones).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import measure
+from bench.app import ENQUEUE_QUEUE, TASK_NAME, make_app
+from bench.brokers import Broker
+from bench.measure import Sizes
+from bench.workers import Worker, stop_all
+
+log = logging.getLogger(__name__)
+
+ROLES = {  # role: (pool, concurrency, events)
+    "solo": ("solo", 1, False),
+    "threads": ("threads", 8, False),
+    "prefork": ("prefork", 2, False),
+    "events": ("solo", 1, True),
+}
+QUEUES = [ENQUEUE_QUEUE] + [f"bench.{role}" for role in ROLES]
+READY_TIMEOUT = 90.0
+
+
+class Run:
+    """Samples of one benchmark run, keyed figure -> broker -> [value per repeat]."""
+
+    def __init__(self, brokers: list[Broker], sizes: Sizes, repeats: int,
+                 echo: Callable[[str], None] = print):
+        self.brokers = brokers
+        self.sizes = sizes
+        self.repeats = repeats
+        self.echo = echo
+        self.samples: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.capped: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.errors: dict[str, list[str]] = defaultdict(list)
+        self.workers: dict[str, dict[str, Worker]] = {}
+        self.workdir = Path(tempfile.mkdtemp(prefix="pg_broker_bench_", dir=_scratch_dir()))
+
+    @property
+    def usable(self) -> list[Broker]:
+        return [b for b in self.brokers if b.skip is None]
+
+    # --- the run ----------------------------------------------------------
+
+    def execute(self) -> None:
+        try:
+            self.start_workers()
+            for repeat in range(1, self.repeats + 1):
+                for broker in self.usable:
+                    started = time.monotonic()
+                    self.measure_broker(broker)
+                    self.echo(f"  repeat {repeat}/{self.repeats} {broker.name}: "
+                              f"{time.monotonic() - started:.1f}s")
+            self.measure_idle()
+        finally:
+            stop_all()
+
+    def start_workers(self) -> None:
+        for broker in self.usable:
+            # Declaring the queues first also creates the SQL transports' tables,
+            # which four workers starting at once would race to create.
+            broker.purge(QUEUES)
+            self.reset(broker)
+            self.workers[broker.name] = {}
+            for role, (pool, concurrency, events) in ROLES.items():
+                worker = Worker(
+                    broker=broker.name, role=role, pool=pool, concurrency=concurrency,
+                    queue=f"bench.{role}", events=events,
+                    mark_file=self.workdir / f"{broker.name}-{role}.marks",
+                    log_file=self.workdir / f"{broker.name}-{role}.log",
+                )
+                worker.start(broker.url, broker.worker_env(), broker.transport_options_json())
+                self.workers[broker.name][role] = worker
+        self.echo(f"started {4 * len(self.usable)} workers; waiting for them to take a task "
+                  f"(logs in {self.workdir})")
+        for broker in self.usable:
+            self.wait_ready(broker)
+
+    def wait_ready(self, broker: Broker) -> None:
+        """A worker is ready once a probe task published to its queue has run."""
+        app = make_app(broker.url, broker.transport_options)
+        task = app.tasks[TASK_NAME]
+        workers = self.workers[broker.name]
+        try:
+            for worker in workers.values():
+                task.apply_async((0.0,), queue=worker.queue)
+            deadline = time.monotonic() + READY_TIMEOUT
+            pending = dict(workers)
+            while pending and time.monotonic() < deadline:
+                for role, worker in list(pending.items()):
+                    if worker.mark_count() > 0:
+                        del pending[role]
+                    elif not worker.alive:
+                        raise RuntimeError(f"{role} worker exited:\n{worker.log_tail()}")
+                time.sleep(0.05)
+            if pending:
+                role, worker = next(iter(pending.items()))
+                raise RuntimeError(f"{role} worker ran no task within {READY_TIMEOUT:.0f}s:\n"
+                                   f"{worker.log_tail()}")
+        except Exception as exc:
+            broker.skip = f"workers did not start: {exc}"
+            last_lines = "\n    ".join(str(exc).splitlines()[-3:])
+            self.echo(f"skipping {broker.name}: workers did not start:\n    {last_lines}")
+            stop_all(list(workers.values()))
+        finally:
+            app.close()
+        for worker in workers.values():
+            worker.clear_marks()
+
+    def reset(self, broker: Broker) -> None:
+        """Empty the queues before a measurement."""
+        if broker.tables:
+            broker.truncate()
+        else:
+            broker.purge(QUEUES)
+
+    def measure_broker(self, broker: Broker) -> None:
+        sizes = self.sizes
+        workers = self.workers[broker.name]
+        app = make_app(broker.url, broker.transport_options)
+        try:
+            self.attempt(broker, lambda: measure.enqueue_delay(app, sizes.enqueue))
+            self.attempt(broker, lambda: measure.enqueue_group(app, sizes.bulk))
+            if broker.name.startswith("pgbroker"):
+                self.attempt(broker, lambda: measure.enqueue_transactional(app, broker, sizes.bulk))
+            self.attempt(broker, lambda: measure.latency(
+                app, workers["solo"], sizes.latency_samples, sizes.cap))
+            plain = {}
+            for role in ("solo", "threads", "prefork"):
+                plain[role] = self.attempt(broker, lambda role=role: measure.throughput(
+                    app, workers[role], sizes.throughput, sizes.cap))
+            with_events = self.attempt(broker, lambda: measure.events(
+                app, workers["events"], sizes.throughput, sizes.cap))
+            solo = (plain["solo"] or {}).get("throughput_solo")
+            if with_events and solo:
+                self.add(broker, "events_vs_plain", with_events["throughput_events"] / solo)
+            self.attempt(broker, lambda: measure.endurance(
+                app, broker, workers["solo"], sizes.endurance, sizes.endurance_cap))
+        finally:
+            app.close()
+
+    def attempt(self, broker: Broker, measurement: Callable[[], dict]) -> dict | None:
+        """Run one measurement on clean queues; keep its figures, or its error."""
+        try:
+            self.reset(broker)
+            result = measurement()
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.debug("measurement failed on %s", broker.name, exc_info=True)
+            self.errors[broker.name].append(message)
+            self.echo(f"    {broker.name}: {message}")
+            return None
+        figures = result.get("figures", result)
+        capped = result.get("capped", False)
+        for key, value in figures.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.add(broker, key, value)
+                if capped:
+                    self.capped[key][broker.name] += 1
+        return figures
+
+    def add(self, broker: Broker, key: str, value: float | None) -> None:
+        if value is not None:
+            self.samples[key][broker.name].append(value)
+
+    def measure_idle(self) -> None:
+        """Stop all but the solo workers; then, in simultaneous windows, count
+        each idle solo worker's transactions on its database and its CPU."""
+        others = [w for ws in self.workers.values() for role, w in ws.items() if role != "solo"]
+        stop_all(others)
+        solos = {b.name: self.workers[b.name]["solo"] for b in self.usable}
+        for broker in self.usable:
+            self.reset(broker)
+        time.sleep(2.0)  # let shutdown traffic and stats flushing settle
+        for _ in range(self.repeats):
+            xacts0 = {b.name: b.transactions() for b in self.usable}
+            cpu0 = {name: w.cpu_seconds() for name, w in solos.items()}
+            t0 = time.monotonic()
+            time.sleep(self.sizes.idle_seconds)
+            elapsed = time.monotonic() - t0
+            for broker in self.usable:
+                name = broker.name
+                if not solos[name].alive:
+                    continue
+                self.add(broker, "idle_cpu_percent",
+                         (solos[name].cpu_seconds() - cpu0[name]) / elapsed * 100)
+                if xacts0[name] is not None:
+                    self.add(broker, "idle_queries_per_s",
+                             (broker.transactions() - xacts0[name]) / elapsed)
+
+
+def _scratch_dir() -> str | None:
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() else None

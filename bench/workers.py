@@ -1,0 +1,179 @@
+"""Celery worker subprocesses, each in its own process group.
+
+Every worker the harness starts is registered here and killed, with its whole
+process group (prefork children included), when the harness ends — normally,
+on an exception, on Ctrl-C or on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from bench.app import BROKER_VARIABLE, MARK_FILE_VARIABLE, RECORD, TRANSPORT_OPTIONS_VARIABLE
+
+log = logging.getLogger(__name__)
+
+_running: list[Worker] = []
+
+
+@dataclass
+class Worker:
+    """One ``celery -A bench.app worker`` consuming one queue."""
+
+    broker: str
+    role: str  # solo | threads | prefork | events
+    pool: str
+    concurrency: int
+    queue: str
+    mark_file: Path
+    log_file: Path
+    events: bool = False
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self, broker_url: str, env: dict[str, str], transport_options: str) -> None:
+        self.mark_file.write_bytes(b"")
+        command = [
+            sys.executable, "-m", "celery", "-A", "bench.app", "worker",
+            "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
+            "-n", f"bench-{self.role}-{self.broker}@%h",
+            "--without-gossip", "--without-mingle", "-l", "warning",
+        ]
+        if self.events:
+            command.append("-E")
+        worker_env = dict(env)
+        worker_env[BROKER_VARIABLE] = broker_url
+        worker_env[MARK_FILE_VARIABLE] = str(self.mark_file)
+        worker_env[TRANSPORT_OPTIONS_VARIABLE] = transport_options
+        worker_env["PYTHONPATH"] = _repo_root() + os.pathsep + worker_env.get("PYTHONPATH", "")
+        with open(self.log_file, "ab") as log_out:
+            self.process = subprocess.Popen(
+                command, env=worker_env, cwd=_repo_root(), stdin=subprocess.DEVNULL,
+                stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        _running.append(self)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def marks(self) -> list[tuple[float, float]]:
+        """(sent, started) of every task run since the file was last cleared."""
+        data = self.mark_file.read_bytes()
+        usable = len(data) - len(data) % RECORD.size
+        return [RECORD.unpack_from(data, i) for i in range(0, usable, RECORD.size)]
+
+    def mark_count(self) -> int:
+        return self.mark_file.stat().st_size // RECORD.size
+
+    def clear_marks(self) -> None:
+        os.truncate(self.mark_file, 0)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the worker and all its children."""
+        if not self.alive:
+            return 0
+        parent = psutil.Process(self.process.pid)
+        total = 0
+        for proc in [parent, *parent.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the worker and its children so far."""
+        if not self.alive:
+            return 0.0
+        parent = psutil.Process(self.process.pid)
+        total = 0.0
+        for proc in [parent, *parent.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Warm shutdown (SIGTERM to the group), then SIGKILL what is left."""
+        if self.process is None:
+            return
+        _signal_group(self.process, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("worker %s-%s ignored SIGTERM; killing it", self.broker, self.role)
+        _signal_group(self.process, signal.SIGKILL)
+        self.process.wait()
+        if self in _running:
+            _running.remove(self)
+
+
+def stop_all(workers: list[Worker] | None = None, timeout: float = 10.0) -> None:
+    """Stop several workers at once: signal them all, then wait."""
+    targets = list(_running if workers is None else workers)
+    for worker in targets:
+        if worker.process is not None:
+            _signal_group(worker.process, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for worker in targets:
+        remaining = max(0.1, deadline - time.monotonic())
+        try:
+            if worker.process is not None:
+                worker.process.wait(remaining)
+        except subprocess.TimeoutExpired:
+            pass
+        worker.stop(timeout=0.1)
+
+
+def kill_all() -> None:
+    """Last resort (atexit, signals): SIGKILL every worker group still registered."""
+    for worker in list(_running):
+        if worker.process is not None:
+            _signal_group(worker.process, signal.SIGKILL)
+            try:
+                worker.process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        _running.remove(worker)
+
+
+def install_cleanup() -> None:
+    """Kill the workers at exit and on SIGTERM/SIGHUP (Ctrl-C raises in Python)."""
+    atexit.register(kill_all)
+
+    def on_signal(signum, frame):
+        kill_all()
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _repo_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
