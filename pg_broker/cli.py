@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pg_broker.database import DatabaseUnavailable, connect, database_url, mask_url
 from pg_broker.migrate import ensure_migrated, migrate
@@ -59,6 +60,92 @@ def cmd_reclaim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pg_broker.demo import run_demo
+
+    return run_demo(chapters=args.chapters, pool=args.pool, concurrency=args.concurrency,
+                    timeout=args.timeout)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pg_broker.demo import demo_chapters, progress_bar, wait_for_job
+    from pg_broker.jobs import submit_package
+    from pg_broker.pdf import Chapter
+
+    chapters = [Chapter(Path(f).stem, Path(f).read_text(encoding="utf-8")) for f in args.files]
+    url = database_url()
+    ensure_migrated(url)
+    with connect(url, autocommit=True) as conn:
+        job_id = submit_package(conn, user_id=args.user, title=args.title,
+                                chapters=chapters or demo_chapters(), voice=args.voice,
+                                rate_wpm=args.speed)
+        print(job_id)
+        if args.wait:
+            job = wait_for_job(conn, job_id, timeout=args.wait,
+                               on_progress=lambda j: print("\r" + progress_bar(j), end="", flush=True))
+            print()
+            return 0 if job.status == "completed" else 1
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from pg_broker.jobs import get_job
+
+    url = database_url()
+    ensure_migrated(url)
+    with connect(url, autocommit=True) as conn:
+        job = get_job(conn, args.job_id)
+    if job is None:
+        print(f"no job {args.job_id}", file=sys.stderr)
+        return 1
+    print(f"job {job.id} ({job.job_type}) for user {job.user_id}: {job.title}")
+    print(f"status {job.status}, progress {job.progress}% "
+          f"({job.completed_tasks} completed, {job.failed_tasks} failed of {job.total_tasks})")
+    print(f"created {job.created_at:%Y-%m-%d %H:%M:%S}, finished {job.completed_at or '-'}")
+    if job.error:
+        print(f"error: {job.error}")
+    _print_table("Tasks", ["task_id", "type", "status", "attempts", "error"],
+                 [(t.task_id, t.task_type, t.status, f"{t.attempts}/{t.max_attempts}",
+                   (t.error or "")[:60]) for t in job.tasks])
+    _print_table("Artifacts", ["kind", "bytes", "seconds", "url"],
+                 [(a.artifact.kind, a.artifact.bytes, a.artifact.duration_seconds, a.url)
+                  for a in job.artifacts])
+    return 0
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    from pg_broker.maintenance import dead_tasks, retry_dead_tasks
+
+    url = database_url()
+    ensure_migrated(url)
+    with connect(url, autocommit=True) as conn:
+        if args.action == "list":
+            _print_table("Dead and failed tasks",
+                         ["id", "task_id", "type", "status", "attempts", "error"],
+                         [(t["id"], t["task_id"], t["task_type"], t["status"],
+                           f"{t['attempts']}/{t['max_attempts']}", (t["error"] or "")[:60])
+                          for t in dead_tasks(conn, args.limit)])
+            return 0
+        if bool(args.ids) == args.all:
+            print("pg-broker dead retry: give task ids, or --all", file=sys.stderr)
+            return 2
+        count = retry_dead_tasks(conn, None if args.all else args.ids)
+    print(f"re-queued {count} task(s)")
+    return 0
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    from pg_broker.maintenance import Retention
+
+    url = database_url()
+    ensure_migrated(url)
+    retention = Retention(age=args.older_than) if args.older_than else Retention()
+    with connect(url, autocommit=True) as conn:
+        deleted = retention.run(conn)
+    print(f"deleted {deleted} finished task row(s) older than {retention.age}")
+    return 0
+
+
 def _print_table(title: str, columns: Sequence[str], rows) -> None:
     rows = [tuple("" if v is None else str(v) for v in row) for row in rows]
     print(f"\n{title}")
@@ -93,6 +180,37 @@ def build_parser() -> argparse.ArgumentParser:
     add("url", cmd_url, "print the database URL in use (password masked)")
     add("status", cmd_status, "jobs by status, task backlog, worker health and stale tasks")
     add("reclaim", cmd_reclaim, "return tasks with expired leases to pending (or dead)")
+
+    demo = add("demo", cmd_demo, "start a worker, run a real 16-chapter package job "
+               "(speech to MP3, a PDF), show where the files are, stop the worker")
+    demo.add_argument("--chapters", type=int, default=16, help="chapters (default 16)")
+    demo.add_argument("--pool", choices=("prefork", "solo", "threads"), default="prefork")
+    demo.add_argument("--concurrency", type=int, help="worker processes (default: CPU count)")
+    demo.add_argument("--timeout", type=float, default=600, help="seconds to wait for the job")
+
+    submit = add("submit", cmd_submit, "submit a package job: one MP3 per chapter file and a "
+                 "PDF of them all (no files: the demo's chapters); prints the job id")
+    submit.add_argument("files", nargs="*", help="chapter text files, in order")
+    submit.add_argument("--title", default="Package", help="the package title")
+    submit.add_argument("--user", default="00000000-0000-4000-8000-00000000d3e0",
+                        help="the owner's user id (uuid)")
+    submit.add_argument("--voice", default="en-us", help="eSpeak NG voice (en-us, en-gb, de, fr …)")
+    submit.add_argument("--speed", type=int, default=175, help="words per minute (80–450)")
+    submit.add_argument("--wait", type=float, metavar="SECONDS",
+                        help="wait for the job, showing progress")
+
+    job = add("job", cmd_job, "a job's status, progress, tasks and artifacts (with URLs)")
+    job.add_argument("job_id", help="the job's uuid")
+
+    dead = add("dead", cmd_dead, "dead letters: list failed and dead tasks, or re-queue them")
+    dead.add_argument("action", choices=("list", "retry"))
+    dead.add_argument("ids", nargs="*", help="retry: row ids or Celery task ids")
+    dead.add_argument("--all", action="store_true", help="retry: every dead or failed task")
+    dead.add_argument("--limit", type=int, default=100, help="list: at most this many")
+
+    retention = add("retention", cmd_retention, "delete finished task rows older than an age")
+    retention.add_argument("--older-than", metavar="INTERVAL",
+                           help="a PostgreSQL interval (default PG_BROKER_RETENTION or '7 days')")
     return parser
 
 

@@ -81,6 +81,7 @@ class Job:
     total_tasks: int
     completed_tasks: int
     failed_tasks: int
+    cancelled_tasks: int
     progress: Decimal
     error: str | None
     created_at: datetime
@@ -130,7 +131,7 @@ def submit_job(
         with enqueue_in(conn):
             for name, args in tasks:
                 app.send_task(name, args=(str(job_id), *args), headers=headers)
-    log.info("submitted %s job %s for user %s: %d tasks", job_type, job_id, user_id, len(tasks))
+    log.debug("submitted %s job %s for user %s: %d tasks", job_type, job_id, user_id, len(tasks))
     return job_id
 
 

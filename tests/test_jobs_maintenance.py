@@ -48,7 +48,7 @@ def test_cancel_stops_pending_tasks_and_leaves_held_ones_alone(db: psycopg.Conne
     job_id = _job(db, ["pending", "pending", "claimed", "completed"])
     assert cancel_job(db, job_id) == 2
     job = get_job(db, job_id)
-    assert job.status == "cancelled" and job.finished
+    assert job.status == "cancelled" and job.finished and job.cancelled_tasks == 2
     assert [t.status for t in job.tasks] == ["cancelled", "cancelled", "claimed", "completed"]
     assert cancel_job(db, job_id) is None  # already finished
 

@@ -44,7 +44,8 @@ SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims
 -- name: job_by_id
 -- One job with its counters (RLS decides whether the caller may see it).
 SELECT id, user_id, job_type, title, params, status, total_tasks, completed_tasks,
-       failed_tasks, progress, error, created_at, updated_at, started_at, completed_at
+       failed_tasks, cancelled_tasks, progress, error, created_at, updated_at, started_at,
+       completed_at
   FROM jobs WHERE id = %(job_id)s;
 
 -- name: tasks_of_job
@@ -54,10 +55,11 @@ SELECT id, task_id, task_type, queue, status, attempts, max_attempts, worker_id,
   FROM job_tasks WHERE job_id = %(job_id)s ORDER BY sequence, id;
 
 -- name: artifacts_of_job
--- A job's artifacts, oldest first.
+-- A job's artifacts by kind, chapters in order.
 SELECT id, job_id, task_id, kind, storage_backend, storage_path, content_type, bytes,
        sha256, duration_seconds, metadata
-  FROM job_artifacts WHERE job_id = %(job_id)s ORDER BY kind, created_at, storage_path;
+  FROM job_artifacts WHERE job_id = %(job_id)s
+ ORDER BY kind, (metadata ->> 'chapter')::integer NULLS LAST, created_at, storage_path;
 
 -- name: upsert_artifact
 -- Records a stored file; a re-run task (same path) updates its one row.

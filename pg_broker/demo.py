@@ -1,0 +1,240 @@
+"""``pg-broker demo``: a real package job, end to end, on a fresh machine.
+
+Starts ``celery -A tasks worker`` as a subprocess on the same database (the
+embedded one unless PG_BROKER_URL is set), submits a 16-chapter package of
+public-domain text, draws a progress bar from the job row while the worker
+speaks the chapters to MP3 and renders the PDF, prints where the files are,
+and stops the worker. The worker helpers here serve the tests too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import platformdirs
+import psycopg
+
+from pg_broker.jobs import Job, get_job
+from pg_broker.pdf import Chapter
+
+log = logging.getLogger(__name__)
+
+DEMO_USER = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")
+
+# Public-domain openings (all published before 1900), spoken in rotation.
+PASSAGES = (
+    ("A Tale of Two Cities", "It was the best of times, it was the worst of times, it was the "
+     "age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch "
+     "of incredulity, it was the season of Light, it was the season of Darkness, it was the "
+     "spring of hope, it was the winter of despair, we had everything before us, we had nothing "
+     "before us, we were all going direct to Heaven, we were all going direct the other way."),
+    ("Moby-Dick", "Call me Ishmael. Some years ago, never mind how long precisely, having little "
+     "or no money in my purse, and nothing particular to interest me on shore, I thought I would "
+     "sail about a little and see the watery part of the world. It is a way I have of driving "
+     "off the spleen and regulating the circulation."),
+    ("Pride and Prejudice", "It is a truth universally acknowledged, that a single man in "
+     "possession of a good fortune, must be in want of a wife. However little known the feelings "
+     "or views of such a man may be on his first entering a neighbourhood, this truth is so well "
+     "fixed in the minds of the surrounding families, that he is considered the rightful "
+     "property of some one or other of their daughters."),
+    ("Alice's Adventures in Wonderland", "Alice was beginning to get very tired of sitting by "
+     "her sister on the bank, and of having nothing to do: once or twice she had peeped into the "
+     "book her sister was reading, but it had no pictures or conversations in it, and what is "
+     "the use of a book, thought Alice, without pictures or conversations?"),
+    ("The Gettysburg Address", "Four score and seven years ago our fathers brought forth on "
+     "this continent, a new nation, conceived in Liberty, and dedicated to the proposition that "
+     "all men are created equal. Now we are engaged in a great civil war, testing whether that "
+     "nation, or any nation so conceived and so dedicated, can long endure."),
+    ("Walden", "I went to the woods because I wished to live deliberately, to front only the "
+     "essential facts of life, and see if I could not learn what it had to teach, and not, when "
+     "I came to die, discover that I had not lived."),
+    ("Adventures of Huckleberry Finn", "You don't know about me without you have read a book by "
+     "the name of The Adventures of Tom Sawyer; but that ain't no matter. That book was made by "
+     "Mr. Mark Twain, and he told the truth, mainly. There was things which he stretched, but "
+     "mainly he told the truth."),
+    ("Frankenstein", "You will rejoice to hear that no disaster has accompanied the "
+     "commencement of an enterprise which you have regarded with such evil forebodings. I "
+     "arrived here yesterday, and my first task is to assure my dear sister of my welfare and "
+     "increasing confidence in the success of my undertaking."),
+)
+
+
+def demo_chapters(count: int = 16, passages_per_chapter: int = 4) -> list[Chapter]:
+    """``count`` chapters, each a few public-domain passages (about 250 words)."""
+    chapters = []
+    for index in range(count):
+        picked = [PASSAGES[(index + step * 3) % len(PASSAGES)] for step in range(passages_per_chapter)]
+        title = f"Chapter {index + 1}: {picked[0][0]}"
+        chapters.append(Chapter(title, "\n\n".join(text for _, text in picked)))
+    return chapters
+
+
+def start_worker(
+    env: Mapping[str, str],
+    hostname: str,
+    *,
+    pool: str = "prefork",
+    concurrency: int | None = None,
+    log_file: Path | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> subprocess.Popen:
+    """``celery -A tasks worker`` in a new process group, consuming every app queue."""
+    command = [
+        sys.executable, "-m", "celery", "-A", "tasks", "worker",
+        "--hostname", hostname, "--pool", pool, "--loglevel", "INFO",
+        "--without-mingle", "--without-gossip", *extra_args,
+    ]
+    if concurrency:
+        command += ["--concurrency", str(concurrency)]
+    output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(command, env=dict(env), stdout=output, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        if log_file:
+            output.close()
+
+
+def stop_worker(worker: subprocess.Popen, timeout: float = 15.0) -> int:
+    """Warm shutdown (SIGTERM), then SIGKILL of its whole process group."""
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("worker %d did not stop in %.0f s; killing it", worker.pid, timeout)
+    try:
+        os.killpg(worker.pid, signal.SIGKILL)  # pool children left behind, if any
+    except ProcessLookupError:
+        pass
+    return worker.wait()
+
+
+def wait_for_job(
+    conn: psycopg.Connection,
+    job_id: uuid.UUID,
+    *,
+    timeout: float,
+    on_progress: Callable[[Job], None] | None = None,
+    worker: subprocess.Popen | None = None,
+    interval: float = 0.2,
+) -> Job:
+    """Poll the job row until it finished; raise TimeoutError, or RuntimeError
+    if the worker process exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = get_job(conn, job_id, details=False)
+        if on_progress:
+            on_progress(job)
+        if job.finished:
+            return get_job(conn, job_id)
+        if worker is not None and worker.poll() is not None:
+            raise RuntimeError(f"the worker exited with status {worker.returncode} before the job finished")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {job.status} after {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def progress_bar(job: Job, width: int = 32) -> str:
+    done = job.completed_tasks + job.failed_tasks + job.cancelled_tasks
+    filled = int(width * done / job.total_tasks) if job.total_tasks else 0
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{job.total_tasks} tasks "
+            f"{float(job.progress):5.1f}%  {job.status}")
+
+
+def log_dir() -> Path:
+    path = Path(platformdirs.user_data_dir("pg_broker")) / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_demo(
+    *,
+    chapters: int = 16,
+    pool: str = "prefork",
+    concurrency: int | None = None,
+    timeout: float = 600.0,
+    out=sys.stdout,
+) -> int:
+    """The whole demo; writes its report to ``out``. Returns an exit status."""
+    from pg_broker.database import connect, database_url, mask_url
+    from pg_broker.jobs import submit_package
+    from pg_broker.migrate import ensure_migrated
+    from pg_broker.storage import get_storage
+
+    def say(text: str = "", end: str = "\n") -> None:
+        out.write(text + end)
+        out.flush()
+
+    url = database_url()
+    ensure_migrated(url)
+    concurrency = concurrency or (1 if pool == "solo" else max(os.cpu_count() or 1, 1))
+    worker_log = log_dir() / "demo-worker.log"
+    env = dict(os.environ, PG_BROKER_URL=url)
+    say(f"database: {mask_url(url)}")
+    say(f"starting worker: celery -A tasks worker --pool {pool} --concurrency {concurrency}"
+        f"  (log: {worker_log})")
+    worker = start_worker(env, f"demo-{os.getpid()}@%h", pool=pool, concurrency=concurrency,
+                          log_file=worker_log)
+    try:
+        with connect(url, autocommit=True) as conn:
+            started = time.monotonic()
+            job_id = submit_package(conn, user_id=DEMO_USER, title="pg_broker demo: sixteen openings",
+                                    chapters=demo_chapters(chapters))
+            say(f"submitted job {job_id}: {chapters} chapters -> {chapters} MP3 tasks + 1 PDF task")
+            interactive = out.isatty()
+
+            def draw(job: Job) -> None:
+                if interactive:
+                    say("\r" + progress_bar(job), end="")
+
+            job = wait_for_job(conn, job_id, timeout=timeout, on_progress=draw, worker=worker)
+            elapsed = time.monotonic() - started
+            if interactive:
+                say()
+            say(progress_bar(job))
+    except (RuntimeError, TimeoutError) as exc:
+        say(f"\ndemo failed: {exc}; see {worker_log}")
+        return 1
+    finally:
+        stop_worker(worker)
+
+    audio = [link for link in job.artifacts if link.artifact.kind == "audio"]
+    pdfs = [link for link in job.artifacts if link.artifact.kind == "pdf"]
+    spoken = sum(float(link.artifact.duration_seconds or 0) for link in audio)
+    audio_tasks = [t for t in job.tasks if t.task_type and t.task_type.endswith("synthesize_chapter")
+                   and t.started_at and t.completed_at]
+    busy = sum((t.completed_at - t.started_at).total_seconds() for t in audio_tasks)
+    say()
+    say(f"job {job.id}: {job.status} {elapsed:.1f} s after submission, worker start-up included "
+        f"({job.completed_tasks} completed, {job.failed_tasks} failed of {job.total_tasks})")
+    if job.error:
+        say(f"error: {job.error}")
+    say(f"{len(audio)} MP3 files, {spoken / 60:.1f} minutes of speech, "
+        f"{sum(link.artifact.bytes for link in audio) / 1e6:.1f} MB (128 kbps mono)")
+    if busy:
+        # From the first chapter started to the last one stored: the worker's pace.
+        span = (max(t.completed_at for t in audio_tasks)
+                - min(t.started_at for t in audio_tasks)).total_seconds()
+        say(f"throughput: {len(audio_tasks) / span:.2f} MP3 chapters/s for this worker "
+            f"({concurrency} processes), {len(audio_tasks) / busy:.2f} chapters/s per process")
+    storage = get_storage()
+    where = getattr(storage, "root", None)
+    if where and audio:
+        say(f"MP3s: {where / Path(audio[0].artifact.storage_path).parent}/")
+    for link in audio[:3]:
+        say(f"  {link.url}")
+    if len(audio) > 3:
+        say(f"  ... and {len(audio) - 3} more")
+    for link in pdfs:
+        say(f"PDF:  {link.url}")
+    say(f"details: pg-broker job {job.id}")
+    return 0 if job.status == "completed" else 1
