@@ -1,0 +1,71 @@
+"""The benchmark harness, run at tiny sizes against pgbroker only, so it cannot rot.
+
+No timing is asserted: the test proves that one command starts the workers,
+measures every figure, stops the workers and writes the JSON the README's
+table comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Every figure pgbroker must report (ratios against Redis need Redis in the
+# run; the smoke run has pgbroker alone).
+PGBROKER_FIGURES = [
+    "enqueue_delay", "enqueue_group", "enqueue_transactional",
+    "throughput_solo", "throughput_threads", "throughput_prefork",
+    "latency_p50_ms", "latency_p95_ms", "latency_p99_ms",
+    "rss_solo_mb", "rss_threads_mb", "rss_prefork_mb",
+    "idle_queries_per_s", "idle_cpu_percent",
+    "throughput_events", "events_vs_plain",
+    "endurance_throughput", "endurance_last_vs_first",
+    "endurance_table_mb", "endurance_dead_tuples",
+]
+
+
+@pytest.mark.slow
+def test_bench_harness_measures_every_figure_for_pgbroker_and_writes_json(
+    database_url: str, broker_env: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "smoke.json"
+    command = [
+        sys.executable, "-m", "bench", "--brokers", "pgbroker",
+        "--pgbroker-database", database_url, "--repeats", "1",
+        "--enqueue", "20", "--bulk", "20", "--throughput", "20", "--latency-samples", "3",
+        "--endurance", "100", "--idle-seconds", "1", "--cap", "60", "--endurance-cap", "60",
+        "--out", str(out),
+    ]
+    before = {p.pid for p in psutil.process_iter()}
+    finished = subprocess.run(command, env=broker_env, cwd=REPO, capture_output=True,
+                              text=True, timeout=240)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+
+    document = json.loads(out.read_text())
+    assert document["brokers"]["pgbroker"]["skipped"] is None
+    assert document["errors"] == {}
+    assert document["meta"]["repeats"] == 1
+    assert document["machine"]["cores"] >= 1 and document["machine"]["memory_gib"] > 0
+    for package in ("celery", "kombu", "pg_broker", "pgbroker server"):
+        assert document["versions"][package]
+    for key in PGBROKER_FIGURES:
+        row = document["figures"][key]["brokers"]["pgbroker"]
+        assert row["min"] <= row["median"] <= row["max"], key
+        assert len(row["samples"]) == 1, key
+    assert document["figures"]["throughput_solo"]["brokers"]["pgbroker"]["median"] > 0
+    assert document["figures"]["events_received_per_task"]["brokers"]["pgbroker"]["median"] > 0
+    assert out.with_suffix(".md").read_text().startswith("| figure |")
+    assert "end-to-end, solo pool" in finished.stdout
+
+    leftovers = [
+        p for p in psutil.process_iter(["pid", "cmdline"])
+        if p.info["pid"] not in before and "bench.app" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert leftovers == [], "the harness left workers running"
