@@ -100,11 +100,14 @@ class Process:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def signal(self, signum: int) -> None:
-        """Send ``signum`` to the whole process group (prefork children included)."""
+    def signal(self, signum: int, group: bool = True) -> None:
+        """Send ``signum`` to the process group (prefork children included) or the leader."""
         if self.popen is not None:
             try:
-                os.killpg(self.popen.pid, signum)
+                if group:
+                    os.killpg(self.popen.pid, signum)
+                else:
+                    self.popen.send_signal(signum)
             except ProcessLookupError:
                 pass
 

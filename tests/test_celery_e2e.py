@@ -169,8 +169,16 @@ def test_pool_processes_tasks(request, app, env, logs, pool):
     assert [r.get(timeout=RESULT_TIMEOUT) for r in results] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("pool", [
+    "prefork",
+    pytest.param("solo", marks=pytest.mark.xfail(strict=True, reason=(
+        "the transport hands a whole claimed batch to the consumer in one hub "
+        "callback; the solo pool runs each task inline, so the worker only sees "
+        "the shutdown request after running the rest of the batch"
+    ))),
+])
 def test_warm_shutdown_returns_prefetched_messages_to_pending(
-    request, app, env, logs, dbconn, tmp_path,
+    request, app, env, logs, dbconn, tmp_path, pool,
 ):
     queue = unique_queue("warm")
     runs = tmp_path / "runs"
@@ -182,14 +190,14 @@ def test_warm_shutdown_returns_prefetched_messages_to_pending(
         env["PG_BROKER_URL"], E2E_TRANSPORT_OPTIONS=json.dumps({"lease_seconds": 300}),
     )
     worker = start_worker(
-        request, long_lease, logs, pool="solo", concurrency=1, queues=[queue],
+        request, long_lease, logs, pool=pool, concurrency=1, queues=[queue],
         extra_args=["--prefetch-multiplier=4"],
     )
     wait_for(lambda: lines(runs), 60, lambda: worker.describe("the long task to start"))
     prefetched = [r.id for r in waiting if task_row(dbconn, r.id)["status"] == "claimed"]
     assert prefetched, [task_row(dbconn, r.id) for r in waiting]
 
-    worker.signal(signal.SIGTERM)
+    worker.signal(signal.SIGTERM, group=False)  # as `kill <pid>` does
 
     assert worker.wait_exit(60) == 0, worker.describe("warm shutdown")
     assert long_task.get(timeout=RESULT_TIMEOUT) == "slept"
