@@ -101,6 +101,10 @@ CREATE INDEX job_tasks_claim_idx ON job_tasks (queue, priority DESC, sequence)
 -- Serves reclaim_stale_tasks() and the worker-health query.
 CREATE INDEX job_tasks_lease_idx ON job_tasks (lease_expires_at)
     WHERE status IN ('claimed', 'processing');
+-- Serves the TTL sweep of reclaim_stale_tasks() without reading the backlog;
+-- only messages that have a TTL are in it.
+CREATE INDEX job_tasks_expiry_idx ON job_tasks (expires_at)
+    WHERE status = 'pending' AND expires_at IS NOT NULL;
 CREATE INDEX job_tasks_job_id_idx ON job_tasks (job_id) WHERE job_id IS NOT NULL;
 CREATE INDEX job_tasks_task_id_idx ON job_tasks (task_id);
 -- Serves retention (finished rows leave by age).

@@ -1,0 +1,183 @@
+"""The schema of migrations/002 as PostgreSQL enforces it: status machine,
+constraints, cascades, updated_at, the claim index and the hot table's
+storage settings."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import errors
+from taskrows import add_job, add_tasks, claim, job, task
+
+from pg_broker.states import JobStatus, TaskStatus
+
+
+def _check_values(conn: psycopg.Connection, constraint: str) -> set[str]:
+    (definition,) = conn.execute(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = %s", (constraint,)
+    ).fetchone()
+    return set(re.findall(r"'(\w+)'::text", definition))
+
+
+def test_the_python_enums_mirror_the_status_check_constraints(db: psycopg.Connection) -> None:
+    assert _check_values(db, "job_tasks_status_check") == {s.value for s in TaskStatus}
+    assert _check_values(db, "jobs_status_check") == {s.value for s in JobStatus}
+
+
+@pytest.mark.parametrize("statement", [
+    "INSERT INTO job_tasks (queue, payload, status) VALUES ('q', '{}', 'done')",
+    "INSERT INTO jobs (status) VALUES ('running')",
+    "INSERT INTO job_tasks (queue, payload, priority) VALUES ('q', '{}', 10)",
+    "INSERT INTO job_tasks (queue, payload, priority) VALUES ('q', '{}', -1)",
+    "INSERT INTO job_tasks (queue, payload, max_attempts) VALUES ('q', '{}', 0)",
+    "INSERT INTO job_tasks (queue, payload) VALUES ('', '{}')",
+    # A held row always has the lease token that fences it.
+    "INSERT INTO job_tasks (queue, payload, status) VALUES ('q', '{}', 'claimed')",
+    "INSERT INTO job_artifacts (job_id, task_id, kind, storage_backend, storage_path,"
+    " content_type, bytes, sha256) VALUES (gen_random_uuid(), 't', 'audio', 'local', 'p',"
+    " 'audio/mpeg', 1, 'not-a-digest')",
+])
+def test_invalid_rows_are_refused(db: psycopg.Connection, statement: str) -> None:
+    with pytest.raises(errors.IntegrityError):
+        db.execute(statement)
+
+
+def test_deleting_a_job_deletes_its_tasks_and_artifacts(db: psycopg.Connection) -> None:
+    doomed, kept = add_job(db), add_job(db)
+    add_tasks(db, 3, job_id=doomed)
+    add_tasks(db, 1, job_id=kept)
+    for job_id in (doomed, kept):
+        db.execute(
+            "INSERT INTO job_artifacts (job_id, task_id, kind, storage_backend, storage_path,"
+            " content_type, bytes, sha256) VALUES (%s, 't', 'pdf', 'local', %s,"
+            " 'application/pdf', 1, repeat('a', 64))", (job_id, f"u/{job_id}/pdf/t.pdf"))
+
+    db.execute("DELETE FROM jobs WHERE id = %s", (doomed,))
+
+    assert db.execute("SELECT job_id::text, count(*) FROM job_tasks GROUP BY 1").fetchall() == [
+        (kept, 1)]
+    assert db.execute("SELECT job_id::text FROM job_artifacts").fetchall() == [(kept,)]
+
+
+def test_an_artifact_path_is_stored_once(db: psycopg.Connection) -> None:
+    job_id = add_job(db)
+    upsert = (
+        "INSERT INTO job_artifacts (job_id, task_id, kind, storage_backend, storage_path,"
+        " content_type, bytes, sha256) VALUES (%s, 't', 'audio', 'local', 'u/j/audio/t.mp3',"
+        " 'audio/mpeg', %s, repeat('b', 64))"
+        " ON CONFLICT (storage_backend, storage_path) DO UPDATE SET bytes = EXCLUDED.bytes"
+    )
+    db.execute(upsert, (job_id, 100))
+    db.execute(upsert, (job_id, 120))
+    assert db.execute("SELECT count(*), max(bytes) FROM job_artifacts").fetchone() == (1, 120)
+
+
+@pytest.mark.parametrize("table", ["jobs", "job_tasks", "job_artifacts"])
+def test_updated_at_follows_every_update(db: psycopg.Connection, table: str) -> None:
+    job_id = add_job(db)
+    (task_id,) = add_tasks(db, job_id=job_id)
+    db.execute(
+        "INSERT INTO job_artifacts (job_id, task_id, kind, storage_backend, storage_path,"
+        " content_type, bytes, sha256) VALUES (%s, 't', 'other', 'local', 'x', 'text/plain', 1,"
+        " repeat('c', 64))", (job_id,))
+    db.execute(f"UPDATE {table} SET updated_at = '2000-01-01', created_at = '2000-01-01'")
+    db.execute(f"UPDATE {table} SET created_at = created_at")
+    (updated,) = db.execute(f"SELECT updated_at > '2001-01-01' FROM {table}").fetchone()
+    assert updated
+
+
+def test_the_hot_table_carries_its_own_autovacuum_settings(db: psycopg.Connection) -> None:
+    (options,) = db.execute(
+        "SELECT reloptions FROM pg_class WHERE oid = 'job_tasks'::regclass").fetchone()
+    assert {
+        "fillfactor=80",
+        "autovacuum_vacuum_scale_factor=0.01",
+        "autovacuum_vacuum_threshold=1000",
+        "autovacuum_vacuum_insert_scale_factor=0.05",
+        "autovacuum_analyze_scale_factor=0.02",
+        "autovacuum_vacuum_cost_delay=0",
+    } <= set(options)
+
+
+def test_transient_messages_skip_the_write_ahead_log(db: psycopg.Connection) -> None:
+    assert db.execute(
+        "SELECT relpersistence FROM pg_class WHERE oid = 'broker_transient_messages'::regclass"
+    ).fetchone() == ("u",)
+
+
+@pytest.fixture
+def explained(db: psycopg.Connection) -> Iterator[list[str]]:
+    """Plans of every statement run on `db` from now on, functions' inner
+    statements included (auto_explain, sent to the client as notices)."""
+    plans: list[str] = []
+
+    def collect(diagnostic: psycopg.errors.Diagnostic) -> None:
+        if diagnostic.message_primary and "plan:" in diagnostic.message_primary:
+            plans.append(diagnostic.message_primary)
+
+    db.execute("LOAD 'auto_explain'")
+    for setting, value in [("log_min_duration", "0"), ("log_nested_statements", "on"),
+                           ("log_analyze", "on"), ("log_level", "notice")]:
+        db.execute("SELECT set_config(%s, %s, false)", (f"auto_explain.{setting}", value))
+    db.add_notice_handler(collect)
+    yield plans
+    db.remove_notice_handler(collect)
+    db.execute("SET auto_explain.log_min_duration = -1")
+
+
+def _plan_lines(plans: list[str], fragment: str) -> list[str]:
+    return [line for plan in plans for line in plan.splitlines() if fragment in line]
+
+
+def _actual_rows(line: str) -> float:
+    if "(never executed)" in line:
+        return 0
+    return float(re.search(r"actual [^)]*rows=([\d.]+)", line).group(1))
+
+
+@pytest.fixture
+def big_table(db: psycopg.Connection) -> None:
+    """50,000 finished rows, a backlog of 2,000 on two queues, statistics."""
+    db.execute(
+        "INSERT INTO job_tasks (queue, priority, payload, status, completed_at)"
+        " SELECT 'audio', g % 10, '{}', 'completed', now() FROM generate_series(1, 50000) g")
+    add_tasks(db, 1000, queue="audio", priority=3)
+    add_tasks(db, 1000, queue="pdf", priority=7)
+    db.execute("ANALYZE job_tasks")
+
+
+def test_a_claim_reads_only_the_rows_it_takes_from_the_claim_index(
+    db: psycopg.Connection, big_table: None, explained: list[str]
+) -> None:
+    for queues in (["audio"], ["audio", "pdf"]):
+        explained.clear()
+        assert len(claim(db, queues=queues, batch=10)) == 10
+        scans = _plan_lines(explained, "job_tasks_claim_idx")
+        assert scans and all("Index Scan using job_tasks_claim_idx" in s for s in scans), explained
+        # Index order is claim order: no backlog read, no sort of the backlog.
+        assert all(_actual_rows(s) <= 10 for s in scans), scans
+
+
+def test_the_watchdog_finds_expired_messages_without_reading_the_backlog(
+    db: psycopg.Connection, big_table: None, explained: list[str]
+) -> None:
+    (expired,) = add_tasks(db, queue="audio")
+    db.execute("UPDATE job_tasks SET expires_at = now() - interval '1 minute' WHERE id = %s",
+               (expired,))
+    db.execute("ANALYZE job_tasks")
+    explained.clear()
+    db.execute("SELECT reclaim_stale_tasks()")
+    assert task(db, expired) is None
+    assert _plan_lines(explained, "Index Scan using job_tasks_expiry_idx"), explained
+    scans = [line for line in _plan_lines(explained, " on job_tasks") if "Scan" in line]
+    assert scans and all(_actual_rows(s) <= 5 for s in scans), scans
+
+
+def test_job_counters_cannot_go_negative(db: psycopg.Connection) -> None:
+    job_id = add_job(db)
+    with pytest.raises(errors.CheckViolation):
+        db.execute("UPDATE jobs SET failed_tasks = -1 WHERE id = %s", (job_id,))
+    assert job(db, job_id)["failed_tasks"] == 0
