@@ -24,6 +24,206 @@ SELECT COUNT(*) FROM job_tasks WHERE status IN ('claimed', 'processing')
 SELECT reclaim_stale_tasks();
 
 -- ---------------------------------------------------------------------------
+-- The Kombu transport (pg_broker.transport). Durable queues keep messages as
+-- job_tasks rows, non-durable ones in broker_transient_messages. Every insert
+-- notifies channel 'pgbroker_' || md5(queue) (pg_broker.transport.listener).
+
+-- name: transport_publish
+-- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue, notifies.
+WITH target AS (
+    SELECT %(routing_key)s::text AS queue WHERE %(exchange)s::text = ''
+    UNION
+    SELECT b.queue FROM broker_bindings b
+     WHERE b.exchange = %(exchange)s::text
+       AND (b.exchange_type = 'fanout'
+            OR (b.exchange_type = 'direct' AND b.routing_key = %(routing_key)s::text)
+            OR (b.exchange_type = 'topic' AND %(routing_key)s::text ~ b.pattern))
+), routed AS (
+    SELECT t.queue, coalesce(q.durable, true) AS durable,
+           now() + least(%(ttl)s::interval, q.message_ttl) AS expires_at
+      FROM target t LEFT JOIN broker_queues q ON q.name = t.queue
+), durable AS (
+    INSERT INTO job_tasks (queue, priority, payload, task_type, task_id, job_id, user_id,
+                           max_attempts, expires_at)
+    SELECT queue, %(priority)s::smallint, %(payload)s::jsonb, %(task_type)s::text,
+           %(task_id)s::text, %(job_id)s::uuid, %(user_id)s::uuid,
+           coalesce(%(max_attempts)s::integer, 3), expires_at
+      FROM routed WHERE durable
+    RETURNING queue
+), transient AS (
+    INSERT INTO broker_transient_messages (queue, priority, payload, expires_at)
+    SELECT queue, %(priority)s::smallint, %(payload)s::jsonb, expires_at
+      FROM routed WHERE NOT durable
+    RETURNING queue
+)
+SELECT pg_notify('pgbroker_' || md5(queue), '')
+  FROM (SELECT queue FROM durable UNION SELECT queue FROM transient) AS notified;
+
+-- name: transport_claim
+-- Claims up to limit ready rows of a queue for one consumer (highest priority, then FIFO) under one lease token.
+UPDATE job_tasks t
+   SET status = 'claimed', worker_id = %(worker_id)s, lease_token = %(lease_token)s,
+       lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now(),
+       claimed_at = now(), attempts = t.attempts + 1
+ WHERE t.id IN (SELECT id FROM job_tasks
+                 WHERE status = 'pending' AND queue = %(queue)s
+                   AND visible_at <= now() AND (expires_at IS NULL OR expires_at > now())
+                 ORDER BY priority DESC, sequence
+                 LIMIT %(limit)s
+                   FOR UPDATE SKIP LOCKED)
+RETURNING t.id, t.payload, t.attempts, t.priority, t.sequence;
+
+-- name: transport_take_transient
+-- Takes (deletes and returns) up to limit unexpired messages of a non-durable queue.
+DELETE FROM broker_transient_messages
+ WHERE id IN (SELECT id FROM broker_transient_messages
+               WHERE queue = %(queue)s AND (expires_at IS NULL OR expires_at > now())
+               ORDER BY priority DESC, id
+               LIMIT %(limit)s
+                 FOR UPDATE SKIP LOCKED)
+RETURNING id, payload, priority;
+
+-- name: transport_ack
+-- Acks held rows: completed, fenced by lease token; returns the rows acked.
+UPDATE job_tasks t
+   SET status = 'completed', error = NULL, completed_at = now(),
+       lease_token = NULL, lease_expires_at = NULL
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token)
+ WHERE t.id = held.id AND t.lease_token = held.lease_token
+   AND t.status IN ('claimed', 'processing')
+RETURNING t.id;
+
+-- name: transport_requeue
+-- Requeues held rows at once (dead once deliveries reach max_attempts); refund 1 un-counts a delivery that never ran (shutdown).
+UPDATE job_tasks t
+   SET status = CASE WHEN t.attempts - %(refund)s < t.max_attempts THEN 'pending' ELSE 'dead' END,
+       attempts = greatest(t.attempts - %(refund)s, 0),
+       error = CASE WHEN t.attempts - %(refund)s < t.max_attempts THEN t.error
+                    ELSE format('requeued after %%s of %%s deliveries', t.attempts, t.max_attempts) END,
+       completed_at = CASE WHEN t.attempts - %(refund)s < t.max_attempts THEN NULL ELSE now() END,
+       worker_id = NULL, lease_token = NULL, lease_expires_at = NULL
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token)
+ WHERE t.id = held.id AND t.lease_token = held.lease_token
+   AND t.status IN ('claimed', 'processing')
+RETURNING t.id;
+
+-- name: transport_fail
+-- Rejects held rows without requeue: fail_task retries with backoff or fails them; returns rows not fenced.
+SELECT held.id, fail_task(held.id, held.lease_token, NULL) AS status
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token);
+
+-- name: transport_bury
+-- A held row that is no Kombu message (malformed payload): dead at once, with the reason.
+UPDATE job_tasks
+   SET status = 'dead', error = %(error)s, completed_at = now(),
+       lease_token = NULL, lease_expires_at = NULL
+ WHERE id = %(id)s AND lease_token = %(lease_token)s;
+
+-- name: transport_renew_leases
+-- Extends the leases of the rows a consumer holds; returns those still held.
+UPDATE job_tasks t
+   SET lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now()
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token)
+ WHERE t.id = held.id AND t.lease_token = held.lease_token
+   AND t.status IN ('claimed', 'processing')
+RETURNING t.id;
+
+-- name: transport_probe
+-- Safety poll: which of these queues have a message ready now.
+SELECT q.name
+  FROM unnest(%(queues)s::text[]) AS q(name)
+ WHERE EXISTS (SELECT 1 FROM job_tasks
+                WHERE status = 'pending' AND queue = q.name AND visible_at <= now()
+                  AND (expires_at IS NULL OR expires_at > now()))
+    OR EXISTS (SELECT 1 FROM broker_transient_messages WHERE queue = q.name);
+
+-- name: transport_declare_queue
+-- Declares (or re-declares) a queue with its options; returns whether it is durable.
+INSERT INTO broker_queues (name, durable, exclusive, auto_delete, message_ttl, expires,
+                           max_priority, arguments)
+VALUES (%(name)s, %(durable)s, %(exclusive)s, %(auto_delete)s, %(message_ttl)s::interval,
+        %(expires)s::interval, %(max_priority)s, %(arguments)s)
+ON CONFLICT (name) DO UPDATE
+   SET durable = EXCLUDED.durable, exclusive = EXCLUDED.exclusive,
+       auto_delete = EXCLUDED.auto_delete, message_ttl = EXCLUDED.message_ttl,
+       expires = EXCLUDED.expires, max_priority = EXCLUDED.max_priority,
+       arguments = EXCLUDED.arguments, last_used_at = now()
+RETURNING durable;
+
+-- name: transport_queue_durable
+-- Whether a declared queue is durable (no row: the queue was never declared).
+SELECT durable FROM broker_queues WHERE name = %(name)s;
+
+-- name: transport_queue_size
+-- Messages waiting in a queue (pending rows and transient messages, unexpired).
+SELECT (SELECT count(*) FROM job_tasks
+         WHERE queue = %(name)s AND status = 'pending'
+           AND (expires_at IS NULL OR expires_at > now()))
+     + (SELECT count(*) FROM broker_transient_messages
+         WHERE queue = %(name)s AND (expires_at IS NULL OR expires_at > now()));
+
+-- name: transport_touch_queues
+-- Consumers keep their expiring (x-expires) queues alive.
+UPDATE broker_queues SET last_used_at = now() WHERE name = ANY (%(queues)s::text[]);
+
+-- name: transport_purge
+-- Removes a queue's ready messages (never rows a worker holds): plain rows are deleted, job tasks cancelled; returns how many.
+WITH transient AS (
+    DELETE FROM broker_transient_messages WHERE queue = %(name)s RETURNING 1
+), plain AS (
+    DELETE FROM job_tasks
+     WHERE queue = %(name)s AND status = 'pending' AND job_id IS NULL RETURNING 1
+), of_jobs AS (
+    UPDATE job_tasks SET status = 'cancelled', completed_at = now()
+     WHERE queue = %(name)s AND status = 'pending' AND job_id IS NOT NULL RETURNING 1
+)
+SELECT (SELECT count(*) FROM transient) + (SELECT count(*) FROM plain)
+     + (SELECT count(*) FROM of_jobs);
+
+-- name: transport_delete_queue
+-- Drops a queue's declaration and bindings (its messages go with transport_purge).
+WITH bindings AS (
+    DELETE FROM broker_bindings WHERE queue = %(name)s
+)
+DELETE FROM broker_queues WHERE name = %(name)s;
+
+-- name: transport_bind
+-- Binds a queue to an exchange (shared by every process).
+INSERT INTO broker_bindings (exchange, exchange_type, routing_key, pattern, queue)
+VALUES (%(exchange)s, %(exchange_type)s, %(routing_key)s, %(pattern)s, %(queue)s)
+ON CONFLICT DO NOTHING;
+
+-- name: transport_unbind
+-- Removes one binding of a queue.
+DELETE FROM broker_bindings
+ WHERE exchange = %(exchange)s AND routing_key = %(routing_key)s AND queue = %(queue)s;
+
+-- name: transport_bindings
+-- The binding table of an exchange: (routing key, pattern, queue) rows.
+SELECT routing_key, pattern, queue FROM broker_bindings WHERE exchange = %(exchange)s;
+
+-- name: transport_exchange_type
+-- The type an exchange was bound with, for exchanges this process never declared.
+SELECT exchange_type FROM broker_bindings WHERE exchange = %(exchange)s LIMIT 1;
+
+-- name: transport_sweep
+-- Drops queues unused for longer than their x-expires (bindings and messages too) and expired transient messages.
+WITH expired AS (
+    DELETE FROM broker_queues
+     WHERE expires IS NOT NULL AND last_used_at < now() - expires
+    RETURNING name
+), unbound AS (
+    DELETE FROM broker_bindings WHERE queue IN (SELECT name FROM expired)
+), dropped AS (
+    DELETE FROM broker_transient_messages
+     WHERE queue IN (SELECT name FROM expired) OR expires_at < now()
+), orphaned AS (
+    DELETE FROM job_tasks
+     WHERE queue IN (SELECT name FROM expired) AND status = 'pending' AND job_id IS NULL
+)
+SELECT count(*) FROM expired;
+
+-- ---------------------------------------------------------------------------
 -- The worker app and the job model (pg_broker.jobs, storage, maintenance;
 -- tasks/). Task rows are addressed by Celery task id while a worker holds them.
 
@@ -32,10 +232,6 @@ SELECT reclaim_stale_tasks();
 INSERT INTO jobs (user_id, job_type, title, params)
 VALUES (%(user_id)s, %(job_type)s, %(title)s, %(params)s)
 RETURNING id;
-
--- name: act_as_user
--- For the rest of the transaction, act as a Supabase user: role authenticated, JWT claims set.
-SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', %(claims)s, true);
 
 -- name: act_as_user
 -- For the rest of the transaction, act as a Supabase user: role authenticated, JWT claims set.

@@ -1,0 +1,143 @@
+"""Lease renewal and the consumer's share of broker maintenance.
+
+A claimed row stays invisible to other workers until its lease ends. The
+:class:`LeaseKeeper` thread renews the lease of every row its transport holds
+(prefetched messages, running tasks, ETA/countdown tasks Celery keeps unacked
+in memory) every ``lease / 3`` seconds, over a connection of its own, so a hub
+blocked by a long task in the solo pool does not stop renewal.
+
+The same thread runs the maintenance every live consumer shares: it returns
+expired leases of dead workers to ``pending`` (``reclaim_stale_tasks()``) and
+drops expired queues and transient messages. All of it is safe to run from any
+number of processes at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+import psycopg
+
+from pg_broker.queries import queries
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    """Renews the leases of held rows from a background thread."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        connect_kwargs: dict,
+        lease: float,
+        maintenance_interval: float,
+    ) -> None:
+        self._conninfo = conninfo
+        self._connect_kwargs = connect_kwargs
+        self.lease = lease
+        self.interval = max(lease / 3.0, 0.05)
+        self.maintenance_interval = maintenance_interval
+        self._held: dict[int, uuid.UUID] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: psycopg.Connection | None = None
+        self._next_maintenance = 0.0
+
+    # Called by the consuming threads -------------------------------------
+
+    def hold(self, row_id: int, token: uuid.UUID) -> None:
+        with self._lock:
+            self._held[row_id] = token
+
+    def release(self, row_ids) -> None:
+        with self._lock:
+            for row_id in row_ids:
+                self._held.pop(row_id, None)
+
+    def held(self) -> dict[int, uuid.UUID]:
+        with self._lock:
+            return dict(self._held)
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(
+            target=self._run, name="pg_broker-leases", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        self._close()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the thread did not survive, the rows are the parent's."""
+        self._thread = None
+        self._conn = None
+        self._lock = threading.Lock()
+        self._held.clear()
+
+    # The thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval):
+            try:
+                self.renew()
+                if time.monotonic() >= self._next_maintenance:
+                    self.maintain()
+                    self._next_maintenance = time.monotonic() + self.maintenance_interval
+            except psycopg.Error as exc:
+                log.warning("lease renewal failed, retrying in %.1fs: %s", self.interval, exc)
+                self._close()
+
+    def renew(self) -> int:
+        """Extend every held lease now; forget (and report) leases lost."""
+        held = self.held()
+        if not held:
+            return 0
+        ids = list(held)
+        rows = self._connection().execute(
+            queries["transport_renew_leases"],
+            {"ids": ids, "tokens": [held[i] for i in ids], "lease": timedelta(seconds=self.lease)},
+        ).fetchall()
+        renewed = {row[0] for row in rows}
+        with self._lock:
+            lost = [i for i in ids if i not in renewed and self._held.get(i) == held[i]]
+            for row_id in lost:
+                del self._held[row_id]
+        for row_id in lost:
+            log.warning(
+                "lease lost on job_tasks row %s: another worker may run it; "
+                "its ack from this worker will be refused", row_id,
+            )
+        return len(renewed)
+
+    def maintain(self) -> None:
+        conn = self._connection()
+        reclaimed = conn.execute(queries["reclaim_stale_tasks"]).fetchone()[0]
+        if reclaimed:
+            log.info("reclaimed %d task(s) whose lease expired", reclaimed)
+        conn.execute(queries["transport_sweep"])
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
+        return self._conn
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass

@@ -1,0 +1,865 @@
+"""The Kombu transport: ``QoS``, ``Channel`` and ``Transport`` over PostgreSQL.
+
+A message on a durable queue is a ``job_tasks`` row; on a non-durable queue
+(Celery events, pidbox, replies) a ``broker_transient_messages`` row. Routing
+(direct, topic, fanout) reads the bindings every process shares in
+``broker_bindings``, inside the one statement that stores the message and
+notifies its queue. Consumers claim rows in batches sized to their prefetch
+window with ``FOR UPDATE SKIP LOCKED`` under a lease; ack, reject, requeue and
+restore act on the claimed row, fenced by its lease token.
+
+Wake-ups come from LISTEN/NOTIFY (:mod:`.listener`); leases are renewed by a
+thread (:mod:`.leases`). Every statement is in ``pg_broker/sql/queries.sql``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import socket
+import threading
+import uuid
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from functools import partial
+from time import monotonic
+
+import psycopg
+from amqp.protocol import queue_declare_ok_t
+from kombu.exceptions import ChannelError
+from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
+from kombu.utils.uuid import uuid as kombu_uuid
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import Jsonb
+
+from pg_broker.database import DatabaseUnavailable
+from pg_broker.migrate import ensure_migrated
+from pg_broker.queries import queries
+
+from .leases import LeaseKeeper
+from .listener import Listener
+from .urls import SCHEME, libpq_url, masked_url
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_SECONDS = 60.0
+DEFAULT_POLLING_INTERVAL = 1.0
+DEFAULT_MAINTENANCE_INTERVAL = 10.0
+DEFAULT_CLAIM_BATCH_MAX = 100
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+TRANSIENT_TAG_PREFIX = "transient:"
+
+_enqueue = threading.local()
+# Every live transport, so a forked child can disown the connections it
+# inherited (see _after_fork_in_child). Weak: this is no cache.
+_transports: weakref.WeakSet[Transport] = weakref.WeakSet()
+# Inherited connections a child disowned: kept referenced so that they are
+# never finalised (their sockets point at /dev/null by then anyway).
+_disowned: list[psycopg.Connection] = []
+
+
+@contextmanager
+def enqueue_in(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
+    """Publish through ``conn`` (the caller's transaction) while active.
+
+    In the current thread, every message this process publishes to a
+    ``pgbroker://`` broker is inserted through ``conn`` and is not committed
+    by the transport: it becomes visible (and its NOTIFY fires) when the
+    caller commits, and a rollback means it was never sent.
+    """
+    previous = getattr(_enqueue, "conn", None)
+    _enqueue.conn = conn
+    try:
+        yield conn
+    finally:
+        _enqueue.conn = previous
+
+
+def delivery_tag(row_id: int, lease_token: uuid.UUID) -> str:
+    return f"{row_id}:{lease_token.hex}"
+
+
+def held_row(tag: object) -> tuple[int, uuid.UUID] | None:
+    """(row id, lease token) of a durable delivery tag; None for others."""
+    if not isinstance(tag, str) or tag.startswith(TRANSIENT_TAG_PREFIX):
+        return None
+    row_id, _, token = tag.partition(":")
+    try:
+        return int(row_id), uuid.UUID(token)
+    except ValueError:
+        return None
+
+
+def _milliseconds(value: object) -> timedelta | None:
+    if value in (None, ""):
+        return None
+    try:
+        return timedelta(milliseconds=float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _json_default(value: object) -> str:
+    return str(value)
+
+
+_dumps = partial(json.dumps, default=_json_default, separators=(",", ":"))
+
+
+class QoS(virtual.QoS):
+    """Prefetch accounting as in kombu; settlement acts on the claimed rows."""
+
+    def __init__(self, channel: Channel, prefetch_count: int = 0) -> None:
+        super().__init__(channel, prefetch_count)
+        self.transport: Transport = channel.connection
+        self._pid = os.getpid()
+
+    def append(self, message, delivery_tag) -> None:
+        super().append(message, delivery_tag)
+        held = held_row(delivery_tag)
+        if held is not None:
+            self.transport.leases.hold(*held)
+
+    def ack(self, delivery_tag) -> None:
+        held = held_row(delivery_tag)
+        if held is not None and delivery_tag in self._delivered:
+            self.transport.settle("transport_ack", [held])
+        super().ack(delivery_tag)
+        self.transport.capacity_freed()
+
+    def reject(self, delivery_tag, requeue: bool = False) -> None:
+        held = held_row(delivery_tag)
+        message = self._delivered.get(delivery_tag)
+        if held is not None and message is not None:
+            self.transport.settle("transport_requeue" if requeue else "transport_fail", [held])
+        elif requeue and message is not None:
+            self.channel.republish(message)
+        super().ack(delivery_tag)
+        self.transport.capacity_freed()
+
+    def restore_unacked(self) -> list:
+        """Return every unacked message at once: held rows back to pending."""
+        if os.getpid() != self._pid:  # a forked child: these are the parent's
+            return []
+        self._flush()
+        delivered = list(self._delivered.values())
+        self._delivered.clear()
+        held = []
+        errors = []
+        for message in delivered:
+            row = held_row(message.delivery_tag)
+            if row is not None:
+                held.append(row)
+                continue
+            try:
+                self.channel.republish(message)
+            except Exception as exc:
+                errors.append((exc, message))
+        if held:
+            try:
+                self.transport.settle("transport_requeue", held, refund=1)
+            except self.transport.connection_errors as exc:
+                log.warning(
+                    "could not return %d unacked message(s) (%s); they come back "
+                    "when their lease expires", len(held), exc,
+                )
+        return errors
+
+
+class Channel(virtual.Channel):
+    """A virtual channel whose queues, bindings and messages live in PostgreSQL."""
+
+    QoS = QoS
+    supports_fanout = True
+    do_restore = True
+
+    def __init__(self, connection: Transport, **kwargs) -> None:
+        super().__init__(connection, **kwargs)
+        self.transport: Transport = connection
+        self._durable: dict[str, bool] = {}
+        self._noack_queues: set[str] = set()
+        self._auto_delete: set[str] = set()
+
+    # Declarations ---------------------------------------------------------
+
+    def prepare_queue_arguments(self, arguments, **kwargs):
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    def queue_declare(self, queue=None, passive=False, durable=True, exclusive=False,
+                      auto_delete=False, arguments=None, nowait=False, **kwargs):
+        queue = queue or f"amq.gen-{kombu_uuid()}"
+        if passive:
+            if not self._has_queue(queue):
+                raise ChannelError(
+                    f"NOT_FOUND - no queue {queue!r} in vhost '/'",
+                    (50, 10), "Channel.queue_declare", "404",
+                )
+        else:
+            arguments = dict(arguments or {})
+            expires = _milliseconds(arguments.get("x-expires"))
+            row = self.transport.conn.execute(queries["transport_declare_queue"], {
+                "name": queue,
+                "durable": bool(durable),
+                "exclusive": bool(exclusive),
+                "auto_delete": bool(auto_delete),
+                "message_ttl": _milliseconds(arguments.get("x-message-ttl")),
+                "expires": expires,
+                "max_priority": arguments.get("x-max-priority"),
+                "arguments": Jsonb(arguments, dumps=_dumps),
+            }).fetchone()
+            self._durable[queue] = row[0]
+            if auto_delete or exclusive:
+                self._auto_delete.add(queue)
+            if expires is not None:
+                self.transport.expiring[queue] = expires.total_seconds()
+        return queue_declare_ok_t(queue, self._size(queue), 0)
+
+    def queue_bind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        exchange = exchange or "amq.direct"
+        self.state.binding_declare(queue, exchange, routing_key, arguments)
+        self._queue_bind(
+            exchange, *self.typeof(exchange).prepare_bind(queue, exchange, routing_key, arguments)
+        )
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        self.transport.conn.execute(queries["transport_bind"], {
+            "exchange": exchange,
+            "exchange_type": self.typeof(exchange).type,
+            "routing_key": routing_key or "",
+            "pattern": pattern or "",
+            "queue": queue,
+        })
+
+    def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        exchange = exchange or "amq.direct"
+        self.state.binding_delete(queue, exchange, routing_key)
+        self.transport.conn.execute(queries["transport_unbind"], {
+            "exchange": exchange, "routing_key": routing_key or "", "queue": queue,
+        })
+
+    def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
+        if if_empty and self._size(queue):
+            return 0
+        purged = self._purge(queue)
+        self.transport.conn.execute(queries["transport_delete_queue"], {"name": queue})
+        self.state.queue_bindings_delete(queue)
+        self._durable.pop(queue, None)
+        self._auto_delete.discard(queue)
+        self.transport.expiring.pop(queue, None)
+        return purged
+
+    def get_table(self, exchange):
+        return [
+            tuple(row) for row in self.transport.conn.execute(
+                queries["transport_bindings"], {"exchange": exchange}
+            )
+        ]
+
+    def typeof(self, exchange, default="direct"):
+        try:
+            kind = self.state.exchanges[exchange]["type"]
+        except KeyError:
+            row = self.transport.conn.execute(
+                queries["transport_exchange_type"], {"exchange": exchange}
+            ).fetchone()
+            kind = row[0] if row else default
+        return self.exchange_types[kind]
+
+    def _has_queue(self, queue, **kwargs):
+        return self._lookup_durable(queue) is not None
+
+    def _size(self, queue):
+        return self.transport.conn.execute(
+            queries["transport_queue_size"], {"name": queue}
+        ).fetchone()[0]
+
+    def _purge(self, queue):
+        return self.transport.conn.execute(
+            queries["transport_purge"], {"name": queue}
+        ).fetchone()[0]
+
+    def _lookup_durable(self, queue: str) -> bool | None:
+        row = self.transport.conn.execute(
+            queries["transport_queue_durable"], {"name": queue}
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def is_durable(self, queue: str) -> bool:
+        """Where the queue's messages live; a queue never declared is durable."""
+        durable = self._durable.get(queue)
+        if durable is None:
+            durable = self._lookup_durable(queue)
+            durable = True if durable is None else durable
+            self._durable[queue] = durable
+        return durable
+
+    # Publishing -----------------------------------------------------------
+
+    def basic_publish(self, message, exchange, routing_key, **kwargs):
+        self._inplace_augment_message(message, exchange, routing_key)
+        self.transport.publish(message, exchange or "", routing_key or "", self)
+
+    def _put(self, queue, message, **kwargs):
+        self.transport.publish(message, "", queue, self)
+
+    def _put_fanout(self, exchange, message, routing_key, **kwargs):
+        self.transport.publish(message, exchange, routing_key or "", self)
+
+    def republish(self, message) -> None:
+        """Requeue a transient delivery: publish a copy where it was sent."""
+        info = message.delivery_info
+        raw = message.serializable()
+        raw["properties"]["delivery_info"]["redelivered"] = True
+        self.transport.publish(raw, info.get("exchange") or "", info.get("routing_key") or "", self)
+
+    # Consuming ------------------------------------------------------------
+
+    def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        if no_ack:
+            self._noack_queues.add(queue)
+        else:
+            self._noack_queues.discard(queue)
+        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        self.transport.consume(queue, self, durable_acks=not no_ack and self.is_durable(queue))
+        return result
+
+    def basic_cancel(self, consumer_tag):
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self._noack_queues.discard(queue)
+            self.transport.cancel(queue, self)
+            if queue in self._auto_delete and not self.closed:
+                self.queue_delete(queue)
+        return result
+
+    def basic_get(self, queue, no_ack=False, **kwargs):
+        payloads, _ = self.fetch(queue, 1, no_ack)
+        if not payloads:
+            return None
+        message = self.Message(payloads[0], channel=self)
+        if not no_ack:
+            self.qos.append(message, message.delivery_tag)
+        return message
+
+    def fetch_limit(self) -> int:
+        """How many messages this channel may take now (its prefetch window)."""
+        estimate = self.qos.can_consume_max_estimate()
+        if estimate is None:
+            return self.transport.claim_batch_max
+        return min(estimate, self.transport.claim_batch_max)
+
+    def fetch(self, queue: str, limit: int, no_ack: bool) -> tuple[list[dict], int]:
+        """Claim (durable) or take (transient) up to ``limit`` messages.
+
+        Returns the Kombu payloads, in delivery order, with their delivery
+        tags set, and the number of rows the statement returned (a full batch
+        means the queue may hold more).
+        """
+        if self.is_durable(queue):
+            return self._claim(queue, limit, no_ack)
+        return self._take(queue, limit)
+
+    def _claim(self, queue: str, limit: int, no_ack: bool) -> tuple[list[dict], int]:
+        transport = self.transport
+        token = uuid.uuid4()
+        rows = transport.conn.execute(queries["transport_claim"], {
+            "worker_id": transport.worker_id,
+            "lease_token": token,
+            "lease": transport.lease,
+            "queue": queue,
+            "limit": limit,
+        }).fetchall()
+        rows.sort(key=lambda row: (-row[3], row[4]))
+        payloads = []
+        held = []
+        for row_id, payload, attempts, _priority, _sequence in rows:
+            problem = self._malformed(payload)
+            if problem:
+                transport.bury(row_id, token, problem)
+                continue
+            properties = payload["properties"]
+            properties["delivery_tag"] = delivery_tag(row_id, token)
+            properties.setdefault("delivery_info", {})["redelivered"] = attempts > 1
+            payloads.append(payload)
+            held.append((row_id, token))
+        if no_ack and held:
+            transport.settle("transport_ack", held)
+        if held and not no_ack:
+            transport.leases.start()
+        return payloads, len(rows)
+
+    def _take(self, queue: str, limit: int) -> tuple[list[dict], int]:
+        rows = self.transport.conn.execute(
+            queries["transport_take_transient"], {"queue": queue, "limit": limit}
+        ).fetchall()
+        rows.sort(key=lambda row: (-row[2], row[0]))
+        payloads = []
+        for row_id, payload, _priority in rows:
+            problem = self._malformed(payload)
+            if problem:
+                log.error("dropped transient message %s of queue %r: %s", row_id, queue, problem)
+                continue
+            properties = payload["properties"]
+            properties["delivery_tag"] = f"{TRANSIENT_TAG_PREFIX}{row_id}"
+            properties.setdefault("delivery_info", {})
+            payloads.append(payload)
+        return payloads, len(rows)
+
+    def _malformed(self, payload: object) -> str | None:
+        """Why a stored payload is no Kombu message, or None if it is one."""
+        if not isinstance(payload, dict):
+            return f"payload is a JSON {type(payload).__name__}, not a Kombu message"
+        properties = payload.get("properties")
+        if not isinstance(properties, dict):
+            return "payload has no properties object"
+        if not isinstance(properties.get("delivery_info", {}), dict):
+            return "payload delivery_info is not an object"
+        if not isinstance(payload.get("headers") or {}, dict):
+            return "payload headers is not an object"
+        body = payload.get("body")
+        encoding = properties.get("body_encoding")
+        if body and encoding and encoding.lower() != "utf-8":
+            if encoding not in self.codecs:
+                return f"unknown body encoding {encoding!r}"
+            if encoding == "base64":
+                try:
+                    base64.b64decode(body, validate=True)
+                except (binascii.Error, TypeError, ValueError):
+                    return "body is not valid base64"
+        return None
+
+    def close(self):
+        if not self.closed:
+            owner = self.transport is not None and self.transport.owns_connections()
+            super().close()
+            if owner:
+                for queue in list(self._auto_delete):
+                    try:
+                        self.transport.channel_queue_delete(queue)
+                    except self.transport.connection_errors:
+                        log.debug("could not delete queue %r at close", queue, exc_info=True)
+                self._auto_delete.clear()
+
+
+class Transport(virtual.Transport):
+    """``pgbroker://``: a Celery broker over PostgreSQL.
+
+    Transport options (``broker_transport_options``):
+
+    ``lease_seconds`` (60)
+        How long a claimed message stays invisible to other workers without
+        renewal; renewed every third of it while the worker holds it.
+    ``polling_interval`` (1.0)
+        Seconds between safety polls (notifications do the real work).
+    ``maintenance_interval`` (10)
+        Seconds between a consumer's runs of ``reclaim_stale_tasks()`` and of
+        the sweep of expired queues and transient messages.
+    ``claim_batch_max`` (100)
+        Upper bound of one claim when the prefetch window is unlimited.
+    ``synchronous_commit`` (unset)
+        ``off`` makes publishes and acks return before their WAL is flushed:
+        several times the publish rate, and a crash of the database server
+        can lose the last fraction of a second of them (never corrupt).
+    ``max_message_size`` (64 MiB)
+        Larger messages are refused at publish with a ChannelError.
+    """
+
+    Channel = Channel
+
+    driver_type = "pgbroker"
+    driver_name = "psycopg"
+    can_parse_url = True
+    default_port = 5432
+    polling_interval = DEFAULT_POLLING_INTERVAL
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+
+    connection_errors = virtual.Transport.connection_errors + (
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+        DatabaseUnavailable,
+    )
+    channel_errors = virtual.Transport.channel_errors + (
+        psycopg.DataError,
+        psycopg.IntegrityError,
+        psycopg.ProgrammingError,
+    )
+    recoverable_connection_errors = connection_errors
+    recoverable_channel_errors = ()
+
+    def __init__(self, client, **kwargs) -> None:
+        super().__init__(client, **kwargs)
+        options = client.transport_options
+        self.conninfo = _conninfo(client)
+        self.lease = timedelta(seconds=float(options.get("lease_seconds", DEFAULT_LEASE_SECONDS)))
+        self.polling_interval = float(options.get("polling_interval", DEFAULT_POLLING_INTERVAL))
+        self.claim_batch_max = int(options.get("claim_batch_max", DEFAULT_CLAIM_BATCH_MAX))
+        self.max_message_size = int(options.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE))
+        self.synchronous_commit = options.get("synchronous_commit")
+        self.connect_kwargs = {}
+        if "application_name" not in conninfo_to_dict(self.conninfo):
+            self.connect_kwargs["application_name"] = "pg_broker"
+        self.leases = LeaseKeeper(
+            self.conninfo, self.connect_kwargs, self.lease.total_seconds(),
+            float(options.get("maintenance_interval", DEFAULT_MAINTENANCE_INTERVAL)),
+        )
+        self.expiring: dict[str, float] = {}  # queue -> x-expires seconds
+        self._listener = Listener(self.conninfo, self.connect_kwargs)
+        self._conn: psycopg.Connection | None = None
+        self._consumers: dict[str, Channel] = {}
+        self._ready: set[str] = set()
+        self._loop = None
+        self._poll_timer = None
+        self._wake_fds: tuple[int, int] | None = None
+        self._kicked = False
+        self._next_touch = 0.0
+        self._pid = os.getpid()
+        self.worker_id = f"{socket.gethostname()}:{self._pid}"
+        _transports.add(self)
+
+    # Connections ------------------------------------------------------------
+
+    def owns_connections(self) -> bool:
+        return self._pid == os.getpid()
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        """The work connection (autocommit), reopened when it was lost."""
+        if not self.owns_connections():
+            self.forget_after_fork()
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs)
+            if self.synchronous_commit:
+                self._conn.execute(
+                    "SELECT set_config('synchronous_commit', %s, false)",
+                    (str(self.synchronous_commit),),
+                )
+        return self._conn
+
+    def establish_connection(self):
+        ensure_migrated(self.conninfo)
+        self.conn  # noqa: B018 - connect now, so an unreachable database fails here
+        return super().establish_connection()
+
+    def close_connection(self, connection) -> None:
+        if not self.owns_connections():
+            self.forget_after_fork()
+            return
+        try:
+            super().close_connection(connection)
+        finally:
+            self.unregister_from_event_loop(connection, self._loop)
+            self.leases.stop()
+            self._listener.close()
+            conn, self._conn = self._conn, None
+            if conn is not None and not conn.closed:
+                try:
+                    conn.close()
+                except psycopg.Error:
+                    pass
+
+    def _collect(self, connection) -> None:
+        """kombu's after-fork cleanup: drop everything, touch nothing."""
+        self.forget_after_fork()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: disown the parent's connections, start afresh."""
+        for conn in (self._conn, self._listener.conn, self.leases._conn):
+            _disown(conn)
+        self._conn = None
+        self._listener.conn = None
+        self.leases.forget_after_fork()
+        self._ready.clear()
+        self._loop = None
+        self._poll_timer = None
+        self._wake_fds = None
+        self._pid = os.getpid()
+        self.worker_id = f"{socket.gethostname()}:{self._pid}"
+
+    def verify_connection(self, connection) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    def driver_version(self) -> str:
+        return psycopg.__version__
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        uri = uri if "://" in (uri or "") else f"{SCHEME}://{uri or ''}"
+        return uri if include_password else masked_url(uri, mask)
+
+    # Publishing -------------------------------------------------------------
+
+    def publish(self, message: dict, exchange: str, routing_key: str, channel: Channel) -> None:
+        """Store ``message`` in every queue the route reaches; return after commit."""
+        data = _dumps(message)
+        if len(data) > self.max_message_size:
+            raise ChannelError(
+                f"message of {len(data)} bytes exceeds max_message_size "
+                f"({self.max_message_size}); store large payloads elsewhere and send a reference"
+            )
+        headers = message.get("headers") or {}
+        properties = message["properties"]
+        max_attempts = headers.get("max_attempts")
+        params = {
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "ttl": _milliseconds(properties.get("expiration")),
+            "priority": channel._get_message_priority(message),
+            "payload": data,
+            "task_type": _text(headers.get("task")),
+            "task_id": _text(headers.get("id")),
+            "job_id": _text(headers.get("job_id")),
+            "user_id": _text(headers.get("user_id")),
+            "max_attempts": int(max_attempts) if max_attempts is not None else None,
+        }
+        conn = getattr(_enqueue, "conn", None) or self.conn
+        try:
+            conn.execute(queries["transport_publish"], params)
+        except psycopg.DataError as exc:
+            raise ChannelError(f"message refused by the database: {exc}") from exc
+
+    # Settling held rows -------------------------------------------------------
+
+    def settle(self, query: str, held: list[tuple[int, uuid.UUID]], refund: int = 0) -> None:
+        """Ack, requeue or fail held rows, fenced by their lease tokens."""
+        self.leases.release(row_id for row_id, _ in held)
+        params = {"ids": [row_id for row_id, _ in held], "tokens": [token for _, token in held]}
+        if query == "transport_requeue":
+            params["refund"] = refund
+        rows = self.conn.execute(queries[query], params).fetchall()
+        if query == "transport_fail":
+            settled = {row[0] for row in rows if row[1] is not None}
+        else:
+            settled = {row[0] for row in rows}
+        for row_id, token in held:
+            if row_id not in settled:
+                log.warning(
+                    "lease lost: job_tasks row %s is no longer held by lease %s "
+                    "(it expired and the message moved on); %s refused",
+                    row_id, token, query.removeprefix("transport_"),
+                )
+
+    def bury(self, row_id: int, token: uuid.UUID, problem: str) -> None:
+        log.error("job_tasks row %s is not a Kombu message (%s): marked dead", row_id, problem)
+        self.conn.execute(
+            queries["transport_bury"],
+            {"id": row_id, "lease_token": token, "error": f"malformed message: {problem}"},
+        )
+
+    def channel_queue_delete(self, queue: str) -> None:
+        conn = self.conn
+        conn.execute(queries["transport_purge"], {"name": queue})
+        conn.execute(queries["transport_delete_queue"], {"name": queue})
+        self.expiring.pop(queue, None)
+
+    # Consuming ---------------------------------------------------------------
+
+    def consume(self, queue: str, channel: Channel, durable_acks: bool) -> None:
+        self._consumers[queue] = channel
+        self._listener.listen(queue)
+        # Poll once after LISTEN: messages published before it sent no wake-up.
+        self._ready.add(queue)
+        if durable_acks:
+            self.leases.start()
+
+    def cancel(self, queue: str, channel: Channel) -> None:
+        if self._consumers.get(queue) is channel:
+            del self._consumers[queue]
+        self._ready.discard(queue)
+
+    def deliver_ready(self) -> int:
+        """Claim and deliver messages of the queues known to be ready."""
+        delivered = 0
+        for queue in list(self._ready):
+            channel = self._consumers.get(queue)
+            if channel is None or channel.closed:
+                self._ready.discard(queue)
+                continue
+            limit = channel.fetch_limit()
+            if limit <= 0:
+                continue  # prefetch window full: stays ready
+            payloads, returned = channel.fetch(queue, limit, queue in channel._noack_queues)
+            if returned < limit:
+                self._ready.discard(queue)
+            delivered += self._deliver_all(payloads, queue, channel)
+        return delivered
+
+    def _deliver_all(self, payloads: list[dict], queue: str, channel: Channel) -> int:
+        for index, payload in enumerate(payloads):
+            try:
+                self._deliver(payload, queue)
+            except BaseException:
+                rest = [held_row(p["properties"]["delivery_tag"]) for p in payloads[index + 1:]]
+                rest = [row for row in rest if row is not None]
+                if rest:
+                    self.settle("transport_requeue", rest, refund=1)
+                raise
+        return len(payloads)
+
+    def drain_events(self, connection, timeout=None):
+        """The client path (``celery inspect``, Flower, plain kombu consumers)."""
+        deadline = None if timeout is None else monotonic() + timeout
+        self._listener.connect()
+        while True:
+            if self._ready and self.deliver_ready():
+                return
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError()
+            wait = self.polling_interval if remaining is None else min(remaining, self.polling_interval)
+            notified = self._listener.wait(wait)
+            if notified:
+                self._ready |= notified
+            else:
+                self._ready |= set(self._consumers)
+                self._touch_expiring()
+
+    # The worker's event loop ----------------------------------------------------
+
+    def register_with_event_loop(self, connection, loop) -> None:
+        """Deliver from the hub: woken by NOTIFY, by a kick, or by the safety poll.
+
+        Messages are only delivered from reader callbacks: Celery schedules
+        work with ``call_soon`` while it receives a message, and the hub runs
+        that work right after its reader callbacks, but only after its next
+        poll when the message was delivered from a tick or a timer.
+        """
+        self._loop = loop
+        self._listener.connect()
+        if self._wake_fds is None:
+            self._wake_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        loop.add_reader(self._listener.fileno(), self._on_readable)
+        loop.add_reader(self._wake_fds[0], self._on_kick)
+        loop.on_tick.add(self._on_tick)
+        self._poll_timer = loop.call_repeatedly(self.polling_interval, self._safety_poll)
+        self._ready |= set(self._consumers)
+        self.kick()
+
+    def unregister_from_event_loop(self, connection, loop) -> None:
+        if loop is None:
+            return
+        loop.on_tick.discard(self._on_tick)
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
+        if self._listener.connected:
+            loop.remove_reader(self._listener.fileno())
+        if self._wake_fds is not None:
+            loop.remove_reader(self._wake_fds[0])
+            for fd in self._wake_fds:
+                os.close(fd)
+            self._wake_fds = None
+        self._loop = None
+
+    def kick(self) -> None:
+        """Make the hub deliver the ready queues soon (any thread may call it)."""
+        fds = self._wake_fds
+        if fds is None or self._kicked:
+            return
+        self._kicked = True
+        try:
+            os.write(fds[1], b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def capacity_freed(self) -> None:
+        """A message was settled: queues waiting for prefetch room may go on."""
+        if self._ready:
+            self.kick()
+
+    def _on_kick(self) -> None:
+        try:
+            os.read(self._wake_fds[0], 4096)
+        except (BlockingIOError, OSError):
+            pass
+        self._kicked = False
+        self.deliver_ready()
+
+    def _on_readable(self) -> None:
+        self._ready |= self._listener.read()
+        self.deliver_ready()
+
+    def _on_tick(self) -> None:
+        if self._ready and not self._kicked and self._deliverable():
+            self.kick()
+
+    def _deliverable(self) -> bool:
+        for queue in self._ready:
+            channel = self._consumers.get(queue)
+            if channel is None or channel.qos.can_consume():
+                return True
+        return False
+
+    def _safety_poll(self) -> None:
+        idle = [queue for queue in self._consumers if queue not in self._ready]
+        if idle:
+            rows = self.conn.execute(queries["transport_probe"], {"queues": idle}).fetchall()
+            self._ready.update(row[0] for row in rows)
+        self._touch_expiring()
+
+    def _touch_expiring(self) -> None:
+        """Keep consumed queues with x-expires alive (a third of their expiry)."""
+        consumed = [queue for queue in self._consumers if queue in self.expiring]
+        if not consumed or monotonic() < self._next_touch:
+            return
+        self.conn.execute(queries["transport_touch_queues"], {"queues": consumed})
+        self._next_touch = monotonic() + min(self.expiring[q] for q in consumed) / 3
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _conninfo(client) -> str:
+    """The libpq URL for a kombu Connection (URL form, or separate fields)."""
+    hostname = client.hostname or ""
+    if "://" in hostname:
+        return libpq_url(hostname)
+    if not hostname:
+        return libpq_url(f"{SCHEME}://")
+    userinfo = ""
+    if client.userid:
+        userinfo = client.userid + (f":{client.password}" if client.password else "") + "@"
+    port = f":{client.port}" if client.port else ""
+    database = (client.virtual_host or "").lstrip("/")
+    return f"postgresql://{userinfo}{hostname}{port}/{database}"
+
+
+def _disown(conn: psycopg.Connection | None) -> None:
+    """Make an inherited connection harmless in a forked child.
+
+    Closing it would end the parent's session (libpq sends Terminate on the
+    shared socket). Instead the child's copy of the socket descriptor is
+    pointed at /dev/null and the object is kept alive, never closed.
+    """
+    if conn is None:
+        return
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:
+        fd = None
+    if fd is not None and fd >= 0:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+    _disowned.append(conn)
+
+
+def _after_fork_in_child() -> None:
+    for transport in list(_transports):
+        transport.forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
