@@ -23,7 +23,9 @@ import pytest
 from celery import Celery, chain, chord, group
 from celery.events import EventReceiver
 from celery_workers import (
+    Process,
     Worker,
+    celery_command,
     pgbroker_url,
     process_environment,
     run_celery,
@@ -36,7 +38,7 @@ pytestmark = pytest.mark.slow
 
 # Short leases keep crash recovery fast; renewal must keep held messages alive.
 LEASE_SECONDS = 4
-TRANSPORT_OPTIONS = {"lease_seconds": LEASE_SECONDS}
+TRANSPORT_OPTIONS = {"lease_seconds": LEASE_SECONDS, "maintenance_interval": 1}
 RESULT_TIMEOUT = 90
 
 
@@ -271,3 +273,43 @@ def test_worker_events_reach_an_event_receiver(app, worker):
             receiver.should_stop = True
             capture.join(30)
     assert not capture.is_alive()
+
+
+def test_celery_events_dump_shows_task_events_of_another_process(request, app, worker, env, logs):
+    dump = Process(celery_command("events", "--dump"), env, logs / "events-dump.log")
+    request.addfinalizer(dump.kill)
+    dump.start()
+    # Heartbeats (every two seconds with -E) show the monitor's queue is bound.
+    wait_for(
+        lambda: any(worker.nodename in line and "heartbeat" in line for line in dump.log().splitlines()),
+        60, lambda: dump.describe("a heartbeat of the worker in `celery events --dump`"),
+    )
+
+    result = celery_app.add.delay(7, 8)
+
+    assert result.get(timeout=RESULT_TIMEOUT) == 15
+    wait_for(
+        lambda: any(result.id in line and "task succeeded" in line for line in dump.log().splitlines()),
+        60, lambda: dump.describe(f"task-succeeded of {result.id} in `celery events --dump`"),
+    )
+
+
+def test_event_and_remote_control_traffic_stays_off_the_durable_path(app, worker, dbconn):
+    # Run after the inspect, control and event tests above: their pidbox,
+    # reply and event queues must have left no job_tasks rows, and the reply
+    # queues of clients that are gone must have been deleted with them.
+    celery_app.add.delay(1, 1).get(timeout=RESULT_TIMEOUT)
+    assert app.control.ping(destination=[worker.nodename], timeout=20) == [
+        {worker.nodename: {"ok": "pong"}}
+    ]
+
+    durable_queues = {row[0] for row in dbconn.execute("SELECT DISTINCT queue FROM job_tasks")}
+    assert not {q for q in durable_queues if q.endswith(".pidbox") or q.startswith("celeryev")}
+    wait_for(
+        lambda: not dbconn.execute(
+            "SELECT name FROM broker_queues WHERE name LIKE '%.reply.celery.pidbox'"
+        ).fetchall(),
+        30, lambda: "reply queues to be deleted: " + str(dbconn.execute(
+            "SELECT name, auto_delete, expires FROM broker_queues"
+        ).fetchall()),
+    )
