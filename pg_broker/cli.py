@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pg_broker.database import DatabaseUnavailable, connect, database_url, mask_url
-from pg_broker.migrate import ensure_migrated, migrate
+from pg_broker.migrate import MigrationFailed, ensure_migrated, migrate
 from pg_broker.queries import queries
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except DatabaseUnavailable as exc:
+    except (DatabaseUnavailable, MigrationFailed) as exc:
         print(f"pg-broker: {exc}", file=sys.stderr)
         return 2
 

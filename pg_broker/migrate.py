@@ -25,6 +25,11 @@ _FILE_PATTERN = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 _migrated_urls: set[str] = set()
 
 
+class MigrationFailed(RuntimeError):
+    """A migration raised an error; none of it was applied. The message names
+    the file, PostgreSQL's reason and its hint."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -104,9 +109,17 @@ def applied_versions(conn: psycopg.Connection) -> list[tuple[int, str]]:
 
 def _apply(conn: psycopg.Connection, migration: Migration) -> None:
     log.info("applying migration %03d_%s", migration.version, migration.name)
-    with conn.transaction():
-        conn.execute(migration.sql)
-        conn.execute(
-            "INSERT INTO pg_broker_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-            (migration.version, migration.name, migration.checksum),
-        )
+    try:
+        with conn.transaction():
+            conn.execute(migration.sql)
+            conn.execute(
+                "INSERT INTO pg_broker_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                (migration.version, migration.name, migration.checksum),
+            )
+    except psycopg.Error as exc:
+        diag = exc.diag
+        reason = diag.message_primary or str(exc).strip().splitlines()[0]
+        hint = f" ({diag.message_hint})" if diag.message_hint else ""
+        raise MigrationFailed(
+            f"migration {migration.path.name} failed and was rolled back: {reason}{hint}"
+        ) from exc

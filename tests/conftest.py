@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pg_broker.database import embedded_url, with_database
+from pg_broker.database import embedded_url, stop_embedded, with_database
 from pg_broker.migrate import migrate
 
 TEST_URL_VARIABLE = "PG_BROKER_TEST_URL"
@@ -28,13 +28,16 @@ DATA_TABLES = (
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A URL to the test server's maintenance database."""
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A URL to the test server's maintenance database (an embedded server is
+    stopped at the end: pytest deletes old temporary directories under it)."""
     configured = os.environ.get(TEST_URL_VARIABLE, "").strip()
     if configured:
-        return configured
+        yield configured
+        return
     data_dir = Path(tmp_path_factory.mktemp("embedded")) / "pgdata"
-    return embedded_url(data_dir)
+    yield embedded_url(data_dir)
+    stop_embedded(data_dir)
 
 
 @pytest.fixture(scope="session")
