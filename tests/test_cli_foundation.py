@@ -1,0 +1,104 @@
+"""The `pg-broker` console script: help for every subcommand, and migrate,
+status, reclaim and url run as a user runs them, in a subprocess against the
+test database named by PG_BROKER_URL."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+
+import psycopg
+import pytest
+from taskrows import add_job, add_tasks, claim, task
+
+from pg_broker.cli import build_parser, main
+
+
+def _subcommands() -> list[str]:
+    (action,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(action.choices)
+
+
+def pg_broker(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    executable = shutil.which("pg-broker")
+    assert executable, "the console script is installed (pip install -e .)"
+    return subprocess.run([executable, *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_console_script_lists_every_subcommand(broker_env: dict[str, str]) -> None:
+    result = pg_broker("--help", env=broker_env)
+    assert result.returncode == 0, result.stderr
+    for name in _subcommands():
+        assert name in result.stdout
+    assert "PG_BROKER_URL" in result.stdout
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: pg-broker {command}")
+    assert len(out.splitlines()) >= 3, "a description follows the usage line"
+
+
+def test_migrate_on_a_migrated_database_applies_nothing(broker_env: dict[str, str]) -> None:
+    result = pg_broker("migrate", env=broker_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("schema up to date")
+
+
+def test_status_shows_jobs_backlog_workers_and_stale_tasks(
+    db: psycopg.Connection, broker_env: dict[str, str]
+) -> None:
+    job_id = add_job(db)
+    add_tasks(db, 3, job_id=job_id, task_type="tasks.audio.synthesize_chapter")
+    claim(db, worker="celery@audio-1", batch=2)
+    db.execute("UPDATE job_tasks SET last_heartbeat = now() - interval '11 minutes'"
+               " WHERE status = 'claimed'")
+
+    result = pg_broker("status", env=broker_env)
+
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert ["processing", "1"] in lines
+    assert ["tasks.audio.synthesize_chapter", "claimed", "2"] in lines
+    assert ["tasks.audio.synthesize_chapter", "pending", "1"] in lines
+    assert any(line[:2] == ["celery@audio-1", "2"] for line in lines)
+    assert "Stale tasks (no heartbeat for 10 minutes): 2" in result.stdout
+
+
+def test_reclaim_returns_expired_leases_and_says_how_many(
+    db: psycopg.Connection, broker_env: dict[str, str]
+) -> None:
+    (task_id,) = add_tasks(db)
+    claim(db)
+    db.execute("UPDATE job_tasks SET lease_expires_at = now() - interval '1 second'")
+
+    result = pg_broker("reclaim", env=broker_env)
+
+    assert result.returncode == 0, result.stderr
+    assert "reclaimed 1 task(s)" in result.stdout
+    assert task(db, task_id)["status"] == "pending"
+
+
+def test_url_prints_the_configured_database(broker_env: dict[str, str]) -> None:
+    env = {**broker_env, "PG_BROKER_URL": "postgresql://broker:pw@db.example:5432/broker"}
+    result = pg_broker("url", env=env)
+    assert result.stdout.strip() == "postgresql://broker:***@db.example:5432/broker"
+
+
+def test_an_unreachable_database_is_one_line_on_stderr_not_a_traceback(
+    broker_env: dict[str, str],
+) -> None:
+    env = {**broker_env, "PG_BROKER_URL": "postgresql://broker:s3cret@127.0.0.1:1/broker"}
+    result = pg_broker("status", env=env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(
+        "pg-broker: no database reachable at postgresql://broker:***@127.0.0.1:1/broker")
+    assert "s3cret" not in result.stderr
