@@ -41,7 +41,15 @@ REVOKE ALL ON jobs, job_tasks, job_artifacts FROM anon, authenticated;
 GRANT SELECT ON jobs, job_tasks, job_artifacts TO authenticated;
 REVOKE ALL ON SEQUENCE job_tasks_sequence_seq, job_tasks_id_seq,
     broker_transient_messages_id_seq FROM anon, authenticated;
-REVOKE ALL ON pg_broker_migrations FROM anon, authenticated;
+DO $$
+BEGIN
+    -- Absent when these files are pasted into an SQL editor instead of run
+    -- by `pg-broker migrate`.
+    IF to_regclass('pg_broker_migrations') IS NOT NULL THEN
+        REVOKE ALL ON pg_broker_migrations FROM anon, authenticated;
+    END IF;
+END
+$$;
 GRANT ALL ON jobs, job_tasks, job_artifacts TO service_role;
 GRANT ALL ON broker_queues, broker_bindings, broker_transient_messages TO service_role;
 REVOKE ALL ON broker_queues, broker_bindings, broker_transient_messages FROM anon, authenticated;

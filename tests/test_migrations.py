@@ -72,3 +72,13 @@ def test_a_failing_migration_is_rolled_back_whole_and_named(empty_database: str,
 
     (tmp_path / "999_broken.sql").write_text("CREATE TABLE half_done (id int);\n")
     assert [m.version for m in migrate(empty_database, tmp_path)] == [999]
+
+
+def test_the_files_also_run_by_hand_in_order(empty_database: str) -> None:
+    # The Supabase way: pasted into the SQL editor, no pg_broker_migrations.
+    with psycopg.connect(empty_database) as conn:
+        for migration in discover():
+            with conn.transaction():
+                conn.execute(migration.sql)
+        assert conn.execute("SELECT to_regclass('pg_broker_migrations')").fetchone() == (None,)
+        assert conn.execute("SELECT count(*) FROM claim_tasks('w', ARRAY['q'])").fetchone() == (0,)
