@@ -23,7 +23,8 @@ import socket
 import threading
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
@@ -53,6 +54,7 @@ DEFAULT_POLLING_INTERVAL = 1.0
 DEFAULT_MAINTENANCE_INTERVAL = 10.0
 DEFAULT_CLAIM_BATCH_MAX = 100
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+DEFAULT_RETRY_BACKOFF_SECONDS = 10.0
 TRANSIENT_TAG_PREFIX = "transient:"
 
 _enqueue = threading.local()
@@ -119,12 +121,6 @@ class QoS(virtual.QoS):
         super().__init__(channel, prefetch_count)
         self.transport: Transport = channel.connection
         self._pid = os.getpid()
-
-    def append(self, message, delivery_tag) -> None:
-        super().append(message, delivery_tag)
-        held = held_row(delivery_tag)
-        if held is not None:
-            self.transport.leases.hold(*held)
 
     def ack(self, delivery_tag) -> None:
         held = held_row(delivery_tag)
@@ -353,7 +349,7 @@ class Channel(virtual.Channel):
         estimate = self.qos.can_consume_max_estimate()
         if estimate is None:
             return self.transport.claim_batch_max
-        return min(estimate, self.transport.claim_batch_max)
+        return min(estimate - self.transport.buffered(self), self.transport.claim_batch_max)
 
     def fetch(self, queue: str, limit: int, no_ack: bool) -> tuple[list[dict], int]:
         """Claim (durable) or take (transient) up to ``limit`` messages.
@@ -391,7 +387,9 @@ class Channel(virtual.Channel):
             held.append((row_id, token))
         if no_ack and held:
             transport.settle("transport_ack", held)
-        if held and not no_ack:
+        elif held:
+            for row in held:
+                transport.leases.hold(*row)
             transport.leases.start()
         return payloads, len(rows)
 
@@ -438,6 +436,10 @@ class Channel(virtual.Channel):
     def close(self):
         if not self.closed:
             owner = self.transport is not None and self.transport.owns_connections()
+            if owner:
+                self.transport.return_buffered(
+                    [q for q, c in list(self.transport._consumers.items()) if c is self]
+                )
             super().close()
             if owner:
                 for queue in list(self._auto_delete):
@@ -469,6 +471,9 @@ class Transport(virtual.Transport):
         can lose the last fraction of a second of them (never corrupt).
     ``max_message_size`` (64 MiB)
         Larger messages are refused at publish with a ChannelError.
+    ``retry_backoff`` (10)
+        Seconds before a rejected (failed) message is delivered again; doubles
+        with each attempt (SQL ``fail_task``), at most one hour.
     """
 
     Channel = Channel
@@ -506,6 +511,9 @@ class Transport(virtual.Transport):
         self.polling_interval = float(options.get("polling_interval", DEFAULT_POLLING_INTERVAL))
         self.claim_batch_max = int(options.get("claim_batch_max", DEFAULT_CLAIM_BATCH_MAX))
         self.max_message_size = int(options.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE))
+        self.retry_backoff = timedelta(
+            seconds=float(options.get("retry_backoff", DEFAULT_RETRY_BACKOFF_SECONDS))
+        )
         self.synchronous_commit = options.get("synchronous_commit")
         self.connect_kwargs = {}
         if "application_name" not in conninfo_to_dict(self.conninfo):
@@ -519,6 +527,8 @@ class Transport(virtual.Transport):
         self._conn: psycopg.Connection | None = None
         self._consumers: dict[str, Channel] = {}
         self._ready: set[str] = set()
+        # Claimed, not yet delivered: the hub hands out one message per callback.
+        self._buffers: dict[str, deque[dict]] = {}
         self._loop = None
         self._poll_timer = None
         self._wake_fds: tuple[int, int] | None = None
@@ -581,6 +591,7 @@ class Transport(virtual.Transport):
         self._listener.conn = None
         self.leases.forget_after_fork()
         self._ready.clear()
+        self._buffers.clear()
         self._loop = None
         self._poll_timer = None
         self._wake_fds = None
@@ -636,6 +647,8 @@ class Transport(virtual.Transport):
         params = {"ids": [row_id for row_id, _ in held], "tokens": [token for _, token in held]}
         if query == "transport_requeue":
             params["refund"] = refund
+        elif query == "transport_fail":
+            params["backoff"] = self.retry_backoff
         rows = self.conn.execute(queries[query], params).fetchall()
         if query == "transport_fail":
             settled = {row[0] for row in rows if row[1] is not None}
@@ -676,42 +689,70 @@ class Transport(virtual.Transport):
         if self._consumers.get(queue) is channel:
             del self._consumers[queue]
         self._ready.discard(queue)
+        self.return_buffered([queue])
 
-    def deliver_ready(self) -> int:
-        """Claim and deliver messages of the queues known to be ready."""
-        delivered = 0
+    def deliver_ready(self, most: int | None = None) -> int:
+        """Deliver up to ``most`` buffered messages, claiming for ready queues first.
+
+        A queue's buffer is refilled (one claim, sized to the consumer's free
+        prefetch window) only once it is empty, so each claim feeds many
+        deliveries. Returns how many messages were delivered.
+        """
         for queue in list(self._ready):
-            channel = self._consumers.get(queue)
-            if channel is None or channel.closed:
-                self._ready.discard(queue)
-                continue
-            limit = channel.fetch_limit()
-            if limit <= 0:
-                continue  # prefetch window full: stays ready
-            payloads, returned = channel.fetch(queue, limit, queue in channel._noack_queues)
-            if returned < limit:
-                self._ready.discard(queue)
-            delivered += self._deliver_all(payloads, queue, channel)
+            if not self._buffers.get(queue):
+                self._refill(queue)
+        delivered = 0
+        for queue, buffer in list(self._buffers.items()):
+            while buffer and (most is None or delivered < most):
+                self._deliver(buffer.popleft(), queue)
+                delivered += 1
+            if not buffer:
+                del self._buffers[queue]
         return delivered
 
-    def _deliver_all(self, payloads: list[dict], queue: str, channel: Channel) -> int:
-        for index, payload in enumerate(payloads):
+    def _refill(self, queue: str) -> None:
+        channel = self._consumers.get(queue)
+        if channel is None or channel.closed:
+            self._ready.discard(queue)
+            return
+        limit = channel.fetch_limit()
+        if limit <= 0:
+            return  # prefetch window full: stays ready
+        payloads, returned = channel.fetch(queue, limit, queue in channel._noack_queues)
+        if returned < limit:
+            self._ready.discard(queue)
+        if payloads:
+            self._buffers[queue] = deque(payloads)
+
+    def buffered(self, channel: Channel) -> int:
+        return sum(
+            len(buffer) for queue, buffer in self._buffers.items()
+            if self._consumers.get(queue) is channel
+        )
+
+    def return_buffered(self, queues: Iterable[str]) -> None:
+        """Claimed messages never delivered go back to their queues at once."""
+        held = []
+        for queue in queues:
+            for payload in self._buffers.pop(queue, ()):
+                row = held_row(payload["properties"]["delivery_tag"])
+                if row is not None:
+                    held.append(row)
+        if held:
             try:
-                self._deliver(payload, queue)
-            except BaseException:
-                rest = [held_row(p["properties"]["delivery_tag"]) for p in payloads[index + 1:]]
-                rest = [row for row in rest if row is not None]
-                if rest:
-                    self.settle("transport_requeue", rest, refund=1)
-                raise
-        return len(payloads)
+                self.settle("transport_requeue", held, refund=1)
+            except self.connection_errors as exc:
+                log.warning(
+                    "could not return %d prefetched message(s) (%s); they come back "
+                    "when their lease expires", len(held), exc,
+                )
 
     def drain_events(self, connection, timeout=None):
         """The client path (``celery inspect``, Flower, plain kombu consumers)."""
         deadline = None if timeout is None else monotonic() + timeout
         self._listener.connect()
         while True:
-            if self._ready and self.deliver_ready():
+            if (self._ready or self._buffers) and self.deliver_ready():
                 return
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
@@ -783,17 +824,26 @@ class Transport(virtual.Transport):
         except (BlockingIOError, OSError):
             pass
         self._kicked = False
-        self.deliver_ready()
+        self._deliver_one()
 
     def _on_readable(self) -> None:
         self._ready |= self._listener.read()
-        self.deliver_ready()
+        self._deliver_one()
+
+    def _deliver_one(self) -> None:
+        # One message per hub iteration: between two, Celery sees a shutdown
+        # request and runs what the last message scheduled.
+        self.deliver_ready(most=1)
+        if self._buffers:
+            self.kick()
 
     def _on_tick(self) -> None:
         if self._ready and not self._kicked and self._deliverable():
             self.kick()
 
     def _deliverable(self) -> bool:
+        if self._buffers:
+            return True
         for queue in self._ready:
             channel = self._consumers.get(queue)
             if channel is None or channel.qos.can_consume():
