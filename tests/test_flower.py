@@ -7,6 +7,7 @@ subprocesses on the test database; the test talks to Flower over HTTP only.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -89,6 +90,12 @@ def flower(worker, env, tmp_path_factory) -> Iterator[str]:
             lambda: process.describe("Flower to answer /healthcheck"),
         )
         assert process.running, process.describe("Flower exited")
+        # Worker status comes from events: once the worker is alive there,
+        # Flower's event receiver is bound and no task event can be missed.
+        wait_for(
+            lambda: (get_json(base + "/api/workers?status=1") or {}).get(worker.nodename), 90,
+            lambda: process.describe(f"{worker.nodename} alive in /api/workers?status=1"),
+        )
         yield base
     finally:
         process.kill()
@@ -136,4 +143,11 @@ def test_queue_lengths_and_broker_page_show_our_queue(app, flower, worker):
 
     assert (queue["messages"], queue["messages_ready"]) == (len(held), 0)
     assert status == 200
-    assert f'<tr id="{QUEUE}">' in page
+    # Queue, Messages, Unacked, Ready, as the page's table shows them.
+    assert broker_page_row(page, QUEUE)[:4] == [QUEUE, "3", "3", "0"]
+
+
+def broker_page_row(page: str, queue: str) -> list[str]:
+    """The cell texts of ``queue``'s row in the Broker page's table."""
+    row = page.split(f'<tr id="{queue}">', 1)[1].split("</tr>", 1)[0]
+    return [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
