@@ -31,7 +31,8 @@ SELECT reclaim_stale_tasks();
 -- name: transport_publish
 -- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue, notifies.
 WITH target AS (
-    SELECT %(routing_key)s::text AS queue WHERE %(exchange)s::text = ''
+    SELECT %(routing_key)s::text AS queue
+     WHERE %(exchange)s::text = '' AND %(routing_key)s::text <> ''
     UNION
     SELECT b.queue FROM broker_bindings b
      WHERE b.exchange = %(exchange)s::text
@@ -109,7 +110,7 @@ RETURNING t.id;
 
 -- name: transport_fail
 -- Rejects held rows without requeue: fail_task retries with backoff or fails them; returns rows not fenced.
-SELECT held.id, fail_task(held.id, held.lease_token, NULL) AS status
+SELECT held.id, fail_task(held.id, held.lease_token, NULL, true, %(backoff)s::interval) AS status
   FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token);
 
 -- name: transport_bury
@@ -271,9 +272,9 @@ RETURNING id, job_id, task_id, kind, storage_backend, storage_path, content_type
           sha256, duration_seconds, metadata;
 
 -- name: cancel_job
--- Marks a job cancelled unless it already finished; returns its id if it did.
-UPDATE jobs SET status = 'cancelled', completed_at = now()
- WHERE id = %(job_id)s AND status IN ('pending', 'processing')
+-- Marks a job cancelled unless it completed or failed; returns its id if it is cancelled.
+UPDATE jobs SET status = 'cancelled', completed_at = coalesce(completed_at, now())
+ WHERE id = %(job_id)s AND status IN ('pending', 'processing', 'cancelled')
 RETURNING id;
 
 -- name: cancel_pending_tasks

@@ -1,0 +1,281 @@
+"""The transport's message life cycle at the kombu level: publish, claim, settle."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+
+import kombu
+import psycopg
+import pytest
+from kombu.exceptions import ChannelError
+from transport_support import (
+    open_connection,
+    pgbroker_url,
+    publish,
+    queue_named,
+    rows,
+    unique,
+)
+
+from pg_broker.transport import Transport
+
+
+@pytest.fixture
+def broker_url(database_url):
+    return pgbroker_url(database_url)
+
+
+@pytest.fixture
+def connection(database_url, db):
+    yield from open_connection(database_url)
+
+
+def test_publish_stores_one_row_with_the_celery_headers(connection, db):
+    job_id = db.execute("INSERT INTO jobs DEFAULT VALUES RETURNING id").fetchone()[0]
+    user_id, task_id = uuid.uuid4(), str(uuid.uuid4())
+    queue = queue_named("headers")
+    publish(connection, queue, {"x": 1}, priority=7, headers={
+        "task": "app.speak", "id": task_id, "job_id": str(job_id),
+        "user_id": str(user_id), "max_attempts": 5,
+    })
+    stored = db.execute(
+        "SELECT task_type, task_id, job_id, user_id, max_attempts, priority, status, "
+        "payload->'headers'->>'task' FROM job_tasks WHERE queue = %s", (queue.name,),
+    ).fetchall()
+    assert stored == [("app.speak", task_id, job_id, user_id, 5, 7, "pending", "app.speak")]
+
+
+def test_plain_message_gets_default_attempts_and_no_job(connection, db):
+    queue = queue_named("plain")
+    publish(connection, queue, "hello")
+    assert db.execute(
+        "SELECT job_id, user_id, task_type, max_attempts FROM job_tasks WHERE queue = %s",
+        (queue.name,),
+    ).fetchall() == [(None, None, None, 3)]
+
+
+def test_consumer_claims_a_batch_sized_to_its_prefetch_window(connection, db):
+    queue = queue_named("batch")
+    for n in range(10):
+        publish(connection, queue, n)
+    received = []
+    with connection.Consumer([queue], callbacks=[lambda body, m: received.append(body)],
+                             prefetch_count=4):
+        connection.drain_events(timeout=2)
+    assert received == [0, 1, 2, 3]
+    assert [status for status, _, _ in rows(db, queue.name)] == ["claimed"] * 4 + ["pending"] * 6
+
+
+def test_ack_completes_the_row(connection, db):
+    with connection.SimpleQueue(unique("ack")) as simple:
+        simple.put("a")
+        message = simple.get(timeout=2)
+        assert rows(db, simple.queue.name) == [("claimed", 1, True)]
+        message.ack()
+        assert rows(db, simple.queue.name) == [("completed", 1, False)]
+
+
+def test_requeue_returns_the_row_to_pending_at_once(connection, db):
+    with connection.SimpleQueue(unique("requeue")) as simple:
+        simple.put("a")
+        simple.get(timeout=2).requeue()
+        assert rows(db, simple.queue.name) == [("pending", 1, False)]
+        again = simple.get(timeout=2)
+        assert again.delivery_info["redelivered"] is True
+        again.ack()
+        assert rows(db, simple.queue.name) == [("completed", 2, False)]
+
+
+def test_requeue_after_the_last_attempt_buries_the_row(connection, db):
+    with connection.SimpleQueue(unique("dead")) as simple:
+        simple.put("poison", headers={"max_attempts": 2})
+        simple.get(timeout=2).requeue()
+        simple.get(timeout=2).requeue()
+        assert rows(db, simple.queue.name) == [("dead", 2, False)]
+        with pytest.raises(simple.Empty):
+            simple.get_nowait()
+
+
+def test_reject_without_requeue_retries_later_with_backoff(connection, db):
+    with connection.SimpleQueue(unique("reject")) as simple:
+        simple.put("a")
+        simple.get(timeout=2).reject(requeue=False)
+        status, visible_later = db.execute(
+            "SELECT status, visible_at > now() FROM job_tasks WHERE queue = %s",
+            (simple.queue.name,),
+        ).fetchone()
+        assert (status, visible_later) == ("pending", True)
+        with pytest.raises(simple.Empty):
+            simple.get_nowait()
+
+
+def test_reject_on_the_last_attempt_fails_the_row(connection, db):
+    with connection.SimpleQueue(unique("fail")) as simple:
+        simple.put("a", headers={"max_attempts": 1})
+        simple.get(timeout=2).reject(requeue=False)
+        assert rows(db, simple.queue.name) == [("failed", 1, False)]
+
+
+def test_ack_after_the_lease_was_lost_is_refused_and_logged(connection, db, caplog):
+    with connection.SimpleQueue(unique("fenced")) as simple:
+        simple.put("a")
+        message = simple.get(timeout=2)
+        # The lease expired and another worker claimed the row.
+        db.execute("UPDATE job_tasks SET lease_token = gen_random_uuid() WHERE queue = %s",
+                   (simple.queue.name,))
+        with caplog.at_level(logging.WARNING, logger="pg_broker.transport.transport"):
+            message.ack()
+        assert rows(db, simple.queue.name) == [("claimed", 1, True)]
+        assert "lease lost" in caplog.text
+
+
+def test_closing_the_channel_returns_unacked_messages_without_counting_them(broker_url, db):
+    queue = queue_named("restore")
+    with kombu.Connection(broker_url) as conn:
+        publish(conn, queue, 1)
+        publish(conn, queue, 2)
+        channel = conn.channel()
+        assert queue(channel).get() is not None
+        assert queue(channel).get() is not None
+        assert [status for status, _, _ in rows(db, queue.name)] == ["claimed", "claimed"]
+        channel.close()
+    assert rows(db, queue.name) == [("pending", 0, False), ("pending", 0, False)]
+
+
+def test_no_ack_consumer_of_a_durable_queue_completes_rows_on_delivery(connection, db):
+    queue = queue_named("noack")
+    publish(connection, queue, "x")
+    received = []
+    with connection.Consumer([queue], callbacks=[lambda body, m: received.append(body)],
+                             no_ack=True):
+        connection.drain_events(timeout=2)
+    assert received == ["x"]
+    assert rows(db, queue.name) == [("completed", 1, False)]
+
+
+def test_higher_priority_is_delivered_first_then_fifo(connection, db):
+    with connection.SimpleQueue(unique("priority")) as simple:
+        for body, priority in [("low-1", 1), ("high", 9), ("low-2", 1), ("mid", 5)]:
+            simple.put(body, priority=priority)
+        bodies = []
+        for _ in range(4):
+            message = simple.get(timeout=2)
+            bodies.append(message.payload)
+            message.ack()
+    assert bodies == ["high", "mid", "low-1", "low-2"]
+
+
+def test_expired_message_is_never_delivered(connection, db):
+    with connection.SimpleQueue(unique("ttl")) as simple:
+        simple.put("stale", expiration=0.05)
+        simple.put("fresh")
+        db.execute("SELECT pg_sleep(0.1)")
+        message = simple.get(timeout=2)
+        assert message.payload == "fresh"
+        message.ack()
+        with pytest.raises(simple.Empty):
+            simple.get_nowait()
+
+
+def test_queue_message_ttl_applies_to_every_message(connection, db):
+    queue = queue_named("qttl", message_ttl=0.05)
+    publish(connection, queue, "x")
+    db.execute("SELECT pg_sleep(0.1)")
+    assert queue(connection.default_channel).get() is None
+
+
+def test_purge_removes_ready_messages_only_and_returns_their_count(connection, db):
+    queue = queue_named("purge")
+    for n in range(3):
+        publish(connection, queue, n)
+    channel = connection.channel()
+    held = queue(channel).get()
+    assert queue(connection.default_channel).purge() == 2
+    assert [status for status, _, _ in rows(db, queue.name)] == ["claimed"]
+    held.ack()
+    channel.close()
+
+
+def test_passive_declare_counts_messages_and_refuses_unknown_queues(connection, db):
+    queue = queue_named("passive")
+    publish(connection, queue, 1)
+    publish(connection, queue, 2)
+    channel = connection.default_channel
+    assert channel.queue_declare(queue.name, passive=True).message_count == 2
+    with pytest.raises(ChannelError):
+        channel.queue_declare(unique("missing"), passive=True)
+
+
+def test_basic_get_returns_one_message_or_none(connection, db):
+    queue = queue_named("get")
+    bound = queue(connection.default_channel)
+    bound.declare()
+    assert bound.get() is None
+    publish(connection, queue, "only")
+    message = bound.get()
+    assert message.payload == "only"
+    message.ack()
+    assert bound.get() is None
+
+
+def test_drain_events_times_out_on_an_empty_queue(connection, db):
+    queue = queue_named("empty")
+    with connection.Consumer([queue], callbacks=[lambda body, m: None]):
+        with pytest.raises(socket.timeout):
+            connection.drain_events(timeout=0.3)
+
+
+def test_malformed_row_is_buried_and_the_next_message_delivered(connection, db):
+    queue = queue_named("malformed")
+    publish(connection, queue, "before")
+    db.execute("INSERT INTO job_tasks (queue, payload) VALUES (%s, '[1, 2]'), (%s, "
+               "'{\"properties\": {\"body_encoding\": \"base64\"}, \"body\": \"@@@\"}')",
+               (queue.name, queue.name))
+    publish(connection, queue, "after")
+    received = []
+    with connection.Consumer([queue], callbacks=[lambda b, m: (received.append(b), m.ack())]):
+        connection.drain_events(timeout=2)
+    assert received == ["before", "after"]
+    assert [status for status, _, _ in rows(db, queue.name)] == [
+        "completed", "dead", "dead", "completed"]
+
+
+def test_oversize_message_is_refused_at_publish(broker_url, db):
+    queue = queue_named("big")
+    with kombu.Connection(broker_url, transport_options={"max_message_size": 2000}) as conn:
+        with pytest.raises(ChannelError, match="max_message_size"):
+            publish(conn, queue, "x" * 5000)
+    assert rows(db, queue.name) == []
+
+
+def test_payload_the_database_cannot_store_is_refused_with_a_channel_error(connection, db):
+    queue = queue_named("nul")
+    with pytest.raises(ChannelError, match="refused by the database"):
+        publish(connection, queue, "x", headers={"bad": "a\x00b"})
+    assert rows(db, queue.name) == []
+
+
+@pytest.mark.parametrize("name", [
+    "'; DROP TABLE job_tasks; --",
+    'quote"d name with spaces',
+    "ünïcødé-队列-" + "x" * 80,
+    "celery@host.example.com.celery.pidbox",
+])
+def test_hostile_queue_names_work_end_to_end(connection, db, name):
+    with connection.SimpleQueue(name) as simple:
+        simple.put("payload")
+        message = simple.get(timeout=2)
+        assert message.payload == "payload"
+        message.ack()
+    assert rows(db, name) == [("completed", 1, False)]
+    assert db.execute("SELECT to_regclass('job_tasks') IS NOT NULL").fetchone()[0]
+
+
+def test_transport_identity_and_capabilities():
+    assert Transport.driver_type == "pgbroker"
+    assert Transport.driver_name == "psycopg"
+    assert {"direct", "topic", "fanout"} <= Transport.implements.exchange_type
+    assert Transport.implements.asynchronous
+    assert psycopg.OperationalError in Transport.connection_errors

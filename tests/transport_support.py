@@ -1,0 +1,53 @@
+"""Helpers shared by the kombu-level transport tests (tests/test_transport_*.py)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import kombu
+import psycopg
+
+import pg_broker  # noqa: F401  (registers pgbroker://)
+
+
+def pgbroker_url(database_url: str, **query: str) -> str:
+    url = "pgbroker://" + database_url.split("://", 1)[1]
+    if query:
+        url += ("&" if "?" in url else "?") + "&".join(f"{k}={v}" for k, v in query.items())
+    return url
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def queue_named(prefix: str, **options) -> kombu.Queue:
+    """A queue of a unique name on the default exchange (routing key = name)."""
+    name = unique(prefix)
+    return kombu.Queue(name, routing_key=name, **options)
+
+
+def rows(db: psycopg.Connection, queue: str) -> list[tuple]:
+    """(status, attempts, lease held?) of a queue's job_tasks rows, in FIFO order."""
+    return db.execute(
+        "SELECT status, attempts, lease_token IS NOT NULL FROM job_tasks "
+        "WHERE queue = %s ORDER BY sequence", (queue,),
+    ).fetchall()
+
+
+def publish(connection: kombu.Connection, queue: kombu.Queue, body, **kwargs) -> None:
+    with connection.Producer() as producer:
+        producer.publish(
+            body, exchange=queue.exchange, routing_key=queue.routing_key,
+            declare=[queue], **kwargs,
+        )
+
+
+def open_connection(database_url: str, **transport_options) -> Iterator[kombu.Connection]:
+    """A connected kombu Connection to the test database, closed afterwards."""
+    with kombu.Connection(
+        pgbroker_url(database_url), transport_options=transport_options
+    ) as conn:
+        conn.connect()
+        yield conn
