@@ -205,12 +205,16 @@ def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> int | None:
 
     Tasks a worker already holds finish (a job task checks its job before it
     starts work and skips a cancelled one). Returns how many tasks were
-    cancelled, or None when the job does not exist or has already finished.
+    cancelled now, or None when the job does not exist or already completed
+    or failed.
     """
     with conn.transaction():
+        # Tasks first, then the job: the order in which claims and acks lock
+        # them (task rows, then the job row in the status trigger), so a cancel
+        # racing a worker waits instead of deadlocking.
+        cancelled = conn.execute(queries["cancel_pending_tasks"], {"job_id": job_id}).rowcount
         if conn.execute(queries["cancel_job"], {"job_id": job_id}).fetchone() is None:
             return None
-        cancelled = conn.execute(queries["cancel_pending_tasks"], {"job_id": job_id}).rowcount
     log.info("cancelled job %s: %d pending tasks will not run", job_id, cancelled)
     return cancelled
 

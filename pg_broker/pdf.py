@@ -19,6 +19,8 @@ from typing import BinaryIO
 from fpdf import FPDF
 
 log = logging.getLogger(__name__)
+# fontTools (fpdf2's font subsetter) logs every table it prunes at INFO.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 CONTENT_TYPE = "application/pdf"
 FONT_VARIABLE = "PG_BROKER_PDF_FONT"

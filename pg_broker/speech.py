@@ -46,6 +46,22 @@ _SYNTH_CALLBACK = ctypes.CFUNCTYPE(
 )
 
 
+class _Voice(ctypes.Structure):
+    """speak_lib.h's espeak_VOICE."""
+
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("languages", ctypes.c_char_p),  # priority byte, then language, NUL-separated
+        ("identifier", ctypes.c_char_p),
+        ("gender", ctypes.c_ubyte),
+        ("age", ctypes.c_ubyte),
+        ("variant", ctypes.c_ubyte),
+        ("xx1", ctypes.c_ubyte),
+        ("score", ctypes.c_int),
+        ("spare", ctypes.c_void_p),
+    ]
+
+
 class SpeechError(RuntimeError):
     """eSpeak NG could not be loaded or could not speak the text."""
 
@@ -88,6 +104,7 @@ class _Sink:
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _initialized_pid: int | None = None
+_languages: frozenset[str] = frozenset()
 _sink: _Sink | None = None
 
 
@@ -117,7 +134,7 @@ def _new_encoder() -> lameenc.Encoder:
 
 def _espeak() -> ctypes.CDLL:
     """The library, initialised once per process (again in a forked child)."""
-    global _library, _initialized_pid
+    global _library, _initialized_pid, _languages
     if _library is not None and _initialized_pid == os.getpid():
         return _library
     try:
@@ -140,14 +157,42 @@ def _espeak() -> ctypes.CDLL:
         ctypes.c_uint, ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
     ]
     library.espeak_Synth.restype = ctypes.c_int
+    library.espeak_SetVoiceByProperties.argtypes = [ctypes.POINTER(_Voice)]
+    library.espeak_SetVoiceByProperties.restype = ctypes.c_int
+    library.espeak_ListVoices.argtypes = [ctypes.c_void_p]
+    library.espeak_ListVoices.restype = ctypes.POINTER(ctypes.POINTER(_Voice))
     data_path = espeakng_loader.get_data_path().encode()
     rate = library.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, _BUFFER_MS, data_path, 0)
     if rate != SAMPLE_RATE:
         raise SpeechError(f"eSpeak NG failed to initialise (returned {rate}, data at {data_path!r})")
     library.espeak_SetSynthCallback(_on_audio)
     _library, _initialized_pid = library, os.getpid()
+    _languages = frozenset(_list_languages(library))
     log.debug("eSpeak NG initialised at %d Hz in pid %d", rate, _initialized_pid)
     return library
+
+
+def _list_languages(library: ctypes.CDLL) -> list[str]:
+    languages = []
+    voices = library.espeak_ListVoices(None)
+    index = 0
+    while voices[index]:
+        spec = voices[index].contents.languages or b""
+        languages.append(spec[1:].split(b"\0", 1)[0].decode().lower())
+        index += 1
+    return languages
+
+
+def _select_voice(library: ctypes.CDLL, voice: str) -> None:
+    """A voice by name (``en-us``, ``de``, ``English (Great Britain)``) or by
+    language code (``en-gb``, ``fr-fr``)."""
+    if library.espeak_SetVoiceByName(voice.encode()) == _EE_OK:
+        return
+    if voice.lower() in _languages:
+        spec = _Voice(languages=voice.lower().encode())
+        if library.espeak_SetVoiceByProperties(ctypes.byref(spec)) == _EE_OK:
+            return
+    raise ValueError(f"eSpeak NG has no voice named {voice!r} (try en-us, en-gb, de, fr-fr)")
 
 
 def synthesize_mp3(
@@ -170,8 +215,7 @@ def synthesize_mp3(
     sink = _Sink(out)
     with _lock:
         library = _espeak()
-        if library.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
-            raise ValueError(f"eSpeak NG has no voice named {voice!r}")
+        _select_voice(library, voice)
         library.espeak_SetParameter(_ESPEAK_RATE, rate_wpm, 0)
         _sink = sink
         try:

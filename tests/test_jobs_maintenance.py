@@ -50,7 +50,10 @@ def test_cancel_stops_pending_tasks_and_leaves_held_ones_alone(db: psycopg.Conne
     job = get_job(db, job_id)
     assert job.status == "cancelled" and job.finished and job.cancelled_tasks == 2
     assert [t.status for t in job.tasks] == ["cancelled", "cancelled", "claimed", "completed"]
-    assert cancel_job(db, job_id) is None  # already finished
+    assert cancel_job(db, job_id) == 0  # nothing left to cancel
+    done = _job(db, ["completed"])
+    assert cancel_job(db, done) is None  # a completed job stays completed
+    assert get_job(db, done, details=False).status == "completed"
 
 
 def test_a_user_sees_their_own_job_and_nobody_elses(db: psycopg.Connection) -> None:
