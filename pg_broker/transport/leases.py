@@ -47,7 +47,6 @@ class LeaseKeeper:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection | None = None
-        self._next_maintenance = 0.0
 
     # Called by the consuming threads -------------------------------------
 
@@ -90,14 +89,19 @@ class LeaseKeeper:
     # The thread ----------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stopping.wait(self.interval):
+        next_renewal = time.monotonic() + self.interval
+        next_maintenance = time.monotonic()
+        while not self._stopping.wait(max(min(next_renewal, next_maintenance) - time.monotonic(), 0)):
+            now = time.monotonic()
             try:
-                self.renew()
-                if time.monotonic() >= self._next_maintenance:
+                if now >= next_renewal:
+                    next_renewal = now + self.interval
+                    self.renew()
+                if now >= next_maintenance:
+                    next_maintenance = now + self.maintenance_interval
                     self.maintain()
-                    self._next_maintenance = time.monotonic() + self.maintenance_interval
             except psycopg.Error as exc:
-                log.warning("lease renewal failed, retrying in %.1fs: %s", self.interval, exc)
+                log.warning("lease renewal or maintenance failed, retrying: %s", exc)
                 self._close()
 
     def renew(self) -> int:
