@@ -81,9 +81,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
                                 rate_wpm=args.speed)
         print(job_id)
         if args.wait:
-            job = wait_for_job(conn, job_id, timeout=args.wait,
-                               on_progress=lambda j: print("\r" + progress_bar(j), end="", flush=True))
-            print()
+            draw = sys.stdout.isatty()
+            try:
+                job = wait_for_job(conn, job_id, timeout=args.wait, on_progress=lambda j: draw and print(
+                    "\r" + progress_bar(j), end="", flush=True))
+            except TimeoutError as exc:
+                print(f"\npg-broker submit: {exc}; is a worker running (celery -A tasks worker)?",
+                      file=sys.stderr)
+                return 1
+            print(("\n" if draw else "") + progress_bar(job))
             return 0 if job.status == "completed" else 1
     return 0
 

@@ -102,6 +102,8 @@ def test_a_16_chapter_package_becomes_16_mp3s_and_a_pdf_with_true_artifact_rows(
 
     assert (job.status, job.progress, job.completed_tasks, job.total_tasks) == ("completed", 100, 17, 17)
     assert all(t.status == "completed" and t.attempts == 1 for t in job.tasks)
+    # Each went through 'processing' (task_prerun) before it completed.
+    assert all(t.started_at is not None and t.started_at <= t.completed_at for t in job.tasks)
     task_types = {t.task_id: t.task_type for t in job.tasks}
     audio = [a.artifact for a in job.artifacts if a.artifact.kind == "audio"]
     (document,) = [a.artifact for a in job.artifacts if a.artifact.kind == "pdf"]

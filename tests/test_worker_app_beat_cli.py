@@ -1,0 +1,87 @@
+"""celery beat runs the watchdog and retention; the CLI runs the demo, shows a
+job, and runs the dead-letter and retention commands."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pg_broker.demo import start_worker, stop_worker
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pg_broker(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pg_broker.cli", *args], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_beat_in_the_worker_runs_the_watchdog_and_retention_on_their_intervals(
+    db: psycopg.Connection, broker_env: dict[str, str], tmp_path: Path
+) -> None:
+    stale, old = uuid.uuid4().hex, uuid.uuid4().hex
+    db.execute(
+        """INSERT INTO job_tasks (queue, payload, task_id, status, attempts, lease_token,
+                                  lease_expires_at, worker_id)
+           VALUES ('nobody-consumes-this', '{}', %s, 'claimed', 1, gen_random_uuid(),
+                   now() - interval '1 minute', 'a-dead-worker')""", (stale,))
+    db.execute(
+        """INSERT INTO job_tasks (queue, payload, task_id, status, completed_at)
+           VALUES ('nobody-consumes-this', '{}', %s, 'completed', now() - interval '1 hour')""",
+        (old,))
+    env = {**broker_env, "PG_BROKER_WATCHDOG_INTERVAL": "1", "PG_BROKER_RETENTION_INTERVAL": "1",
+           "PG_BROKER_RETENTION": "10 minutes",
+           "CELERY_BEAT_SCHEDULE_FILENAME": str(tmp_path / "celerybeat-schedule")}
+    log_file = tmp_path / "worker.log"
+    worker = start_worker(env, f"beat-{uuid.uuid4().hex[:8]}@%h", pool="solo",
+                          log_file=log_file, extra_args=("--beat",))
+    try:
+        deadline = time.monotonic() + 45
+        while True:
+            reclaimed = db.execute("SELECT status FROM job_tasks WHERE task_id = %s", (stale,)).fetchone()
+            deleted = db.execute("SELECT count(*) FROM job_tasks WHERE task_id = %s", (old,)).fetchone()
+            if reclaimed == ("pending",) and deleted == (0,):
+                break
+            assert time.monotonic() < deadline, log_file.read_text()[-4000:]
+            time.sleep(0.3)
+    finally:
+        stop_worker(worker)
+    log = log_file.read_text()
+    assert "Sending due task watchdog" in log and "Sending due task retention" in log
+
+
+def test_demo_runs_a_package_job_and_the_cli_shows_it(
+    db: psycopg.Connection, broker_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**broker_env, "PG_BROKER_STORAGE_DIR": str(tmp_path / "artifacts"),
+           "XDG_DATA_HOME": str(tmp_path / "data")}
+    demo = _pg_broker(env, "demo", "--chapters", "3", "--concurrency", "1", "--timeout", "90")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "completed" in demo.stdout and "3 MP3 files" in demo.stdout
+    (pdf_url,) = re.findall(r"PDF:\s+(file://\S+)", demo.stdout)
+    assert Path(pdf_url.removeprefix("file://")).read_bytes().startswith(b"%PDF")
+    job_id = re.search(r"submitted job ([0-9a-f-]{36})", demo.stdout).group(1)
+
+    shown = _pg_broker(env, "job", job_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "status completed, progress 100.00%" in shown.stdout
+    assert shown.stdout.count("file://") == 4
+
+    assert _pg_broker(env, "dead", "retry").returncode == 2  # ids or --all, never a guess
+    retry = _pg_broker(env, "dead", "retry", "--all")
+    assert retry.returncode == 0 and "re-queued 0 task(s)" in retry.stdout
+    retention = _pg_broker(env, "retention", "--older-than", "0 seconds")
+    assert retention.returncode == 0 and "finished task row(s) older than 0 seconds" in retention.stdout
+    # The hot table lost the job's rows; the job and its artifacts stay.
+    assert db.execute("SELECT count(*) FROM job_tasks WHERE job_id = %s", (job_id,)).fetchone() == (0,)
+    after = _pg_broker(env, "job", job_id)
+    assert "status completed" in after.stdout and after.stdout.count("file://") == 4
