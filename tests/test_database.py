@@ -5,6 +5,8 @@ reached; and a fresh server where the migrating role is no superuser."""
 from __future__ import annotations
 
 import multiprocessing
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,6 +128,50 @@ def _admin(url: str, *statements: sql.Composable | str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         for statement in statements:
             conn.execute(statement)
+
+
+def test_a_role_created_meanwhile_by_another_database_migration_is_tolerated(
+    fresh_server,
+) -> None:
+    # Roles are per server, migrations per database: another database's 001
+    # may create `anon` while ours waits to create it too. Held open here so
+    # the race happens every time; the server is left without the roles.
+    _, answers = fresh_server
+    admin_url = answers[0][0]
+    _admin(admin_url, "CREATE DATABASE racing")
+    url = with_database(admin_url, "racing")
+    outcome: list = []
+    try:
+        with psycopg.connect(admin_url) as other_migration, \
+                psycopg.connect(admin_url, autocommit=True) as watcher:
+            other_migration.execute("CREATE ROLE anon NOLOGIN NOINHERIT")
+            migrating = threading.Thread(
+                target=lambda: outcome.append(_migrate_or_error(url)))
+            migrating.start()
+            deadline = time.monotonic() + 60
+            while not watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'racing'"
+                " AND wait_event_type = 'Lock'"
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline, "the migration never waited for the role"
+                time.sleep(0.02)
+            other_migration.commit()
+        migrating.join(60)
+        assert outcome and outcome[0] is None, outcome
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_broker_migrations WHERE version <= 4"
+                                ).fetchone() == (4,)
+    finally:
+        _admin(admin_url, "DROP DATABASE IF EXISTS racing WITH (FORCE)",
+               "DROP ROLE IF EXISTS anon, authenticated, service_role")
+
+
+def _migrate_or_error(url: str) -> BaseException | None:
+    try:
+        migrate(url)
+    except Exception as exc:
+        return exc
+    return None
 
 
 def test_on_a_server_without_the_supabase_roles_a_non_superuser_owner_can_migrate(
