@@ -98,8 +98,12 @@ CREATE TABLE job_tasks (
 -- as the backlog however many finished rows the table still holds.
 CREATE INDEX job_tasks_claim_idx ON job_tasks (queue, priority DESC, sequence)
     WHERE status = 'pending';
--- Serves reclaim_stale_tasks() and the worker-health query.
-CREATE INDEX job_tasks_lease_idx ON job_tasks (lease_expires_at)
+-- Serves heartbeat_task(), reclaim_stale_tasks() and the worker-health query:
+-- the held rows, few (workers x prefetch) however long the backlog. Keyed on
+-- worker_id, not lease_expires_at: no index holds a column a heartbeat
+-- writes (lease_expires_at, last_heartbeat, updated_at), so lease renewals
+-- are HOT updates that touch no index at all.
+CREATE INDEX job_tasks_lease_idx ON job_tasks (worker_id)
     WHERE status IN ('claimed', 'processing');
 -- Serves the TTL sweep of reclaim_stale_tasks() without reading the backlog;
 -- only messages that have a TTL are in it.

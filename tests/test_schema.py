@@ -5,6 +5,7 @@ storage settings."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -181,3 +182,48 @@ def test_job_counters_cannot_go_negative(db: psycopg.Connection) -> None:
     with pytest.raises(errors.CheckViolation):
         db.execute("UPDATE jobs SET failed_tasks = -1 WHERE id = %s", (job_id,))
     assert job(db, job_id)["failed_tasks"] == 0
+
+
+HEARTBEAT_COLUMNS = {"lease_expires_at", "last_heartbeat", "updated_at"}
+
+
+def test_no_index_of_the_hot_table_holds_a_column_a_heartbeat_writes(
+    db: psycopg.Connection,
+) -> None:
+    # Otherwise every lease renewal writes a new entry into every index.
+    indexed = {
+        name: set(re.findall(r"\w+", definition))
+        for name, definition in db.execute(
+            "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid)"
+            " FROM pg_index WHERE indrelid = 'job_tasks'::regclass")
+    }
+    assert indexed
+    assert {name: words & HEARTBEAT_COLUMNS for name, words in indexed.items()} == {
+        name: set() for name in indexed}
+
+
+def _update_counts(conn: psycopg.Connection, url: str, at_least: int) -> tuple[int, int]:
+    """(updates, HOT updates) of job_tasks once the statistics show at least
+    `at_least` updates (they reach the cumulative view asynchronously)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    with psycopg.connect(url, autocommit=True) as reader:
+        for _ in range(500):
+            reader.execute("SELECT pg_stat_clear_snapshot()")
+            counts = reader.execute("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+                                    " WHERE relid = 'job_tasks'::regclass").fetchone()
+            if counts[0] >= at_least:
+                return counts
+            time.sleep(0.02)
+    raise AssertionError(f"statistics never showed {at_least} updates: {counts}")
+
+
+def test_lease_renewals_are_hot_updates(db: psycopg.Connection, database_url: str) -> None:
+    add_tasks(db, 1000, payload={"body": "x" * 200})
+    db.execute("VACUUM job_tasks")
+    claim(db, worker="w", batch=100)
+    before, hot_before = _update_counts(db, database_url, 0)
+    for _ in range(10):
+        db.execute("SELECT heartbeat_task('w')")
+    after, hot_after = _update_counts(db, database_url, before + 1000)
+    assert after - before == 1000
+    assert hot_after - hot_before >= 800, "renewals are HOT while pages have room (fillfactor)"
