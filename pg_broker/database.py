@@ -68,6 +68,24 @@ def embedded_url(data_dir: Path | None = None) -> str:
     data_dir = (data_dir or default_data_dir()).expanduser().resolve()
     if data_dir in _embedded_urls:
         return _embedded_urls[data_dir]
+    try:
+        admin_url = _start_embedded(data_dir)
+    except (OSError, subprocess.SubprocessError, RuntimeError, psycopg.Error) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailable(
+            f"could not start the embedded PostgreSQL in {data_dir} ({reason}); see its log "
+            f"{data_dir / 'log'}, set {DATA_DIR_VARIABLE} to another directory, or set "
+            "PG_BROKER_URL to a server"
+        ) from exc
+    url = with_database(admin_url, EMBEDDED_DATABASE)
+    _embedded_urls[data_dir] = url
+    log.debug("embedded PostgreSQL at %s", url)
+    return url
+
+
+def _start_embedded(data_dir: Path) -> str:
+    """Under the lock: initdb if needed, start if not running, create our
+    database; the URL of the server's maintenance database."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; its fallback is fine.
@@ -83,10 +101,7 @@ def embedded_url(data_dir: Path | None = None) -> str:
                 _create_database(admin_url, EMBEDDED_DATABASE)
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
-    url = with_database(admin_url, EMBEDDED_DATABASE)
-    _embedded_urls[data_dir] = url
-    log.debug("embedded PostgreSQL at %s", url)
-    return url
+    return admin_url
 
 
 def stop_embedded(data_dir: Path | None = None) -> bool:

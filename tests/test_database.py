@@ -81,6 +81,22 @@ def test_with_nothing_configured_everything_uses_the_embedded_server(
     assert database_url() == answers[0][0]
 
 
+def test_an_embedded_server_that_cannot_start_is_reported_with_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.delenv("PG_BROKER_URL", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("PG_BROKER_DATA_DIR", str(blocker / "pgdata"))
+    with pytest.raises(DatabaseUnavailable) as raised:
+        database_url()
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"could not start the embedded PostgreSQL in {blocker / 'pgdata'}")
+    assert "PG_BROKER_DATA_DIR" in message and "PG_BROKER_URL" in message
+
+
 def test_a_configured_url_wins_pg_broker_url_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://app@db.example/app")
     assert database_url() == "postgresql://app@db.example/app"
