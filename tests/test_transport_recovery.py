@@ -8,8 +8,8 @@ import sys
 import textwrap
 import time
 
-import celery_app
 import pytest
+from celery import Celery
 from celery_workers import Worker, process_environment, wait_for
 from transport_support import open_connection, pgbroker_url, publish, queue_named, rows
 
@@ -109,12 +109,12 @@ def test_worker_recovers_after_its_sessions_are_terminated(database_url, db, tmp
     worker = Worker(env, tmp_path, pool="solo").start()
     ran = tmp_path / "ran"
     try:
-        celery_app.app.conf.broker_url = pgbroker_url(database_url)
-        celery_app.record.delay(str(ran), "before")
+        producer = Celery(broker=pgbroker_url(database_url))
+        producer.send_task("e2e.record", (str(ran), "before"), queue="e2e")
         wait_for(lambda: ran.exists() and "before" in ran.read_text(), 30,
                  lambda: worker.describe("the first task to run"))
         assert terminate_sessions(db) >= 2  # the worker's work and LISTEN sessions
-        celery_app.record.delay(str(ran), "after")
+        producer.send_task("e2e.record", (str(ran), "after"), queue="e2e")
         wait_for(lambda: "after" in ran.read_text(), 30,
                  lambda: worker.describe("a task sent after the sessions were dropped"))
     finally:

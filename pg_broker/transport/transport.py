@@ -125,7 +125,7 @@ class QoS(virtual.QoS):
     def ack(self, delivery_tag) -> None:
         held = held_row(delivery_tag)
         if held is not None and delivery_tag in self._delivered:
-            self.transport.settle("transport_ack", [held])
+            self.transport.ack(held)
         super().ack(delivery_tag)
         self.transport.capacity_freed()
 
@@ -437,6 +437,7 @@ class Channel(virtual.Channel):
         if not self.closed:
             owner = self.transport is not None and self.transport.owns_connections()
             if owner:
+                self.transport.flush_acks(closing=True)
                 self.transport.return_buffered(
                     [q for q, c in list(self.transport._consumers.items()) if c is self]
                 )
@@ -529,6 +530,8 @@ class Transport(virtual.Transport):
         self._ready: set[str] = set()
         # Claimed, not yet delivered: the hub hands out one message per callback.
         self._buffers: dict[str, deque[dict]] = {}
+        # Acked by Celery, not yet by the database (see ack()).
+        self._acks: deque[tuple[int, uuid.UUID]] = deque()
         self._loop = None
         self._poll_timer = None
         self._wake_fds: tuple[int, int] | None = None
@@ -567,6 +570,7 @@ class Transport(virtual.Transport):
             self.forget_after_fork()
             return
         try:
+            self.flush_acks(closing=True)
             super().close_connection(connection)
         finally:
             self.unregister_from_event_loop(connection, self._loop)
@@ -592,6 +596,7 @@ class Transport(virtual.Transport):
         self.leases.forget_after_fork()
         self._ready.clear()
         self._buffers.clear()
+        self._acks.clear()
         self._loop = None
         self._poll_timer = None
         self._wake_fds = None
@@ -640,6 +645,37 @@ class Transport(virtual.Transport):
             raise ChannelError(f"message refused by the database: {exc}") from exc
 
     # Settling held rows -------------------------------------------------------
+
+    def ack(self, held: tuple[int, uuid.UUID]) -> None:
+        """Ack a held row: at once, or with the next batch when a hub runs us.
+
+        Under the hub, acks wait (a few milliseconds, at most one claimed
+        batch) and go out as one statement, before the next claim or as soon
+        as the hub has nothing to deliver; a crash in between redelivers
+        those messages (at-least-once, as with every broker).
+        """
+        if self._wake_fds is not None and self.owns_connections():
+            self._acks.append(held)
+            self.kick()
+        else:
+            self.settle("transport_ack", [held])
+
+    def flush_acks(self, closing: bool = False) -> None:
+        """Send the deferred acks; when closing, a lost connection only loses them."""
+        batch = []
+        while self._acks:
+            batch.append(self._acks.popleft())
+        if not batch:
+            return
+        try:
+            self.settle("transport_ack", batch)
+        except self.connection_errors as exc:
+            if not closing:
+                raise
+            log.warning(
+                "could not ack %d message(s) (%s); they run again when their lease expires",
+                len(batch), exc,
+            )
 
     def settle(self, query: str, held: list[tuple[int, uuid.UUID]], refund: int = 0) -> None:
         """Ack, requeue or fail held rows, fenced by their lease tokens."""
@@ -700,6 +736,7 @@ class Transport(virtual.Transport):
         """
         for queue in list(self._ready):
             if not self._buffers.get(queue):
+                self.flush_acks()
                 self._refill(queue)
         delivered = 0
         for queue, buffer in list(self._buffers.items()):
@@ -833,8 +870,9 @@ class Transport(virtual.Transport):
     def _deliver_one(self) -> None:
         # One message per hub iteration: between two, Celery sees a shutdown
         # request and runs what the last message scheduled.
-        self.deliver_ready(most=1)
-        if self._buffers:
+        if not self.deliver_ready(most=1):
+            self.flush_acks()
+        if self._buffers or self._acks:
             self.kick()
 
     def _on_tick(self) -> None:
@@ -851,6 +889,7 @@ class Transport(virtual.Transport):
         return False
 
     def _safety_poll(self) -> None:
+        self.flush_acks()
         idle = [queue for queue in self._consumers if queue not in self._ready]
         if idle:
             rows = self.conn.execute(queries["transport_probe"], {"queues": idle}).fetchall()
