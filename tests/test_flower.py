@@ -115,6 +115,23 @@ def test_api_workers_lists_the_worker(flower, worker):
     assert QUEUE in [queue["name"] for queue in workers[worker.nodename]["active_queues"]]
 
 
+def test_api_worker_details_come_from_concurrent_inspect_calls(flower, worker):
+    # For one worker Flower runs all eight inspect methods at once, from
+    # threads, each with a reply queue of its own.
+    methods = {"stats", "active_queues", "registered", "scheduled", "active", "reserved",
+               "revoked", "conf"}
+    url = f"{flower}/api/workers?refresh=1&workername={worker.nodename}"
+
+    info = wait_for(
+        lambda: (w := get_json(url)) and methods <= set(w.get(worker.nodename, {})) and w,
+        90, lambda: f"all of {sorted(methods)} in {fetch(url)}",
+    )[worker.nodename]
+
+    assert info["stats"]["broker"]["transport"] == "pgbroker"
+    assert "e2e.add" in info["registered"]
+    assert info["conf"]["task_default_queue"] == "e2e"
+
+
 def test_api_tasks_lists_tasks_the_worker_ran(app, flower, worker):
     result = celery_app.add.apply_async((40, 2), queue=QUEUE)
     assert result.get(timeout=RESULT_TIMEOUT) == 42
