@@ -67,8 +67,10 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("bench").setLevel(logging.DEBUG)
     install_cleanup()
     names = [n.strip() for n in args.brokers.split(",") if n.strip()]
     unknown = set(names) - set(ALL_BROKERS)
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "figures": summary,
         "capped": capped,
         "errors": dict(run.errors),
+        "statements": dict(run.statements),
     }
     out = args.out or RESULTS_DIR / f"bench-{mode}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     report.write_json(out, document)

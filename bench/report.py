@@ -39,6 +39,8 @@ FIGURES = [
     Figure("rss_threads_mb", "worker RSS after run, threads (8)", "MiB", "lower", 1),
     Figure("rss_prefork_mb", "worker RSS after run, prefork (2), whole tree", "MiB", "lower", 1),
     Figure("idle_queries_per_s", "idle worker: transactions/s on its database", "1/s", "lower", 2),
+    Figure("idle_statements_per_s", "idle worker: statements/s (pg_stat_statements)", "1/s",
+           "lower", 2),
     Figure("idle_cpu_percent", "idle worker: CPU", "% of a core", "lower", 2),
     Figure("throughput_events", "end-to-end, solo, -E + event receiver", "tasks/s", "higher"),
     Figure("events_vs_plain", "with events / without (solo)", "ratio", "higher", 2),

@@ -22,7 +22,7 @@ from bench import measure
 from bench.app import ENQUEUE_QUEUE, TASK_NAME, make_app
 from bench.brokers import Broker
 from bench.measure import Sizes
-from bench.workers import Worker, stop_all
+from bench.workers import Worker, kill_all, stop_all
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class Run:
         self.capped: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.errors: dict[str, list[str]] = defaultdict(list)
         self.workers: dict[str, dict[str, Worker]] = {}
+        # pg_stat_statements, where the server has it: {broker: {"run"|"idle": [...]}}
+        self.statements: dict[str, dict[str, list]] = defaultdict(dict)
         self.workdir = Path(tempfile.mkdtemp(prefix="pg_broker_bench_", dir=_scratch_dir()))
 
     @property
@@ -60,15 +62,21 @@ class Run:
     def execute(self) -> None:
         try:
             self.start_workers()
+            for broker in self.usable:
+                broker.reset_statements()
             for repeat in range(1, self.repeats + 1):
                 for broker in self.usable:
                     started = time.monotonic()
                     self.measure_broker(broker)
                     self.echo(f"  repeat {repeat}/{self.repeats} {broker.name}: "
                               f"{time.monotonic() - started:.1f}s")
+            for broker in self.usable:
+                if broker.has_statements:
+                    self.statements[broker.name]["run"] = broker.top_statements()
             self.measure_idle()
+            stop_all([w for ws in self.workers.values() for w in ws.values()])
         finally:
-            stop_all()
+            kill_all()
 
     def start_workers(self) -> None:
         for broker in self.usable:
@@ -145,7 +153,7 @@ class Run:
                 plain[role] = self.attempt(broker, lambda role=role: measure.throughput(
                     app, workers[role], sizes.throughput, sizes.cap))
             with_events = self.attempt(broker, lambda: measure.events(
-                app, workers["events"], sizes.throughput, sizes.cap))
+                app, broker, workers["events"], sizes.throughput, sizes.cap))
             solo = (plain["solo"] or {}).get("throughput_solo")
             if with_events and solo:
                 self.add(broker, "events_vs_plain", with_events["throughput_events"] / solo)
@@ -156,6 +164,7 @@ class Run:
 
     def attempt(self, broker: Broker, measurement: Callable[[], dict]) -> dict | None:
         """Run one measurement on clean queues; keep its figures, or its error."""
+        started = time.monotonic()
         try:
             self.reset(broker)
             result = measurement()
@@ -167,6 +176,7 @@ class Run:
             return None
         figures = result.get("figures", result)
         capped = result.get("capped", False)
+        log.info("%s: %s in %.1fs", broker.name, ", ".join(figures), time.monotonic() - started)
         for key, value in figures.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.add(broker, key, value)
@@ -187,8 +197,11 @@ class Run:
         for broker in self.usable:
             self.reset(broker)
         time.sleep(2.0)  # let shutdown traffic and stats flushing settle
+        for broker in self.usable:
+            broker.reset_statements()
         for _ in range(self.repeats):
             xacts0 = {b.name: b.transactions() for b in self.usable}
+            calls0 = {b.name: b.statement_calls() for b in self.usable}
             cpu0 = {name: w.cpu_seconds() for name, w in solos.items()}
             t0 = time.monotonic()
             time.sleep(self.sizes.idle_seconds)
@@ -202,6 +215,12 @@ class Run:
                 if xacts0[name] is not None:
                     self.add(broker, "idle_queries_per_s",
                              (broker.transactions() - xacts0[name]) / elapsed)
+                if calls0[name] is not None:
+                    self.add(broker, "idle_statements_per_s",
+                             (broker.statement_calls() - calls0[name]) / elapsed)
+        for broker in self.usable:
+            if broker.has_statements:
+                self.statements[broker.name]["idle"] = broker.top_statements()
 
 
 def _scratch_dir() -> str | None:

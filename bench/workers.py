@@ -1,8 +1,8 @@
-"""Celery worker subprocesses, each in its own process group.
+"""Celery worker (and event monitor) subprocesses, each in its own process group.
 
-Every worker the harness starts is registered here and killed, with its whole
-process group (prefork children included), when the harness ends — normally,
-on an exception, on Ctrl-C or on SIGTERM.
+Every process the harness starts goes through :func:`spawn`, is registered
+here and killed, with its whole process group (prefork children included),
+when the harness ends — normally, on an exception, on Ctrl-C or on SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,7 +23,34 @@ from bench.app import BROKER_VARIABLE, MARK_FILE_VARIABLE, RECORD, TRANSPORT_OPT
 
 log = logging.getLogger(__name__)
 
-_running: list[Worker] = []
+_running: list[subprocess.Popen] = []
+
+
+def spawn(command: list[str], env: dict[str, str], log_file: Path) -> subprocess.Popen:
+    """Start a process in a new session (its own process group), output to log_file."""
+    env = dict(env)
+    env["PYTHONPATH"] = _repo_root() + os.pathsep + env.get("PYTHONPATH", "")
+    with open(log_file, "ab") as log_out:
+        process = subprocess.Popen(
+            command, env=env, cwd=_repo_root(), stdin=subprocess.DEVNULL,
+            stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    _running.append(process)
+    return process
+
+
+def terminate(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to the group, then SIGKILL whatever is left after timeout."""
+    _signal_group(process, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        if timeout > 0:
+            log.warning("%s ignored SIGTERM for %.0fs; killing it", process.args, timeout)
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
+    if process in _running:
+        _running.remove(process)
 
 
 @dataclass
@@ -54,13 +81,7 @@ class Worker:
         worker_env[BROKER_VARIABLE] = broker_url
         worker_env[MARK_FILE_VARIABLE] = str(self.mark_file)
         worker_env[TRANSPORT_OPTIONS_VARIABLE] = transport_options
-        worker_env["PYTHONPATH"] = _repo_root() + os.pathsep + worker_env.get("PYTHONPATH", "")
-        with open(self.log_file, "ab") as log_out:
-            self.process = subprocess.Popen(
-                command, env=worker_env, cwd=_repo_root(), stdin=subprocess.DEVNULL,
-                stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        _running.append(self)
+        self.process = spawn(command, worker_env, self.log_file)
 
     @property
     def alive(self) -> bool:
@@ -112,48 +133,32 @@ class Worker:
             return ""
         return "\n".join(text[-lines:])
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """Warm shutdown (SIGTERM to the group), then SIGKILL what is left."""
-        if self.process is None:
-            return
-        _signal_group(self.process, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("worker %s-%s ignored SIGTERM; killing it", self.broker, self.role)
-        _signal_group(self.process, signal.SIGKILL)
-        self.process.wait()
-        if self in _running:
-            _running.remove(self)
+        if self.process is not None:
+            terminate(self.process, timeout)
 
 
-def stop_all(workers: list[Worker] | None = None, timeout: float = 10.0) -> None:
+def stop_all(workers: list[Worker], timeout: float = 5.0) -> None:
     """Stop several workers at once: signal them all, then wait."""
-    targets = list(_running if workers is None else workers)
-    for worker in targets:
+    for worker in workers:
         if worker.process is not None:
             _signal_group(worker.process, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    for worker in targets:
-        remaining = max(0.1, deadline - time.monotonic())
-        try:
-            if worker.process is not None:
-                worker.process.wait(remaining)
-        except subprocess.TimeoutExpired:
-            pass
-        worker.stop(timeout=0.1)
+    for worker in workers:
+        if worker.process is not None:
+            terminate(worker.process, max(0.1, deadline - time.monotonic()))
 
 
 def kill_all() -> None:
-    """Last resort (atexit, signals): SIGKILL every worker group still registered."""
-    for worker in list(_running):
-        if worker.process is not None:
-            _signal_group(worker.process, signal.SIGKILL)
-            try:
-                worker.process.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        _running.remove(worker)
+    """SIGKILL every process group still registered (end of run, atexit, signals)."""
+    for process in list(_running):
+        _signal_group(process, signal.SIGKILL)
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        _running.remove(process)
 
 
 def install_cleanup() -> None:
