@@ -268,12 +268,14 @@ $$;
 -- statements that locked those jobs row by row, each in its own order,
 -- deadlocked. Here each statement sums its changes per job, locks the jobs it
 -- must change in id order, and updates each once. A claim of an already
--- started job changes no counter and locks nothing.
+-- started job changes no counter and locks nothing; one that starts a job
+-- never waits for it (see below).
 
 CREATE FUNCTION pg_broker_job_tasks_changed() RETURNS trigger
     LANGUAGE plpgsql AS $$
 DECLARE
-    v_deltas jsonb;
+    v_deltas   jsonb;
+    v_starting uuid[];
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM new_rows WHERE job_id IS NOT NULL) THEN
         RETURN NULL;  -- plain Celery messages: no job to keep
@@ -313,7 +315,9 @@ BEGIN
 
     -- Keep only the jobs that change; a snapshot read, no lock. started_at is
     -- never reset, so a job seen started needs nothing for a claim.
-    SELECT jsonb_agg(d) INTO v_deltas
+    SELECT jsonb_agg(to_jsonb(d) || jsonb_build_object('counted',
+               d.total <> 0 OR d.completed <> 0 OR d.failed <> 0 OR d.cancelled <> 0))
+      INTO v_deltas
       FROM jsonb_to_recordset(v_deltas)
                AS d(job_id uuid, total integer, completed integer, failed integer,
                     cancelled integer, started boolean, error text)
@@ -324,11 +328,24 @@ BEGIN
         RETURN NULL;
     END IF;
 
+    -- Jobs whose counters change: locked in id order, waiting if need be.
     PERFORM 1
        FROM jobs
-      WHERE id IN (SELECT (e ->> 'job_id')::uuid FROM jsonb_array_elements(v_deltas) e)
+      WHERE id IN (SELECT (e ->> 'job_id')::uuid FROM jsonb_array_elements(v_deltas) e
+                    WHERE (e ->> 'counted')::boolean)
       ORDER BY id
         FOR NO KEY UPDATE;
+    -- Jobs that only start (a claim): skipped while another transaction holds
+    -- them. That one is starting the job too, finishing a task of it (which
+    -- starts it as well) or cancelling it; waiting could deadlock with a
+    -- cancel that holds the job and waits for a task row this claim holds.
+    SELECT array_agg(id) INTO v_starting
+      FROM (SELECT id
+              FROM jobs
+             WHERE id IN (SELECT (e ->> 'job_id')::uuid FROM jsonb_array_elements(v_deltas) e
+                           WHERE NOT (e ->> 'counted')::boolean)
+             ORDER BY id
+               FOR NO KEY UPDATE SKIP LOCKED) startable;
 
     -- The jobs are locked by this transaction, so this statement's snapshot
     -- holds their latest counters.
@@ -367,8 +384,9 @@ BEGIN
                    d.error
               FROM jsonb_to_recordset(v_deltas)
                        AS d(job_id uuid, total integer, completed integer, failed integer,
-                            cancelled integer, started boolean, error text)
-              JOIN jobs cur ON cur.id = d.job_id) c
+                            cancelled integer, started boolean, error text, counted boolean)
+              JOIN jobs cur ON cur.id = d.job_id
+             WHERE d.counted OR d.job_id = ANY (v_starting)) c
      WHERE j.id = c.id;
     RETURN NULL;
 END

@@ -174,3 +174,42 @@ def test_workers_finishing_tasks_of_many_jobs_at_once_keep_every_counter_true(
         "SELECT status, total_tasks, completed_tasks, progress, count(*) FROM jobs"
         " GROUP BY 1, 2, 3, 4"
     ).fetchall() == [("completed", 25, 25, Decimal("100.00"), 40)]
+
+
+def test_cancelling_a_job_while_its_first_task_is_claimed_does_not_deadlock(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    # The jobs API cancels the job row, then its pending tasks; a worker's claim
+    # locks a task, then would lock the job to mark it started.
+    job_id = add_job(db)
+    add_tasks(db, 3, job_id=job_id)
+    outcome: list = []
+
+    def claim_one() -> None:
+        try:
+            with psycopg.connect(database_url, autocommit=True) as worker:
+                outcome.append(claim(worker))
+        except Exception as exc:
+            outcome.append(exc)
+
+    with psycopg.connect(database_url) as api, \
+            psycopg.connect(database_url, autocommit=True) as watcher:
+        api.execute("UPDATE jobs SET status = 'cancelled' WHERE id = %s", (job_id,))
+        worker = threading.Thread(target=claim_one)
+        worker.start()
+        for _ in range(3000):  # until the claim is done or waits for a lock
+            worker.join(0.01)
+            waiting = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'").fetchone()[0]
+            if not worker.is_alive() or waiting:
+                break
+        api.execute("UPDATE job_tasks SET status = 'cancelled'"
+                    " WHERE job_id = %s AND status = 'pending'", (job_id,))
+        api.commit()
+        worker.join(60)
+
+    (claimed,) = outcome[0]
+    assert task(db, claimed["id"])["status"] == "claimed"
+    cancelled = job(db, job_id)
+    assert (cancelled["status"], cancelled["cancelled_tasks"]) == ("cancelled", 2)
