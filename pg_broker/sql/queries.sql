@@ -130,7 +130,10 @@ UPDATE job_tasks t
 RETURNING t.id;
 
 -- name: transport_probe
--- Safety poll: which of these queues have a message ready now.
+-- Safety poll: which of these queues have a message ready now; also keeps the touched (x-expires) queues alive.
+WITH touched AS (
+    UPDATE broker_queues SET last_used_at = now() WHERE name = ANY (%(touch)s::text[])
+)
 SELECT q.name
   FROM unnest(%(queues)s::text[]) AS q(name)
  WHERE EXISTS (SELECT 1 FROM job_tasks
@@ -162,10 +165,6 @@ SELECT (SELECT count(*) FROM job_tasks
            AND (expires_at IS NULL OR expires_at > now()))
      + (SELECT count(*) FROM broker_transient_messages
          WHERE queue = %(name)s AND (expires_at IS NULL OR expires_at > now()));
-
--- name: transport_touch_queues
--- Consumers keep their expiring (x-expires) queues alive.
-UPDATE broker_queues SET last_used_at = now() WHERE name = ANY (%(queues)s::text[]);
 
 -- name: transport_purge
 -- Removes a queue's ready messages (never rows a worker holds): plain rows are deleted, job tasks cancelled; returns how many.
@@ -207,8 +206,8 @@ SELECT routing_key, pattern, queue FROM broker_bindings WHERE exchange = %(excha
 -- The type an exchange was bound with, for exchanges this process never declared.
 SELECT exchange_type FROM broker_bindings WHERE exchange = %(exchange)s LIMIT 1;
 
--- name: transport_sweep
--- Drops queues unused for longer than their x-expires (bindings and messages too) and expired transient messages.
+-- name: transport_maintain
+-- A live consumer's maintenance: expired leases back to pending (reclaim_stale_tasks), queues unused past their x-expires dropped with bindings and messages, expired transient messages dropped. Returns (reclaimed, queues dropped).
 WITH expired AS (
     DELETE FROM broker_queues
      WHERE expires IS NOT NULL AND last_used_at < now() - expires
@@ -222,7 +221,7 @@ WITH expired AS (
     DELETE FROM job_tasks
      WHERE queue IN (SELECT name FROM expired) AND status = 'pending' AND job_id IS NULL
 )
-SELECT count(*) FROM expired;
+SELECT reclaim_stale_tasks(), (SELECT count(*) FROM expired);
 
 -- ---------------------------------------------------------------------------
 -- The worker app and the job model (pg_broker.jobs, storage, maintenance;

@@ -127,11 +127,11 @@ class LeaseKeeper:
         return len(renewed)
 
     def maintain(self) -> None:
-        conn = self._connection()
-        reclaimed = conn.execute(queries["reclaim_stale_tasks"]).fetchone()[0]
+        reclaimed, dropped = self._connection().execute(queries["transport_maintain"]).fetchone()
         if reclaimed:
             log.info("reclaimed %d task(s) whose lease expired", reclaimed)
-        conn.execute(queries["transport_sweep"])
+        if dropped:
+            log.info("dropped %d queue(s) unused past their expiry", dropped)
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:

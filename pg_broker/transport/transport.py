@@ -800,7 +800,9 @@ class Transport(virtual.Transport):
                 self._ready |= notified
             else:
                 self._ready |= set(self._consumers)
-                self._touch_expiring()
+                touch = self._due_touches()
+                if touch:
+                    self.conn.execute(queries["transport_probe"], {"queues": [], "touch": touch})
 
     # The worker's event loop ----------------------------------------------------
 
@@ -891,19 +893,20 @@ class Transport(virtual.Transport):
     def _safety_poll(self) -> None:
         self.flush_acks()
         idle = [queue for queue in self._consumers if queue not in self._ready]
-        if idle:
-            rows = self.conn.execute(queries["transport_probe"], {"queues": idle}).fetchall()
+        touch = self._due_touches()
+        if idle or touch:
+            rows = self.conn.execute(
+                queries["transport_probe"], {"queues": idle, "touch": touch}
+            ).fetchall()
             self._ready.update(row[0] for row in rows)
-        self._touch_expiring()
 
-    def _touch_expiring(self) -> None:
-        """Keep consumed queues with x-expires alive (a third of their expiry)."""
+    def _due_touches(self) -> list[str]:
+        """Consumed queues with x-expires, when a third of their expiry has passed."""
         consumed = [queue for queue in self._consumers if queue in self.expiring]
         if not consumed or monotonic() < self._next_touch:
-            return
-        self.conn.execute(queries["transport_touch_queues"], {"queues": consumed})
+            return []
         self._next_touch = monotonic() + min(self.expiring[q] for q in consumed) / 3
-
+        return consumed
 
 def _text(value: object) -> str | None:
     return None if value is None else str(value)
