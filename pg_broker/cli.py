@@ -76,15 +76,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     url = database_url()
     ensure_migrated(url)
     with connect(url, autocommit=True) as conn:
-        job_id = submit_package(conn, user_id=args.user, title=args.title,
-                                chapters=chapters or demo_chapters(), voice=args.voice,
-                                rate_wpm=args.speed)
+        try:
+            job_id = submit_package(conn, user_id=args.user, title=args.title,
+                                    chapters=chapters or demo_chapters(), voice=args.voice,
+                                    rate_wpm=args.speed)
+        except ValueError as exc:
+            print(f"pg-broker submit: {exc}", file=sys.stderr)
+            return 2
         print(job_id)
         if args.wait:
             draw = sys.stdout.isatty()
+
+            def show(job) -> None:
+                if draw:
+                    print("\r" + progress_bar(job), end="", flush=True)
+
             try:
-                job = wait_for_job(conn, job_id, timeout=args.wait, on_progress=lambda j: draw and print(
-                    "\r" + progress_bar(j), end="", flush=True))
+                job = wait_for_job(conn, job_id, timeout=args.wait, on_progress=show)
             except TimeoutError as exc:
                 print(f"\npg-broker submit: {exc}; is a worker running (celery -A tasks worker)?",
                       file=sys.stderr)

@@ -35,7 +35,13 @@ from psycopg.types.json import Jsonb
 
 from pg_broker.pdf import Chapter
 from pg_broker.queries import queries
-from pg_broker.speech import DEFAULT_RATE_WPM, DEFAULT_VOICE, MAX_RATE_WPM, MIN_RATE_WPM
+from pg_broker.speech import (
+    DEFAULT_RATE_WPM,
+    DEFAULT_VOICE,
+    MAX_RATE_WPM,
+    MIN_RATE_WPM,
+    check_voice,
+)
 from pg_broker.storage import Artifact, StorageError, get_storage
 
 log = logging.getLogger(__name__)
@@ -156,6 +162,7 @@ def submit_package(
             raise ValueError(f"chapter {number} ({chapter.title!r}) has no text")
     if not MIN_RATE_WPM <= rate_wpm <= MAX_RATE_WPM:
         raise ValueError(f"speed {rate_wpm} wpm is outside {MIN_RATE_WPM}–{MAX_RATE_WPM}")
+    check_voice(voice)
     params = {
         "voice": voice,
         "rate_wpm": rate_wpm,

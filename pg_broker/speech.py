@@ -195,6 +195,12 @@ def _select_voice(library: ctypes.CDLL, voice: str) -> None:
     raise ValueError(f"eSpeak NG has no voice named {voice!r} (try en-us, en-gb, de, fr-fr)")
 
 
+def check_voice(voice: str) -> None:
+    """Raise ValueError unless eSpeak NG has ``voice`` (name or language code)."""
+    with _lock:
+        _select_voice(_espeak(), voice)
+
+
 def synthesize_mp3(
     text: str,
     out: BinaryIO,

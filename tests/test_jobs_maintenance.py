@@ -9,8 +9,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pg_broker.jobs import cancel_job, get_job, user_session
+from pg_broker.jobs import cancel_job, get_job, submit_package, user_session
 from pg_broker.maintenance import Retention, Watchdog, dead_tasks, retry_dead_tasks
+from pg_broker.pdf import Chapter
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-00000000000a")
 STRANGER = uuid.UUID("00000000-0000-4000-8000-00000000000b")
@@ -123,3 +124,18 @@ def test_dead_letters_are_listed_and_requeued_with_a_wake_up(
     assert (job.status, job.error, job.completed_at, job.failed_tasks) == ("processing", "boom", None, 1)
     assert retry_dead_tasks(db) == 1
     assert dead_tasks(db) == []
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"chapters": []}, "at least one chapter"),
+    ({"chapters": [Chapter("Empty", "  \n ")]}, "has no text"),
+    ({"voice": "klingon-nope"}, "no voice named"),
+    ({"rate_wpm": 1000}, "outside"),
+])
+def test_a_package_that_cannot_be_spoken_is_refused_before_anything_is_queued(
+    db: psycopg.Connection, change: dict, message: str
+) -> None:
+    request = {"user_id": OWNER, "title": "t", "chapters": [Chapter("One", "Some text.")], **change}
+    with pytest.raises(ValueError, match=message):
+        submit_package(db, **request)
+    assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
