@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from bench import report
-from bench.brokers import ALL_BROKERS, PG_SERVER_URL, prepare
+from bench.brokers import ALL_BROKERS, DEFAULT_BROKERS, PG_SERVER_URL, prepare
 from bench.measure import Sizes
 from bench.runner import ROLES, Run
 from bench.workers import install_cleanup
@@ -26,9 +26,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 PRESETS = {
     "quick": Sizes(enqueue=200, bulk=300, throughput=200, latency_samples=10,
-                   endurance=800, idle_seconds=2.0, cap=3.0, endurance_cap=5.0),
+                   endurance=800, idle_seconds=2.0, cap=3.0, latency_cap=3.0, endurance_cap=5.0),
     "full": Sizes(enqueue=2000, bulk=10_000, throughput=2000, latency_samples=100,
-                  endurance=200_000, idle_seconds=10.0, cap=60.0, endurance_cap=900.0),
+                  endurance=200_000, idle_seconds=10.0, cap=60.0, latency_cap=20.0,
+                  endurance_cap=900.0),
 }
 
 
@@ -40,8 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true",
                         help="small sizes, a few minutes (default: full sizes)")
-    parser.add_argument("--brokers", default=",".join(ALL_BROKERS),
-                        help=f"comma-separated subset of {','.join(ALL_BROKERS)}")
+    parser.add_argument("--brokers", default=",".join(DEFAULT_BROKERS),
+                        help=f"comma-separated, from {','.join(ALL_BROKERS)} "
+                             f"(default {','.join(DEFAULT_BROKERS)})")
     parser.add_argument("--repeats", type=int, default=3,
                         help="interleaved repeats per figure (default 3; fewer is a smoke run)")
     parser.add_argument("--pg-server", default=PG_SERVER_URL,

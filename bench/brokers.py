@@ -28,11 +28,15 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 RABBITMQ_URL = "pyamqp://guest:guest@127.0.0.1:5672//"
 PG_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PGBROKER_DATABASE = "pg_broker_bench"
+PGBROKER_ASYNC_DATABASE = "pg_broker_bench_async"
 SQLA_DATABASE = "pg_broker_bench_sqla"
 PGMQ_DATABASE = "pg_broker_bench_pgmq"
 EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / ".pgdata"
 
-ALL_BROKERS = ("redis", "rabbitmq", "sqla", "pgmq", "pgbroker", "pgbroker-embedded")
+# The default set; pgbroker-async (pg_broker with its documented
+# synchronous_commit=off option) is there when asked for.
+DEFAULT_BROKERS = ("redis", "rabbitmq", "sqla", "pgmq", "pgbroker", "pgbroker-embedded")
+ALL_BROKERS = DEFAULT_BROKERS + ("pgbroker-async",)
 
 
 @dataclass
@@ -231,6 +235,7 @@ def prepare(names: list[str], pg_server: str, pgbroker_database: str | None) -> 
         "sqla": lambda: _sqla(pg_server),
         "pgmq": lambda: _pgmq(pg_server),
         "pgbroker": lambda: _pgbroker(pg_server, pgbroker_database),
+        "pgbroker-async": lambda: _pgbroker_async(pg_server),
         "pgbroker-embedded": _pgbroker_embedded,
     }
     brokers = []
@@ -335,6 +340,18 @@ def _pgbroker(pg_server: str, database_url: str | None) -> Broker:
         "pg_broker on the PostgreSQL server", database_url,
         {"PG_BROKER_URL": None, "DATABASE_URL": None},
     )
+
+
+def _pgbroker_async(pg_server: str) -> Broker:
+    recreate_database(pg_server, PGBROKER_ASYNC_DATABASE)
+    database_url = with_database(pg_server, PGBROKER_ASYNC_DATABASE)
+    broker = _pgbroker_common(
+        "pgbroker-async", libpq_to_broker(database_url, "pgbroker"),
+        "pg_broker on the PostgreSQL server, transport option synchronous_commit=off",
+        database_url, {"PG_BROKER_URL": None, "DATABASE_URL": None},
+    )
+    broker.transport_options = {"synchronous_commit": "off"}
+    return broker
 
 
 def _pgbroker_embedded() -> Broker:

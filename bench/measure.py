@@ -40,6 +40,7 @@ class Sizes:
     endurance: int
     idle_seconds: float  # one idle-worker window
     cap: float  # seconds after which a run stops waiting and reports what it got
+    latency_cap: float
     endurance_cap: float
 
 

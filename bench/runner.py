@@ -147,7 +147,7 @@ class Run:
             if broker.name.startswith("pgbroker"):
                 self.attempt(broker, lambda: measure.enqueue_transactional(app, broker, sizes.bulk))
             self.attempt(broker, lambda: measure.latency(
-                app, workers["solo"], sizes.latency_samples, sizes.cap))
+                app, workers["solo"], sizes.latency_samples, sizes.latency_cap))
             plain = {}
             for role in ("solo", "threads", "prefork"):
                 plain[role] = self.attempt(broker, lambda role=role: measure.throughput(
