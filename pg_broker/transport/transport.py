@@ -56,6 +56,17 @@ DEFAULT_CLAIM_BATCH_MAX = 100
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 DEFAULT_RETRY_BACKOFF_SECONDS = 10.0
 TRANSIENT_TAG_PREFIX = "transient:"
+# libpq parameters the broker URL may override. Keepalives let a worker notice
+# a dead server on an idle (LISTEN) connection; the timeout bounds a connect
+# attempt while the database is down.
+CONNECT_DEFAULTS = {
+    "application_name": "pg_broker",
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
 
 _enqueue = threading.local()
 # Every live transport, so a forked child can disown the connections it
@@ -516,9 +527,10 @@ class Transport(virtual.Transport):
             seconds=float(options.get("retry_backoff", DEFAULT_RETRY_BACKOFF_SECONDS))
         )
         self.synchronous_commit = options.get("synchronous_commit")
-        self.connect_kwargs = {}
-        if "application_name" not in conninfo_to_dict(self.conninfo):
-            self.connect_kwargs["application_name"] = "pg_broker"
+        given = conninfo_to_dict(self.conninfo)
+        self.connect_kwargs = {
+            key: value for key, value in CONNECT_DEFAULTS.items() if key not in given
+        }
         self.leases = LeaseKeeper(
             self.conninfo, self.connect_kwargs, self.lease.total_seconds(),
             float(options.get("maintenance_interval", DEFAULT_MAINTENANCE_INTERVAL)),
@@ -821,6 +833,8 @@ class Transport(virtual.Transport):
         loop.add_reader(self._listener.fileno(), self._on_readable)
         loop.add_reader(self._wake_fds[0], self._on_kick)
         loop.on_tick.add(self._on_tick)
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
         self._poll_timer = loop.call_repeatedly(self.polling_interval, self._safety_poll)
         self._ready |= set(self._consumers)
         self.kick()
