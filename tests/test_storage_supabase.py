@@ -3,133 +3,25 @@ REST API the official client calls: the requests it sends are asserted."""
 
 from __future__ import annotations
 
-import email.parser
 import json
-import secrets
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
 from urllib.request import urlopen
 
 import psycopg
 import pytest
+from supabase_fake import KEY, PREFIX, FakeStorage, serve_fake_supabase
 
 from pg_broker.storage import SupabaseStorage, get_storage, store_artifact
 
-KEY = "service-role-key-for-tests"
-PREFIX = "/storage/v1"
 USER = uuid.UUID("00000000-0000-4000-8000-000000000002")
-
-
-class FakeStorage:
-    """The state of the fake Storage API, and every request it received."""
-
-    def __init__(self) -> None:
-        self.buckets: dict[str, dict] = {}
-        self.objects: dict[tuple[str, str], tuple[bytes, str]] = {}
-        self.tokens: dict[str, tuple[str, str]] = {}
-        self.requests: list[dict] = []
-
-
-def _handler(state: FakeStorage) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-        def _reply(self, status: int, body: object, content_type: str = "application/json") -> None:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, error: str) -> None:
-            self._reply(400 if status == 404 else status,
-                        {"statusCode": str(status), "error": error, "message": error})
-
-        def _handle(self) -> None:
-            url = urlsplit(self.path)
-            path = unquote(url.path)
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            state.requests.append({
-                "method": self.command, "path": path, "query": parse_qs(url.query),
-                "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body,
-            })
-            assert path.startswith(PREFIX + "/")
-            parts = path[len(PREFIX) + 1:].split("/")
-            signed = parts[:2] == ["object", "sign"] and self.command == "GET"
-            if not signed and (self.headers.get("Authorization") != f"Bearer {KEY}"
-                               or self.headers.get("apikey") != KEY):
-                return self._error(403, "Unauthorized")
-            if parts[0] == "bucket":
-                return self._bucket(parts[1:], body)
-            if signed:
-                token = parse_qs(url.query).get("token", [""])[0]
-                if state.tokens.get(token) != (parts[2], "/".join(parts[3:])):
-                    return self._error(403, "InvalidSignature")
-                data, content_type = state.objects[(parts[2], "/".join(parts[3:]))]
-                return self._reply(200, data, content_type)
-            if parts[:2] == ["object", "sign"]:
-                bucket, name = parts[2], "/".join(parts[3:])
-                if (bucket, name) not in state.objects:
-                    return self._error(404, "not_found")
-                token = secrets.token_hex(8)
-                state.tokens[token] = (bucket, name)
-                return self._reply(200, {"signedURL": f"/object/sign/{bucket}/{name}?token={token}"})
-            if parts[0] == "object" and self.command == "POST":
-                return self._upload(parts[1], "/".join(parts[2:]), body)
-            if parts[0] == "object" and self.command == "GET":
-                found = state.objects.get((parts[1], "/".join(parts[2:])))
-                return self._reply(200, found[0], found[1]) if found else self._error(404, "not_found")
-            if parts[0] == "object" and self.command == "DELETE":
-                removed = [p for p in json.loads(body)["prefixes"]
-                           if state.objects.pop((parts[1], p), None) is not None]
-                return self._reply(200, [{"name": p} for p in removed])
-            return self._error(404, "no such endpoint")
-
-        def _bucket(self, parts: list[str], body: bytes) -> None:
-            if self.command == "GET" and parts:
-                found = state.buckets.get(parts[0])
-                return self._reply(200, found) if found else self._error(404, "Bucket not found")
-            if self.command == "POST" and not parts:
-                spec = json.loads(body)
-                state.buckets[spec["id"]] = spec
-                return self._reply(200, {"name": spec["id"]})
-            return self._error(404, "no such endpoint")
-
-        def _upload(self, bucket: str, name: str, body: bytes) -> None:
-            if bucket not in state.buckets:
-                return self._error(404, "Bucket not found")
-            if (bucket, name) in state.objects and self.headers.get("x-upsert") != "true":
-                return self._error(409, "Duplicate")
-            message = email.parser.BytesParser().parsebytes(
-                b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + body
-            )
-            file_part = next(p for p in message.get_payload() if p.get_filename())
-            state.objects[(bucket, name)] = (file_part.get_payload(decode=True),
-                                             file_part.get_content_type())
-            return self._reply(200, {"Key": f"{bucket}/{name}", "Id": str(uuid.uuid4())})
-
-        do_GET = do_POST = do_PUT = do_DELETE = _handle
-
-    return Handler
 
 
 @pytest.fixture
 def fake_supabase() -> Iterator[tuple[str, FakeStorage]]:
-    state = FakeStorage()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", state
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_fake_supabase() as served:
+        yield served
 
 
 def test_upload_creates_the_private_bucket_and_upserts_with_the_service_key(
