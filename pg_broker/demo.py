@@ -225,7 +225,8 @@ def run_demo(
         span = (max(t.completed_at for t in audio_tasks)
                 - min(t.started_at for t in audio_tasks)).total_seconds()
         say(f"throughput: {len(audio_tasks) / span:.2f} MP3 chapters/s for this worker "
-            f"({concurrency} processes), {len(audio_tasks) / busy:.2f} chapters/s per process")
+            f"({concurrency} pool process{'es' if concurrency > 1 else ''}), "
+            f"{len(audio_tasks) / busy:.2f} chapters/s per process")
     storage = get_storage()
     where = getattr(storage, "root", None)
     if where and audio:
