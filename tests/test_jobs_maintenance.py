@@ -12,6 +12,7 @@ from psycopg import sql
 from pg_broker.jobs import cancel_job, get_job, submit_package, user_session
 from pg_broker.maintenance import Retention, Watchdog, dead_tasks, retry_dead_tasks
 from pg_broker.pdf import Chapter
+from pg_broker.transport.listener import channel_name
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-00000000000a")
 STRANGER = uuid.UUID("00000000-0000-4000-8000-00000000000b")
@@ -112,7 +113,7 @@ def test_dead_letters_are_listed_and_requeued_with_a_wake_up(
         (f"{job_id}-1", "failed", "boom"), (f"{job_id}-2", "dead", "boom")}
 
     with psycopg.connect(database_url, autocommit=True) as listener:
-        (channel,) = listener.execute("SELECT 'pgbroker_' || md5('audio')").fetchone()
+        channel = channel_name("audio")  # the channel the transport listens on
         listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         assert retry_dead_tasks(db, [f"{job_id}-1"]) == 1
         assert [n.channel for n in listener.notifies(timeout=5, stop_after=1)] == [channel]
