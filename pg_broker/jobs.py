@@ -129,6 +129,12 @@ def submit_job(
     if not tasks:
         raise ValueError("a job needs at least one task")
     app = app or _default_app()
+    scheme = (app.conf.broker_url or "").split("://", 1)[0]
+    if scheme != "pgbroker":
+        raise RuntimeError(
+            f"jobs need the pgbroker:// broker (this app uses {scheme}://): the job row and its "
+            "task messages are written in one database transaction"
+        )
     with conn.transaction():
         (job_id,) = conn.execute(queries["insert_job"], {
             "user_id": user_id, "job_type": job_type, "title": title, "params": Jsonb(params),

@@ -140,3 +140,13 @@ def test_a_package_that_cannot_be_spoken_is_refused_before_anything_is_queued(
     with pytest.raises(ValueError, match=message):
         submit_package(db, **request)
     assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+def test_jobs_refuse_a_broker_that_cannot_share_their_transaction(db: psycopg.Connection) -> None:
+    from celery import Celery
+
+    other_app = Celery("elsewhere", broker="amqp://guest@127.0.0.1:5672//")
+    with pytest.raises(RuntimeError, match="pgbroker://"):
+        submit_package(db, user_id=OWNER, title="t", chapters=[Chapter("One", "Text.")],
+                       app=other_app)
+    assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
