@@ -132,7 +132,7 @@ def test_retry_with_countdown_runs_the_task_again(app, worker):
     assert result.get(timeout=RESULT_TIMEOUT) == 2
 
 
-def test_countdown_longer_than_the_lease_runs_once(app, worker, tmp_path):
+def test_countdown_longer_than_the_lease_runs_once(app, worker, dbconn, tmp_path):
     runs = tmp_path / "runs"
     result = celery_app.record.apply_async((str(runs), "once"), countdown=2 * LEASE_SECONDS + 1)
 
@@ -142,6 +142,7 @@ def test_countdown_longer_than_the_lease_runs_once(app, worker, tmp_path):
     # run every chance to show up.
     time.sleep(LEASE_SECONDS + 2)
     assert len(lines(runs)) == 1, lines(runs)
+    assert task_row(dbconn, result.id)["attempts"] == 1
 
 
 def test_acks_late_task_killed_mid_run_runs_again(request, app, env, logs, dbconn, tmp_path):
