@@ -8,8 +8,10 @@ database of its own, migrated, and dropped at the end.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -28,16 +30,31 @@ DATA_TABLES = (
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A URL to the test server's maintenance database (an embedded server is
-    stopped at the end: pytest deletes old temporary directories under it)."""
+def new_data_dir() -> Iterator[Callable[[], Path]]:
+    """Makes data directories for embedded servers, outside pytest's own
+    temporary directories: pytest deletes all but the last three sessions'
+    ones, also while another session's server still runs there (PostgreSQL
+    shuts down when its postmaster.pid vanishes). At the end of the session
+    the servers are stopped and the directories removed."""
+    made: list[Path] = []
+
+    def make() -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix="pg_broker_test_")) / "pgdata")
+        return made[-1]
+
+    yield make
+    for data_dir in made:
+        stop_embedded(data_dir)
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server_url(new_data_dir: Callable[[], Path]) -> str:
+    """A URL to the test server's maintenance database."""
     configured = os.environ.get(TEST_URL_VARIABLE, "").strip()
     if configured:
-        yield configured
-        return
-    data_dir = Path(tmp_path_factory.mktemp("embedded")) / "pgdata"
-    yield embedded_url(data_dir)
-    stop_embedded(data_dir)
+        return configured
+    return embedded_url(new_data_dir())
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -38,11 +38,11 @@ def _ask_for_embedded(data_dir: str, results) -> None:
 
 
 @pytest.fixture(scope="module")
-def fresh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list]]:
+def fresh_server(new_data_dir: Callable[[], Path]) -> Iterator[tuple[Path, list]]:
     """A data directory nobody initialised, asked for by several processes at
     once (as worker, beat and a producer starting together do); the directory
     and what each process got. The server is stopped afterwards."""
-    data_dir = tmp_path_factory.mktemp("fresh") / "pgdata"
+    data_dir = new_data_dir()
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     children = [ctx.Process(target=_ask_for_embedded, args=(str(data_dir), results))
