@@ -21,6 +21,8 @@ from pathlib import Path
 
 import platformdirs
 from kombu import Queue
+from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy.engine import URL
 
 from pg_broker.database import database_url as _database_url
 
@@ -40,13 +42,23 @@ def _env(name: str, default):
     return raw
 
 
-def _sqlalchemy_url(libpq_url: str) -> str:
-    """Celery's SQLAlchemy result backend URL for a libpq URL (psycopg 3
-    driver; unix-socket URLs with ``?host=/dir`` pass through unchanged)."""
-    scheme, _, rest = libpq_url.partition("://")
-    if scheme not in ("postgresql", "postgres"):
-        raise ValueError(f"not a PostgreSQL URL: {scheme}://…")
-    return "db+postgresql+psycopg://" + rest
+def _sqlalchemy_url(conninfo: str) -> str:
+    """Celery's SQLAlchemy result backend URL (psycopg 3 driver) for any libpq
+    conninfo: a URL, ``key=value`` pairs, a unix-socket ``?host=/dir``."""
+    params = conninfo_to_dict(conninfo)
+    host = params.get("host") or ""
+    tcp = bool(host) and not host.startswith("/") and "," not in host
+    url = URL.create(
+        "postgresql+psycopg",
+        username=params.pop("user", None),
+        password=params.pop("password", None),
+        # A socket directory or a host list stays a query parameter for libpq.
+        host=params.pop("host") if tcp else None,
+        port=int(params.pop("port")) if tcp and "port" in params else None,
+        database=params.pop("dbname", None),
+        query=params,
+    )
+    return "db+" + url.render_as_string(hide_password=False)
 
 
 def _seconds(variable: str, default: float) -> float:

@@ -1,0 +1,87 @@
+"""celeryconfig.py: defaults that need no configuration, every setting
+overridable from the environment, and a result backend on the broker's database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from psycopg.conninfo import conninfo_to_dict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_SHOW = """
+import json
+from tasks import app
+app.loader.import_default_modules()
+route = app.amqp.router.route
+print(json.dumps({
+    "broker": app.conf.broker_url, "backend": app.conf.result_backend,
+    "prefetch": app.conf.worker_prefetch_multiplier, "acks_late": app.conf.task_acks_late,
+    "reject_on_lost": app.conf.task_reject_on_worker_lost,
+    "acks_on_failure": app.conf.task_acks_on_failure,
+    "backoff": app.conf.broker_transport_options["retry_backoff"],
+    "watchdog": app.conf.beat_schedule["watchdog"]["schedule"],
+    "queues": {name: route({}, name)["queue"].name for name in (
+        "tasks.audio.synthesize_chapter", "tasks.documents.render_package_pdf",
+        "tasks.maintenance.reclaim_stale_tasks", "somebody.else.task")},
+}))
+"""
+
+
+def _settings(env: dict[str, str]) -> dict:
+    done = subprocess.run([sys.executable, "-c", _SHOW], env=env, cwd="/", capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_defaults_are_the_pgbroker_database_acks_late_and_the_domain_queues(
+    broker_env: dict[str, str], database_url: str
+) -> None:
+    settings = _settings(broker_env)
+    assert settings["broker"] == "pgbroker://"
+    engine = sqlalchemy.create_engine(settings["backend"].removeprefix("db+"))
+    with engine.connect() as conn:
+        database = conn.execute(sqlalchemy.text("SELECT current_database()")).scalar()
+    assert database == conninfo_to_dict(database_url)["dbname"]
+    engine.dispose()
+    assert (settings["acks_late"], settings["reject_on_lost"], settings["acks_on_failure"]) == (
+        True, True, False)
+    assert (settings["prefetch"], settings["backoff"], settings["watchdog"]) == (1, 10.0, 60.0)
+    assert settings["queues"] == {
+        "tasks.audio.synthesize_chapter": "audio", "tasks.documents.render_package_pdf": "documents",
+        "tasks.maintenance.reclaim_stale_tasks": "default", "somebody.else.task": "default"}
+
+
+def test_every_setting_is_overridable_from_the_environment(broker_env: dict[str, str]) -> None:
+    settings = _settings({
+        **broker_env, "CELERY_WORKER_PREFETCH_MULTIPLIER": "4", "CELERY_TASK_ACKS_LATE": "false",
+        "CELERY_BROKER_URL": "pgbroker://postgres@127.0.0.1:5432/other",
+        "CELERY_RESULT_BACKEND": "db+postgresql+psycopg://postgres@127.0.0.1:5432/results",
+        "PG_BROKER_RETRY_BACKOFF": "2.5", "PG_BROKER_WATCHDOG_INTERVAL": "15",
+    })
+    assert settings["prefetch"] == 4 and settings["acks_late"] is False
+    assert settings["broker"] == "pgbroker://postgres@127.0.0.1:5432/other"
+    assert settings["backend"] == "db+postgresql+psycopg://postgres@127.0.0.1:5432/results"
+    assert (settings["backoff"], settings["watchdog"]) == (2.5, 15.0)
+
+
+@pytest.mark.parametrize(("conninfo", "expected"), [
+    ("postgresql://postgres:@/pg_broker?host=/srv/pgdata",
+     "db+postgresql+psycopg://postgres@/pg_broker?host=%2Fsrv%2Fpgdata"),
+    ("host=db user=app password=p@ss dbname=jobs port=5433 sslmode=require",
+     "db+postgresql+psycopg://app:p%40ss@db:5433/jobs?sslmode=require"),
+    ("postgres://app@h1:5432,h2:5432/jobs",
+     "db+postgresql+psycopg://app@/jobs?host=h1%2Ch2&port=5432%2C5432"),
+])
+def test_the_result_backend_url_is_derived_from_any_libpq_conninfo(
+    conninfo: str, expected: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PG_BROKER_URL", database_url)  # what importing the module reads
+    import celeryconfig
+
+    assert celeryconfig._sqlalchemy_url(conninfo) == expected
