@@ -27,6 +27,11 @@ SELECT reclaim_stale_tasks();
 -- The Kombu transport (pg_broker.transport). Durable queues keep messages as
 -- job_tasks rows, non-durable ones in broker_transient_messages. Every insert
 -- notifies channel 'pgbroker_' || md5(queue) (pg_broker.transport.listener).
+-- Consumer statements (claim, ack, requeue, fail, renew, poll, maintenance)
+-- commit asynchronously (set_config('synchronous_commit', 'off', true)): if
+-- the server crashes, the last of them may be lost, which only redelivers a
+-- message (at-least-once). Publishes commit durably: a lost publish is a lost
+-- message.
 
 -- name: transport_publish
 -- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue, notifies.
@@ -41,7 +46,10 @@ WITH target AS (
             OR (b.exchange_type = 'topic' AND %(routing_key)s::text ~ b.pattern))
 ), routed AS (
     SELECT t.queue, coalesce(q.durable, true) AS durable,
-           now() + least(%(ttl)s::interval, q.message_ttl) AS expires_at
+           now() + least(%(ttl)s::interval, q.message_ttl) AS expires_at,
+           CASE WHEN %(synchronous_commit)s::text IS NOT NULL
+                THEN set_config('synchronous_commit', %(synchronous_commit)s::text, true)
+           END AS commit_mode
       FROM target t LEFT JOIN broker_queues q ON q.name = t.queue
 ), durable AS (
     INSERT INTO job_tasks (queue, priority, payload, task_type, task_id, job_id, user_id,
@@ -66,6 +74,7 @@ UPDATE job_tasks t
    SET status = 'claimed', worker_id = %(worker_id)s, lease_token = %(lease_token)s,
        lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now(),
        claimed_at = now(), attempts = t.attempts + 1
+  FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
  WHERE t.id IN (SELECT id FROM job_tasks
                  WHERE status = 'pending' AND queue = %(queue)s
                    AND visible_at <= now() AND (expires_at IS NULL OR expires_at > now())
@@ -89,7 +98,8 @@ RETURNING id, payload, priority;
 UPDATE job_tasks t
    SET status = 'completed', error = NULL, completed_at = now(),
        lease_token = NULL, lease_expires_at = NULL
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token)
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token),
+       (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
  WHERE t.id = held.id AND t.lease_token = held.lease_token
    AND t.status IN ('claimed', 'processing')
 RETURNING t.id;
@@ -103,7 +113,8 @@ UPDATE job_tasks t
                     ELSE format('requeued after %%s of %%s deliveries', t.attempts, t.max_attempts) END,
        completed_at = CASE WHEN t.attempts - %(refund)s < t.max_attempts THEN NULL ELSE now() END,
        worker_id = NULL, lease_token = NULL, lease_expires_at = NULL
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token)
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token),
+       (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
  WHERE t.id = held.id AND t.lease_token = held.lease_token
    AND t.status IN ('claimed', 'processing')
 RETURNING t.id;
@@ -111,20 +122,23 @@ RETURNING t.id;
 -- name: transport_fail
 -- Rejects held rows without requeue: fail_task retries with backoff or fails them; returns rows not fenced.
 SELECT held.id, fail_task(held.id, held.lease_token, NULL, true, %(backoff)s::interval) AS status
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token);
+  FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit,
+       unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token);
 
 -- name: transport_bury
 -- A held row that is no Kombu message (malformed payload): dead at once, with the reason.
 UPDATE job_tasks
    SET status = 'dead', error = %(error)s, completed_at = now(),
        lease_token = NULL, lease_expires_at = NULL
+  FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
  WHERE id = %(id)s AND lease_token = %(lease_token)s;
 
 -- name: transport_renew_leases
 -- Extends the leases of the rows a consumer holds; returns those still held.
 UPDATE job_tasks t
    SET lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now()
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token)
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token),
+       (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
  WHERE t.id = held.id AND t.lease_token = held.lease_token
    AND t.status IN ('claimed', 'processing')
 RETURNING t.id;
@@ -132,7 +146,9 @@ RETURNING t.id;
 -- name: transport_probe
 -- Safety poll: which of these queues have a message ready now; also keeps the touched (x-expires) queues alive.
 WITH touched AS (
-    UPDATE broker_queues SET last_used_at = now() WHERE name = ANY (%(touch)s::text[])
+    UPDATE broker_queues SET last_used_at = now()
+      FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+     WHERE name = ANY (%(touch)s::text[])
 )
 SELECT q.name
   FROM unnest(%(queues)s::text[]) AS q(name)
@@ -221,7 +237,8 @@ WITH expired AS (
     DELETE FROM job_tasks
      WHERE queue IN (SELECT name FROM expired) AND status = 'pending' AND job_id IS NULL
 )
-SELECT reclaim_stale_tasks(), (SELECT count(*) FROM expired);
+SELECT reclaim_stale_tasks(), (SELECT count(*) FROM expired)
+  FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit;
 
 -- ---------------------------------------------------------------------------
 -- The worker app and the job model (pg_broker.jobs, storage, maintenance;

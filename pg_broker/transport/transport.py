@@ -477,10 +477,12 @@ class Transport(virtual.Transport):
         the sweep of expired queues and transient messages.
     ``claim_batch_max`` (100)
         Upper bound of one claim when the prefetch window is unlimited.
-    ``synchronous_commit`` (unset)
-        ``off`` makes publishes and acks return before their WAL is flushed:
-        several times the publish rate, and a crash of the database server
-        can lose the last fraction of a second of them (never corrupt).
+    ``synchronous_commit`` (unset: the server's setting)
+        For publishes: ``off`` makes them return before their WAL is flushed,
+        several times faster; a crash of the database server can then lose
+        the last fraction of a second of them (never corrupts). Consumer
+        statements (claims, acks, lease renewals) always commit this way: one
+        of them lost only redelivers a message.
     ``max_message_size`` (64 MiB)
         Larger messages are refused at publish with a ChannelError.
     ``retry_backoff`` (10)
@@ -526,7 +528,8 @@ class Transport(virtual.Transport):
         self.retry_backoff = timedelta(
             seconds=float(options.get("retry_backoff", DEFAULT_RETRY_BACKOFF_SECONDS))
         )
-        self.synchronous_commit = options.get("synchronous_commit")
+        synchronous_commit = options.get("synchronous_commit")
+        self.synchronous_commit = None if synchronous_commit is None else str(synchronous_commit)
         given = conninfo_to_dict(self.conninfo)
         self.connect_kwargs = {
             key: value for key, value in CONNECT_DEFAULTS.items() if key not in given
@@ -565,11 +568,6 @@ class Transport(virtual.Transport):
             self.forget_after_fork()
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs)
-            if self.synchronous_commit:
-                self._conn.execute(
-                    "SELECT set_config('synchronous_commit', %s, false)",
-                    (str(self.synchronous_commit),),
-                )
         return self._conn
 
     def establish_connection(self):
@@ -649,8 +647,12 @@ class Transport(virtual.Transport):
             "job_id": _text(headers.get("job_id")),
             "user_id": _text(headers.get("user_id")),
             "max_attempts": int(max_attempts) if max_attempts is not None else None,
+            "synchronous_commit": None,
         }
-        conn = getattr(_enqueue, "conn", None) or self.conn
+        conn = getattr(_enqueue, "conn", None)
+        if conn is None:  # our own transaction: the option decides how durable
+            conn = self.conn
+            params["synchronous_commit"] = self.synchronous_commit
         try:
             conn.execute(queries["transport_publish"], params)
         except psycopg.DataError as exc:
