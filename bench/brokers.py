@@ -58,6 +58,8 @@ class Broker:
     version: str | None = None  # server version, for the report
     # pg_stat_statements is loaded on the server (the bench's own embedded one)
     has_statements: bool = False
+    # The broker's own server process (Redis, RabbitMQ), for its CPU time.
+    server_pid: int | None = None
 
     @property
     def is_postgres(self) -> bool:
@@ -138,6 +140,26 @@ class Broker:
                 live += row[2]
         return {"total_bytes": size, "dead_tuples": dead, "live_tuples": live}
 
+
+    def server_cpu(self) -> dict[int, float]:
+        """CPU seconds so far of the processes serving this broker, by pid: the
+        server process (Redis, RabbitMQ), or the database backends connected to
+        the broker's database (the server is shared, so only those count)."""
+        if self.is_postgres:
+            with psycopg.connect(self.admin_url, autocommit=True) as conn:
+                pids = [r[0] for r in conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s"
+                    " AND backend_type = 'client backend'", (self.dbname,))]
+        else:
+            pids = [self.server_pid] if self.server_pid else []
+        found = {}
+        for pid in pids:
+            try:
+                times = psutil.Process(pid).cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            found[pid] = times.user + times.system
+        return found
 
     def reset_statements(self) -> None:
         if self.has_statements:
@@ -257,7 +279,8 @@ def _redis() -> Broker:
 
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
     info = client.info("server")
-    return Broker("redis", REDIS_URL, "Celery on Redis", version=info["redis_version"])
+    return Broker("redis", REDIS_URL, "Celery on Redis", version=info["redis_version"],
+                  server_pid=int(info["process_id"]))
 
 
 def _rabbitmq() -> Broker:
@@ -267,7 +290,10 @@ def _rabbitmq() -> Broker:
     version = props.get("version")
     if isinstance(version, bytes):
         version = version.decode()
-    return Broker("rabbitmq", RABBITMQ_URL, "Celery on RabbitMQ (py-amqp)", version=version)
+    beam = [p.pid for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "beam.smp" and "rabbit" in " ".join(p.info["cmdline"] or [])]
+    return Broker("rabbitmq", RABBITMQ_URL, "Celery on RabbitMQ (py-amqp)", version=version,
+                  server_pid=beam[0] if beam else None)
 
 
 def _sqla(pg_server: str) -> Broker:

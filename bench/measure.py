@@ -82,7 +82,7 @@ def enqueue_transactional(app: Celery, broker: Broker, n: int) -> dict:
     return {"enqueue_transactional": n / elapsed}
 
 
-def run_tasks(app: Celery, worker: Worker, n: int, cap: float) -> dict:
+def run_tasks(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> dict:
     """Publish n no-op tasks to a running worker's queue; time first publish -> last start.
 
     Stops publishing and waiting after ``cap`` seconds; the figure is then what
@@ -92,6 +92,8 @@ def run_tasks(app: Celery, worker: Worker, n: int, cap: float) -> dict:
     task = app.tasks[TASK_NAME]
     worker.clear_marks()
     cpu_before = worker.cpu_seconds()
+    server_before = broker.server_cpu()
+    producer_before = time.process_time()
     tenth = max(n // 10, 1)
     published_at = []
     t0 = time.time()
@@ -111,6 +113,9 @@ def run_tasks(app: Celery, worker: Worker, n: int, cap: float) -> dict:
     end = time.time() if capped or not starts else starts[-1]
     elapsed = max(end - t0, 1e-9)
     cpu = worker.cpu_seconds() - cpu_before
+    producer_cpu = time.process_time() - producer_before
+    server_after = broker.server_cpu()
+    server_cpu = sum(t - server_before.get(pid, 0.0) for pid, t in server_after.items())
     return {
         "throughput": done / elapsed,
         "done": done,
@@ -121,16 +126,20 @@ def run_tasks(app: Celery, worker: Worker, n: int, cap: float) -> dict:
         "t0": t0,
         "published_at": published_at,
         "worker_cpu_ms_per_task": cpu / done * 1e3 if done else None,
+        "producer_cpu_ms_per_task": producer_cpu / done * 1e3 if done else None,
+        "broker_cpu_ms_per_task": server_cpu / done * 1e3 if done and server_after else None,
     }
 
 
-def throughput(app: Celery, worker: Worker, n: int, cap: float) -> dict:
-    run = run_tasks(app, worker, n, cap)
+def throughput(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> dict:
+    run = run_tasks(app, broker, worker, n, cap)
     role = worker.role
     figures = {
         f"throughput_{role}": run["throughput"],
         f"rss_{role}_mb": worker.rss_bytes() / 2**20,
         f"worker_cpu_ms_per_task_{role}": run["worker_cpu_ms_per_task"],
+        f"producer_cpu_ms_per_task_{role}": run["producer_cpu_ms_per_task"],
+        f"broker_cpu_ms_per_task_{role}": run["broker_cpu_ms_per_task"],
     }
     return {"figures": figures, "capped": run["capped"]}
 
@@ -166,7 +175,7 @@ def endurance(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -
     both are measured with the producer running, and the figure is the number
     of tasks that started inside each window divided by its length.
     """
-    run = run_tasks(app, worker, n, cap)
+    run = run_tasks(app, broker, worker, n, cap)
     figures = {"endurance_throughput": run["throughput"]}
     marks = run["published_at"]
     if len(marks) >= 10:
@@ -204,7 +213,7 @@ def events(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> d
             if monitor.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the event monitor did not start consuming")
             time.sleep(0.02)
-        run = run_tasks(app, worker, n, cap)
+        run = run_tasks(app, broker, worker, n, cap)
         time.sleep(0.5)  # the last events, and the monitor's next count
         received = int(count_file.read_text() or 0)
     finally:

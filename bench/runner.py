@@ -151,7 +151,7 @@ class Run:
             plain = {}
             for role in ("solo", "threads", "prefork"):
                 plain[role] = self.attempt(broker, lambda role=role: measure.throughput(
-                    app, workers[role], sizes.throughput, sizes.cap))
+                    app, broker, workers[role], sizes.throughput, sizes.cap))
             with_events = self.attempt(broker, lambda: measure.events(
                 app, broker, workers["events"], sizes.throughput, sizes.cap))
             solo = (plain["solo"] or {}).get("throughput_solo")
