@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +47,16 @@ class Migration:
 
 
 def migrations_dir() -> Path:
+    """``PG_BROKER_MIGRATIONS_DIR``, else the checkout's ``migrations/`` (an
+    editable install), else the copy a regular install puts under
+    ``<prefix>/share/pg_broker/migrations``."""
     configured = os.environ.get(MIGRATIONS_DIR_VARIABLE)
     if configured:
         return Path(configured)
-    return Path(__file__).resolve().parent.parent / "migrations"
+    checkout = Path(__file__).resolve().parent.parent / "migrations"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "pg_broker" / "migrations"
 
 
 def discover(directory: Path | None = None) -> list[Migration]:
