@@ -82,8 +82,11 @@ def test_messages_of_a_sigkilled_consumer_come_back_after_the_lease(database_url
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_child_leaves_the_parent_session_alone(database_url, db):
     queue = queue_named("fork")
+    reply = queue_named("fork-reply", durable=False, auto_delete=True)
     for conn in open_connection(database_url):
         parent_backend = conn.transport.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        consumer = conn.Consumer([reply], callbacks=[lambda body, m: None], no_ack=True)
+        consumer.consume()
         pid = os.fork()
         if pid == 0:  # the child publishes on its own session, then closes everything
             status = 1
@@ -97,6 +100,10 @@ def test_forked_child_leaves_the_parent_session_alone(database_url, db):
         assert os.waitstatus_to_exitcode(status) == 0
         assert conn.transport.conn.execute("SELECT pg_backend_pid()").fetchone()[0] == parent_backend
         publish(conn, queue, "from the parent")
+        # The child closed its copy of the parent's channel: the parent's
+        # auto-delete queue is still there.
+        assert db.execute("SELECT count(*) FROM broker_queues WHERE name = %s",
+                          (reply.name,)).fetchone()[0] == 1
     assert [status for status, _, _ in rows(db, queue.name)] == ["pending", "pending"]
 
 

@@ -85,6 +85,18 @@ def test_unbind_stops_routing_to_the_queue(connection, db):
     assert rows(db, queue.name) == []
 
 
+def test_deleting_an_exchange_removes_its_bindings(connection, db):
+    exchange = kombu.Exchange(unique("gone"), type="fanout")
+    queue = kombu.Queue(unique("g"), exchange=exchange)
+    queue(connection.default_channel).declare()
+    exchange(connection.default_channel).delete()
+    assert db.execute("SELECT count(*) FROM broker_bindings WHERE exchange = %s",
+                      (exchange.name,)).fetchone()[0] == 0
+    with connection.Producer() as producer:
+        producer.publish("x", exchange=exchange.name)
+    assert rows(db, queue.name) == []
+
+
 def test_non_durable_queue_keeps_messages_in_the_unlogged_table(connection, db):
     queue = queue_named("events", durable=False, auto_delete=True)
     publish(connection, queue, {"type": "task-succeeded"})

@@ -214,6 +214,10 @@ ON CONFLICT DO NOTHING;
 DELETE FROM broker_bindings
  WHERE exchange = %(exchange)s AND routing_key = %(routing_key)s AND queue = %(queue)s;
 
+-- name: transport_exchange_delete
+-- Deletes an exchange: its bindings (exchanges themselves live in each process).
+DELETE FROM broker_bindings WHERE exchange = %(exchange)s;
+
 -- name: transport_bindings
 -- The binding table of an exchange: (routing key, pattern, queue) rows.
 SELECT routing_key, pattern, queue FROM broker_bindings WHERE exchange = %(exchange)s;

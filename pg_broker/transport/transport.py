@@ -192,6 +192,9 @@ class Channel(virtual.Channel):
         self._durable: dict[str, bool] = {}
         self._noack_queues: set[str] = set()
         self._auto_delete: set[str] = set()
+        # A forked child closing an inherited channel must not delete the
+        # parent's queues or return the parent's messages.
+        self._pid = os.getpid()
 
     # Declarations ---------------------------------------------------------
 
@@ -260,6 +263,10 @@ class Channel(virtual.Channel):
         self._auto_delete.discard(queue)
         self.transport.expiring.pop(queue, None)
         return purged
+
+    def exchange_delete(self, exchange, if_unused=False, nowait=False):
+        self.transport.conn.execute(queries["transport_exchange_delete"], {"exchange": exchange})
+        self.state.exchanges.pop(exchange, None)
 
     def get_table(self, exchange):
         return [
@@ -446,7 +453,7 @@ class Channel(virtual.Channel):
 
     def close(self):
         if not self.closed:
-            owner = self.transport is not None and self.transport.owns_connections()
+            owner = self._pid == os.getpid() and self.transport is not None
             if owner:
                 self.transport.flush_acks(closing=True)
                 self.transport.return_buffered(
