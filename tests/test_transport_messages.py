@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import logging
 import socket
 import uuid
@@ -279,3 +281,16 @@ def test_transport_identity_and_capabilities():
     assert {"direct", "topic", "fanout"} <= Transport.implements.exchange_type
     assert Transport.implements.asynchronous
     assert psycopg.OperationalError in Transport.connection_errors
+
+
+def test_header_values_json_cannot_carry_natively_survive_the_round_trip(connection, db):
+    sent = {
+        "when": datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+        "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "amount": decimal.Decimal("1.25"),
+    }
+    with connection.SimpleQueue(unique("typed")) as simple:
+        simple.put("x", headers=sent)
+        message = simple.get(timeout=2)
+        assert {key: message.headers[key] for key in sent} == sent
+        message.ack()

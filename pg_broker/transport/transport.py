@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 import socket
@@ -35,9 +34,10 @@ from amqp.protocol import queue_declare_ok_t
 from kombu.exceptions import ChannelError
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
+from kombu.utils import json as kombu_json
 from kombu.utils.uuid import uuid as kombu_uuid
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 from pg_broker.database import DatabaseUnavailable
 from pg_broker.migrate import ensure_migrated
@@ -118,11 +118,9 @@ def _milliseconds(value: object) -> timedelta | None:
         return None
 
 
-def _json_default(value: object) -> str:
-    return str(value)
-
-
-_dumps = partial(json.dumps, default=_json_default, separators=(",", ":"))
+# kombu's JSON (as its Redis transport stores messages): datetimes, UUIDs,
+# decimals and bytes in headers survive the round trip through jsonb.
+_dumps = partial(kombu_json.dumps, separators=(",", ":"))
 
 
 class QoS(virtual.QoS):
@@ -575,6 +573,7 @@ class Transport(virtual.Transport):
             self.forget_after_fork()
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs)
+            set_json_loads(kombu_json.loads, self._conn)
         return self._conn
 
     def establish_connection(self):
