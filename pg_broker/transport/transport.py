@@ -254,8 +254,7 @@ class Channel(virtual.Channel):
     def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
         if if_empty and self._size(queue):
             return 0
-        purged = self._purge(queue)
-        self.transport.conn.execute(queries["transport_delete_queue"], {"name": queue})
+        purged = self.transport.delete_queue(queue)
         self.state.queue_bindings_delete(queue)
         self._durable.pop(queue, None)
         self._auto_delete.discard(queue)
@@ -360,6 +359,9 @@ class Channel(virtual.Channel):
             self.qos.append(message, message.delivery_tag)
         return message
 
+    def is_no_ack(self, queue: str) -> bool:
+        return queue in self._noack_queues
+
     def fetch_limit(self) -> int:
         """How many messages this channel may take now (its prefetch window)."""
         estimate = self.qos.can_consume_max_estimate()
@@ -454,14 +456,12 @@ class Channel(virtual.Channel):
             owner = self._pid == os.getpid() and self.transport is not None
             if owner:
                 self.transport.flush_acks(closing=True)
-                self.transport.return_buffered(
-                    [q for q, c in list(self.transport._consumers.items()) if c is self]
-                )
+                self.transport.return_buffered(self.transport.queues_of(self))
             super().close()
             if owner:
                 for queue in list(self._auto_delete):
                     try:
-                        self.transport.channel_queue_delete(queue)
+                        self.transport.delete_queue(queue)
                     except self.transport.connection_errors:
                         log.debug("could not delete queue %r at close", queue, exc_info=True)
                 self._auto_delete.clear()
@@ -725,11 +725,12 @@ class Transport(virtual.Transport):
             {"id": row_id, "lease_token": token, "error": f"malformed message: {problem}"},
         )
 
-    def channel_queue_delete(self, queue: str) -> None:
-        conn = self.conn
-        conn.execute(queries["transport_purge"], {"name": queue})
-        conn.execute(queries["transport_delete_queue"], {"name": queue})
+    def delete_queue(self, queue: str) -> int:
+        """Drop a queue, its bindings and its ready messages; how many messages went."""
+        purged = self.conn.execute(queries["transport_purge"], {"name": queue}).fetchone()[0]
+        self.conn.execute(queries["transport_delete_queue"], {"name": queue})
         self.expiring.pop(queue, None)
+        return purged
 
     # Consuming ---------------------------------------------------------------
 
@@ -775,11 +776,14 @@ class Transport(virtual.Transport):
         limit = channel.fetch_limit()
         if limit <= 0:
             return  # prefetch window full: stays ready
-        payloads, returned = channel.fetch(queue, limit, queue in channel._noack_queues)
+        payloads, returned = channel.fetch(queue, limit, channel.is_no_ack(queue))
         if returned < limit:
             self._ready.discard(queue)
         if payloads:
             self._buffers[queue] = deque(payloads)
+
+    def queues_of(self, channel: Channel) -> list[str]:
+        return [queue for queue, consumer in self._consumers.items() if consumer is channel]
 
     def buffered(self, channel: Channel) -> int:
         return sum(
