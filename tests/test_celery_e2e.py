@@ -291,6 +291,41 @@ def test_worker_events_reach_an_event_receiver(app, worker):
     assert not capture.is_alive()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "drain_events touches a consumed queue's x-expires only after a wait with no "
+    "notification; a monitor that keeps receiving events never touches its "
+    "queue, the sweep drops it, and the monitor hears nothing more"
+))
+def test_an_event_receiver_busy_past_its_queue_expiry_keeps_receiving(app, worker, monkeypatch):
+    # Flower's queue expires after 60 s unused; 3 s here, so the test is short.
+    monkeypatch.setitem(app.conf, "event_queue_expires", 3.0)
+    received: list[float] = []
+    with app.connection_for_read() as connection:
+        receiver = EventReceiver(
+            connection, handlers={"*": lambda event: received.append(time.monotonic())}, app=app,
+        )
+        capture = threading.Thread(
+            target=receiver.capture, kwargs={"limit": None, "timeout": None, "wakeup": True},
+            daemon=True,
+        )
+        capture.start()
+        try:
+            wait_for(lambda: received, 60, "a first event")
+            # A steady stream of events, for three times the queue's expiry.
+            stream_end = time.monotonic() + 9
+            while time.monotonic() < stream_end:
+                celery_app.add.delay(1, 1)
+                time.sleep(0.05)
+
+            wait_for(
+                lambda: received[-1] > stream_end, 30,
+                lambda: f"an event after the stream; the last came {stream_end - received[-1]:.1f}s before its end",
+            )
+        finally:
+            receiver.should_stop = True
+            capture.join(30)
+
+
 def test_celery_events_dump_shows_task_events_of_another_process(request, app, worker, env, logs):
     dump = Process(celery_command("events", "--dump"), env, logs / "events-dump.log")
     request.addfinalizer(dump.kill)
