@@ -318,7 +318,7 @@ def test_an_event_receiver_busy_past_its_queue_expiry_keeps_receiving(app, worke
                 time.sleep(0.05)
 
             wait_for(
-                lambda: received[-1] > stream_end, 30,
+                lambda: received[-1] > stream_end, 15,
                 lambda: f"an event after the stream; the last came {stream_end - received[-1]:.1f}s before its end",
             )
         finally:
