@@ -557,6 +557,7 @@ class Transport(virtual.Transport):
         self._wake_fds: tuple[int, int] | None = None
         self._kicked = False
         self._next_touch = 0.0
+        self._closing = False
         self._pid = os.getpid()
         self.worker_id = f"{socket.gethostname()}:{self._pid}"
         _transports.add(self)
@@ -572,11 +573,16 @@ class Transport(virtual.Transport):
         if not self.owns_connections():
             self.forget_after_fork()
         if self._conn is None or self._conn.closed:
+            if self._closing:
+                # Closing after the connection was lost: what is left to do
+                # (returning messages) the leases will do; don't wait on a dead server.
+                raise psycopg.OperationalError("the broker connection was lost")
             self._conn = psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs)
             set_json_loads(kombu_json.loads, self._conn)
         return self._conn
 
     def establish_connection(self):
+        self._closing = False
         ensure_migrated(self.conninfo)
         self.conn  # noqa: B018 - connect now, so an unreachable database fails here
         return super().establish_connection()
@@ -585,6 +591,7 @@ class Transport(virtual.Transport):
         if not self.owns_connections():
             self.forget_after_fork()
             return
+        self._closing = True
         try:
             self.flush_acks(closing=True)
             super().close_connection(connection)
