@@ -128,3 +128,7 @@ class TestPgBrokerPriority(common.BasePriority):
 
 class TestPgBrokerMessage(common.BaseMessage):
     pass
+
+
+class TestPgBrokerEventLoop(common.BaseEventLoop):
+    pass
