@@ -607,8 +607,11 @@ class Transport(virtual.Transport):
                     pass
 
     def _collect(self, connection) -> None:
-        """kombu's after-fork cleanup: drop everything, touch nothing."""
-        self.forget_after_fork()
+        """kombu's pool cleanup (after a fork): never touch inherited connections."""
+        if self.owns_connections():
+            self.close_connection(connection)
+        else:
+            self.forget_after_fork()
 
     def forget_after_fork(self) -> None:
         """In a forked child: disown the parent's connections, start afresh."""
@@ -820,6 +823,11 @@ class Transport(virtual.Transport):
         deadline = None if timeout is None else monotonic() + timeout
         self._listener.connect()
         while True:
+            # Busy or idle: a monitor that never waits in vain must still keep
+            # its x-expires queue alive.
+            touch = self._due_touches()
+            if touch:
+                self.conn.execute(queries["transport_probe"], {"queues": [], "touch": touch})
             if (self._ready or self._buffers) and self.deliver_ready():
                 return
             remaining = None if deadline is None else deadline - monotonic()
@@ -831,9 +839,6 @@ class Transport(virtual.Transport):
                 self._ready |= notified
             else:
                 self._ready |= set(self._consumers)
-                touch = self._due_touches()
-                if touch:
-                    self.conn.execute(queries["transport_probe"], {"queues": [], "touch": touch})
 
     # The worker's event loop ----------------------------------------------------
 
