@@ -222,6 +222,8 @@ def events(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> d
         "figures": {
             "throughput_events": run["throughput"],
             "events_received_per_task": received / run["done"] if run["done"] else 0.0,
+            "worker_cpu_ms_per_task_events": run["worker_cpu_ms_per_task"],
+            "broker_cpu_ms_per_task_events": run["broker_cpu_ms_per_task"],
         },
         "capped": run["capped"],
     }
