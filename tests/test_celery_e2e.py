@@ -291,11 +291,6 @@ def test_worker_events_reach_an_event_receiver(app, worker):
     assert not capture.is_alive()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "drain_events touches a consumed queue's x-expires only after a wait with no "
-    "notification; a monitor that keeps receiving events never touches its "
-    "queue, the sweep drops it, and the monitor hears nothing more"
-))
 def test_an_event_receiver_busy_past_its_queue_expiry_keeps_receiving(app, worker, monkeypatch):
     # Flower's queue expires after 60 s unused; 3 s here, so the test is short.
     monkeypatch.setitem(app.conf, "event_queue_expires", 3.0)
