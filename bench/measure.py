@@ -39,6 +39,9 @@ class Sizes:
     latency_samples: int
     endurance: int
     idle_seconds: float  # one idle-worker window
+    # Wait before the idle windows: a busy backend may flush its counters to
+    # pg_stat_database up to ~10 s late (PostgreSQL's idle-flush retry).
+    stats_settle: float
     cap: float  # seconds after which a run stops waiting and reports what it got
     latency_cap: float
     endurance_cap: float

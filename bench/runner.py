@@ -34,7 +34,6 @@ ROLES = {  # role: (pool, concurrency, events)
 }
 QUEUES = [ENQUEUE_QUEUE] + [f"bench.{role}" for role in ROLES]
 READY_TIMEOUT = 90.0
-STATS_SETTLE_SECONDS = 12.0
 
 
 class Run:
@@ -197,10 +196,7 @@ class Run:
         solos = {b.name: self.workers[b.name]["solo"] for b in self.usable}
         for broker in self.usable:
             self.reset(broker)
-        # A backend that was busy may hold its counters back for up to ~10 s
-        # before flushing them to pg_stat_database (PostgreSQL's idle-flush
-        # retry interval); windows opened earlier would count the run's work.
-        time.sleep(STATS_SETTLE_SECONDS)
+        time.sleep(self.sizes.stats_settle)  # see Sizes.stats_settle
         for broker in self.usable:
             broker.reset_statements()
         for _ in range(self.repeats):

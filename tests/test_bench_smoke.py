@@ -40,7 +40,7 @@ def test_bench_harness_measures_every_figure_for_pgbroker_and_writes_json(
         sys.executable, "-m", "bench", "--brokers", "pgbroker",
         "--pgbroker-database", database_url, "--repeats", "1",
         "--enqueue", "20", "--bulk", "20", "--throughput", "20", "--latency-samples", "3",
-        "--endurance", "100", "--idle-seconds", "1", "--cap", "60", "--latency-cap", "30",
+        "--endurance", "100", "--idle-seconds", "1", "--stats-settle", "1", "--cap", "60", "--latency-cap", "30",
         "--endurance-cap", "60",
         "--out", str(out),
     ]
