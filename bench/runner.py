@@ -12,6 +12,7 @@ every broker. Before every measurement the broker's queues are emptied
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -77,6 +78,11 @@ class Run:
             stop_all([w for ws in self.workers.values() for w in ws.values()])
         finally:
             kill_all()
+        failed = self.errors or any(b.skip and b.name in self.workers for b in self.brokers)
+        if failed:
+            self.echo(f"worker logs kept in {self.workdir}")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def start_workers(self) -> None:
         for broker in self.usable:
