@@ -171,7 +171,7 @@ def test_pool_processes_tasks(request, app, env, logs, pool):
     assert [r.get(timeout=RESULT_TIMEOUT) for r in results] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("pool", ["prefork", "solo"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
 def test_warm_shutdown_returns_prefetched_messages_to_pending(
     request, app, env, logs, dbconn, tmp_path, pool,
 ):
