@@ -26,7 +26,7 @@ from celery_workers import (
     Process,
     Worker,
     celery_command,
-    pgbroker_url,
+    in_process_app,
     process_environment,
     run_celery,
     run_celery_json,
@@ -44,16 +44,7 @@ RESULT_TIMEOUT = 90
 
 @pytest.fixture(scope="module")
 def app(database_url: str) -> Celery:
-    """The test app in this process: producer, result reader, control client."""
-    app = celery_app.app
-    app.conf.update(
-        broker_url=pgbroker_url(database_url),
-        result_backend=celery_app.result_backend_url(database_url),
-        broker_transport_options=TRANSPORT_OPTIONS,
-    )
-    # Create the result tables here, before several workers race to.
-    app.backend.ResultSession().close()
-    return app
+    return in_process_app(database_url, TRANSPORT_OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -200,12 +191,6 @@ def test_warm_shutdown_returns_prefetched_messages_to_pending(
     assert [(row["status"], row["lease_token"]) for row in rows] == [("pending", None)] * len(rows)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the worker's pidbox queue (x-expires 10 s) is kept alive only from the hub "
-    "(Transport._touch_expiring); a long task blocks the solo pool's hub, the "
-    "maintenance sweep drops the queue and its bindings, and the worker never "
-    "hears remote control again"
-))
 def test_a_solo_worker_busy_past_its_control_queue_expiry_still_answers_ping(
     request, app, env, logs, tmp_path,
 ):

@@ -22,7 +22,7 @@ from celery_workers import (
     Process,
     Worker,
     celery_command,
-    pgbroker_url,
+    in_process_app,
     process_environment,
     wait_for,
 )
@@ -51,13 +51,7 @@ def fetch(url: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def app(database_url: str) -> Celery:
-    app = celery_app.app
-    app.conf.update(
-        broker_url=pgbroker_url(database_url),
-        result_backend=celery_app.result_backend_url(database_url),
-    )
-    app.backend.ResultSession().close()
-    return app
+    return in_process_app(database_url)
 
 
 @pytest.fixture(scope="module")
