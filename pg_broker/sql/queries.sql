@@ -27,7 +27,7 @@ SELECT reclaim_stale_tasks();
 -- The Kombu transport (pg_broker.transport). Durable queues keep messages as
 -- job_tasks rows, non-durable ones in broker_transient_messages. Every insert
 -- notifies channel 'pgbroker_' || md5(queue) (pg_broker.transport.listener).
--- Consumer statements (claim, ack, requeue, fail, renew, poll, maintenance)
+-- Consumer statements (claim, ack, requeue, fail, renew, touch, maintenance)
 -- commit asynchronously (set_config('synchronous_commit', 'off', true)): if
 -- the server crashes, the last of them may be lost, which only redelivers a
 -- message (at-least-once). Publishes commit durably: a lost publish is a lost
@@ -144,18 +144,19 @@ UPDATE job_tasks t
 RETURNING t.id;
 
 -- name: transport_probe
--- Safety poll: which of these queues have a message ready now; also keeps the touched (x-expires) queues alive.
-WITH touched AS (
-    UPDATE broker_queues SET last_used_at = now()
-      FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
-     WHERE name = ANY (%(touch)s::text[])
-)
+-- Safety poll: which of these queues have a message ready now.
 SELECT q.name
   FROM unnest(%(queues)s::text[]) AS q(name)
  WHERE EXISTS (SELECT 1 FROM job_tasks
                 WHERE status = 'pending' AND queue = q.name AND visible_at <= now()
                   AND (expires_at IS NULL OR expires_at > now()))
     OR EXISTS (SELECT 1 FROM broker_transient_messages WHERE queue = q.name);
+
+-- name: transport_touch_queues
+-- Consumers keep the queues they consume alive (x-expires counts from the last use).
+UPDATE broker_queues SET last_used_at = now()
+  FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+ WHERE name = ANY (%(queues)s::text[]);
 
 -- name: transport_declare_queue
 -- Declares (or re-declares) a queue with its options; returns whether it is durable.

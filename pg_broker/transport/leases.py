@@ -6,10 +6,11 @@ A claimed row stays invisible to other workers until its lease ends. The
 in memory) every ``lease / 3`` seconds, over a connection of its own, so a hub
 blocked by a long task in the solo pool does not stop renewal.
 
-The same thread runs the maintenance every live consumer shares: it returns
-expired leases of dead workers to ``pending`` (``reclaim_stale_tasks()``) and
-drops expired queues and transient messages. All of it is safe to run from any
-number of processes at once.
+The same thread keeps the consumed queues that have an expiry (``x-expires``:
+Celery's remote-control and event queues) alive, and runs the maintenance
+every live consumer shares: it returns expired leases of dead workers to
+``pending`` (``reclaim_stale_tasks()``) and drops expired queues and transient
+messages. All of it is safe to run from any number of processes at once.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class LeaseKeeper:
         self.interval = max(lease / 3.0, 0.05)
         self.maintenance_interval = maintenance_interval
         self._held: dict[int, uuid.UUID] = {}
+        self._expiring: dict[str, float] = {}  # consumed queue -> x-expires seconds
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -58,6 +60,15 @@ class LeaseKeeper:
         with self._lock:
             for row_id in row_ids:
                 self._held.pop(row_id, None)
+
+    def keep_alive(self, queue: str, expires: float) -> None:
+        """Touch ``queue`` every third of its expiry while it is consumed."""
+        with self._lock:
+            self._expiring[queue] = expires
+
+    def let_expire(self, queue: str) -> None:
+        with self._lock:
+            self._expiring.pop(queue, None)
 
     def held(self) -> dict[int, uuid.UUID]:
         with self._lock:
@@ -85,18 +96,25 @@ class LeaseKeeper:
         self._conn = None
         self._lock = threading.Lock()
         self._held.clear()
+        self._expiring.clear()
 
     # The thread ----------------------------------------------------------
 
     def _run(self) -> None:
-        next_renewal = time.monotonic() + self.interval
-        next_maintenance = time.monotonic()
-        while not self._stopping.wait(max(min(next_renewal, next_maintenance) - time.monotonic(), 0)):
+        now = time.monotonic()
+        next_renewal = now + self.interval
+        next_touch = now
+        next_maintenance = now
+        while not self._stopping.wait(
+            max(min(next_renewal, next_touch, next_maintenance) - time.monotonic(), 0)
+        ):
             now = time.monotonic()
             try:
                 if now >= next_renewal:
                     next_renewal = now + self.interval
                     self.renew()
+                if now >= next_touch:
+                    next_touch = now + self.touch()
                 if now >= next_maintenance:
                     next_maintenance = now + self.maintenance_interval
                     self.maintain()
@@ -125,6 +143,15 @@ class LeaseKeeper:
                 "its ack from this worker will be refused", row_id,
             )
         return len(renewed)
+
+    def touch(self) -> float:
+        """Mark the expiring consumed queues used; seconds until the next touch."""
+        with self._lock:
+            expiring = dict(self._expiring)
+        if not expiring:
+            return self.interval
+        self._connection().execute(queries["transport_touch_queues"], {"queues": list(expiring)})
+        return max(min(expiring.values()) / 3.0, 0.05)
 
     def maintain(self) -> None:
         reclaimed, dropped = self._connection().execute(queries["transport_maintain"]).fetchone()

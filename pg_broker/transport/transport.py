@@ -556,7 +556,6 @@ class Transport(virtual.Transport):
         self._poll_timer = None
         self._wake_fds: tuple[int, int] | None = None
         self._kicked = False
-        self._next_touch = 0.0
         self._closing = False
         self._pid = os.getpid()
         self.worker_id = f"{socket.gethostname()}:{self._pid}"
@@ -749,12 +748,18 @@ class Transport(virtual.Transport):
         self._listener.listen(queue)
         # Poll once after LISTEN: messages published before it sent no wake-up.
         self._ready.add(queue)
-        if durable_acks:
+        if queue in self.expiring:
+            # From the lease thread: a long task blocking the hub must not let
+            # the queue (Celery's remote-control queue, say) expire.
+            self.leases.keep_alive(queue, self.expiring[queue])
+            self.leases.start()
+        elif durable_acks:
             self.leases.start()
 
     def cancel(self, queue: str, channel: Channel) -> None:
         if self._consumers.get(queue) is channel:
             del self._consumers[queue]
+            self.leases.let_expire(queue)
         self._ready.discard(queue)
         self.return_buffered([queue])
 
@@ -823,11 +828,6 @@ class Transport(virtual.Transport):
         deadline = None if timeout is None else monotonic() + timeout
         self._listener.connect()
         while True:
-            # Busy or idle: a monitor that never waits in vain must still keep
-            # its x-expires queue alive.
-            touch = self._due_touches()
-            if touch:
-                self.conn.execute(queries["transport_probe"], {"queues": [], "touch": touch})
             if (self._ready or self._buffers) and self.deliver_ready():
                 return
             remaining = None if deadline is None else deadline - monotonic()
@@ -931,20 +931,10 @@ class Transport(virtual.Transport):
     def _safety_poll(self) -> None:
         self.flush_acks()
         idle = [queue for queue in self._consumers if queue not in self._ready]
-        touch = self._due_touches()
-        if idle or touch:
-            rows = self.conn.execute(
-                queries["transport_probe"], {"queues": idle, "touch": touch}
-            ).fetchall()
+        if idle:
+            rows = self.conn.execute(queries["transport_probe"], {"queues": idle}).fetchall()
             self._ready.update(row[0] for row in rows)
 
-    def _due_touches(self) -> list[str]:
-        """Consumed queues with x-expires, when a third of their expiry has passed."""
-        consumed = [queue for queue in self._consumers if queue in self.expiring]
-        if not consumed or monotonic() < self._next_touch:
-            return []
-        self._next_touch = monotonic() + min(self.expiring[q] for q in consumed) / 3
-        return consumed
 
 def _text(value: object) -> str | None:
     return None if value is None else str(value)
