@@ -48,10 +48,17 @@ _mark_lock = threading.Lock()
 _mark_fd: tuple[int, int] | None = None  # (pid, fd): reopened after a fork
 
 
-def mark(sent: float = 0.0) -> None:
-    """Record (publish timestamp, start timestamp) for the harness."""
+def mark(sent: float = 0.0, gate: str | None = None) -> None:
+    """Record (publish timestamp, start timestamp) for the harness.
+
+    With ``gate`` (a file path), hold the worker until the harness removes the
+    file: a solo worker held so takes nothing more from the broker while the
+    harness publishes a backlog behind it.
+    """
     started = time.time()
     os.write(_mark_descriptor(), RECORD.pack(sent, started))
+    while gate and os.path.exists(gate):
+        time.sleep(0.001)
 
 
 def _mark_descriptor() -> int:

@@ -37,6 +37,7 @@ class Sizes:
     bulk: int  # signatures in one group; also the transactional batch
     throughput: int  # tasks per end-to-end run (each pool, and with events)
     latency_samples: int
+    drain: int  # backlog a freshly started solo worker consumes (0: not measured)
     endurance: int
     idle_seconds: float  # one idle-worker window
     # Wait before the idle windows: a busy backend may flush its counters to
@@ -145,6 +146,44 @@ def throughput(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) 
         f"broker_cpu_ms_per_task_{role}": run["broker_cpu_ms_per_task"],
     }
     return {"figures": figures, "capped": run["capped"]}
+
+
+def drain(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> dict:
+    """Consume rate alone: a solo worker is held by a gated task while n tasks
+    are published behind it, then released; from the first of them to start
+    to the last. No producer runs while it consumes."""
+    task = app.tasks[TASK_NAME]
+    gate = worker.mark_file.with_suffix(".gate")
+    gate.touch()
+    try:
+        worker.clear_marks()
+        task.apply_async((0.0, str(gate)), queue=worker.queue)
+        deadline = time.monotonic() + cap
+        while worker.mark_count() < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gated task did not start")
+            time.sleep(POLL)
+        for _ in range(n):
+            task.apply_async((0.0,), queue=worker.queue)
+        server_before = broker.server_cpu()
+    finally:
+        gate.unlink(missing_ok=True)
+    deadline = time.monotonic() + cap
+    while worker.mark_count() < n + 1 and time.monotonic() < deadline:
+        time.sleep(POLL)
+    server_after = broker.server_cpu()
+    starts = sorted(started for _, started in worker.marks())[1:]
+    if len(starts) < 2:
+        raise RuntimeError("fewer than 2 tasks of the backlog ran")
+    server_cpu = sum(t - server_before.get(pid, 0.0) for pid, t in server_after.items())
+    return {
+        "figures": {
+            "drain_solo": (len(starts) - 1) / max(starts[-1] - starts[0], 1e-9),
+            "broker_cpu_ms_per_task_drain": (server_cpu / len(starts) * 1e3
+                                             if server_after else None),
+        },
+        "capped": len(starts) < n,
+    }
 
 
 def latency(app: Celery, worker: Worker, samples: int, cap: float) -> dict:

@@ -91,19 +91,23 @@ class Run:
             broker.purge(QUEUES)
             self.reset(broker)
             self.workers[broker.name] = {}
-            for role, (pool, concurrency, events) in ROLES.items():
-                worker = Worker(
-                    broker=broker.name, role=role, pool=pool, concurrency=concurrency,
-                    queue=f"bench.{role}", events=events,
-                    mark_file=self.workdir / f"{broker.name}-{role}.marks",
-                    log_file=self.workdir / f"{broker.name}-{role}.log",
-                )
+            for role in ROLES:
+                worker = self.new_worker(broker, role)
                 worker.start(broker.url, broker.worker_env(), broker.transport_options_json())
                 self.workers[broker.name][role] = worker
         self.echo(f"started {4 * len(self.usable)} workers; waiting for them to take a task "
                   f"(logs in {self.workdir})")
         for broker in self.usable:
             self.wait_ready(broker)
+
+    def new_worker(self, broker: Broker, role: str) -> Worker:
+        pool, concurrency, events = ROLES[role]
+        return Worker(
+            broker=broker.name, role=role, pool=pool, concurrency=concurrency,
+            queue=f"bench.{role}", events=events,
+            mark_file=self.workdir / f"{broker.name}-{role}.marks",
+            log_file=self.workdir / f"{broker.name}-{role}.log",
+        )
 
     def wait_ready(self, broker: Broker) -> None:
         """A worker is ready once a probe task published to its queue has run."""
@@ -163,6 +167,9 @@ class Run:
             solo = (plain["solo"] or {}).get("throughput_solo")
             if with_events and solo:
                 self.add(broker, "events_vs_plain", with_events["throughput_events"] / solo)
+            if sizes.drain:
+                self.attempt(broker, lambda: measure.drain(
+                    app, broker, workers["solo"], sizes.drain, sizes.cap))
             self.attempt(broker, lambda: measure.endurance(
                 app, broker, workers["solo"], sizes.endurance, sizes.endurance_cap))
         finally:

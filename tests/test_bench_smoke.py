@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 # run; the smoke run has pgbroker alone).
 PGBROKER_FIGURES = [
     "enqueue_delay", "enqueue_group", "enqueue_transactional",
-    "throughput_solo", "throughput_threads", "throughput_prefork",
+    "throughput_solo", "throughput_threads", "throughput_prefork", "drain_solo",
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms",
     "rss_solo_mb", "rss_threads_mb", "rss_prefork_mb",
     "idle_queries_per_s", "idle_cpu_percent",
@@ -40,6 +40,7 @@ def test_bench_harness_measures_every_figure_for_pgbroker_and_writes_json(
         sys.executable, "-m", "bench", "--brokers", "pgbroker",
         "--pgbroker-database", database_url, "--repeats", "1",
         "--enqueue", "20", "--bulk", "20", "--throughput", "20", "--latency-samples", "3",
+        "--drain", "20",
         "--endurance", "100", "--idle-seconds", "1", "--stats-settle", "1", "--cap", "60", "--latency-cap", "30",
         "--endurance-cap", "60",
         "--out", str(out),
