@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import kombu
 import psycopg
 import pytest
@@ -139,6 +141,21 @@ def test_queue_unused_past_its_expiry_is_swept_with_its_messages(connection, db)
         " + (SELECT count(*) FROM broker_transient_messages WHERE queue = %(q)s)",
         {"q": queue.name},
     ).fetchone()[0] == 0
+
+
+def test_consumed_queue_outlives_its_expiry_while_the_consumer_is_busy(
+    broker_url, connection, db,
+):
+    queue = queue_named("busy", durable=False, expires=0.3)
+    consumer = connection.Consumer([queue], callbacks=[lambda body, m: None], no_ack=True)
+    consumer.consume()
+    time.sleep(1)  # a long task: the consumer never drains or polls meanwhile
+    with kombu.Connection(broker_url) as other:
+        other.connect()
+        other.transport.leases.maintain()
+    assert db.execute("SELECT count(*) FROM broker_queues WHERE name = %s",
+                      (queue.name,)).fetchone()[0] == 1
+    consumer.cancel()
 
 
 def test_enqueue_in_commits_with_the_callers_transaction(connection, database_url, db):
