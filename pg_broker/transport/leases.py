@@ -45,6 +45,9 @@ class LeaseKeeper:
         self.maintenance_interval = maintenance_interval
         self._held: dict[int, uuid.UUID] = {}
         self._expiring: dict[str, float] = {}  # consumed queue -> x-expires seconds
+        # Only workers (consumers of durable queues with acks) run maintenance:
+        # monitors and clients (Flower, celery inspect) leave it to them.
+        self.maintaining = False
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,7 +77,9 @@ class LeaseKeeper:
         with self._lock:
             return dict(self._held)
 
-    def start(self) -> None:
+    def start(self, maintain: bool = False) -> None:
+        """Run the thread; ``maintain`` (a worker consuming with acks) adds the maintenance."""
+        self.maintaining = self.maintaining or maintain
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping.clear()
@@ -97,6 +102,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._held.clear()
         self._expiring.clear()
+        self.maintaining = False
 
     # The thread ----------------------------------------------------------
 
@@ -117,7 +123,8 @@ class LeaseKeeper:
                     next_touch = now + self.touch()
                 if now >= next_maintenance:
                     next_maintenance = now + self.maintenance_interval
-                    self.maintain()
+                    if self.maintaining:
+                        self.maintain()
             except psycopg.Error as exc:
                 log.warning("lease renewal or maintenance failed, retrying: %s", exc)
                 self._close()

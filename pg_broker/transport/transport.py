@@ -752,9 +752,8 @@ class Transport(virtual.Transport):
             # From the lease thread: a long task blocking the hub must not let
             # the queue (Celery's remote-control queue, say) expire.
             self.leases.keep_alive(queue, self.expiring[queue])
-            self.leases.start()
-        elif durable_acks:
-            self.leases.start()
+        if durable_acks or queue in self.expiring:
+            self.leases.start(maintain=durable_acks)
 
     def cancel(self, queue: str, channel: Channel) -> None:
         if self._consumers.get(queue) is channel:
