@@ -1,5 +1,4 @@
-"""The test app in this process, and real Celery processes (workers, the celery
-CLI, Flower) beside it, for the end-to-end tests.
+"""Real Celery processes (workers, the celery CLI, Flower) for the end-to-end tests.
 
 Every process runs in its own process group, logs to a file the test can show
 when it fails, and is killed as a group when its test is done.
@@ -18,9 +17,6 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
-
-import celery_app
-from celery import Celery
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_MODULE = "tests.celery_app"
@@ -57,19 +53,6 @@ def process_environment(database_url: str, **extra: str) -> dict[str, str]:
 def pgbroker_url(database_url: str) -> str:
     """The broker URL for a libpq URL: the same URL under the pgbroker scheme."""
     return "pgbroker://" + database_url.split("://", 1)[1]
-
-
-def in_process_app(database_url: str, transport_options: dict | None = None) -> Celery:
-    """The test app in this process (producer, result reader, control client) on ``database_url``."""
-    app = celery_app.app
-    app.conf.update(
-        broker_url=pgbroker_url(database_url),
-        result_backend=celery_app.result_backend_url(database_url),
-        broker_transport_options=transport_options or {},
-    )
-    # Create the result tables here, before several workers race to.
-    app.backend.ResultSession().close()
-    return app
 
 
 def celery_command(*args: str) -> list[str]:

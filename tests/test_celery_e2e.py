@@ -20,13 +20,12 @@ from pathlib import Path
 import celery_app
 import psycopg
 import pytest
-from celery import Celery, chain, chord, group
+from celery import chain, chord, group
 from celery.events import EventReceiver
 from celery_workers import (
     Process,
     Worker,
     celery_command,
-    in_process_app,
     process_environment,
     run_celery,
     run_celery_json,
@@ -35,16 +34,13 @@ from celery_workers import (
 from psycopg.rows import dict_row
 
 pytestmark = pytest.mark.slow
+# The in-process app fixture, `app`.
+pytest_plugins = ["celery_session"]
 
 # Short leases keep crash recovery fast; renewal must keep held messages alive.
 LEASE_SECONDS = 4
 TRANSPORT_OPTIONS = {"lease_seconds": LEASE_SECONDS, "maintenance_interval": 1}
 RESULT_TIMEOUT = 90
-
-
-@pytest.fixture(scope="module")
-def app(database_url: str) -> Celery:
-    return in_process_app(database_url, TRANSPORT_OPTIONS)
 
 
 @pytest.fixture(scope="module")

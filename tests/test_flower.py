@@ -17,17 +17,17 @@ from pathlib import Path
 
 import celery_app
 import pytest
-from celery import Celery
 from celery_workers import (
     Process,
     Worker,
     celery_command,
-    in_process_app,
     process_environment,
     wait_for,
 )
 
 pytestmark = pytest.mark.slow
+# The in-process app fixture, `app`.
+pytest_plugins = ["celery_session"]
 
 RESULT_TIMEOUT = 90
 QUEUE = f"flower.{uuid.uuid4().hex[:8]}"
@@ -47,11 +47,6 @@ def fetch(url: str) -> tuple[int, str]:
         return error.code, error.read().decode(errors="replace")
     except OSError as error:
         return 0, str(error)
-
-
-@pytest.fixture(scope="module")
-def app(database_url: str) -> Celery:
-    return in_process_app(database_url)
 
 
 @pytest.fixture(scope="module")
