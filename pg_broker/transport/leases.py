@@ -27,6 +27,10 @@ from pg_broker.queries import queries
 
 log = logging.getLogger(__name__)
 
+# The thread looks at least this often (seconds) whether a newly consumed
+# expiring queue needs its first touch.
+KEEP_ALIVE_CHECK = 1.0
+
 
 class LeaseKeeper:
     """Renews the leases of held rows from a background thread."""
@@ -48,6 +52,7 @@ class LeaseKeeper:
         # Only workers (consumers of durable queues with acks) run maintenance:
         # monitors and clients (Flower, celery inspect) leave it to them.
         self.maintaining = False
+        self._touch_soon = False
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -68,6 +73,7 @@ class LeaseKeeper:
         """Touch ``queue`` every third of its expiry while it is consumed."""
         with self._lock:
             self._expiring[queue] = expires
+            self._touch_soon = True
 
     def let_expire(self, queue: str) -> None:
         with self._lock:
@@ -111,10 +117,14 @@ class LeaseKeeper:
         next_renewal = now + self.interval
         next_touch = now
         next_maintenance = now
-        while not self._stopping.wait(
-            max(min(next_renewal, next_touch, next_maintenance) - time.monotonic(), 0)
-        ):
+        while not self._stopping.wait(min(
+            max(min(next_renewal, next_touch, next_maintenance) - time.monotonic(), 0),
+            KEEP_ALIVE_CHECK,
+        )):
             now = time.monotonic()
+            if self._touch_soon:
+                self._touch_soon = False
+                next_touch = now
             try:
                 if now >= next_renewal:
                     next_renewal = now + self.interval
@@ -156,7 +166,7 @@ class LeaseKeeper:
         with self._lock:
             expiring = dict(self._expiring)
         if not expiring:
-            return self.interval
+            return KEEP_ALIVE_CHECK
         self._connection().execute(queries["transport_touch_queues"], {"queues": list(expiring)})
         return max(min(expiring.values()) / 3.0, 0.05)
 
