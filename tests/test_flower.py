@@ -6,6 +6,7 @@ subprocesses on the test database; the test talks to Flower over HTTP only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -16,14 +17,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import celery_app
+import psycopg
 import pytest
 from celery_workers import (
     Process,
     Worker,
     celery_command,
+    pgbroker_url,
     process_environment,
     wait_for,
 )
+from flower.utils.broker import Broker, Redis
+
+from pg_broker.flower import PgBroker, install
 
 pytestmark = pytest.mark.slow
 # The in-process app fixture, `app`.
@@ -157,3 +163,43 @@ def broker_page_row(page: str, queue: str) -> list[str]:
     """The cell texts of ``queue``'s row in the Broker page's table."""
     row = page.split(f'<tr id="{queue}">', 1)[1].split("</tr>", 1)[0]
     return [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+
+
+def test_flower_broker_factory_answers_pgbroker_urls_and_still_redis_ones():
+    install()
+    install()  # idempotent
+
+    assert isinstance(Broker("pgbroker://postgres@127.0.0.1:5432/postgres"), PgBroker)
+    assert isinstance(Broker("redis://127.0.0.1:6379/0"), Redis)
+
+
+def test_queue_lengths_count_ready_delayed_unacknowledged_and_transient_messages(database_url):
+    queue = f"flower.lengths.{uuid.uuid4().hex[:8]}"
+    rows = [  # (status, visible in, expires in, lease)
+        ("pending", "0", None, False), ("pending", "0", None, False),  # ready
+        ("pending", "1 hour", None, False),                            # delayed (retry back-off)
+        ("claimed", "0", None, True),                                  # held by a worker
+        ("pending", "0", "-1 second", False),                          # expired: not counted
+        ("completed", "0", None, False),                               # done: not counted
+    ]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for status, visible_in, expires_in, leased in rows:
+            conn.execute(
+                "INSERT INTO job_tasks (queue, payload, status, lease_token, visible_at, expires_at)"
+                " VALUES (%s, '{}', %s, CASE WHEN %s THEN gen_random_uuid() END,"
+                " now() + %s::interval, now() + %s::interval)",
+                (queue, status, leased, visible_in, expires_in),
+            )
+        conn.execute(
+            "INSERT INTO broker_transient_messages (queue, payload, expires_at)"
+            " VALUES (%s, '{}', NULL), (%s, '{}', now() - interval '1 second')",
+            (queue, queue),
+        )
+
+    lengths = asyncio.run(PgBroker(pgbroker_url(database_url)).queues([queue, "flower.empty"]))
+
+    assert lengths[0] | {"idle_since": None} == {
+        "name": queue, "messages": 5, "messages_ready": 3, "messages_unacknowledged": 1,
+        "consumers": None, "idle_since": None,
+    }
+    assert (lengths[1]["name"], lengths[1]["messages"]) == ("flower.empty", 0)
