@@ -1,7 +1,8 @@
 """Flower against ``pgbroker://``: workers, tasks and queue lengths over its HTTP API.
 
 A worker with events (-E) and ``celery -A tests.celery_app flower`` run as
-subprocesses on the test database; the test talks to Flower over HTTP only.
+subprocesses on the test database, and the tests talk to Flower over HTTP;
+the last two read ``pg_broker.flower`` (the Broker tab's queue reader) directly.
 """
 
 from __future__ import annotations
