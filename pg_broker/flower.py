@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,7 +41,7 @@ class PgBroker:
         self.url = libpq_url(broker_url)
 
     async def queues(self, names: Iterable[str]) -> list[dict[str, Any]]:
-        """One dict per queue name: messages, ready, unacknowledged, consumers, idle_since.
+        """One dict per queue name: messages, ready, unacknowledged, consumers.
 
         ``messages`` counts every message the queue holds (including those
         waiting for a retry back-off), ``messages_ready`` those a worker could
@@ -62,14 +61,9 @@ class PgBroker:
                 "messages_unacknowledged": rows[name]["messages_unacknowledged"],
                 # Consumers are known to Flower's workers view, not to the database.
                 "consumers": None,
-                "idle_since": _isoformat(rows[name]["idle_since"]),
             }
             for name in names
         ]
-
-
-def _isoformat(moment: datetime | None) -> str | None:
-    return moment.isoformat(timespec="seconds") if moment else None
 
 
 def install() -> None:

@@ -360,8 +360,7 @@ DELETE FROM job_tasks
 SELECT q.name,
        coalesce(d.pending, 0) + coalesce(d.unacked, 0) + coalesce(t.transient, 0) AS messages,
        coalesce(d.ready, 0) + coalesce(t.transient, 0) AS messages_ready,
-       coalesce(d.unacked, 0) AS messages_unacknowledged,
-       bq.last_used_at AS idle_since
+       coalesce(d.unacked, 0) AS messages_unacknowledged
   FROM unnest(%(names)s::text[]) AS q(name)
   LEFT JOIN LATERAL (
         SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
@@ -376,5 +375,4 @@ SELECT q.name,
         SELECT count(*) AS transient
           FROM broker_transient_messages
          WHERE queue = q.name AND (expires_at IS NULL OR expires_at > now())
-       ) t ON true
-  LEFT JOIN broker_queues bq ON bq.name = q.name;
+       ) t ON true;
