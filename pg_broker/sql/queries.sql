@@ -69,19 +69,33 @@ SELECT pg_notify('pgbroker_' || md5(queue), '')
   FROM (SELECT queue FROM durable UNION SELECT queue FROM transient) AS notified;
 
 -- name: transport_claim
--- Claims up to limit ready rows of a queue for one consumer (highest priority, then FIFO) under one lease token.
-UPDATE job_tasks t
-   SET status = 'claimed', worker_id = %(worker_id)s, lease_token = %(lease_token)s,
-       lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now(),
-       claimed_at = now(), attempts = t.attempts + 1
-  FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
- WHERE t.id IN (SELECT id FROM job_tasks
-                 WHERE status = 'pending' AND queue = %(queue)s
-                   AND visible_at <= now() AND (expires_at IS NULL OR expires_at > now())
-                 ORDER BY priority DESC, sequence
-                 LIMIT %(limit)s
-                   FOR UPDATE SKIP LOCKED)
-RETURNING t.id, t.payload, t.attempts, t.priority, t.sequence;
+-- Acks the given held rows (completed, fenced by lease token) and claims up to limit ready rows of a queue (highest priority, then FIFO) under one lease token, in one statement: claimed rows first (claimed = true), then the ids acked.
+WITH acked AS (
+    UPDATE job_tasks t
+       SET status = 'completed', error = NULL, completed_at = now(),
+           lease_token = NULL, lease_expires_at = NULL
+      FROM unnest(%(ack_ids)s::bigint[], %(ack_tokens)s::uuid[]) AS held(id, lease_token),
+           (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+     WHERE t.id = held.id AND t.lease_token = held.lease_token
+       AND t.status IN ('claimed', 'processing')
+    RETURNING t.id
+), claimed AS (
+    UPDATE job_tasks t
+       SET status = 'claimed', worker_id = %(worker_id)s, lease_token = %(lease_token)s,
+           lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now(),
+           claimed_at = now(), attempts = t.attempts + 1
+      FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+     WHERE t.id IN (SELECT id FROM job_tasks
+                     WHERE status = 'pending' AND queue = %(queue)s
+                       AND visible_at <= now() AND (expires_at IS NULL OR expires_at > now())
+                     ORDER BY priority DESC, sequence
+                     LIMIT %(limit)s
+                       FOR UPDATE SKIP LOCKED)
+    RETURNING t.id, t.payload, t.attempts, t.priority, t.sequence
+)
+SELECT true AS claimed, id, payload, attempts, priority, sequence FROM claimed
+UNION ALL
+SELECT false, id, NULL, NULL, NULL, NULL FROM acked;
 
 -- name: transport_take_transient
 -- Takes (deletes and returns) up to limit unexpired messages of a non-durable queue.
@@ -92,17 +106,6 @@ DELETE FROM broker_transient_messages
                LIMIT %(limit)s
                  FOR UPDATE SKIP LOCKED)
 RETURNING id, payload, priority;
-
--- name: transport_ack
--- Acks held rows: completed, fenced by lease token; returns the rows acked.
-UPDATE job_tasks t
-   SET status = 'completed', error = NULL, completed_at = now(),
-       lease_token = NULL, lease_expires_at = NULL
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token),
-       (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
- WHERE t.id = held.id AND t.lease_token = held.lease_token
-   AND t.status IN ('claimed', 'processing')
-RETURNING t.id;
 
 -- name: transport_requeue
 -- Requeues held rows at once (dead once deliveries reach max_attempts); refund 1 un-counts a delivery that never ran (shutdown).

@@ -55,6 +55,9 @@ DEFAULT_MAINTENANCE_INTERVAL = 10.0
 DEFAULT_CLAIM_BATCH_MAX = 100
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 DEFAULT_RETRY_BACKOFF_SECONDS = 10.0
+# Under a hub, how long (seconds) acks may wait for the next claim to carry
+# them before they go out on their own.
+ACK_WAIT = 0.02
 TRANSIENT_TAG_PREFIX = "transient:"
 # libpq parameters the broker URL may override. Keepalives let a worker notice
 # a dead server on an idle (LISTEN) connection; the timeout bounds a connect
@@ -382,14 +385,8 @@ class Channel(virtual.Channel):
 
     def _claim(self, queue: str, limit: int, no_ack: bool) -> tuple[list[dict], int]:
         transport = self.transport
-        token = uuid.uuid4()
-        rows = transport.conn.execute(queries["transport_claim"], {
-            "worker_id": transport.worker_id,
-            "lease_token": token,
-            "lease": transport.lease,
-            "queue": queue,
-            "limit": limit,
-        }).fetchall()
+        # The acks waiting for a statement ride along with the claim.
+        rows, token = transport.ack_and_claim(transport.take_acks(), queue, limit)
         rows.sort(key=lambda row: (-row[3], row[4]))
         payloads = []
         held = []
@@ -404,7 +401,7 @@ class Channel(virtual.Channel):
             payloads.append(payload)
             held.append((row_id, token))
         if no_ack and held:
-            transport.settle("transport_ack", held)
+            transport.ack_and_claim(held)
         elif held:
             for row in held:
                 transport.leases.hold(*row)
@@ -556,6 +553,7 @@ class Transport(virtual.Transport):
         self._poll_timer = None
         self._wake_fds: tuple[int, int] | None = None
         self._kicked = False
+        self._ack_timer = None
         self._closing = False
         self._pid = os.getpid()
         self.worker_id = f"{socket.gethostname()}:{self._pid}"
@@ -624,6 +622,7 @@ class Transport(virtual.Transport):
         self._acks.clear()
         self._loop = None
         self._poll_timer = None
+        self._ack_timer = None
         self._wake_fds = None
         self._pid = os.getpid()
         self.worker_id = f"{socket.gethostname()}:{self._pid}"
@@ -678,26 +677,30 @@ class Transport(virtual.Transport):
     def ack(self, held: tuple[int, uuid.UUID]) -> None:
         """Ack a held row: at once, or with the next batch when a hub runs us.
 
-        Under the hub, acks wait (a few milliseconds, at most one claimed
-        batch) and go out as one statement, before the next claim or as soon
-        as the hub has nothing to deliver; a crash in between redelivers
-        those messages (at-least-once, as with every broker).
+        Under the hub, acks wait (at most one claimed batch, or ``ACK_WAIT``
+        when idle) and go out in the statement of the next claim, or on their
+        own; a crash in between redelivers those messages (at-least-once, as
+        with every broker).
         """
         if self._wake_fds is not None and self.owns_connections():
             self._acks.append(held)
             self.kick()
         else:
-            self.settle("transport_ack", [held])
+            self.ack_and_claim([held])
 
-    def flush_acks(self, closing: bool = False) -> None:
-        """Send the deferred acks; when closing, a lost connection only loses them."""
+    def take_acks(self) -> list[tuple[int, uuid.UUID]]:
         batch = []
         while self._acks:
             batch.append(self._acks.popleft())
+        return batch
+
+    def flush_acks(self, closing: bool = False) -> None:
+        """Send the deferred acks; when closing, a lost connection only loses them."""
+        batch = self.take_acks()
         if not batch:
             return
         try:
-            self.settle("transport_ack", batch)
+            self.ack_and_claim(batch)
         except self.connection_errors as exc:
             if not closing:
                 raise
@@ -706,8 +709,30 @@ class Transport(virtual.Transport):
                 len(batch), exc,
             )
 
+    def ack_and_claim(
+        self, acks: list[tuple[int, uuid.UUID]], queue: str = "", limit: int = 0,
+    ) -> tuple[list[tuple], uuid.UUID]:
+        """Ack held rows and claim up to ``limit`` rows of ``queue``: one statement.
+
+        Returns the claimed rows (id, payload, attempts, priority, sequence)
+        and the lease token they were claimed under.
+        """
+        self.leases.release(row_id for row_id, _ in acks)
+        token = uuid.uuid4()
+        rows = self.conn.execute(queries["transport_claim"], {
+            "ack_ids": [row_id for row_id, _ in acks],
+            "ack_tokens": [lease for _, lease in acks],
+            "worker_id": self.worker_id,
+            "lease_token": token,
+            "lease": self.lease,
+            "queue": queue,
+            "limit": limit,
+        }).fetchall()
+        self._refused(acks, {row[1] for row in rows if not row[0]}, "ack")
+        return [row[1:] for row in rows if row[0]], token
+
     def settle(self, query: str, held: list[tuple[int, uuid.UUID]], refund: int = 0) -> None:
-        """Ack, requeue or fail held rows, fenced by their lease tokens."""
+        """Requeue or fail held rows, fenced by their lease tokens."""
         self.leases.release(row_id for row_id, _ in held)
         params = {"ids": [row_id for row_id, _ in held], "tokens": [token for _, token in held]}
         if query == "transport_requeue":
@@ -719,12 +744,15 @@ class Transport(virtual.Transport):
             settled = {row[0] for row in rows if row[1] is not None}
         else:
             settled = {row[0] for row in rows}
+        self._refused(held, settled, query.removeprefix("transport_"))
+
+    def _refused(self, held: list[tuple[int, uuid.UUID]], settled: set[int], action: str) -> None:
         for row_id, token in held:
             if row_id not in settled:
                 log.warning(
                     "lease lost: job_tasks row %s is no longer held by lease %s "
                     "(it expired and the message moved on); %s refused",
-                    row_id, token, query.removeprefix("transport_"),
+                    row_id, token, action,
                 )
 
     def bury(self, row_id: int, token: uuid.UUID, problem: str) -> None:
@@ -771,7 +799,6 @@ class Transport(virtual.Transport):
         """
         for queue in list(self._ready):
             if not self._buffers.get(queue):
-                self.flush_acks()
                 self._refill(queue)
         delivered = 0
         for queue, buffer in list(self._buffers.items()):
@@ -866,9 +893,10 @@ class Transport(virtual.Transport):
         if loop is None:
             return
         loop.on_tick.discard(self._on_tick)
-        if self._poll_timer is not None:
-            self._poll_timer.cancel()
-            self._poll_timer = None
+        for timer in (self._poll_timer, self._ack_timer):
+            if timer is not None:
+                timer.cancel()
+        self._poll_timer = self._ack_timer = None
         if self._listener.connected:
             loop.remove_reader(self._listener.fileno())
         if self._wake_fds is not None:
@@ -909,10 +937,16 @@ class Transport(virtual.Transport):
     def _deliver_one(self) -> None:
         # One message per hub iteration: between two, Celery sees a shutdown
         # request and runs what the last message scheduled.
-        if not self.deliver_ready(most=1):
-            self.flush_acks()
-        if self._buffers or self._acks:
+        self.deliver_ready(most=1)
+        if self._buffers:
             self.kick()
+        elif self._acks and self._ack_timer is None:
+            # Idle for now: the acks wait a moment for the next claim to take them.
+            self._ack_timer = self._loop.call_later(ACK_WAIT, self._flush_acks_later)
+
+    def _flush_acks_later(self) -> None:
+        self._ack_timer = None
+        self.flush_acks()
 
     def _on_tick(self) -> None:
         if self._ready and not self._kicked and self._deliverable():
