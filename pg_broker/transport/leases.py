@@ -3,8 +3,10 @@
 A claimed row stays invisible to other workers until its lease ends. The
 :class:`LeaseKeeper` thread renews the lease of every row its transport holds
 (prefetched messages, running tasks, ETA/countdown tasks Celery keeps unacked
-in memory) every ``lease / 3`` seconds, over a connection of its own, so a hub
-blocked by a long task in the solo pool does not stop renewal.
+in memory) every ``lease / 3`` seconds, so a hub blocked by a long task in the
+solo pool does not stop renewal. It shares the transport's work connection
+(psycopg connections are thread-safe; the statements are short): a worker
+needs one connection less.
 
 The same thread keeps the consumed queues that have an expiry (``x-expires``:
 Celery's remote-control and event queues) alive, and runs the maintenance
@@ -19,6 +21,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 import psycopg
@@ -37,13 +40,11 @@ class LeaseKeeper:
 
     def __init__(
         self,
-        conninfo: str,
-        connect_kwargs: dict,
+        connection: Callable[[], psycopg.Connection],
         lease: float,
         maintenance_interval: float,
     ) -> None:
-        self._conninfo = conninfo
-        self._connect_kwargs = connect_kwargs
+        self._connection = connection
         self.lease = lease
         self.interval = max(lease / 3.0, 0.05)
         self.maintenance_interval = maintenance_interval
@@ -56,7 +57,6 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._conn: psycopg.Connection | None = None
 
     # Called by the consuming threads -------------------------------------
 
@@ -99,12 +99,10 @@ class LeaseKeeper:
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
-        self._close()
 
     def forget_after_fork(self) -> None:
         """In a forked child: the thread did not survive, the rows are the parent's."""
         self._thread = None
-        self._conn = None
         self._lock = threading.Lock()
         self._held.clear()
         self._expiring.clear()
@@ -136,8 +134,8 @@ class LeaseKeeper:
                     if self.maintaining:
                         self.maintain()
             except psycopg.Error as exc:
+                # The work connection reconnects on the next use.
                 log.warning("lease renewal or maintenance failed, retrying: %s", exc)
-                self._close()
 
     def renew(self) -> int:
         """Extend every held lease now; forget (and report) leases lost."""
@@ -176,16 +174,3 @@ class LeaseKeeper:
             log.info("reclaimed %d task(s) whose lease expired", reclaimed)
         if dropped:
             log.info("dropped %d queue(s) unused past their expiry", dropped)
-
-    def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
-        return self._conn
-
-    def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            try:
-                conn.close()
-            except psycopg.Error:
-                pass

@@ -537,7 +537,7 @@ class Transport(virtual.Transport):
             key: value for key, value in CONNECT_DEFAULTS.items() if key not in given
         }
         self.leases = LeaseKeeper(
-            self.conninfo, self.connect_kwargs, self.lease.total_seconds(),
+            lambda: self.conn, self.lease.total_seconds(),
             float(options.get("maintenance_interval", DEFAULT_MAINTENANCE_INTERVAL)),
         )
         self.expiring: dict[str, float] = {}  # queue -> x-expires seconds
@@ -612,7 +612,7 @@ class Transport(virtual.Transport):
 
     def forget_after_fork(self) -> None:
         """In a forked child: disown the parent's connections, start afresh."""
-        for conn in (self._conn, self._listener.conn, self.leases._conn):
+        for conn in (self._conn, self._listener.conn):
             _disown(conn)
         self._conn = None
         self._listener.conn = None
