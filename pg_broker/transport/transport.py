@@ -366,11 +366,20 @@ class Channel(virtual.Channel):
         return queue in self._noack_queues
 
     def fetch_limit(self) -> int:
-        """How many messages this channel may take now (its prefetch window)."""
+        """How many messages this channel should claim now (0: not yet).
+
+        The free part of the prefetch window; while messages are in flight,
+        only once half the window is free, so that one claim feeds several
+        deliveries instead of one claim per finished task.
+        """
         estimate = self.qos.can_consume_max_estimate()
         if estimate is None:
             return self.transport.claim_batch_max
-        return min(estimate - self.transport.buffered(self), self.transport.claim_batch_max)
+        room = estimate - self.transport.buffered(self)
+        in_flight = self.qos.prefetch_count - estimate
+        if in_flight > 0 and room * 2 < self.qos.prefetch_count:
+            return 0
+        return max(min(room, self.transport.claim_batch_max), 0)
 
     def fetch(self, queue: str, limit: int, no_ack: bool) -> tuple[list[dict], int]:
         """Claim (durable) or take (transient) up to ``limit`` messages.
@@ -957,7 +966,7 @@ class Transport(virtual.Transport):
             return True
         for queue in self._ready:
             channel = self._consumers.get(queue)
-            if channel is None or channel.qos.can_consume():
+            if channel is None or channel.fetch_limit() > 0:
                 return True
         return False
 
