@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -66,8 +67,20 @@ def test_bench_harness_measures_every_figure_for_pgbroker_and_writes_json(
     assert out.with_suffix(".md").read_text().startswith("| figure |")
     assert "end-to-end, solo pool" in finished.stdout
 
+    # Only this run's workers: they carry this session's database in their
+    # environment (another benchmark may be running on the machine).
+    database_name = urlsplit(database_url).path.lstrip("/")
     leftovers = [
         p for p in psutil.process_iter(["pid", "cmdline"])
-        if p.info["pid"] not in before and "bench.app" in " ".join(p.info["cmdline"] or [])
+        if p.info["pid"] not in before
+        and "bench.app" in " ".join(p.info["cmdline"] or [])
+        and database_name in _environment_values(p)
     ]
     assert leftovers == [], "the harness left workers running"
+
+
+def _environment_values(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.environ().values())
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return ""
