@@ -21,6 +21,9 @@ from psycopg import sql
 from pg_broker.database import embedded_url, stop_embedded, with_database
 from pg_broker.migrate import migrate
 
+# A helper module that is also a fixture plugin: rewrite its asserts too.
+pytest.register_assert_rewrite("transport_support")
+
 TEST_URL_VARIABLE = "PG_BROKER_TEST_URL"
 # Tables a test may fill; emptied before each test that asks for `db`.
 DATA_TABLES = (

@@ -13,8 +13,6 @@ import psycopg
 import pytest
 from kombu.exceptions import ChannelError
 from transport_support import (
-    open_connection,
-    pgbroker_url,
     publish,
     queue_named,
     rows,
@@ -23,15 +21,7 @@ from transport_support import (
 
 from pg_broker.transport import Transport
 
-
-@pytest.fixture
-def broker_url(database_url):
-    return pgbroker_url(database_url)
-
-
-@pytest.fixture
-def connection(database_url, db):
-    yield from open_connection(database_url)
+pytest_plugins = ["transport_support"]
 
 
 def test_publish_stores_one_row_with_the_celery_headers(connection, db):

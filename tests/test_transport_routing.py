@@ -8,7 +8,6 @@ import kombu
 import psycopg
 import pytest
 from transport_support import (
-    open_connection,
     pgbroker_url,
     publish,
     queue_named,
@@ -18,15 +17,7 @@ from transport_support import (
 
 from pg_broker.transport import enqueue_in
 
-
-@pytest.fixture
-def broker_url(database_url):
-    return pgbroker_url(database_url)
-
-
-@pytest.fixture
-def connection(database_url, db):
-    yield from open_connection(database_url)
+pytest_plugins = ["transport_support"]
 
 
 def consume_all(conn: kombu.Connection, queue: kombu.Queue, timeout: float = 1) -> list:

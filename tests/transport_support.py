@@ -1,4 +1,5 @@
-"""Helpers shared by the kombu-level transport tests (tests/test_transport_*.py)."""
+"""Helpers and fixtures shared by the kombu-level transport tests
+(tests/test_transport_*.py load it with ``pytest_plugins = ["transport_support"]``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 
 import kombu
 import psycopg
+import pytest
 
 import pg_broker  # noqa: F401  (registers pgbroker://)
 
@@ -51,3 +53,13 @@ def open_connection(database_url: str, **transport_options) -> Iterator[kombu.Co
     ) as conn:
         conn.connect()
         yield conn
+
+
+@pytest.fixture
+def broker_url(database_url):
+    return pgbroker_url(database_url)
+
+
+@pytest.fixture
+def connection(database_url, db):
+    yield from open_connection(database_url)
