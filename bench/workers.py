@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,27 +102,23 @@ class Worker:
 
     def rss_bytes(self) -> int:
         """Resident memory of the worker and all its children."""
-        if not self.alive:
-            return 0
-        parent = psutil.Process(self.process.pid)
-        total = 0
-        for proc in [parent, *parent.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
+        return int(self._sum_over_tree(lambda proc: proc.memory_info().rss))
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the worker and its children so far."""
+        # cpu_times() starts (user, system, ...)
+        return self._sum_over_tree(lambda proc: sum(proc.cpu_times()[:2]))
+
+    def _sum_over_tree(self, measure: Callable[[psutil.Process], float]) -> float:
+        """``measure`` summed over the worker process and all its children
+        (0 when the worker is not running; children that exit meanwhile count 0)."""
         if not self.alive:
             return 0.0
         parent = psutil.Process(self.process.pid)
         total = 0.0
         for proc in [parent, *parent.children(recursive=True)]:
             try:
-                times = proc.cpu_times()
-                total += times.user + times.system
+                total += measure(proc)
             except psutil.NoSuchProcess:
                 pass
         return total
