@@ -131,20 +131,23 @@ def with_database(url: str, dbname: str) -> str:
     return urlunsplit(parts._replace(path="/" + dbname))
 
 
-def mask_url(url: str) -> str:
+def mask_url(url: str, mask: str = "***") -> str:
     """The URL (or ``key=value`` connection string) with every password
-    replaced by ``***``, for messages and logs."""
+    (``password``, ``sslpassword``) replaced by ``mask``, for messages and logs."""
+    def hide(match: re.Match) -> str:
+        return match.group(1) + mask
+
     if "://" not in url:
-        return _CONNINFO_PASSWORD.sub(r"\1***", url)
+        return _CONNINFO_PASSWORD.sub(hide, url)
     parts = urlsplit(url)
     if parts.password:
         userinfo, hosts = parts.netloc.rsplit("@", 1)
-        parts = parts._replace(netloc=userinfo.split(":", 1)[0] + ":***@" + hosts)
-    return urlunsplit(parts._replace(query=_QUERY_PASSWORD.sub(r"\1***", parts.query)))
+        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:{mask}@{hosts}")
+    return urlunsplit(parts._replace(query=_QUERY_PASSWORD.sub(hide, parts.query)))
 
 
-_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
-_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*")
+_CONNINFO_PASSWORD = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+_QUERY_PASSWORD = re.compile(r"((?:^|&)(?:ssl)?password=)[^&]*")
 # libpq waits forever for a host that drops packets; a user should hear back.
 DEFAULT_CONNECT_TIMEOUT = 10
 

@@ -9,13 +9,11 @@ set, otherwise the embedded server.
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
-from pg_broker.database import database_url
+from pg_broker.database import database_url, mask_url
 
 SCHEME = "pgbroker"
-# libpq query parameters whose value is a secret.
-_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
 
 
 def libpq_url(broker_url: str) -> str:
@@ -27,19 +25,7 @@ def libpq_url(broker_url: str) -> str:
 
 
 def masked_url(url: str, mask: str = "**", scheme: str = SCHEME) -> str:
-    """``url`` with its password (in the user info or the query) masked."""
-    parts = urlsplit(url)
-    if not (parts.password is not None or any(k in parts.query for k in _SECRET_PARAMETERS)):
-        return urlunsplit(parts._replace(scheme=scheme)) if parts.netloc else f"{scheme}://{parts.path}"
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, host = netloc.rsplit("@", 1)
-        netloc = f"{userinfo.split(':', 1)[0]}:{mask}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(key, mask if key in _SECRET_PARAMETERS else value) for key, value in pairs],
-            safe="/:*",
-        )
-    return urlunsplit(parts._replace(scheme=scheme, netloc=netloc, query=query))
+    """``url`` under ``scheme`` with its passwords masked (see
+    :func:`pg_broker.database.mask_url`)."""
+    parts = urlsplit(mask_url(url, mask))
+    return urlunsplit(parts._replace(scheme=scheme)) if parts.netloc else f"{scheme}://{parts.path}"
