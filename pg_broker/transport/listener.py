@@ -16,6 +16,8 @@ import logging
 import psycopg
 from psycopg import sql
 
+from .connections import close_quietly
+
 log = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "pgbroker_"
@@ -79,11 +81,7 @@ class Listener:
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
-        if conn is not None and not conn.closed:
-            try:
-                conn.close()
-            except psycopg.Error:
-                log.debug("closing the LISTEN connection failed", exc_info=True)
+        close_quietly(conn)
 
     def _listen(self, channel: str) -> None:
         self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

@@ -18,6 +18,7 @@ import base64
 import binascii
 import logging
 import os
+import re
 import socket
 import threading
 import uuid
@@ -43,8 +44,10 @@ from pg_broker.database import DatabaseUnavailable
 from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
 
+from .connections import close_quietly, disown
 from .leases import LeaseKeeper
 from .listener import Listener
+from .pipeline import Pipeline, text_value
 from .urls import SCHEME, libpq_url, masked_url
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,10 @@ DEFAULT_RETRY_BACKOFF_SECONDS = 10.0
 # them before they go out on their own.
 ACK_WAIT = 0.02
 TRANSIENT_TAG_PREFIX = "transient:"
+# How long closing a transport waits for the confirms of pipelined publishes.
+CONFIRM_AT_CLOSE = 10.0
+# A NUL character in a JSON string (escaped by the encoder): jsonb refuses it.
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 # libpq parameters the broker URL may override. Keepalives let a worker notice
 # a dead server on an idle (LISTEN) connection; the timeout bounds a connect
 # attempt while the database is down.
@@ -75,9 +82,6 @@ _enqueue = threading.local()
 # Every live transport, so a forked child can disown the connections it
 # inherited (see _after_fork_in_child). Weak: this is no cache.
 _transports: weakref.WeakSet[Transport] = weakref.WeakSet()
-# Inherited connections a child disowned: kept referenced so that they are
-# never finalised (their sockets point at /dev/null by then anyway).
-_disowned: list[psycopg.Connection] = []
 
 
 @contextmanager
@@ -488,6 +492,16 @@ class Transport(virtual.Transport):
         the sweep of expired queues and transient messages.
     ``claim_batch_max`` (100)
         Upper bound of one claim when the prefetch window is unlimited.
+    ``confirm_publish`` (True)
+        A durable publish returns after the database committed the message
+        (RabbitMQ's publisher confirms). False: it returns once the message
+        is sent; the transport reads the database's confirm in the background
+        (within 50 ms), sends unconfirmed messages again after a lost
+        connection, and waits for every confirm when it closes (or on
+        ``pg_broker.transport.confirm_publishes()``). Several times faster for
+        a producer; what it risks is only messages sent by a process that
+        dies in the same instant as its database connection. Transient
+        messages (delivery_mode 1: events, pidbox) are always sent this way.
     ``synchronous_commit`` (unset: the server's setting)
         For publishes: ``off`` makes them return before their WAL is flushed,
         several times faster; a crash of the database server can then lose
@@ -539,6 +553,7 @@ class Transport(virtual.Transport):
         self.retry_backoff = timedelta(
             seconds=float(options.get("retry_backoff", DEFAULT_RETRY_BACKOFF_SECONDS))
         )
+        self.confirm_publish = _flag(options.get("confirm_publish", True))
         synchronous_commit = options.get("synchronous_commit")
         self.synchronous_commit = None if synchronous_commit is None else str(synchronous_commit)
         given = conninfo_to_dict(self.conninfo)
@@ -552,6 +567,7 @@ class Transport(virtual.Transport):
         self.expiring: dict[str, float] = {}  # queue -> x-expires seconds
         self._listener = Listener(self.conninfo, self.connect_kwargs)
         self._conn: psycopg.Connection | None = None
+        self._pipeline: Pipeline | None = None
         self._consumers: dict[str, Channel] = {}
         self._ready: set[str] = set()
         # Claimed, not yet delivered: the hub hands out one message per callback.
@@ -605,12 +621,10 @@ class Transport(virtual.Transport):
             self.unregister_from_event_loop(connection, self._loop)
             self.leases.stop()
             self._listener.close()
+            if self._pipeline is not None:
+                self._pipeline.close(CONFIRM_AT_CLOSE)
             conn, self._conn = self._conn, None
-            if conn is not None and not conn.closed:
-                try:
-                    conn.close()
-                except psycopg.Error:
-                    pass
+            close_quietly(conn)
 
     def _collect(self, connection) -> None:
         """kombu's pool cleanup (after a fork): never touch inherited connections."""
@@ -622,9 +636,11 @@ class Transport(virtual.Transport):
     def forget_after_fork(self) -> None:
         """In a forked child: disown the parent's connections, start afresh."""
         for conn in (self._conn, self._listener.conn):
-            _disown(conn)
+            disown(conn)
         self._conn = None
         self._listener.conn = None
+        if self._pipeline is not None:
+            self._pipeline.forget_after_fork()
         self.leases.forget_after_fork()
         self._ready.clear()
         self._buffers.clear()
@@ -673,13 +689,41 @@ class Transport(virtual.Transport):
             "synchronous_commit": None,
         }
         conn = getattr(_enqueue, "conn", None)
-        if conn is None:  # our own transaction: the option decides how durable
-            conn = self.conn
+        if conn is None:  # our own transaction: the options decide how durable
             params["synchronous_commit"] = self.synchronous_commit
+            transient = properties.get("delivery_mode") in (1, "transient")
+            if transient or not self.confirm_publish:
+                self._send(params, durable=not transient)
+                return
+            conn = self.conn
         try:
             conn.execute(queries["transport_publish"], params)
         except psycopg.DataError as exc:
             raise ChannelError(f"message refused by the database: {exc}") from exc
+
+    def _send(self, params: dict, durable: bool) -> None:
+        """Publish without waiting for the commit (see :mod:`.pipeline`).
+
+        The database's refusals come too late for the caller, so what it
+        would refuse is refused here first.
+        """
+        for key in ("job_id", "user_id"):
+            if params[key] is not None:
+                try:
+                    uuid.UUID(params[key])
+                except ValueError:
+                    raise ChannelError(
+                        f"message refused: header {key} is not a UUID: {params[key]!r}"
+                    ) from None
+        if _JSON_NUL.search(params["payload"]):
+            raise ChannelError("message refused: PostgreSQL's jsonb cannot store "
+                               "the NUL character (\\u0000) it contains")
+        if self._pipeline is None:
+            self._pipeline = Pipeline(self.conninfo, self.connect_kwargs,
+                                      queries["transport_publish"])
+        label = f"{params['task_id'] or 'message'} for {params['exchange'] or params['routing_key']}"
+        self._pipeline.send([text_value(params[name]) for name in self._pipeline.names],
+                            durable, label)
 
     # Settling held rows -------------------------------------------------------
 
@@ -982,6 +1026,13 @@ def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
 
+def _flag(value: object) -> bool:
+    """A boolean transport option, also when it came from a URL or env var."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(value)
+
+
 def _conninfo(client) -> str:
     """The libpq URL for a kombu Connection (URL form, or separate fields)."""
     hostname = client.hostname or ""
@@ -995,28 +1046,6 @@ def _conninfo(client) -> str:
     port = f":{client.port}" if client.port else ""
     database = (client.virtual_host or "").lstrip("/")
     return f"postgresql://{userinfo}{hostname}{port}/{database}"
-
-
-def _disown(conn: psycopg.Connection | None) -> None:
-    """Make an inherited connection harmless in a forked child.
-
-    Closing it would end the parent's session (libpq sends Terminate on the
-    shared socket). Instead the child's copy of the socket descriptor is
-    pointed at /dev/null and the object is kept alive, never closed.
-    """
-    if conn is None:
-        return
-    try:
-        fd = conn.pgconn.socket
-    except psycopg.Error:
-        fd = None
-    if fd is not None and fd >= 0:
-        devnull = os.open(os.devnull, os.O_RDWR)
-        try:
-            os.dup2(devnull, fd)
-        finally:
-            os.close(devnull)
-    _disowned.append(conn)
 
 
 def _after_fork_in_child() -> None:

@@ -1,0 +1,365 @@
+"""Pipelined publishing: messages sent without waiting for each reply.
+
+A durable publish normally returns after its commit: one round trip plus a
+WAL flush per message. Two kinds of publish don't wait for theirs:
+
+- transient messages (``delivery_mode`` 1: Celery events, pidbox broadcasts
+  and replies), which nobody expects to survive a crash;
+- every publish of a transport whose ``confirm_publish`` option is False, the
+  semantics of RabbitMQ without publisher confirms, Celery's default there.
+
+They go out on a connection of their own in libpq pipeline mode, each
+statement followed by a Sync, so each is its own implicit transaction,
+committed by the server in order while the producer goes on. The replies (the
+confirms) are read later: without blocking whenever the producer sends
+another message, by a confirmer thread within ``CONFIRM_INTERVAL`` when it
+does not, and all of them before the transport closes or on
+:func:`confirm_publishes`.
+
+Until its confirm is read a message stays in memory. When the connection is
+lost, the pipeline reconnects and sends every unconfirmed durable message
+again, in order: a database restart loses none (at-least-once; one whose
+commit happened but whose confirm was lost is stored twice). Unconfirmed
+transient messages are dropped then, as a broker restart drops them. A
+message the database refuses for its content (SQLSTATE classes 22 and 23) is
+logged and dropped: its caller has returned long ago, so the transport checks
+everything it can before sending.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import select
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from time import monotonic, sleep
+
+import psycopg
+from psycopg import pq
+
+from .connections import close_quietly, disown
+
+log = logging.getLogger(__name__)
+
+# How long a sent message may wait for its confirm to be read when the
+# producer sends nothing more.
+CONFIRM_INTERVAL = 0.05
+# Unconfirmed messages one pipeline holds before a publish waits for the
+# database to catch up (memory bound, and back-pressure on a fast producer).
+MAX_UNCONFIRMED = 2000
+# A message the database turns down for another reason than its content
+# (serialization failure, disk full, read-only server) is sent again at most
+# this many times.
+MAX_SENDS = 10
+# SQLSTATE classes meaning "this message can never be stored".
+REFUSED_CLASSES = ("22", "23")
+STATEMENT_NAME = b"pg_broker_publish"
+
+_OK = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
+
+_pipelines: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+
+
+def positional(query: str) -> tuple[str, list[str]]:
+    """``%(name)s`` placeholders as ``$n``; returns the query and the names in order."""
+    names: list[str] = []
+
+    def number(match: re.Match) -> str:
+        if match.group(0) == "%%":
+            return "%"
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return re.sub(r"%%|%\((\w+)\)s", number, query), names
+
+
+def text_value(value: object) -> bytes | None:
+    """A parameter in PostgreSQL's text format (the statement casts each one)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return b"true" if value else b"false"
+    if hasattr(value, "total_seconds"):  # a timedelta, for an interval
+        return f"{value.total_seconds()} seconds".encode()
+    return str(value).encode()
+
+
+@dataclass(slots=True)
+class _Sent:
+    values: list[bytes | None]
+    durable: bool
+    label: str
+    sends: int = 0
+    error: tuple[str, str] | None = None  # (sqlstate, message) of its statement
+
+
+class Pipeline:
+    """One connection in pipeline mode publishing one prepared statement.
+
+    Thread-safe: every use of the connection holds ``_lock``; the confirmer
+    thread waits for replies without it.
+    """
+
+    def __init__(self, conninfo: str, connect_kwargs: dict, query: str) -> None:
+        self._conninfo = conninfo
+        self._connect_kwargs = connect_kwargs
+        self._query, self.names = positional(query)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._conn: psycopg.Connection | None = None
+        self._unsent: deque[_Sent] = deque()  # to send (again) after a reconnect
+        self._in_flight: deque[_Sent] = deque()  # sent; their Sync not yet read
+        self._broken = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        _pipelines.add(self)
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._unsent) + len(self._in_flight)
+
+    # Sending ----------------------------------------------------------------
+
+    def send(self, values: list[bytes | None], durable: bool, label: str) -> None:
+        """Send one message; return without waiting for its confirm.
+
+        Raises psycopg.OperationalError when the database cannot be reached
+        now (the message is then not kept: the caller's retry sends it).
+        """
+        entry = _Sent(values, durable, label)
+        with self._lock:
+            if self._pid != os.getpid():
+                self.forget_after_fork()
+            try:
+                if self._broken or self._conn is None:
+                    self._reconnect()
+                self._unsent.append(entry)
+                self._send_unsent()
+                self._read(block=False)
+                if self.unconfirmed > MAX_UNCONFIRMED:
+                    self._read(block=True, until=MAX_UNCONFIRMED // 2)
+            except psycopg.OperationalError:
+                self._broken = True
+                self._forget(entry)
+                raise
+        self._start_confirmer()
+
+    def _send_unsent(self) -> None:
+        pgconn = self._conn.pgconn
+        while self._unsent:
+            entry = self._unsent.popleft()
+            entry.sends += 1
+            entry.error = None
+            pgconn.send_query_prepared(STATEMENT_NAME, entry.values)
+            pgconn.pipeline_sync()
+            self._in_flight.append(entry)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Push libpq's output buffer to the socket, reading replies meanwhile
+        (a server blocked writing replies we don't read would stop reading)."""
+        pgconn = self._conn.pgconn
+        while pgconn.flush():
+            readable, writable = _wait(pgconn.socket, write=True, timeout=None)
+            if readable:
+                self._read(block=False)
+
+    def _forget(self, entry: _Sent) -> None:
+        for pending in (self._unsent, self._in_flight):
+            try:
+                pending.remove(entry)
+            except ValueError:
+                pass
+
+    # Confirms -----------------------------------------------------------------
+
+    def _read(self, block: bool, until: int = 0, deadline: float | None = None) -> bool:
+        """Read replies: those available, or (block) until at most ``until``
+        messages are in flight. False when ``deadline`` passed first."""
+        pgconn = self._conn.pgconn
+        while len(self._in_flight) > until:
+            pgconn.consume_input()
+            while self._in_flight and not pgconn.is_busy():
+                self._take(pgconn.get_result())
+            if len(self._in_flight) <= until or not block:
+                return True
+            timeout = None if deadline is None else deadline - monotonic()
+            if timeout is not None and timeout <= 0:
+                return False
+            _wait(pgconn.socket, write=False, timeout=timeout)
+        return True
+
+    def _take(self, result: pq.PGresult | None) -> None:
+        """One result of the head message: its statement's, the end of them, its Sync."""
+        if result is None:  # the end of its statement's results
+            return
+        entry = self._in_flight[0]
+        status = result.status
+        if status == pq.ExecStatus.PIPELINE_SYNC:
+            self._in_flight.popleft()
+            if entry.error is not None:
+                self._turned_down(entry)
+        elif status not in _OK and entry.error is None:
+            state = result.error_field(pq.DiagnosticField.SQLSTATE) or b""
+            entry.error = (state.decode(), result.error_message.decode(errors="replace").strip())
+
+    def _turned_down(self, entry: _Sent) -> None:
+        state, message = entry.error
+        if state[:2] in REFUSED_CLASSES or entry.sends >= MAX_SENDS:
+            log.error("message %s refused by the database and dropped: %s", entry.label, message)
+        else:
+            log.warning("message %s not stored (%s); sending it again", entry.label, message)
+            self._unsent.append(entry)
+
+    def confirm(self, timeout: float | None = None) -> bool:
+        """Wait until the database confirmed every message sent so far
+        (reconnecting and sending again if need be). False on timeout."""
+        deadline = None if timeout is None else monotonic() + timeout
+        with self._lock:
+            if self._pid != os.getpid():
+                self.forget_after_fork()
+            while self.unconfirmed:
+                if deadline is not None and monotonic() >= deadline:
+                    return False
+                try:
+                    if self._broken:
+                        self._reconnect()
+                    self._send_unsent()
+                    self._read(block=True, deadline=deadline)
+                except psycopg.OperationalError as exc:
+                    self._broken = True
+                    if deadline is not None and monotonic() >= deadline:
+                        return False
+                    log.warning("confirming publishes: %s; retrying", exc)
+                    sleep(0.1)
+        return True
+
+    def _start_confirmer(self) -> None:
+        self._wake.set()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._confirm_in_background, name="pg_broker-confirms", daemon=True
+            )
+            self._thread.start()
+
+    def _confirm_in_background(self) -> None:
+        """Read confirms the producer left unread; recover a lost connection."""
+        backoff = CONFIRM_INTERVAL
+        while True:
+            self._wake.wait()
+            if self._closed or self._pid != os.getpid():
+                return
+            sleep(CONFIRM_INTERVAL)  # a busy producer reads its own confirms meanwhile
+            socket_fd = None
+            with self._lock:
+                if self._closed:
+                    return
+                try:
+                    if self._broken:
+                        self._reconnect()
+                        log.info("publishing again after a lost connection: %d message(s) "
+                                 "sent again", self.unconfirmed)
+                    self._send_unsent()
+                    self._read(block=False)
+                    backoff = CONFIRM_INTERVAL
+                except psycopg.OperationalError as exc:
+                    self._broken = True
+                    log.warning("publishing: %s; %d message(s) wait to be sent again",
+                                exc, self.unconfirmed)
+                    backoff = min(backoff * 2, 5.0)
+                if not self.unconfirmed:
+                    self._wake.clear()
+                    continue
+                if not self._broken:
+                    socket_fd = self._conn.pgconn.socket
+            if socket_fd is None:
+                sleep(backoff)
+            else:
+                _wait(socket_fd, write=False, timeout=CONFIRM_INTERVAL)
+
+    # Connection -----------------------------------------------------------------
+
+    def _reconnect(self) -> None:
+        """A fresh connection in pipeline mode; every unconfirmed durable
+        message is queued to be sent again, transient ones are dropped."""
+        self._close_connection()
+        again = [e for e in (*self._in_flight, *self._unsent) if e.durable]
+        dropped = self.unconfirmed - len(again)
+        if dropped:
+            log.info("%d unconfirmed transient message(s) dropped with the lost connection",
+                     dropped)
+        self._in_flight.clear()
+        self._unsent = deque(again)
+        conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
+        pgconn = conn.pgconn
+        prepared = pgconn.prepare(STATEMENT_NAME, self._query.encode())
+        if prepared.status != pq.ExecStatus.COMMAND_OK:
+            message = prepared.error_message.decode(errors="replace").strip()
+            conn.close()
+            raise psycopg.OperationalError(f"preparing the publish statement failed: {message}")
+        pgconn.enter_pipeline_mode()
+        pgconn.nonblocking = 1
+        self._conn = conn
+        self._broken = False
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        close_quietly(conn)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Confirm what was sent (within ``timeout``), then close."""
+        if self._pid != os.getpid() or self._closed:
+            return
+        if self.unconfirmed and not self.confirm(timeout):
+            log.error("%d published message(s) were not confirmed by the database within "
+                      "%.0f s of closing and may be lost", self.unconfirmed, timeout)
+        with self._lock:
+            self._closed = True
+            self._wake.set()
+            self._close_connection()
+            self._unsent.clear()
+            self._in_flight.clear()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's connection and messages are the parent's."""
+        disown(self._conn)
+        self._conn = None
+        self._unsent.clear()
+        self._in_flight.clear()
+        self._broken = False
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        self._pid = os.getpid()
+
+
+def confirm_publishes(timeout: float | None = None) -> bool:
+    """Wait until the database confirmed every message this process sent
+    without waiting (transient ones, and all with ``confirm_publish=False``).
+    False if some were still unconfirmed after ``timeout`` seconds."""
+    return all(pipeline.confirm(timeout) for pipeline in list(_pipelines)
+               if pipeline._pid == os.getpid())
+
+
+def _wait(fd: int, write: bool, timeout: float | None) -> tuple[bool, bool]:
+    """Wait until ``fd`` is readable (or writable); (readable, writable)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | (select.POLLOUT if write else 0))
+    events = poller.poll(None if timeout is None else max(timeout, 0) * 1000)
+    mask = events[0][1] if events else 0
+    failed = mask & (select.POLLERR | select.POLLHUP)
+    return bool(mask & select.POLLIN or failed), bool(mask & select.POLLOUT)
+
+
+@atexit.register
+def _confirm_at_exit() -> None:
+    for pipeline in list(_pipelines):
+        pipeline.close()

@@ -1,0 +1,152 @@
+"""Publishes sent without waiting for each commit (pg_broker/transport/pipeline.py):
+transient messages always, every message with ``confirm_publish=False``."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import threading
+
+import kombu
+import pytest
+from kombu.exceptions import ChannelError
+from test_transport_recovery import terminate_sessions
+from transport_support import open_connection, publish, queue_named, rows
+
+from pg_broker.transport import confirm_publishes
+from pg_broker.transport.pipeline import MAX_UNCONFIRMED
+
+pytest_plugins = ["transport_support"]
+
+
+def bodies(db, queue: str) -> list:
+    """The bodies of a queue's rows as sent (text; a number is its JSON), in publish order."""
+    return [base64.b64decode(row[0]).decode() for row in db.execute(
+        "SELECT payload ->> 'body' FROM job_tasks WHERE queue = %s ORDER BY sequence", (queue,)
+    )]
+
+
+def test_unconfirmed_publishes_are_stored_in_order_once_confirmed(database_url, db):
+    queue = queue_named("pipelined")
+    for conn in open_connection(database_url, confirm_publish=False):
+        for n in range(500):
+            publish(conn, queue, n)
+            assert conn.transport._pipeline.unconfirmed <= MAX_UNCONFIRMED + 1
+        assert confirm_publishes(30)
+        assert conn.transport._pipeline.unconfirmed == 0
+    assert bodies(db, queue.name) == [str(n) for n in range(500)]
+    assert {status for status, _, _ in rows(db, queue.name)} == {"pending"}
+
+
+def test_closing_the_connection_waits_for_every_confirm(database_url, db):
+    queue = queue_named("close")
+    for conn in open_connection(database_url, confirm_publish=False):
+        for n in range(200):
+            publish(conn, queue, n)
+    # Closed by open_connection: no confirm_publishes() call was needed.
+    assert len(rows(db, queue.name)) == 200
+
+
+def test_consumer_receives_pipelined_messages(database_url, db):
+    queue = queue_named("consume")
+    received = []
+    for conn in open_connection(database_url, confirm_publish=False):
+        for n in range(20):
+            publish(conn, queue, {"n": n})
+        with conn.Consumer([queue], callbacks=[lambda body, m: (received.append(body["n"]),
+                                                                m.ack())]):
+            while len(received) < 20:
+                conn.drain_events(timeout=10)
+    assert sorted(received) == list(range(20))
+    assert {status for status, _, _ in rows(db, queue.name)} == {"completed"}
+
+
+def test_transient_messages_are_pipelined_even_with_confirms_on(database_url, db):
+    queue = queue_named("events", durable=False, auto_delete=True)
+    for conn in open_connection(database_url):
+        with conn.Consumer([queue], no_ack=True, callbacks=[]):
+            for n in range(50):
+                publish(conn, queue, n, delivery_mode="transient")
+            assert conn.transport._pipeline is not None
+            assert confirm_publishes(10)
+            stored = db.execute(
+                "SELECT count(*) FROM broker_transient_messages WHERE queue = %s",
+                (queue.name,),
+            ).fetchone()[0]
+            assert stored == 50
+        durable = queue_named("confirmed")
+        publish(conn, durable, "waits for its commit")
+        assert conn.transport._pipeline.unconfirmed == 0
+    assert len(rows(db, durable.name)) == 1
+
+
+def test_what_the_database_would_refuse_is_refused_at_publish(database_url, db):
+    queue = queue_named("refused")
+    for conn in open_connection(database_url, confirm_publish=False):
+        with pytest.raises(ChannelError, match="job_id is not a UUID"):
+            publish(conn, queue, "bad header", headers={"job_id": "not-a-uuid"})
+        with pytest.raises(ChannelError, match="NUL"):
+            publish(conn, queue, "body", headers={"note": "nul \x00 inside"})
+        publish(conn, queue, "text", headers={"note": "a backslash and u0000: \\u0000"})
+        assert confirm_publishes(10)
+    assert bodies(db, queue.name) == ["text"]
+
+
+def test_a_message_refused_later_is_logged_and_the_rest_are_stored(database_url, db, caplog):
+    too_long = kombu.Queue("q" * 2000, routing_key="q" * 2000)  # breaks a CHECK constraint
+    queue = queue_named("after-refusal")
+    for conn in open_connection(database_url, confirm_publish=False):
+        publish(conn, queue, "before")
+        with caplog.at_level(logging.ERROR, logger="pg_broker.transport.pipeline"):
+            with conn.Producer() as producer:
+                producer.publish("refused", exchange="", routing_key=too_long.name)
+            publish(conn, queue, "after")
+            assert confirm_publishes(10)
+    assert bodies(db, queue.name) == ["before", "after"]
+    assert any("refused by the database and dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_no_message_is_lost_when_the_sessions_are_dropped_mid_stream(database_url, db):
+    queue = queue_named("outage")
+    total = 3000
+    sent = threading.Event()
+    for conn in open_connection(database_url, confirm_publish=False):
+
+        def producer(conn: kombu.Connection = conn) -> None:
+            for n in range(total):
+                publish(conn, queue, n, retry=True)
+                if n == total // 3:
+                    sent.set()
+
+        thread = threading.Thread(target=producer)
+        thread.start()
+        assert sent.wait(60)
+        assert terminate_sessions(db) >= 1
+        thread.join(120)
+        assert not thread.is_alive()
+        assert confirm_publishes(60)
+    stored = bodies(db, queue.name)
+    # At least once: a message whose commit happened but whose confirm was
+    # lost with the session is stored twice; none is missing.
+    assert sorted(set(stored), key=int) == [str(n) for n in range(total)]
+    assert len(stored) - total <= MAX_UNCONFIRMED
+
+
+def test_forked_child_publishes_on_its_own_pipeline(database_url, db):
+    queue = queue_named("fork")
+    for conn in open_connection(database_url, confirm_publish=False):
+        publish(conn, queue, "parent before")
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                publish(conn, queue, "child")
+                status = 0 if confirm_publishes(10) else 2
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        publish(conn, queue, "parent after")
+        assert confirm_publishes(10)
+    assert sorted(bodies(db, queue.name)) == ["child", "parent after", "parent before"]
