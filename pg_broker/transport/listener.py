@@ -11,14 +11,11 @@ identifiers hold at most 63 bytes and Celery queue names hold ``@`` and ``.``.
 from __future__ import annotations
 
 import hashlib
-import logging
 
 import psycopg
 from psycopg import sql
 
 from .connections import close_quietly
-
-log = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "pgbroker_"
 
