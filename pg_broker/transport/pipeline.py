@@ -58,7 +58,6 @@ MAX_UNCONFIRMED = 2000
 MAX_SENDS = 10
 # SQLSTATE classes meaning "this message can never be stored".
 REFUSED_CLASSES = ("22", "23")
-STATEMENT_NAME = b"pg_broker_publish"
 
 _OK = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
 
@@ -91,6 +90,47 @@ def text_value(value: object) -> bytes | None:
     return str(value).encode()
 
 
+class Prepared:
+    """A named statement of queries.sql run through libpq directly: no cursor,
+    no adaptation (every parameter is text the statement casts), a fraction
+    of psycopg's per-call cost on the hottest path, the publish."""
+
+    def __init__(self, name: str, query: str) -> None:
+        self.name = name.encode()
+        text, names = positional(query)
+        self.text = text.encode()
+        self.names = tuple(names)
+        self._prepared_on: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
+
+    def values(self, params: dict) -> list[bytes | None]:
+        return [text_value(params[name]) for name in self.names]
+
+    def prepare(self, pgconn: pq.abc.PGconn) -> None:
+        """Prepare on a connection not in pipeline mode (blocks)."""
+        check(pgconn, pgconn.prepare(self.name, self.text))
+
+    def execute(self, conn: psycopg.Connection, params: dict) -> pq.abc.PGresult:
+        """Run on ``conn`` (autocommit, idle) and wait; prepares it once per connection."""
+        values = self.values(params)
+        with conn.lock:
+            pgconn = conn.pgconn
+            if conn not in self._prepared_on:
+                self.prepare(pgconn)
+                self._prepared_on.add(conn)
+            return check(pgconn, pgconn.exec_prepared(self.name, values))
+
+
+def check(pgconn: pq.abc.PGconn, result: pq.abc.PGresult | None) -> pq.abc.PGresult:
+    """``result`` if it succeeded; else the psycopg exception it means
+    (OperationalError when the connection is gone)."""
+    if result is not None and result.status in _OK:
+        return result
+    message = (result.error_message if result is not None else pgconn.error_message)
+    if pgconn.status == pq.ConnStatus.BAD or result is None:
+        raise psycopg.OperationalError(message.decode(errors="replace").strip())
+    raise psycopg.errors.error_from_result(result, encoding=pgconn._encoding)
+
+
 @dataclass(slots=True)
 class _Sent:
     values: list[bytes | None]
@@ -107,10 +147,10 @@ class Pipeline:
     thread waits for replies without it.
     """
 
-    def __init__(self, conninfo: str, connect_kwargs: dict, query: str) -> None:
+    def __init__(self, conninfo: str, connect_kwargs: dict, statement: Prepared) -> None:
         self._conninfo = conninfo
         self._connect_kwargs = connect_kwargs
-        self._query, self.names = positional(query)
+        self.statement = statement
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._conn: psycopg.Connection | None = None
@@ -128,13 +168,14 @@ class Pipeline:
 
     # Sending ----------------------------------------------------------------
 
-    def send(self, values: list[bytes | None], durable: bool, label: str) -> None:
-        """Send one message; return without waiting for its confirm.
+    def send(self, params: dict, durable: bool, label: str) -> None:
+        """Send one message (the statement's parameters); return without
+        waiting for its confirm.
 
         Raises psycopg.OperationalError when the database cannot be reached
         now (the message is then not kept: the caller's retry sends it).
         """
-        entry = _Sent(values, durable, label)
+        entry = _Sent(self.statement.values(params), durable, label)
         with self._lock:
             if self._pid != os.getpid():
                 self.forget_after_fork()
@@ -158,7 +199,7 @@ class Pipeline:
             entry = self._unsent.popleft()
             entry.sends += 1
             entry.error = None
-            pgconn.send_query_prepared(STATEMENT_NAME, entry.values)
+            pgconn.send_query_prepared(self.statement.name, entry.values)
             pgconn.pipeline_sync()
             self._in_flight.append(entry)
         self._flush()
@@ -300,11 +341,11 @@ class Pipeline:
         self._unsent = deque(again)
         conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
         pgconn = conn.pgconn
-        prepared = pgconn.prepare(STATEMENT_NAME, self._query.encode())
-        if prepared.status != pq.ExecStatus.COMMAND_OK:
-            message = prepared.error_message.decode(errors="replace").strip()
+        try:
+            self.statement.prepare(pgconn)
+        except psycopg.Error:
             conn.close()
-            raise psycopg.OperationalError(f"preparing the publish statement failed: {message}")
+            raise
         pgconn.enter_pipeline_mode()
         pgconn.nonblocking = 1
         self._conn = conn

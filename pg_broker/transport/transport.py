@@ -47,7 +47,7 @@ from pg_broker.queries import queries
 from .connections import close_quietly, disown
 from .leases import LeaseKeeper
 from .listener import Listener
-from .pipeline import Pipeline, text_value
+from .pipeline import Pipeline, Prepared
 from .urls import SCHEME, libpq_url, masked_url
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ CONNECT_DEFAULTS = {
     "keepalives_interval": "10",
     "keepalives_count": "3",
 }
+
+PUBLISH = Prepared("pg_broker_publish", queries["transport_publish"])
 
 _enqueue = threading.local()
 # Every live transport, so a forked child can disown the connections it
@@ -695,9 +697,11 @@ class Transport(virtual.Transport):
             if transient or not self.confirm_publish:
                 self._send(params, durable=not transient)
                 return
-            conn = self.conn
         try:
-            conn.execute(queries["transport_publish"], params)
+            if conn is None:
+                PUBLISH.execute(self.conn, params)
+            else:
+                conn.execute(queries["transport_publish"], params)
         except psycopg.DataError as exc:
             raise ChannelError(f"message refused by the database: {exc}") from exc
 
@@ -719,11 +723,9 @@ class Transport(virtual.Transport):
             raise ChannelError("message refused: PostgreSQL's jsonb cannot store "
                                "the NUL character (\\u0000) it contains")
         if self._pipeline is None:
-            self._pipeline = Pipeline(self.conninfo, self.connect_kwargs,
-                                      queries["transport_publish"])
+            self._pipeline = Pipeline(self.conninfo, self.connect_kwargs, PUBLISH)
         label = f"{params['task_id'] or 'message'} for {params['exchange'] or params['routing_key']}"
-        self._pipeline.send([text_value(params[name]) for name in self._pipeline.names],
-                            durable, label)
+        self._pipeline.send(params, durable, label)
 
     # Settling held rows -------------------------------------------------------
 
