@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import report
+from bench import flower, report
 from bench.brokers import ALL_BROKERS, DEFAULT_BROKERS, PG_SERVER_URL, prepare
 from bench.measure import Sizes
 from bench.runner import ROLES, Run
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             "sizes": dataclasses.asdict(sizes),
             "worker_roles": {role: {"pool": p, "concurrency": c, "events": e}
                              for role, (p, c, e) in ROLES.items()},
+            "flower": {"watches": "the events worker (its own control exchange)",
+                       "dashboard_refresh_s": flower.TABLE_REFRESH,
+                       "inspect_refresh_every_s": flower.INSPECT_INTERVAL},
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
         },
@@ -159,8 +162,8 @@ def machine_facts() -> dict:
 
 def versions(brokers: list) -> dict:
     found = {}
-    for package in ("celery", "kombu", "pg_broker", "psycopg", "redis", "amqp", "sqlalchemy",
-                    "pgmq"):
+    for package in ("celery", "kombu", "pg_broker", "flower", "psycopg", "redis", "amqp",
+                    "sqlalchemy", "pgmq"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -8,7 +8,8 @@ under test and is the same for every broker. Appends with ``O_APPEND`` are
 atomic per ``write``, so solo, threads and prefork pools can share one file.
 
 Workers load it as ``celery -A bench.app worker`` with the broker URL in
-``BENCH_BROKER_URL``; the harness builds its producer apps with
+``BENCH_BROKER_URL`` (Flower as ``celery -A bench.app flower``, the same
+way); the harness builds its producer apps with
 :func:`make_app`, so producer and worker settings cannot drift apart.
 """
 
@@ -26,6 +27,11 @@ import pg_broker  # noqa: F401  (registers the pgbroker:// scheme)
 BROKER_VARIABLE = "BENCH_BROKER_URL"
 TRANSPORT_OPTIONS_VARIABLE = "BENCH_TRANSPORT_OPTIONS"
 MARK_FILE_VARIABLE = "BENCH_MARK_FILE"
+# The -E worker and its Flower set this to EVENTS_CONTROL_EXCHANGE: Flower's
+# enable_events and inspect broadcasts then reach that worker alone, never
+# the workers measured without events.
+CONTROL_EXCHANGE_VARIABLE = "BENCH_CONTROL_EXCHANGE"
+EVENTS_CONTROL_EXCHANGE = "bench.events"
 TASK_NAME = "bench.mark"
 # Where delay() sends by default; no worker consumes it, so enqueue figures
 # measure publishing alone.
@@ -88,3 +94,5 @@ def _options_from_env() -> dict:
 
 
 app = make_app(os.environ.get(BROKER_VARIABLE, "memory://"), _options_from_env())
+if CONTROL_EXCHANGE_VARIABLE in os.environ:
+    app.conf.control_exchange = os.environ[CONTROL_EXCHANGE_VARIABLE]

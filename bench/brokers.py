@@ -29,14 +29,15 @@ RABBITMQ_URL = "pyamqp://guest:guest@127.0.0.1:5672//"
 PG_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PGBROKER_DATABASE = "pg_broker_bench"
 PGBROKER_ASYNC_DATABASE = "pg_broker_bench_async"
+PGBROKER_PIPELINED_DATABASE = "pg_broker_bench_pipelined"
 SQLA_DATABASE = "pg_broker_bench_sqla"
 PGMQ_DATABASE = "pg_broker_bench_pgmq"
 EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / ".pgdata"
 
-# The default set; pgbroker-async (pg_broker with its documented
-# synchronous_commit=off option) is there when asked for.
+# The default set; pg_broker with one of its documented transport options
+# (pgbroker-async, pgbroker-pipelined) is there when asked for.
 DEFAULT_BROKERS = ("redis", "rabbitmq", "sqla", "pgmq", "pgbroker", "pgbroker-embedded")
-ALL_BROKERS = DEFAULT_BROKERS + ("pgbroker-async",)
+ALL_BROKERS = DEFAULT_BROKERS + ("pgbroker-async", "pgbroker-pipelined")
 
 
 @dataclass
@@ -257,7 +258,12 @@ def prepare(names: list[str], pg_server: str, pgbroker_database: str | None) -> 
         "sqla": lambda: _sqla(pg_server),
         "pgmq": lambda: _pgmq(pg_server),
         "pgbroker": lambda: _pgbroker(pg_server, pgbroker_database),
-        "pgbroker-async": lambda: _pgbroker_async(pg_server),
+        "pgbroker-async": lambda: _pgbroker_variant(
+            pg_server, "pgbroker-async", PGBROKER_ASYNC_DATABASE,
+            {"synchronous_commit": "off"}),
+        "pgbroker-pipelined": lambda: _pgbroker_variant(
+            pg_server, "pgbroker-pipelined", PGBROKER_PIPELINED_DATABASE,
+            {"confirm_publish": False}),
         "pgbroker-embedded": _pgbroker_embedded,
     }
     brokers = []
@@ -368,15 +374,17 @@ def _pgbroker(pg_server: str, database_url: str | None) -> Broker:
     )
 
 
-def _pgbroker_async(pg_server: str) -> Broker:
-    recreate_database(pg_server, PGBROKER_ASYNC_DATABASE)
-    database_url = with_database(pg_server, PGBROKER_ASYNC_DATABASE)
+def _pgbroker_variant(pg_server: str, name: str, dbname: str, options: dict) -> Broker:
+    """pg_broker on the PostgreSQL server with transport options, in a database of its own."""
+    recreate_database(pg_server, dbname)
+    database_url = with_database(pg_server, dbname)
+    described = ", ".join(f"{key}={value}" for key, value in options.items())
     broker = _pgbroker_common(
-        "pgbroker-async", libpq_to_broker(database_url, "pgbroker"),
-        "pg_broker on the PostgreSQL server, transport option synchronous_commit=off",
+        name, libpq_to_broker(database_url, "pgbroker"),
+        f"pg_broker on the PostgreSQL server, transport option {described}",
         database_url, {"PG_BROKER_URL": None, "DATABASE_URL": None},
     )
-    broker.transport_options = {"synchronous_commit": "off"}
+    broker.transport_options = dict(options)
     return broker
 
 

@@ -13,20 +13,22 @@ import bisect
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 
 from celery import Celery, group
 
-from bench.app import BROKER_VARIABLE, TASK_NAME, TRANSPORT_OPTIONS_VARIABLE
+from bench.app import TASK_NAME
 from bench.brokers import Broker
-from bench.monitor import COUNT_FILE_VARIABLE
-from bench.workers import Worker, spawn, terminate
+from bench.flower import Flower, dashboard_open
+from bench.workers import Worker
 
 log = logging.getLogger(__name__)
 
 POLL = 0.002  # seconds between looks at a mark file
+# task-received, task-started, task-succeeded: what a -E worker sends per task.
+EVENTS_PER_TASK = 3
+EVENTS_GRACE = 3.0  # seconds Flower may take to count the last events of a run
 
 
 @dataclass(frozen=True)
@@ -240,32 +242,31 @@ def _started_between(starts: list[float], begin: float, end: float) -> float:
     return count / max(end - begin, 1e-9)
 
 
-def events(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> dict:
-    """Throughput of a worker started with -E while a Flower-like monitor consumes its events."""
-    count_file = worker.mark_file.with_name(f"{broker.name}-monitor.count")
-    count_file.unlink(missing_ok=True)
-    env = broker.worker_env()
-    env.update({BROKER_VARIABLE: broker.url, COUNT_FILE_VARIABLE: str(count_file),
-                TRANSPORT_OPTIONS_VARIABLE: broker.transport_options_json()})
-    monitor = spawn([sys.executable, "-m", "bench.monitor"], env,
-                    worker.mark_file.with_name(f"{broker.name}-monitor.log"))
-    try:
-        deadline = time.monotonic() + 20
-        while not count_file.exists():
-            if monitor.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the event monitor did not start consuming")
-            time.sleep(0.02)
+def events(app: Celery, broker: Broker, worker: Worker, flower: Flower, n: int,
+           cap: float) -> dict:
+    """Throughput of a worker started with -E while a real Flower watches it,
+    its dashboard open (see :mod:`bench.flower`)."""
+    events_before = flower.task_events(worker.nodename)
+    flower_cpu_before = flower.cpu_seconds()
+    with dashboard_open(flower):
         run = run_tasks(app, broker, worker, n, cap)
-        time.sleep(0.5)  # the last events, and the monitor's next count
-        received = int(count_file.read_text() or 0)
-    finally:
-        terminate(monitor, timeout=0)
+        # The last events are still on their way to Flower.
+        expected = events_before + EVENTS_PER_TASK * run["done"]
+        deadline = time.monotonic() + EVENTS_GRACE
+        while (counted := flower.task_events(worker.nodename)) < expected \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if not flower.alive:
+        raise RuntimeError(f"Flower exited during the run:\n{flower.log_tail()}")
+    flower_cpu = flower.cpu_seconds() - flower_cpu_before
+    done = run["done"]
     return {
         "figures": {
-            "throughput_events": run["throughput"],
-            "events_received_per_task": received / run["done"] if run["done"] else 0.0,
+            "throughput_events_flower": run["throughput"],
+            "flower_task_events_per_task": (counted - events_before) / done if done else 0.0,
             "worker_cpu_ms_per_task_events": run["worker_cpu_ms_per_task"],
             "broker_cpu_ms_per_task_events": run["broker_cpu_ms_per_task"],
+            "flower_cpu_ms_per_task": flower_cpu / done * 1e3 if done else None,
         },
         "capped": run["capped"],
     }

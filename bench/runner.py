@@ -3,10 +3,12 @@
 
 Each broker gets four long-lived workers, one per role, each on its own
 queue: ``solo``, ``threads`` (8), ``prefork`` (2) and ``events`` (solo with
-``-E``). They stay up for the whole run so start-up time is paid once; the
-workers of the brokers not being measured sit idle, the same background for
-every broker. Before every measurement the broker's queues are emptied
-(message tables truncated for the PostgreSQL-backed ones).
+``-E``), and a Flower watching the ``events`` one (:mod:`bench.flower`). They
+stay up for the whole run so start-up time is paid once; the workers of the
+brokers not being measured sit idle, the same background for every broker.
+Before every measurement the broker's queues are emptied (message tables
+truncated for the PostgreSQL-backed ones). A broker whose Flower does not
+start is measured without the events figures, and the failure is reported.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from bench import measure
 from bench.app import ENQUEUE_QUEUE, TASK_NAME, make_app
 from bench.brokers import Broker
+from bench.flower import Flower
 from bench.measure import Sizes
 from bench.workers import Worker, kill_all, stop_all
 
@@ -50,6 +53,7 @@ class Run:
         self.capped: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.errors: dict[str, list[str]] = defaultdict(list)
         self.workers: dict[str, dict[str, Worker]] = {}
+        self.flowers: dict[str, Flower] = {}  # those that started
         # pg_stat_statements, where the server has it: {broker: {"run"|"idle": [...]}}
         self.statements: dict[str, dict[str, list]] = defaultdict(dict)
         self.workdir = Path(tempfile.mkdtemp(prefix="pg_broker_bench_", dir=_scratch_dir()))
@@ -95,10 +99,34 @@ class Run:
                 worker = self.new_worker(broker, role)
                 worker.start(broker.url, broker.worker_env(), broker.transport_options_json())
                 self.workers[broker.name][role] = worker
-        self.echo(f"started {4 * len(self.usable)} workers; waiting for them to take a task "
-                  f"(logs in {self.workdir})")
+        # Flowers start alongside the workers; they are waited for once the workers are up.
+        flowers = {broker.name: Flower(broker, self.workdir) for broker in self.usable}
+        for flower in flowers.values():
+            flower.start()
+        self.echo(f"started {4 * len(self.usable)} workers and {len(flowers)} Flowers; "
+                  f"waiting for the workers to take a task (logs in {self.workdir})")
         for broker in self.usable:
             self.wait_ready(broker)
+        for flower in flowers.values():
+            self.wait_flower(flower)
+
+    def wait_flower(self, flower: Flower) -> None:
+        """Keep a Flower that watches its broker's -E worker; report and stop
+        one that does not (its broker goes on without the events figures)."""
+        name = flower.broker.name
+        if flower.broker.skip is None:
+            try:
+                flower.wait_watching(self.workers[name]["events"].nodename)
+            except RuntimeError as exc:
+                problem, *log_lines = str(exc).splitlines()
+                self.errors[name].append(f"Flower did not start: {problem} "
+                                         f"(log: {flower.log_file})")
+                last_lines = "\n    ".join(log_lines[-3:])
+                self.echo(f"    {name}: Flower did not start: {problem}\n    {last_lines}")
+            else:
+                self.flowers[name] = flower
+                return
+        flower.stop(timeout=0)
 
     def new_worker(self, broker: Broker, role: str) -> Worker:
         pool, concurrency, events = ROLES[role]
@@ -133,6 +161,10 @@ class Run:
         except Exception as exc:
             broker.skip = f"workers did not start: {exc}"
             last_lines = "\n    ".join(str(exc).splitlines()[-3:])
+            if "too many clients" in str(exc):
+                last_lines += ("\n    (every PostgreSQL-backed broker holds its workers' and its "
+                               "Flower's connections for the whole run: measure fewer at "
+                               "once or raise max_connections)")
             self.echo(f"skipping {broker.name}: workers did not start:\n    {last_lines}")
             stop_all(list(workers.values()))
         finally:
@@ -162,11 +194,13 @@ class Run:
             for role in ("solo", "threads", "prefork"):
                 plain[role] = self.attempt(broker, lambda role=role: measure.throughput(
                     app, broker, workers[role], sizes.throughput, sizes.cap))
-            with_events = self.attempt(broker, lambda: measure.events(
-                app, broker, workers["events"], sizes.throughput, sizes.cap))
+            flower = self.flowers.get(broker.name)
+            with_events = flower and self.attempt(broker, lambda: measure.events(
+                app, broker, workers["events"], flower, sizes.throughput, sizes.cap))
             solo = (plain["solo"] or {}).get("throughput_solo")
             if with_events and solo:
-                self.add(broker, "events_vs_plain", with_events["throughput_events"] / solo)
+                self.add(broker, "events_flower_vs_plain",
+                         with_events["throughput_events_flower"] / solo)
             if sizes.drain:
                 self.attempt(broker, lambda: measure.drain(
                     app, broker, workers["solo"], sizes.drain, sizes.cap))
@@ -202,10 +236,10 @@ class Run:
             self.samples[key][broker.name].append(value)
 
     def measure_idle(self) -> None:
-        """Stop all but the solo workers; then, in simultaneous windows, count
-        each idle solo worker's transactions on its database and its CPU."""
+        """Stop the Flowers and all but the solo workers; then, in simultaneous
+        windows, count each idle solo worker's transactions on its database and its CPU."""
         others = [w for ws in self.workers.values() for role, w in ws.items() if role != "solo"]
-        stop_all(others)
+        stop_all([*others, *self.flowers.values()])
         solos = {b.name: self.workers[b.name]["solo"] for b in self.usable}
         for broker in self.usable:
             self.reset(broker)

@@ -1,4 +1,4 @@
-"""Celery worker (and event monitor) subprocesses, each in its own process group.
+"""Celery worker (and Flower) subprocesses, each in its own process group.
 
 Every process the harness starts goes through :func:`spawn`, is registered
 here and killed, with its whole process group (prefork children included),
@@ -11,6 +11,7 @@ import atexit
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,14 @@ from pathlib import Path
 
 import psutil
 
-from bench.app import BROKER_VARIABLE, MARK_FILE_VARIABLE, RECORD, TRANSPORT_OPTIONS_VARIABLE
+from bench.app import (
+    BROKER_VARIABLE,
+    CONTROL_EXCHANGE_VARIABLE,
+    EVENTS_CONTROL_EXCHANGE,
+    MARK_FILE_VARIABLE,
+    RECORD,
+    TRANSPORT_OPTIONS_VARIABLE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,64 +62,29 @@ def terminate(process: subprocess.Popen, timeout: float) -> None:
         _running.remove(process)
 
 
-@dataclass
-class Worker:
-    """One ``celery -A bench.app worker`` consuming one queue."""
+class Supervised:
+    """A long-running subprocess started with :func:`spawn`: its liveness,
+    resources, log and stop. Subclasses set ``process`` and ``log_file``."""
 
-    broker: str
-    role: str  # solo | threads | prefork | events
-    pool: str
-    concurrency: int
-    queue: str
-    mark_file: Path
+    process: subprocess.Popen | None
     log_file: Path
-    events: bool = False
-    process: subprocess.Popen | None = field(default=None, repr=False)
-
-    def start(self, broker_url: str, env: dict[str, str], transport_options: str) -> None:
-        self.mark_file.write_bytes(b"")
-        command = [
-            sys.executable, "-m", "celery", "-A", "bench.app", "worker",
-            "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
-            "-n", f"bench-{self.role}-{self.broker}@%h",
-            "--without-gossip", "--without-mingle", "-l", "warning",
-        ]
-        if self.events:
-            command.append("-E")
-        worker_env = dict(env)
-        worker_env[BROKER_VARIABLE] = broker_url
-        worker_env[MARK_FILE_VARIABLE] = str(self.mark_file)
-        worker_env[TRANSPORT_OPTIONS_VARIABLE] = transport_options
-        self.process = spawn(command, worker_env, self.log_file)
 
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def marks(self) -> list[tuple[float, float]]:
-        """(sent, started) of every task run since the file was last cleared."""
-        data = self.mark_file.read_bytes()
-        usable = len(data) - len(data) % RECORD.size
-        return [RECORD.unpack_from(data, i) for i in range(0, usable, RECORD.size)]
-
-    def mark_count(self) -> int:
-        return self.mark_file.stat().st_size // RECORD.size
-
-    def clear_marks(self) -> None:
-        os.truncate(self.mark_file, 0)
-
     def rss_bytes(self) -> int:
-        """Resident memory of the worker and all its children."""
+        """Resident memory of the process and all its children."""
         return int(self._sum_over_tree(lambda proc: proc.memory_info().rss))
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the worker and its children so far."""
+        """User + system CPU time of the process and its children so far."""
         # cpu_times() starts (user, system, ...)
         return self._sum_over_tree(lambda proc: sum(proc.cpu_times()[:2]))
 
     def _sum_over_tree(self, measure: Callable[[psutil.Process], float]) -> float:
-        """``measure`` summed over the worker process and all its children
-        (0 when the worker is not running; children that exit meanwhile count 0)."""
+        """``measure`` summed over the process and all its children (0 when it
+        is not running; children that exit meanwhile count 0)."""
         if not self.alive:
             return 0.0
         parent = psutil.Process(self.process.pid)
@@ -131,20 +104,68 @@ class Worker:
         return "\n".join(text[-lines:])
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Warm shutdown (SIGTERM to the group), then SIGKILL what is left."""
+        """SIGTERM to the group (a worker's warm shutdown), then SIGKILL what is left."""
         if self.process is not None:
             terminate(self.process, timeout)
 
 
-def stop_all(workers: list[Worker], timeout: float = 5.0) -> None:
-    """Stop several workers at once: signal them all, then wait."""
-    for worker in workers:
-        if worker.process is not None:
-            _signal_group(worker.process, signal.SIGTERM)
+@dataclass
+class Worker(Supervised):
+    """One ``celery -A bench.app worker`` consuming one queue."""
+
+    broker: str
+    role: str  # solo | threads | prefork | events
+    pool: str
+    concurrency: int
+    queue: str
+    mark_file: Path
+    log_file: Path
+    events: bool = False
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def nodename(self) -> str:
+        return f"bench-{self.role}-{self.broker}@{socket.gethostname()}"
+
+    def start(self, broker_url: str, env: dict[str, str], transport_options: str) -> None:
+        self.mark_file.write_bytes(b"")
+        command = [
+            sys.executable, "-m", "celery", "-A", "bench.app", "worker",
+            "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
+            "-n", self.nodename, "--without-gossip", "--without-mingle", "-l", "warning",
+        ]
+        worker_env = dict(env)
+        if self.events:
+            command.append("-E")
+            # Shared with its Flower only (see bench.flower).
+            worker_env[CONTROL_EXCHANGE_VARIABLE] = EVENTS_CONTROL_EXCHANGE
+        worker_env[BROKER_VARIABLE] = broker_url
+        worker_env[MARK_FILE_VARIABLE] = str(self.mark_file)
+        worker_env[TRANSPORT_OPTIONS_VARIABLE] = transport_options
+        self.process = spawn(command, worker_env, self.log_file)
+
+    def marks(self) -> list[tuple[float, float]]:
+        """(sent, started) of every task run since the file was last cleared."""
+        data = self.mark_file.read_bytes()
+        usable = len(data) - len(data) % RECORD.size
+        return [RECORD.unpack_from(data, i) for i in range(0, usable, RECORD.size)]
+
+    def mark_count(self) -> int:
+        return self.mark_file.stat().st_size // RECORD.size
+
+    def clear_marks(self) -> None:
+        os.truncate(self.mark_file, 0)
+
+
+def stop_all(processes: list[Supervised], timeout: float = 5.0) -> None:
+    """Stop several workers (or Flowers) at once: signal them all, then wait."""
+    for supervised in processes:
+        if supervised.process is not None:
+            _signal_group(supervised.process, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    for worker in workers:
-        if worker.process is not None:
-            terminate(worker.process, max(0.1, deadline - time.monotonic()))
+    for supervised in processes:
+        if supervised.process is not None:
+            terminate(supervised.process, max(0.1, deadline - time.monotonic()))
 
 
 def kill_all() -> None:
