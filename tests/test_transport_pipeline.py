@@ -9,12 +9,14 @@ import os
 import threading
 
 import kombu
+import psycopg
 import pytest
 from kombu.exceptions import ChannelError
 from test_transport_recovery import terminate_sessions
 from transport_support import open_connection, publish, queue_named, rows
 
 from pg_broker.transport import confirm_publishes
+from pg_broker.transport.listener import channel_name
 from pg_broker.transport.pipeline import MAX_UNCONFIRMED
 
 pytest_plugins = ["transport_support"]
@@ -150,3 +152,25 @@ def test_forked_child_publishes_on_its_own_pipeline(database_url, db):
         publish(conn, queue, "parent after")
         assert confirm_publishes(10)
     assert sorted(bodies(db, queue.name)) == ["child", "parent after", "parent before"]
+
+
+def test_a_burst_notifies_a_few_times_and_its_last_message_still_wakes_the_consumer(
+    database_url, db
+):
+    queue = queue_named("burst")
+    total = 200
+    received = []
+    # No safety poll in the test's lifetime: only notifications wake the consumer.
+    for consumer in open_connection(database_url, polling_interval=3600):
+        with consumer.Consumer([queue], callbacks=[lambda body, m: (received.append(body),
+                                                                    m.ack())]):
+            with psycopg.connect(database_url, autocommit=True) as listener:
+                listener.execute(f'LISTEN "{channel_name(queue.name)}"')
+                for producer in open_connection(database_url, confirm_publish=False):
+                    for n in range(total):
+                        publish(producer, queue, n)
+                    while len(received) < total:
+                        consumer.drain_events(timeout=10)
+                notifications = list(listener.notifies(timeout=0.5, stop_after=total))
+    assert sorted(received) == list(range(total))
+    assert 1 <= len(notifications) < total // 2

@@ -34,7 +34,7 @@ SELECT reclaim_stale_tasks();
 -- message.
 
 -- name: transport_publish
--- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue, notifies.
+-- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue (unless store is false), notifies those queues (unless notify is false).
 WITH target AS (
     SELECT %(routing_key)s::text AS queue
      WHERE %(exchange)s::text = '' AND %(routing_key)s::text <> ''
@@ -57,16 +57,13 @@ WITH target AS (
     SELECT queue, %(priority)s::smallint, %(payload)s::jsonb, %(task_type)s::text,
            %(task_id)s::text, %(job_id)s::uuid, %(user_id)s::uuid,
            coalesce(%(max_attempts)s::integer, 3), expires_at
-      FROM routed WHERE durable
-    RETURNING queue
+      FROM routed WHERE durable AND %(store)s::boolean
 ), transient AS (
     INSERT INTO broker_transient_messages (queue, priority, payload, expires_at)
     SELECT queue, %(priority)s::smallint, %(payload)s::jsonb, expires_at
-      FROM routed WHERE NOT durable
-    RETURNING queue
+      FROM routed WHERE NOT durable AND %(store)s::boolean
 )
-SELECT pg_notify('pgbroker_' || md5(queue), '')
-  FROM (SELECT queue FROM durable UNION SELECT queue FROM transient) AS notified;
+SELECT pg_notify('pgbroker_' || md5(queue), '') FROM routed WHERE %(notify)s::boolean;
 
 -- name: transport_claim
 -- Acks the given held rows (completed, fenced by lease token) and claims up to limit ready rows of a queue (highest priority, then FIFO) under one lease token, in one statement: claimed rows first (claimed = true), then the ids acked.

@@ -16,6 +16,15 @@ another message, by a confirmer thread within ``CONFIRM_INTERVAL`` when it
 does not, and all of them before the transport closes or on
 :func:`confirm_publishes`.
 
+Notifications are rationed: per route (exchange, routing key) a pipelined
+publish notifies the queues it reaches at most once per ``NOTIFY_WINDOW``;
+the messages sent in between are announced by one notification at the end of
+the window. PostgreSQL signals every LISTENing session of the database on
+each notification (measured on PostgreSQL 15 here: ~15 µs of server CPU per
+listening session per notification), so a worker's stream of events would
+otherwise cost the server more than the events themselves. The first message
+of a burst wakes its consumers at once; the others wait at most the window.
+
 Until its confirm is read a message stays in memory. When the connection is
 lost, the pipeline reconnects and sends every unconfirmed durable message
 again, in order: a database restart loses none (at-least-once; one whose
@@ -49,6 +58,8 @@ log = logging.getLogger(__name__)
 # How long a sent message may wait for its confirm to be read when the
 # producer sends nothing more.
 CONFIRM_INTERVAL = 0.05
+# Per route, at most one notification per this many seconds (see above).
+NOTIFY_WINDOW = 0.01
 # Unconfirmed messages one pipeline holds before a publish waits for the
 # database to catch up (memory bound, and back-pressure on a fast producer).
 MAX_UNCONFIRMED = 2000
@@ -156,6 +167,9 @@ class Pipeline:
         self._conn: psycopg.Connection | None = None
         self._unsent: deque[_Sent] = deque()  # to send (again) after a reconnect
         self._in_flight: deque[_Sent] = deque()  # sent; their Sync not yet read
+        self._notified: dict[tuple[str, str], float] = {}  # route -> last notification
+        # route -> (when its trailing notification is due, the statement's parameters)
+        self._owed: dict[tuple[str, str], tuple[float, dict]] = {}
         self._broken = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -175,14 +189,15 @@ class Pipeline:
         Raises psycopg.OperationalError when the database cannot be reached
         now (the message is then not kept: the caller's retry sends it).
         """
-        entry = _Sent(self.statement.values(params), durable, label)
         with self._lock:
             if self._pid != os.getpid():
                 self.forget_after_fork()
+            entry = _Sent(self.statement.values(self._rationed(params)), durable, label)
             try:
                 if self._broken or self._conn is None:
                     self._reconnect()
                 self._unsent.append(entry)
+                self._owe_notifications(monotonic())
                 self._send_unsent()
                 self._read(block=False)
                 if self.unconfirmed > MAX_UNCONFIRMED:
@@ -192,6 +207,35 @@ class Pipeline:
                 self._forget(entry)
                 raise
         self._start_confirmer()
+
+    def _rationed(self, params: dict) -> dict:
+        """The message's parameters, notifying unless its route notified
+        within the window (it is then owed a trailing notification)."""
+        route = (params["exchange"], params["routing_key"])
+        now = monotonic()
+        last = self._notified.get(route)
+        if last is not None and now - last < NOTIFY_WINDOW:
+            self._owed.setdefault(route, (last + NOTIFY_WINDOW, params))
+            return {**params, "store": True, "notify": False}
+        self._notified[route] = now
+        self._owed.pop(route, None)
+        return {**params, "store": True, "notify": True}
+
+    def _owe_notifications(self, due: float) -> None:
+        """Queue the trailing notifications due by ``due`` (notify only, store nothing)."""
+        for route, (when, params) in list(self._owed.items()):
+            if when <= due:
+                del self._owed[route]
+                self._notified[route] = monotonic()
+                values = self.statement.values({**params, "store": False, "notify": True})
+                self._unsent.append(_Sent(values, False, f"notification for {route[0] or route[1]}"))
+
+    def _pause(self) -> float:
+        """Seconds until the confirmer has something to do (a notification due)."""
+        due = min((when for when, _ in list(self._owed.values())), default=None)
+        if due is None:
+            return CONFIRM_INTERVAL
+        return min(CONFIRM_INTERVAL, max(due - monotonic(), 0.0))
 
     def _send_unsent(self) -> None:
         pgconn = self._conn.pgconn
@@ -267,6 +311,7 @@ class Pipeline:
         with self._lock:
             if self._pid != os.getpid():
                 self.forget_after_fork()
+            self._owe_notifications(float("inf"))
             while self.unconfirmed:
                 if deadline is not None and monotonic() >= deadline:
                     return False
@@ -292,13 +337,14 @@ class Pipeline:
             self._thread.start()
 
     def _confirm_in_background(self) -> None:
-        """Read confirms the producer left unread; recover a lost connection."""
+        """Send the trailing notifications when due, read confirms the
+        producer left unread, recover a lost connection."""
         backoff = CONFIRM_INTERVAL
         while True:
             self._wake.wait()
             if self._closed or self._pid != os.getpid():
                 return
-            sleep(CONFIRM_INTERVAL)  # a busy producer reads its own confirms meanwhile
+            sleep(self._pause())  # a busy producer reads its own confirms meanwhile
             socket_fd = None
             with self._lock:
                 if self._closed:
@@ -308,6 +354,7 @@ class Pipeline:
                         self._reconnect()
                         log.info("publishing again after a lost connection: %d message(s) "
                                  "sent again", self.unconfirmed)
+                    self._owe_notifications(monotonic())
                     self._send_unsent()
                     self._read(block=False)
                     backoff = CONFIRM_INTERVAL
@@ -316,15 +363,15 @@ class Pipeline:
                     log.warning("publishing: %s; %d message(s) wait to be sent again",
                                 exc, self.unconfirmed)
                     backoff = min(backoff * 2, 5.0)
-                if not self.unconfirmed:
+                if not self.unconfirmed and not self._owed:
                     self._wake.clear()
                     continue
-                if not self._broken:
+                if not self._broken and self.unconfirmed:
                     socket_fd = self._conn.pgconn.socket
-            if socket_fd is None:
+            if self._broken:
                 sleep(backoff)
-            else:
-                _wait(socket_fd, write=False, timeout=CONFIRM_INTERVAL)
+            elif socket_fd is not None:
+                _wait(socket_fd, write=False, timeout=self._pause())
 
     # Connection -----------------------------------------------------------------
 
@@ -333,6 +380,9 @@ class Pipeline:
         message is queued to be sent again, transient ones are dropped."""
         self._close_connection()
         again = [e for e in (*self._in_flight, *self._unsent) if e.durable]
+        notify = self.statement.names.index("notify")
+        for entry in again:  # their trailing notification may be lost with the connection
+            entry.values[notify] = b"true"
         dropped = self.unconfirmed - len(again)
         if dropped:
             log.info("%d unconfirmed transient message(s) dropped with the lost connection",
@@ -359,7 +409,7 @@ class Pipeline:
         """Confirm what was sent (within ``timeout``), then close."""
         if self._pid != os.getpid() or self._closed:
             return
-        if self.unconfirmed and not self.confirm(timeout):
+        if (self.unconfirmed or self._owed) and not self.confirm(timeout):
             log.error("%d published message(s) were not confirmed by the database within "
                       "%.0f s of closing and may be lost", self.unconfirmed, timeout)
         with self._lock:
@@ -375,6 +425,8 @@ class Pipeline:
         self._conn = None
         self._unsent.clear()
         self._in_flight.clear()
+        self._notified.clear()
+        self._owed.clear()
         self._broken = False
         self._lock = threading.Lock()
         self._wake = threading.Event()

@@ -689,6 +689,8 @@ class Transport(virtual.Transport):
             "user_id": _text(headers.get("user_id")),
             "max_attempts": int(max_attempts) if max_attempts is not None else None,
             "synchronous_commit": None,
+            "store": True,
+            "notify": True,
         }
         conn = getattr(_enqueue, "conn", None)
         if conn is None:  # our own transaction: the options decide how durable
