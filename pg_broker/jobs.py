@@ -222,9 +222,9 @@ def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> int | None:
     or failed.
     """
     with conn.transaction():
-        # Tasks first, then the job: the order in which claims and acks lock
-        # them (task rows, then the job row in the status trigger), so a cancel
-        # racing a worker waits instead of deadlocking.
+        # Tasks first, then the job: the lock order of every writer (task
+        # rows, then jobs in the status trigger; see migrations/005), so a
+        # cancel racing a worker, a purge or the maintenance cannot deadlock.
         cancelled = conn.execute(queries["cancel_pending_tasks"], {"job_id": job_id}).rowcount
         if conn.execute(queries["cancel_job"], {"job_id": job_id}).fetchone() is None:
             return None

@@ -3,6 +3,7 @@ functions of migrations/003, the way a worker would."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+
+from pg_broker.queries import queries
 
 
 def add_tasks(conn: psycopg.Connection, count: int = 1, queue: str = "default",
@@ -38,6 +41,21 @@ def claim(conn: psycopg.Connection, worker: str = "worker-1",
             "SELECT * FROM claim_tasks(%s, %s, %s, %s::interval)",
             (worker, list(queues), batch, lease),
         ).fetchall()
+
+
+def ack_and_claim(conn: psycopg.Connection, acks: Sequence[tuple[int, uuid.UUID]],
+                  queue: str = "", limit: int = 0, worker: str = "worker-1",
+                  ) -> tuple[list[int], list[int], uuid.UUID]:
+    """The transport's statement (transport_claim): ack held (row id, lease
+    token) pairs and claim up to `limit` rows of `queue`; returns (ids
+    claimed, ids acked, the lease token of the claim)."""
+    token = uuid.uuid4()
+    rows = conn.execute(queries["transport_claim"], {
+        "ack_ids": [i for i, _ in acks], "ack_tokens": [t for _, t in acks],
+        "worker_id": worker, "lease_token": token, "lease": "5 minutes",
+        "queue": queue, "limit": limit,
+    }).fetchall()
+    return [r[1] for r in rows if r[0]], [r[1] for r in rows if not r[0]], token
 
 
 def task(conn: psycopg.Connection, task_id: int) -> dict[str, Any]:

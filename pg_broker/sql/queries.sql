@@ -185,14 +185,22 @@ SELECT (SELECT count(*) FROM job_tasks
 
 -- name: transport_purge
 -- Removes a queue's ready messages (never rows a worker holds): plain rows are deleted, job tasks cancelled; returns how many.
-WITH transient AS (
-    DELETE FROM broker_transient_messages WHERE queue = %(name)s RETURNING 1
+-- It never waits for a message row (SKIP LOCKED): one locked now is being
+-- claimed, or cancelled or swept by someone else (see migrations/005).
+WITH ready AS (
+    SELECT id, job_id FROM job_tasks
+     WHERE queue = %(name)s AND status = 'pending'
+       FOR UPDATE SKIP LOCKED
+), transient AS (
+    DELETE FROM broker_transient_messages
+     WHERE id IN (SELECT id FROM broker_transient_messages WHERE queue = %(name)s
+                     FOR UPDATE SKIP LOCKED)
+    RETURNING 1
 ), plain AS (
-    DELETE FROM job_tasks
-     WHERE queue = %(name)s AND status = 'pending' AND job_id IS NULL RETURNING 1
+    DELETE FROM job_tasks WHERE id IN (SELECT id FROM ready WHERE job_id IS NULL) RETURNING 1
 ), of_jobs AS (
     UPDATE job_tasks SET status = 'cancelled', completed_at = now()
-     WHERE queue = %(name)s AND status = 'pending' AND job_id IS NOT NULL RETURNING 1
+     WHERE id IN (SELECT id FROM ready WHERE job_id IS NOT NULL) RETURNING 1
 )
 SELECT (SELECT count(*) FROM transient) + (SELECT count(*) FROM plain)
      + (SELECT count(*) FROM of_jobs);
@@ -229,6 +237,10 @@ SELECT exchange_type FROM broker_bindings WHERE exchange = %(exchange)s LIMIT 1;
 
 -- name: transport_maintain
 -- A live consumer's maintenance: expired leases back to pending (reclaim_stale_tasks), queues unused past their x-expires dropped with bindings and messages, expired transient messages dropped. Returns (reclaimed, queues dropped).
+-- It never waits for a message row (SKIP LOCKED: one locked now is being
+-- claimed or purged, or goes at the next run; see migrations/005). Messages
+-- past their TTL are reclaim_stale_tasks()'s: deleting them here too would
+-- touch rows it deleted within this same statement, which PostgreSQL refuses.
 WITH expired AS (
     DELETE FROM broker_queues
      WHERE expires IS NOT NULL AND last_used_at < now() - expires
@@ -237,10 +249,15 @@ WITH expired AS (
     DELETE FROM broker_bindings WHERE queue IN (SELECT name FROM expired)
 ), dropped AS (
     DELETE FROM broker_transient_messages
-     WHERE queue IN (SELECT name FROM expired) OR expires_at < now()
+     WHERE id IN (SELECT id FROM broker_transient_messages
+                   WHERE queue IN (SELECT name FROM expired) OR expires_at < now()
+                     FOR UPDATE SKIP LOCKED)
 ), orphaned AS (
     DELETE FROM job_tasks
-     WHERE queue IN (SELECT name FROM expired) AND status = 'pending' AND job_id IS NULL
+     WHERE id IN (SELECT id FROM job_tasks
+                   WHERE queue IN (SELECT name FROM expired) AND status = 'pending'
+                     AND job_id IS NULL AND (expires_at IS NULL OR expires_at >= now())
+                     FOR UPDATE SKIP LOCKED)
 )
 SELECT reclaim_stale_tasks(), (SELECT count(*) FROM expired)
   FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit;
@@ -300,8 +317,13 @@ RETURNING id;
 
 -- name: cancel_pending_tasks
 -- A cancelled job's tasks that no worker holds yet: they will never be claimed.
+-- It never waits for a task row (SKIP LOCKED, see migrations/005): one locked
+-- now is being claimed (its worker skips it: tasks.lifecycle), or cancelled,
+-- purged or expired by someone else.
 UPDATE job_tasks SET status = 'cancelled', completed_at = now()
- WHERE job_id = %(job_id)s AND status = 'pending';
+ WHERE id IN (SELECT id FROM job_tasks
+               WHERE job_id = %(job_id)s AND status = 'pending'
+                 FOR UPDATE SKIP LOCKED);
 
 -- name: mark_task_processing
 -- The worker began executing the task (claimed -> processing), by Celery task id.
