@@ -216,8 +216,9 @@ def _url(artifact: Artifact) -> str | None:
 def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> int | None:
     """Cancel a job: its pending tasks become 'cancelled' and are never claimed.
 
-    Tasks a worker already holds finish (a job task checks its job before it
-    starts work and skips a cancelled one). Returns how many tasks were
+    Tasks a worker already holds are its to stop: a job task checks its job
+    before it starts work, and :func:`cancel_held_task` ends one it skips as
+    cancelled; one already working finishes. Returns how many tasks were
     cancelled now, or None when the job does not exist or already completed
     or failed.
     """
@@ -230,6 +231,14 @@ def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> int | None:
             return None
     log.info("cancelled job %s: %d pending tasks will not run", job_id, cancelled)
     return cancelled
+
+
+def cancel_held_task(conn: psycopg.Connection, task_id: str) -> bool:
+    """End a held task of a cancelled job as cancelled, by Celery task id,
+    when its worker skips it instead of running it; False when it is not held
+    or its job is not cancelled. The row keeps its lease token, so the
+    worker's ack settles it without completing it."""
+    return conn.execute(queries["cancel_held_task"], {"task_id": task_id}).rowcount > 0
 
 
 @contextmanager

@@ -1,12 +1,15 @@
 """How a worker keeps ``job_tasks`` true beyond what the broker does.
 
 The transport claims a row, and acks (completed) or rejects it (retry with
-backoff, or failed). In between, the worker app records two things by Celery
+backoff, or failed). In between, the worker app records three things by Celery
 task id, on a connection of its own per process:
 
 - when the task starts executing: ``processing`` (task_prerun);
 - when it raises: the exception text in ``error`` (task_failure), which the
-  broker's ``fail_task`` keeps when it retries or fails the row.
+  broker's ``fail_task`` keeps when it retries or fails the row;
+- when a job task skips its work because its job was cancelled after the
+  message was claimed: ``cancelled`` (:func:`job_to_work_on`), which the ack
+  then leaves as it is.
 
 Bookkeeping never stops a task: if the database write fails it is logged.
 """
@@ -21,7 +24,7 @@ import psycopg
 from celery import signals
 
 from pg_broker.database import connect, database_url
-from pg_broker.jobs import Job, get_job
+from pg_broker.jobs import Job, cancel_held_task, get_job
 from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
 from pg_broker.states import JobStatus
@@ -76,11 +79,17 @@ def _record_error(task_id: str, exception: BaseException, **kwargs) -> None:
 
 def job_to_work_on(job_id: str, task_id: str) -> Job | None:
     """The job a job task belongs to, or None when the task should do nothing:
-    the job was cancelled after this message was claimed, or deleted."""
-    job = get_job(connection(), job_id, details=False)
+    the job was cancelled after this message was claimed (the task's row is
+    then cancelled, not completed by the ack that follows), or deleted."""
+    conn = connection()
+    job = get_job(conn, job_id, details=False)
     if job is None:
         log.warning("task %s: job %s no longer exists; nothing to do", task_id, job_id)
     elif job.status == JobStatus.CANCELLED:
         log.info("task %s: job %s was cancelled; skipping", task_id, job_id)
+        try:
+            cancel_held_task(conn, task_id)
+        except psycopg.Error as exc:
+            log.warning("could not mark task %s cancelled: %s", task_id, exc)
         return None
     return job

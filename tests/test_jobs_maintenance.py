@@ -8,10 +8,12 @@ import uuid
 import psycopg
 import pytest
 from psycopg import sql
+from taskrows import ack_and_claim
 
-from pg_broker.jobs import cancel_job, get_job, submit_package, user_session
+from pg_broker.jobs import cancel_held_task, cancel_job, get_job, submit_package, user_session
 from pg_broker.maintenance import Retention, Watchdog, dead_tasks, retry_dead_tasks
 from pg_broker.pdf import Chapter
+from pg_broker.queries import queries
 from pg_broker.transport.listener import channel_name
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-00000000000a")
@@ -56,6 +58,32 @@ def test_cancel_stops_pending_tasks_and_leaves_held_ones_alone(db: psycopg.Conne
     done = _job(db, ["completed"])
     assert cancel_job(db, done) is None  # a completed job stays completed
     assert get_job(db, done, details=False).status == "completed"
+
+
+def test_a_held_task_its_worker_skips_for_a_cancelled_job_ends_cancelled_not_completed(
+    db: psycopg.Connection,
+) -> None:
+    job_id = _job(db, ["pending"] * 3)
+    (skipped, ran), _, token = ack_and_claim(db, [], "audio", limit=2)
+    assert not cancel_held_task(db, f"{job_id}-0"), "the job is not cancelled: the task runs"
+    assert cancel_job(db, job_id) == 1
+
+    assert cancel_held_task(db, f"{job_id}-0")
+    # Until the ack, the row still counts as this worker's: no "lease lost".
+    renewed = db.execute(queries["transport_renew_leases"], {
+        "ids": [skipped, ran], "tokens": [token, token], "lease": "5 minutes"}).fetchall()
+    assert sorted(r[0] for r in renewed) == [skipped, ran]
+    _, acked, _ = ack_and_claim(db, [(skipped, token), (ran, token)])
+    assert sorted(acked) == [skipped, ran], "neither ack was refused"
+
+    job = get_job(db, job_id)
+    assert [(t.status, t.attempts) for t in job.tasks] == [
+        ("cancelled", 1), ("completed", 1), ("cancelled", 0)]
+    assert db.execute("SELECT count(*) FROM job_tasks WHERE lease_token IS NOT NULL"
+                      ).fetchone() == (0,)
+    assert (job.status, job.completed_tasks, job.cancelled_tasks, job.progress) == (
+        "cancelled", 1, 2, 100)
+    assert not cancel_held_task(db, f"{job_id}-0"), "a settled task is no longer held"
 
 
 def test_a_user_sees_their_own_job_and_nobody_elses(db: psycopg.Connection) -> None:

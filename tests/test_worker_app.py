@@ -184,6 +184,42 @@ def test_a_cancelled_jobs_pending_tasks_never_run(worker: Path, conn: psycopg.Co
     assert not produced & {t.task_id for t in never_run}
 
 
+def test_a_task_claimed_before_its_job_was_cancelled_is_skipped_and_ends_cancelled(
+    worker: Path, conn: psycopg.Connection
+) -> None:
+    from tasks.audio import synthesize_chapter
+
+    (job_id,) = conn.execute(
+        "INSERT INTO jobs (user_id, params) VALUES (%s, %s) RETURNING id",
+        (OWNER, '{"chapters": [{"title": "T", "text": "Never spoken."}]}')).fetchone()
+    # With a countdown the worker claims the message at once and holds it,
+    # unstarted, until then: the job is cancelled while a worker holds its task.
+    result = synthesize_chapter.apply_async(
+        (str(job_id), 0), headers={"job_id": str(job_id), "user_id": str(OWNER)}, countdown=8)
+
+    def row() -> tuple:
+        return conn.execute("SELECT status, attempts, started_at, id FROM job_tasks"
+                            " WHERE task_id = %s", (result.id,)).fetchone()
+
+    deadline = time.monotonic() + 60
+    while row()[0] == "pending":
+        assert time.monotonic() < deadline, worker.read_text()[-3000:]
+        time.sleep(0.05)
+    assert cancel_job(conn, job_id) == 0, "nothing pending: the worker holds the task"
+    assert row()[:3:2] == ("claimed", None), "the task must not have started before the cancel"
+
+    assert result.get(timeout=60) == {"skipped": True}
+    while row()[0] in ("claimed", "processing"):  # the ack follows the result
+        assert time.monotonic() < deadline, worker.read_text()[-3000:]
+        time.sleep(0.05)
+    assert row()[:2] == ("cancelled", 1)
+    job = get_job(conn, job_id)
+    assert (job.status, job.total_tasks, job.completed_tasks, job.cancelled_tasks) == (
+        "cancelled", 1, 0, 1)
+    assert job.artifacts == []
+    assert f"job_tasks row {row()[3]} " not in worker.read_text(), "no ack or renewal was refused"
+
+
 def test_delay_inside_a_rolled_back_transaction_sends_nothing_and_a_commit_runs_it_once(
     worker: Path, database_url: str, conn: psycopg.Connection
 ) -> None:

@@ -67,14 +67,16 @@ SELECT pg_notify('pgbroker_' || md5(queue), '') FROM routed WHERE %(notify)s::bo
 
 -- name: transport_claim
 -- Acks the given held rows (completed, fenced by lease token) and claims up to limit ready rows of a queue (highest priority, then FIFO) under one lease token, in one statement: claimed rows first (claimed = true), then the ids acked.
+-- A row its worker cancelled instead of running it (cancel_held_task) keeps
+-- its lease token until this ack, which settles it and leaves it cancelled.
 WITH acked AS (
     UPDATE job_tasks t
-       SET status = 'completed', error = NULL, completed_at = now(),
-           lease_token = NULL, lease_expires_at = NULL
+       SET status = CASE t.status WHEN 'cancelled' THEN 'cancelled' ELSE 'completed' END,
+           error = NULL, completed_at = now(), lease_token = NULL, lease_expires_at = NULL
       FROM unnest(%(ack_ids)s::bigint[], %(ack_tokens)s::uuid[]) AS held(id, lease_token),
            (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
      WHERE t.id = held.id AND t.lease_token = held.lease_token
-       AND t.status IN ('claimed', 'processing')
+       AND t.status IN ('claimed', 'processing', 'cancelled')
     RETURNING t.id
 ), claimed AS (
     UPDATE job_tasks t
@@ -134,13 +136,13 @@ UPDATE job_tasks
  WHERE id = %(id)s AND lease_token = %(lease_token)s;
 
 -- name: transport_renew_leases
--- Extends the leases of the rows a consumer holds; returns those still held.
+-- Extends the leases of the rows a consumer holds; returns those still held (a row cancelled while held counts until its ack).
 UPDATE job_tasks t
    SET lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now()
   FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token),
        (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
  WHERE t.id = held.id AND t.lease_token = held.lease_token
-   AND t.status IN ('claimed', 'processing')
+   AND t.status IN ('claimed', 'processing', 'cancelled')
 RETURNING t.id;
 
 -- name: transport_probe
@@ -324,6 +326,13 @@ UPDATE job_tasks SET status = 'cancelled', completed_at = now()
  WHERE id IN (SELECT id FROM job_tasks
                WHERE job_id = %(job_id)s AND status = 'pending'
                  FOR UPDATE SKIP LOCKED);
+
+-- name: cancel_held_task
+-- A held task its worker will not run because its job was cancelled: cancelled now, by Celery task id; the lease token stays for the worker's ack (transport_claim).
+UPDATE job_tasks t
+   SET status = 'cancelled', completed_at = now()
+ WHERE t.task_id = %(task_id)s AND t.status IN ('claimed', 'processing')
+   AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = t.job_id AND j.status = 'cancelled');
 
 -- name: mark_task_processing
 -- The worker began executing the task (claimed -> processing), by Celery task id.
