@@ -154,8 +154,9 @@ def test_forked_child_publishes_on_its_own_pipeline(database_url, db):
     assert sorted(bodies(db, queue.name)) == ["child", "parent after", "parent before"]
 
 
+@pytest.mark.parametrize("confirm_publish", [True, False], ids=["confirmed", "pipelined"])
 def test_a_burst_notifies_a_few_times_and_its_last_message_still_wakes_the_consumer(
-    database_url, db
+    database_url, db, confirm_publish
 ):
     queue = queue_named("burst")
     total = 200
@@ -166,7 +167,7 @@ def test_a_burst_notifies_a_few_times_and_its_last_message_still_wakes_the_consu
                                                                     m.ack())]):
             with psycopg.connect(database_url, autocommit=True) as listener:
                 listener.execute(f'LISTEN "{channel_name(queue.name)}"')
-                for producer in open_connection(database_url, confirm_publish=False):
+                for producer in open_connection(database_url, confirm_publish=confirm_publish):
                     for n in range(total):
                         publish(producer, queue, n)
                     while len(received) < total:

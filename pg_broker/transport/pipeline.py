@@ -208,14 +208,33 @@ class Pipeline:
                 raise
         self._start_confirmer()
 
-    def _rationed(self, params: dict) -> dict:
+    def ration(self, params: dict) -> dict:
+        """For a publish outside the pipeline (confirmed, on the work
+        connection): its parameters with the notify decision. Call
+        :meth:`owe` once it committed without notifying."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self.forget_after_fork()
+            return self._rationed(params, owe=False)
+
+    def owe(self, params: dict) -> None:
+        """A message committed elsewhere without notifying: its route is owed
+        a trailing notification (sent by the confirmer on this connection)."""
+        route = (params["exchange"], params["routing_key"])
+        with self._lock:
+            last = self._notified.get(route, monotonic())
+            self._owed.setdefault(route, (last + NOTIFY_WINDOW, params))
+        self._start_confirmer()
+
+    def _rationed(self, params: dict, owe: bool = True) -> dict:
         """The message's parameters, notifying unless its route notified
         within the window (it is then owed a trailing notification)."""
         route = (params["exchange"], params["routing_key"])
         now = monotonic()
         last = self._notified.get(route)
         if last is not None and now - last < NOTIFY_WINDOW:
-            self._owed.setdefault(route, (last + NOTIFY_WINDOW, params))
+            if owe:
+                self._owed.setdefault(route, (last + NOTIFY_WINDOW, params))
             return {**params, "store": True, "notify": False}
         self._notified[route] = now
         self._owed.pop(route, None)
@@ -316,7 +335,7 @@ class Pipeline:
                 if deadline is not None and monotonic() >= deadline:
                     return False
                 try:
-                    if self._broken:
+                    if self._broken or self._conn is None:
                         self._reconnect()
                     self._send_unsent()
                     self._read(block=True, deadline=deadline)
@@ -350,13 +369,16 @@ class Pipeline:
                 if self._closed:
                     return
                 try:
+                    self._owe_notifications(monotonic())
                     if self._broken:
                         self._reconnect()
                         log.info("publishing again after a lost connection: %d message(s) "
                                  "sent again", self.unconfirmed)
-                    self._owe_notifications(monotonic())
-                    self._send_unsent()
-                    self._read(block=False)
+                    elif self._conn is None and self._unsent:
+                        self._reconnect()  # the first trailing notification of a confirmed publish
+                    if self._conn is not None:
+                        self._send_unsent()
+                        self._read(block=False)
                     backoff = CONFIRM_INTERVAL
                 except psycopg.OperationalError as exc:
                     self._broken = True
@@ -379,16 +401,16 @@ class Pipeline:
         """A fresh connection in pipeline mode; every unconfirmed durable
         message is queued to be sent again, transient ones are dropped."""
         self._close_connection()
-        again = [e for e in (*self._in_flight, *self._unsent) if e.durable]
+        again = [e for e in self._in_flight if e.durable]
         notify = self.statement.names.index("notify")
         for entry in again:  # their trailing notification may be lost with the connection
             entry.values[notify] = b"true"
-        dropped = self.unconfirmed - len(again)
+        dropped = len(self._in_flight) - len(again)
         if dropped:
             log.info("%d unconfirmed transient message(s) dropped with the lost connection",
                      dropped)
         self._in_flight.clear()
-        self._unsent = deque(again)
+        self._unsent = deque([*again, *self._unsent])
         conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
         pgconn = conn.pgconn
         try:

@@ -701,11 +701,21 @@ class Transport(virtual.Transport):
                 return
         try:
             if conn is None:
+                params = self.pipeline.ration(params)
                 PUBLISH.execute(self.conn, params)
+                if not params["notify"]:
+                    self.pipeline.owe(params)
             else:
                 conn.execute(queries["transport_publish"], params)
         except psycopg.DataError as exc:
             raise ChannelError(f"message refused by the database: {exc}") from exc
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """Pipelined publishes and rationed notifications; connects when first needed."""
+        if self._pipeline is None:
+            self._pipeline = Pipeline(self.conninfo, self.connect_kwargs, PUBLISH)
+        return self._pipeline
 
     def _send(self, params: dict, durable: bool) -> None:
         """Publish without waiting for the commit (see :mod:`.pipeline`).
@@ -724,10 +734,8 @@ class Transport(virtual.Transport):
         if _JSON_NUL.search(params["payload"]):
             raise ChannelError("message refused: PostgreSQL's jsonb cannot store "
                                "the NUL character (\\u0000) it contains")
-        if self._pipeline is None:
-            self._pipeline = Pipeline(self.conninfo, self.connect_kwargs, PUBLISH)
         label = f"{params['task_id'] or 'message'} for {params['exchange'] or params['routing_key']}"
-        self._pipeline.send(params, durable, label)
+        self.pipeline.send(params, durable, label)
 
     # Settling held rows -------------------------------------------------------
 
