@@ -72,7 +72,23 @@ REFUSED_CLASSES = ("22", "23")
 
 _OK = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
 
+# One pipeline per process and database (see shared()); every one, for the
+# confirms at exit and the fork handler.
 _pipelines: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+_shared: dict[tuple, Pipeline] = {}
+_shared_lock = threading.Lock()
+
+
+def shared(conninfo: str, connect_kwargs: dict, statement: Prepared) -> Pipeline:
+    """The process's pipeline to this database: every kombu Connection of a
+    process (Flower holds several, a producer pool up to ten) sends through
+    one connection, and rations notifications together."""
+    key = (os.getpid(), conninfo, tuple(sorted(connect_kwargs.items())), statement.name)
+    with _shared_lock:
+        pipeline = _shared.get(key)
+        if pipeline is None or pipeline.closed:
+            pipeline = _shared[key] = Pipeline(conninfo, connect_kwargs, statement)
+        return pipeline
 
 
 def positional(query: str) -> tuple[str, list[str]]:
@@ -175,6 +191,10 @@ class Pipeline:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         _pipelines.add(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def unconfirmed(self) -> int:
@@ -478,3 +498,12 @@ def _wait(fd: int, write: bool, timeout: float | None) -> tuple[bool, bool]:
 def _confirm_at_exit() -> None:
     for pipeline in list(_pipelines):
         pipeline.close()
+
+
+def _after_fork_in_child() -> None:
+    _shared.clear()
+    for pipeline in list(_pipelines):
+        pipeline.forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -47,7 +47,7 @@ from pg_broker.queries import queries
 from .connections import close_quietly, disown
 from .leases import LeaseKeeper
 from .listener import Listener
-from .pipeline import Pipeline, Prepared
+from .pipeline import Pipeline, Prepared, shared
 from .urls import SCHEME, libpq_url, masked_url
 
 log = logging.getLogger(__name__)
@@ -623,8 +623,9 @@ class Transport(virtual.Transport):
             self.unregister_from_event_loop(connection, self._loop)
             self.leases.stop()
             self._listener.close()
-            if self._pipeline is not None:
-                self._pipeline.close(CONFIRM_AT_CLOSE)
+            if self._pipeline is not None and not self._pipeline.confirm(CONFIRM_AT_CLOSE):
+                log.error("%d published message(s) were not confirmed by the database within "
+                          "%.0f s of closing", self._pipeline.unconfirmed, CONFIRM_AT_CLOSE)
             conn, self._conn = self._conn, None
             close_quietly(conn)
 
@@ -641,8 +642,7 @@ class Transport(virtual.Transport):
             disown(conn)
         self._conn = None
         self._listener.conn = None
-        if self._pipeline is not None:
-            self._pipeline.forget_after_fork()
+        self._pipeline = None  # the parent's (pipeline.py disowns its connection)
         self.leases.forget_after_fork()
         self._ready.clear()
         self._buffers.clear()
@@ -712,9 +712,10 @@ class Transport(virtual.Transport):
 
     @property
     def pipeline(self) -> Pipeline:
-        """Pipelined publishes and rationed notifications; connects when first needed."""
-        if self._pipeline is None:
-            self._pipeline = Pipeline(self.conninfo, self.connect_kwargs, PUBLISH)
+        """Pipelined publishes and rationed notifications (one per process and
+        database, shared with the other connections); connects when first needed."""
+        if self._pipeline is None or self._pipeline.closed:
+            self._pipeline = shared(self.conninfo, self.connect_kwargs, PUBLISH)
         return self._pipeline
 
     def _send(self, params: dict, durable: bool) -> None:
