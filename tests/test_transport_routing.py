@@ -171,6 +171,27 @@ def test_enqueue_in_rolled_back_sends_nothing(connection, database_url, db):
     assert consume_all(connection, queue) == ["after"]
 
 
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_publishes_inside_an_open_transaction_share_its_fate(
+    connection, database_url, db, outcome
+):
+    # The caller's transaction is already open when the messages come (the
+    # transport then runs its prepared statement on the caller's session).
+    queue = queue_named("open-txn")
+    queue(connection.default_channel).declare()
+    with psycopg.connect(database_url) as caller:
+        caller.execute("SELECT 1")
+        with enqueue_in(caller):
+            for n in range(3):
+                publish(connection, queue, f"message {n}")
+        assert rows(db, queue.name) == []
+        getattr(caller, outcome)()
+        assert caller.execute("SELECT count(*) FROM job_tasks WHERE queue = %s",
+                              (queue.name,)).fetchone()[0] == (3 if outcome == "commit" else 0)
+    expected = [f"message {n}" for n in range(3)] if outcome == "commit" else []
+    assert sorted(consume_all(connection, queue)) == expected
+
+
 def test_bare_scheme_means_the_configured_database(monkeypatch, database_url):
     monkeypatch.setenv("PG_BROKER_URL", database_url)
     with kombu.Connection("pgbroker://") as conn:

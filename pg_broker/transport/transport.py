@@ -705,7 +705,10 @@ class Transport(virtual.Transport):
                 PUBLISH.execute(self.conn, params)
                 if not params["notify"]:
                     self.pipeline.owe(params)
-            else:
+            elif (conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+                  and not conn.pgconn.pipeline_status):
+                PUBLISH.execute(conn, params)  # the caller's open transaction
+            else:  # psycopg opens the caller's transaction, or runs its pipeline
                 conn.execute(queries["transport_publish"], params)
         except psycopg.DataError as exc:
             raise ChannelError(f"message refused by the database: {exc}") from exc
