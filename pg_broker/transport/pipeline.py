@@ -16,10 +16,10 @@ another message, by a confirmer thread within ``CONFIRM_INTERVAL`` when it
 does not, and all of them before the transport closes or on
 :func:`confirm_publishes`.
 
-Notifications are rationed: per route (exchange, routing key) a pipelined
-publish notifies the queues it reaches at most once per ``NOTIFY_WINDOW``;
-the messages sent in between are announced by one notification at the end of
-the window. PostgreSQL signals every LISTENing session of the database on
+Notifications are rationed, for confirmed publishes too: per route
+(exchange, routing key) a process notifies the queues it reaches at most once
+per ``NOTIFY_WINDOW``; the messages sent in between are announced by one
+notification at the end of the window, sent on the pipeline's connection. PostgreSQL signals every LISTENing session of the database on
 each notification (measured on PostgreSQL 15 here: ~15 µs of server CPU per
 listening session per notification), so a worker's stream of events would
 otherwise cost the server more than the events themselves. The first message
@@ -137,7 +137,8 @@ class Prepared:
         check(pgconn, pgconn.prepare(self.name, self.text))
 
     def execute(self, conn: psycopg.Connection, params: dict) -> pq.abc.PGresult:
-        """Run on ``conn`` (autocommit, idle) and wait; prepares it once per connection."""
+        """Run on ``conn`` (idle in autocommit, or in an open transaction) and
+        wait; prepares the statement once per connection."""
         values = self.values(params)
         with conn.lock:
             pgconn = conn.pgconn
@@ -155,7 +156,7 @@ def check(pgconn: pq.abc.PGconn, result: pq.abc.PGresult | None) -> pq.abc.PGres
     message = (result.error_message if result is not None else pgconn.error_message)
     if pgconn.status == pq.ConnStatus.BAD or result is None:
         raise psycopg.OperationalError(message.decode(errors="replace").strip())
-    raise psycopg.errors.error_from_result(result, encoding=pgconn._encoding)
+    raise psycopg.errors.error_from_result(result)
 
 
 @dataclass(slots=True)
