@@ -500,9 +500,10 @@ class Transport(virtual.Transport):
         is sent; the transport reads the database's confirm in the background
         (within 50 ms), sends unconfirmed messages again after a lost
         connection, and waits for every confirm when it closes (or on
-        ``pg_broker.transport.confirm_publishes()``). Several times faster for
-        a producer; what it risks is only messages sent by a process that
-        dies in the same instant as its database connection. Transient
+        ``pg_broker.transport.confirm_publishes()``). About twice as fast
+        for a producer (a ``delay()`` loop measured 2,321/s against 1,132/s);
+        what it risks is only messages sent by a process that dies in the same
+        instant as its database connection. Transient
         messages (delivery_mode 1: events, pidbox) are always sent this way.
     ``synchronous_commit`` (unset: the server's setting)
         For publishes: ``off`` makes them return before their WAL is flushed,
