@@ -33,10 +33,6 @@ SELECT reclaim_stale_tasks();
 -- message (at-least-once). Publishes commit durably: a lost publish is a lost
 -- message.
 
--- name: transport_session
--- The work connection's session: prepared statements (psycopg prepares a statement run five times) keep one generic plan instead of planning again on every call; measured on the claim-and-ack statement, half its server CPU for one-row claims.
-SET plan_cache_mode = force_generic_plan;
-
 -- name: transport_publish
 -- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue (unless store is false), notifies those queues (unless notify is false).
 WITH target AS (

@@ -604,7 +604,6 @@ class Transport(virtual.Transport):
                 raise psycopg.OperationalError("the broker connection was lost")
             self._conn = psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs)
             set_json_loads(kombu_json.loads, self._conn)
-            self._conn.execute(queries["transport_session"])
         return self._conn
 
     def establish_connection(self):
