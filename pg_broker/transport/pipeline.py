@@ -83,7 +83,7 @@ def shared(conninfo: str, connect_kwargs: dict, statement: Prepared) -> Pipeline
     """The process's pipeline to this database: every kombu Connection of a
     process (Flower holds several, a producer pool up to ten) sends through
     one connection, and rations notifications together."""
-    key = (os.getpid(), conninfo, tuple(sorted(connect_kwargs.items())), statement.name)
+    key = (conninfo, tuple(sorted(connect_kwargs.items())), statement.name)
     with _shared_lock:
         pipeline = _shared.get(key)
         if pipeline is None or pipeline.closed:
@@ -190,7 +190,6 @@ class Pipeline:
         self._broken = False
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
         _pipelines.add(self)
 
     @property
@@ -211,8 +210,6 @@ class Pipeline:
         now (the message is then not kept: the caller's retry sends it).
         """
         with self._lock:
-            if self._pid != os.getpid():
-                self.forget_after_fork()
             entry = _Sent(self.statement.values(self._rationed(params)), durable, label)
             try:
                 if self._broken or self._conn is None:
@@ -234,8 +231,6 @@ class Pipeline:
         connection): its parameters with the notify decision. Call
         :meth:`owe` once it committed without notifying."""
         with self._lock:
-            if self._pid != os.getpid():
-                self.forget_after_fork()
             return self._rationed(params, owe=False)
 
     def owe(self, params: dict) -> None:
@@ -349,8 +344,6 @@ class Pipeline:
         (reconnecting and sending again if need be). False on timeout."""
         deadline = None if timeout is None else monotonic() + timeout
         with self._lock:
-            if self._pid != os.getpid():
-                self.forget_after_fork()
             self._owe_notifications(float("inf"))
             while self.unconfirmed:
                 if deadline is not None and monotonic() >= deadline:
@@ -382,7 +375,7 @@ class Pipeline:
         backoff = CONFIRM_INTERVAL
         while True:
             self._wake.wait()
-            if self._closed or self._pid != os.getpid():
+            if self._closed:
                 return
             sleep(self._pause())  # a busy producer reads its own confirms meanwhile
             socket_fd = None
@@ -450,7 +443,7 @@ class Pipeline:
 
     def close(self, timeout: float = 10.0) -> None:
         """Confirm what was sent (within ``timeout``), then close."""
-        if self._pid != os.getpid() or self._closed:
+        if self._closed:
             return
         if (self.unconfirmed or self._owed) and not self.confirm(timeout):
             log.error("%d published message(s) were not confirmed by the database within "
@@ -463,7 +456,8 @@ class Pipeline:
             self._in_flight.clear()
 
     def forget_after_fork(self) -> None:
-        """In a forked child: the parent's connection and messages are the parent's."""
+        """In a forked child (the at-fork hook below calls it for every
+        pipeline): the parent's connection and messages are the parent's."""
         disown(self._conn)
         self._conn = None
         self._unsent.clear()
@@ -474,15 +468,13 @@ class Pipeline:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = None
-        self._pid = os.getpid()
 
 
 def confirm_publishes(timeout: float | None = None) -> bool:
     """Wait until the database confirmed every message this process sent
     without waiting (transient ones, and all with ``confirm_publish=False``).
     False if some were still unconfirmed after ``timeout`` seconds."""
-    return all(pipeline.confirm(timeout) for pipeline in list(_pipelines)
-               if pipeline._pid == os.getpid())
+    return all(pipeline.confirm(timeout) for pipeline in list(_pipelines))
 
 
 def _wait(fd: int, write: bool, timeout: float | None) -> tuple[bool, bool]:
