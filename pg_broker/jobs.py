@@ -245,8 +245,10 @@ def cancel_held_task(conn: psycopg.Connection, task_id: str) -> bool:
 def user_session(conn: psycopg.Connection, user_id: uuid.UUID | str) -> Iterator[psycopg.Connection]:
     """A transaction in which ``conn`` acts as the Supabase user ``user_id``:
     the ``authenticated`` role with the user's id as the JWT ``sub`` claim, as
-    PostgREST does, so row-level security applies."""
+    PostgREST does, so row-level security applies. Every setting is
+    transaction-local, and the legacy per-claim ones are set too: a pooled
+    connection that kept another user's at session level acts as this one."""
     claims = json.dumps({"sub": str(user_id), "role": "authenticated"})
     with conn.transaction():
-        conn.execute(queries["act_as_user"], {"claims": claims})
+        conn.execute(queries["act_as_user"], {"claims": claims, "user_id": str(user_id)})
         yield conn

@@ -103,6 +103,30 @@ def test_a_user_sees_their_own_job_and_nobody_elses(db: psycopg.Connection) -> N
     assert db.execute("SELECT current_user").fetchone() != ("authenticated",)
 
 
+def test_user_session_acts_as_its_user_whatever_claims_a_pooled_connection_kept(
+    db: psycopg.Connection,
+) -> None:
+    # auth.uid() prefers the legacy per-claim setting; a pooled connection
+    # may still carry one at session level from the user it served before.
+    owners_job = _job(db, ["completed"])
+    (strangers_job,) = db.execute(
+        "INSERT INTO jobs (user_id, title) VALUES (%s, 'theirs') RETURNING id", (STRANGER,)
+    ).fetchone()
+    db.execute("SELECT set_config('request.jwt.claim.sub', %s, false),"
+               " set_config('request.jwt.claim.role', 'service_role', false)", (str(OWNER),))
+
+    with user_session(db, STRANGER):
+        assert db.execute("SELECT auth.uid(), auth.role()").fetchone() == (
+            STRANGER, "authenticated")
+        assert get_job(db, owners_job) is None
+        assert [r[0] for r in db.execute("SELECT id FROM jobs")] == [strangers_job]
+        assert db.execute("SELECT count(*) FROM job_tasks").fetchone() == (0,)
+    # Transaction-local: the connection's own settings are as they were.
+    assert db.execute("SELECT current_setting('request.jwt.claim.sub'),"
+                      " current_setting('request.jwt.claim.role')").fetchone() == (
+        str(OWNER), "service_role")
+
+
 def test_retention_deletes_old_finished_rows_in_batches_and_keeps_job_counters(
     db: psycopg.Connection,
 ) -> None:

@@ -275,8 +275,14 @@ VALUES (%(user_id)s, %(job_type)s, %(title)s, %(params)s)
 RETURNING id;
 
 -- name: act_as_user
--- For the rest of the transaction, act as a Supabase user: role authenticated, JWT claims set.
-SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', %(claims)s, true);
+-- For the rest of the transaction, act as a Supabase user: role authenticated, JWT claims set in both forms auth.uid() reads.
+-- auth.uid() and auth.role() prefer the legacy per-claim settings
+-- (request.jwt.claim.sub/.role) to request.jwt.claims: set both, or a
+-- connection that kept an older user's per-claim setting would act as them.
+SELECT set_config('role', 'authenticated', true),
+       set_config('request.jwt.claims', %(claims)s, true),
+       set_config('request.jwt.claim.sub', %(user_id)s, true),
+       set_config('request.jwt.claim.role', 'authenticated', true);
 
 -- name: job_by_id
 -- One job with its counters (RLS decides whether the caller may see it).
