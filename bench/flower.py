@@ -27,8 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -44,7 +42,8 @@ from bench.app import (
     TRANSPORT_OPTIONS_VARIABLE,
 )
 from bench.brokers import Broker
-from bench.workers import Supervised, spawn
+from bench.workers import Measured, spawn
+from pg_broker.processes import Supervised, celery_command
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +53,13 @@ INSPECT_INTERVAL = 2.0  # between presses of Refresh, seconds
 HTTP_TIMEOUT = 20.0
 
 
-class Flower(Supervised):
+class Flower(Measured):
     """``celery -A bench.app flower`` on one broker, on a free local port."""
 
     def __init__(self, broker: Broker, workdir: Path) -> None:
         self.broker = broker
         self.log_file = workdir / f"{broker.name}-flower.log"
-        self.process: subprocess.Popen | None = None
+        self.process: Supervised | None = None
         self.base = ""
 
     def start(self) -> None:
@@ -73,8 +72,7 @@ class Flower(Supervised):
             CONTROL_EXCHANGE_VARIABLE: EVENTS_CONTROL_EXCHANGE,
             "FLOWER_UNAUTHENTICATED_API": "true",
         })
-        command = [sys.executable, "-m", "celery", "-A", "bench.app", "flower",
-                   f"--port={port}", "--address=127.0.0.1"]
+        command = celery_command("bench.app", "flower", f"--port={port}", "--address=127.0.0.1")
         self.process = spawn(command, env, self.log_file)
 
     def wait_watching(self, nodename: str, timeout: float = START_TIMEOUT) -> None:

@@ -1,8 +1,9 @@
 """Celery worker (and Flower) subprocesses, each in its own process group.
 
-Every process the harness starts goes through :func:`spawn`, is registered
-here and killed, with its whole process group (prefork children included),
-when the harness ends — normally, on an exception, on Ctrl-C or on SIGTERM.
+Every process the harness starts goes through :func:`spawn` (a
+:class:`pg_broker.processes.Supervised`), is registered here and killed, with
+its whole process group (prefork children included), when the harness ends —
+normally, on an exception, on Ctrl-C or on SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,49 +27,35 @@ from bench.app import (
     RECORD,
     TRANSPORT_OPTIONS_VARIABLE,
 )
+from pg_broker import processes
+from pg_broker.processes import Supervised, worker_command
 
 log = logging.getLogger(__name__)
 
-_running: list[subprocess.Popen] = []
+_running: list[Supervised] = []
 
 
-def spawn(command: list[str], env: dict[str, str], log_file: Path) -> subprocess.Popen:
-    """Start a process in a new session (its own process group), output to log_file."""
+def spawn(command: list[str], env: dict[str, str], log_file: Path) -> Supervised:
+    """Start a process from the repository (its own process group, output to
+    log_file) and register it for :func:`kill_all`."""
     env = dict(env)
     env["PYTHONPATH"] = _repo_root() + os.pathsep + env.get("PYTHONPATH", "")
-    with open(log_file, "ab") as log_out:
-        process = subprocess.Popen(
-            command, env=env, cwd=_repo_root(), stdin=subprocess.DEVNULL,
-            stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    process = Supervised(command, env=env, log_file=log_file, cwd=_repo_root()).start()
     _running.append(process)
     return process
 
 
-def terminate(process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM to the group, then SIGKILL whatever is left after timeout."""
-    _signal_group(process, signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        if timeout > 0:
-            log.warning("%s ignored SIGTERM for %.0fs; killing it", process.args, timeout)
-    _signal_group(process, signal.SIGKILL)
-    process.wait()
-    if process in _running:
-        _running.remove(process)
+class Measured:
+    """A process of the run (a worker, a Flower): once started, a
+    :class:`~pg_broker.processes.Supervised` child whose resources the
+    benchmark reads with psutil. Subclasses set ``process`` and ``log_file``."""
 
-
-class Supervised:
-    """A long-running subprocess started with :func:`spawn`: its liveness,
-    resources, log and stop. Subclasses set ``process`` and ``log_file``."""
-
-    process: subprocess.Popen | None
+    process: Supervised | None
     log_file: Path
 
     @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.process is not None and self.process.alive
 
     def rss_bytes(self) -> int:
         """Resident memory of the process and all its children."""
@@ -97,20 +81,18 @@ class Supervised:
         return total
 
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_file.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
+        return self.process.log_tail(lines) if self.process is not None else ""
 
     def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM to the group (a worker's warm shutdown), then SIGKILL what is left."""
+        """Warm shutdown, then SIGKILL of what is left of the group."""
         if self.process is not None:
-            terminate(self.process, timeout)
+            self.process.stop(timeout)
+            if self.process in _running:
+                _running.remove(self.process)
 
 
 @dataclass
-class Worker(Supervised):
+class Worker(Measured):
     """One ``celery -A bench.app worker`` consuming one queue."""
 
     broker: str
@@ -121,7 +103,7 @@ class Worker(Supervised):
     mark_file: Path
     log_file: Path
     events: bool = False
-    process: subprocess.Popen | None = field(default=None, repr=False)
+    process: Supervised | None = field(default=None, repr=False)
 
     @property
     def nodename(self) -> str:
@@ -129,14 +111,13 @@ class Worker(Supervised):
 
     def start(self, broker_url: str, env: dict[str, str], transport_options: str) -> None:
         self.mark_file.write_bytes(b"")
-        command = [
-            sys.executable, "-m", "celery", "-A", "bench.app", "worker",
-            "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
-            "-n", self.nodename, "--without-gossip", "--without-mingle", "-l", "warning",
-        ]
+        command = worker_command(
+            "bench.app", hostname=self.nodename, pool=self.pool, concurrency=self.concurrency,
+            queues=[self.queue], events=self.events, loglevel="warning",
+            extra_args=("--without-gossip", "--without-mingle"),
+        )
         worker_env = dict(env)
         if self.events:
-            command.append("-E")
             # Shared with its Flower only (see bench.flower).
             worker_env[CONTROL_EXCHANGE_VARIABLE] = EVENTS_CONTROL_EXCHANGE
         worker_env[BROKER_VARIABLE] = broker_url
@@ -157,26 +138,19 @@ class Worker(Supervised):
         os.truncate(self.mark_file, 0)
 
 
-def stop_all(processes: list[Supervised], timeout: float = 5.0) -> None:
+def stop_all(measured: list[Measured], timeout: float = 5.0) -> None:
     """Stop several workers (or Flowers) at once: signal them all, then wait."""
-    for supervised in processes:
-        if supervised.process is not None:
-            _signal_group(supervised.process, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for supervised in processes:
-        if supervised.process is not None:
-            terminate(supervised.process, max(0.1, deadline - time.monotonic()))
+    started = [m.process for m in measured if m.process is not None]
+    processes.stop_all(started, timeout)
+    for process in started:
+        if process in _running:
+            _running.remove(process)
 
 
 def kill_all() -> None:
     """SIGKILL every process group still registered (end of run, atexit, signals)."""
-    for process in list(_running):
-        _signal_group(process, signal.SIGKILL)
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        _running.remove(process)
+    while _running:
+        _running.pop().kill()
 
 
 def install_cleanup() -> None:
@@ -189,13 +163,6 @@ def install_cleanup() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
-
-
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _repo_root() -> str:

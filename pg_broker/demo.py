@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -24,6 +22,7 @@ import psycopg
 
 from pg_broker.jobs import Job, get_job
 from pg_broker.pdf import Chapter
+from pg_broker.processes import Supervised, worker_command
 
 log = logging.getLogger(__name__)
 
@@ -85,37 +84,13 @@ def start_worker(
     concurrency: int | None = None,
     log_file: Path | None = None,
     extra_args: tuple[str, ...] = (),
-) -> subprocess.Popen:
-    """``celery -A tasks worker`` in a new process group, consuming every app queue."""
-    command = [
-        sys.executable, "-m", "celery", "-A", "tasks", "worker",
-        "--hostname", hostname, "--pool", pool, "--loglevel", "INFO",
-        "--without-mingle", "--without-gossip", *extra_args,
-    ]
-    if concurrency:
-        command += ["--concurrency", str(concurrency)]
-    output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    try:
-        return subprocess.Popen(command, env=dict(env), stdout=output, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    finally:
-        if log_file:
-            output.close()
-
-
-def stop_worker(worker: subprocess.Popen, timeout: float = 15.0) -> int:
-    """Warm shutdown (SIGTERM), then SIGKILL of its whole process group."""
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("worker %d did not stop in %.0f s; killing it", worker.pid, timeout)
-    try:
-        os.killpg(worker.pid, signal.SIGKILL)  # pool children left behind, if any
-    except ProcessLookupError:
-        pass
-    return worker.wait()
+) -> Supervised:
+    """``celery -A tasks worker`` in a process group of its own, consuming every app queue."""
+    command = worker_command(
+        "tasks", hostname=hostname, pool=pool, concurrency=concurrency,
+        extra_args=("--without-mingle", "--without-gossip", *extra_args),
+    )
+    return Supervised(command, env=env, log_file=log_file).start()
 
 
 def wait_for_job(
@@ -124,7 +99,7 @@ def wait_for_job(
     *,
     timeout: float,
     on_progress: Callable[[Job], None] | None = None,
-    worker: subprocess.Popen | None = None,
+    worker: Supervised | None = None,
     interval: float = 0.2,
 ) -> Job:
     """Poll the job row until it finished; raise TimeoutError, or RuntimeError
@@ -136,7 +111,7 @@ def wait_for_job(
             on_progress(job)
         if job.finished:
             return get_job(conn, job_id)
-        if worker is not None and worker.poll() is not None:
+        if worker is not None and not worker.alive:
             raise RuntimeError(f"the worker exited with status {worker.returncode} before the job finished")
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {job.status} after {timeout:.0f} s")
@@ -205,7 +180,7 @@ def run_demo(
         say(f"\ndemo failed: {exc}; see {worker_log}")
         return 1
     finally:
-        stop_worker(worker)
+        worker.stop()
 
     audio = [link for link in job.artifacts if link.artifact.kind == "audio"]
     pdfs = [link for link in job.artifacts if link.artifact.kind == "pdf"]

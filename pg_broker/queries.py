@@ -2,7 +2,7 @@
 
 Every statement the library runs lives in that one file under a
 ``-- name: <name>`` header followed by a one-line ``--`` description, as in
-procrastinate. Code asks for a statement by name: ``queries["claim"]``.
+procrastinate. Code asks for a statement by name: ``queries["reclaim_stale_tasks"]``.
 Values are always bind parameters; identifiers never come from user input.
 """
 

@@ -1,8 +1,19 @@
 """Test fixtures: a real PostgreSQL for every test that touches the database.
 
-The server is the embedded one (a throwaway data directory) unless
+The tests come in three tiers, each runnable alone (``python -m pytest
+tests/unit``):
+
+- ``unit/``: pure logic, no database (its conftest refuses the fixtures
+  below), seconds for the whole tier;
+- ``integration/``: real PostgreSQL, in this process;
+- ``e2e/``: real Celery workers, Flower and CLI subprocesses.
+
+Every fixture here is lazy: a server starts only when a test asks for one.
+It is the embedded server (a throwaway data directory) unless
 ``PG_BROKER_TEST_URL`` names another; either way the session gets a fresh
-database of its own, migrated, and dropped at the end.
+database of its own, migrated, and dropped at the end. The helper modules
+beside this file (``taskrows``, ``celery_workers``...) are importable from
+every tier.
 """
 
 from __future__ import annotations

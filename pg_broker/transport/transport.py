@@ -37,7 +37,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils import json as kombu_json
 from kombu.utils.uuid import uuid as kombu_uuid
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb, set_json_loads
 
 from pg_broker.database import DatabaseUnavailable
@@ -1051,18 +1051,18 @@ def _flag(value: object) -> bool:
 
 
 def _conninfo(client) -> str:
-    """The libpq URL for a kombu Connection (URL form, or separate fields)."""
+    """The libpq connection string for a kombu Connection (URL form, or separate fields)."""
     hostname = client.hostname or ""
     if "://" in hostname:
         return libpq_url(hostname)
     if not hostname:
         return libpq_url(f"{SCHEME}://")
-    userinfo = ""
-    if client.userid:
-        userinfo = client.userid + (f":{client.password}" if client.password else "") + "@"
-    port = f":{client.port}" if client.port else ""
-    database = (client.virtual_host or "").lstrip("/")
-    return f"postgresql://{userinfo}{hostname}{port}/{database}"
+    # make_conninfo quotes what a URL would have to escape (an @ or : in a password).
+    return make_conninfo(
+        host=hostname, port=client.port or None, user=client.userid or None,
+        password=client.password or None,
+        dbname=(client.virtual_host or "").lstrip("/") or None,
+    )
 
 
 def _after_fork_in_child() -> None:

@@ -13,11 +13,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pg_broker.demo import start_worker, stop_worker
+from pg_broker.demo import start_worker
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pg_broker(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -54,7 +54,7 @@ def test_beat_in_the_worker_runs_the_watchdog_and_retention_on_their_intervals(
             assert time.monotonic() < deadline, log_file.read_text()[-4000:]
             time.sleep(0.3)
     finally:
-        stop_worker(worker)
+        worker.stop()
     log = log_file.read_text()
     assert "Sending due task watchdog" in log and "Sending due task retention" in log
 

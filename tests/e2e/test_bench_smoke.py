@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Every figure pgbroker must report (ratios against Redis need Redis in the
 # run; the smoke run has pgbroker alone).

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy
 from psycopg.conninfo import conninfo_to_dict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _SHOW = """
 import json
 from tasks import app

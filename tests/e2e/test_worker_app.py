@@ -18,7 +18,7 @@ import pypdf
 import pytest
 from celery.exceptions import TimeoutError
 
-from pg_broker.demo import start_worker, stop_worker, wait_for_job
+from pg_broker.demo import start_worker, wait_for_job
 from pg_broker.jobs import (
     AUDIO_TASK,
     PDF_TASK,
@@ -35,7 +35,7 @@ from pg_broker.transport import enqueue_in
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 OWNER = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
 STRANGER = uuid.UUID("00000000-0000-4000-8000-0000000000b2")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
@@ -71,7 +71,7 @@ def worker(database_url: str, storage_dir: Path, tmp_path_factory: pytest.TempPa
     try:
         yield log_file
     finally:
-        stop_worker(process)
+        process.stop()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from supabase_fake import KEY, PREFIX, serve_fake_supabase
 
-from pg_broker.demo import start_worker, stop_worker, wait_for_job
+from pg_broker.demo import start_worker, wait_for_job
 from pg_broker.jobs import submit_package
 from pg_broker.pdf import Chapter
 
@@ -42,7 +42,7 @@ def test_a_worker_stores_artifacts_in_supabase_and_the_job_hands_out_signed_urls
             ])
             job = wait_for_job(db, job_id, timeout=60, worker=worker)
         finally:
-            stop_worker(worker)
+            worker.stop()
         assert job.status == "completed", log_file.read_text()[-3000:]
 
         assert state.buckets["job-artifacts"]["public"] is False

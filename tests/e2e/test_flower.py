@@ -21,10 +21,10 @@ import celery_app
 import psycopg
 import pytest
 from celery_workers import (
-    Process,
     Worker,
     celery_command,
     pgbroker_url,
+    process,
     process_environment,
     wait_for,
 )
@@ -75,26 +75,26 @@ def flower(worker, env, tmp_path_factory) -> Iterator[str]:
     """Base URL of a Flower watching the worker."""
     port = free_port()
     log_path = Path(tmp_path_factory.mktemp("flower-logs")) / "flower.log"
-    process = Process(
+    server = process(
         celery_command("flower", f"--port={port}", "--address=127.0.0.1"), env, log_path,
     )
-    process.start()
+    server.start()
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(
-            lambda: fetch(base + "/healthcheck")[0] == 200 or not process.running, 90,
-            lambda: process.describe("Flower to answer /healthcheck"),
+            lambda: fetch(base + "/healthcheck")[0] == 200 or not server.alive, 90,
+            lambda: server.describe("Flower to answer /healthcheck"),
         )
-        assert process.running, process.describe("Flower exited")
+        assert server.alive, server.describe("Flower exited")
         # Worker status comes from events: once the worker is alive there,
         # Flower's event receiver is bound and no task event can be missed.
         wait_for(
             lambda: (get_json(base + "/api/workers?status=1") or {}).get(worker.nodename), 90,
-            lambda: process.describe(f"{worker.nodename} alive in /api/workers?status=1"),
+            lambda: server.describe(f"{worker.nodename} alive in /api/workers?status=1"),
         )
         yield base
     finally:
-        process.kill()
+        server.kill()
 
 
 def get_json(url: str):

@@ -23,9 +23,9 @@ import pytest
 from celery import chain, chord, group
 from celery.events import EventReceiver
 from celery_workers import (
-    Process,
     Worker,
     celery_command,
+    process,
     process_environment,
     run_celery,
     run_celery_json,
@@ -140,7 +140,7 @@ def test_acks_late_task_killed_mid_run_runs_again(request, app, env, logs, dbcon
     wait_for(lambda: lines(runs), 60, lambda: victim.describe("the task to start"))
 
     victim.signal(signal.SIGKILL)
-    victim.wait_exit(30)
+    victim.wait(30)
     start_worker(request, env, logs, pool="prefork", concurrency=1, queues=[queue])
 
     assert result.get(timeout=RESULT_TIMEOUT) == "slept"
@@ -181,7 +181,7 @@ def test_warm_shutdown_returns_prefetched_messages_to_pending(
 
     worker.signal(signal.SIGTERM, group=False)  # as `kill <pid>` does
 
-    assert worker.wait_exit(60) == 0, worker.describe("warm shutdown")
+    assert worker.wait(60) == 0, worker.describe("warm shutdown")
     assert long_task.get(timeout=RESULT_TIMEOUT) == "slept"
     rows = [task_row(dbconn, task_id) for task_id in prefetched]
     assert [(row["status"], row["lease_token"]) for row in rows] == [("pending", None)] * len(rows)
@@ -239,7 +239,7 @@ def test_control_shutdown_stops_a_worker_in_another_process(request, app, env, l
     # A worker obeys shutdown without replying: the CLI waits out its timeout.
     run_celery(env, "control", "shutdown", "-d", worker.nodename, "-t", "2")
 
-    assert worker.wait_exit(60) == 0, worker.describe("shutdown by remote control")
+    assert worker.wait(60) == 0, worker.describe("shutdown by remote control")
 
 
 def test_worker_events_reach_an_event_receiver(app, worker):
@@ -303,7 +303,7 @@ def test_an_event_receiver_busy_past_its_queue_expiry_keeps_receiving(app, worke
 
 
 def test_celery_events_dump_shows_task_events_of_another_process(request, app, worker, env, logs):
-    dump = Process(celery_command("events", "--dump"), env, logs / "events-dump.log")
+    dump = process(celery_command("events", "--dump"), env, logs / "events-dump.log")
     request.addfinalizer(dump.kill)
     dump.start()
     # Heartbeats (every two seconds with -E) show the monitor's queue is bound.

@@ -1,0 +1,103 @@
+"""The transport's pure logic: delivery tags, option parsing, what a
+pipelined publish refuses, and how a kombu Connection names its database."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+import kombu
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from pg_broker.transport.transport import (
+    _JSON_NUL,
+    TRANSIENT_TAG_PREFIX,
+    _conninfo,
+    _flag,
+    _milliseconds,
+    delivery_tag,
+    held_row,
+)
+from pg_broker.transport.urls import libpq_url, masked_url
+
+
+def test_a_delivery_tag_names_its_row_and_lease_and_parses_back() -> None:
+    token = uuid.uuid4()
+    tag = delivery_tag(42, token)
+    assert tag == f"42:{token.hex}"
+    assert held_row(tag) == (42, token)
+
+
+@pytest.mark.parametrize("tag", [
+    f"{TRANSIENT_TAG_PREFIX}17",  # a transient message holds no row
+    "17",
+    "17:not-a-token",
+    "x:" + uuid.uuid4().hex,
+    17,
+    None,
+])
+def test_tags_that_hold_no_row_parse_to_none(tag: object) -> None:
+    assert held_row(tag) is None
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (1500, timedelta(milliseconds=1500)),
+    ("250", timedelta(milliseconds=250)),
+    (0.5, timedelta(microseconds=500)),
+    (None, None),
+    ("", None),
+    ("soon", None),
+    ([1], None),
+])
+def test_ttl_arguments_in_milliseconds(value: object, expected: timedelta | None) -> None:
+    assert _milliseconds(value) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, True), (False, False), (0, False), (1, True),
+    ("false", False), ("0", False), ("no", False), ("off", False), ("", False), (" False ", False),
+    ("true", True), ("1", True), ("yes", True),
+])
+def test_boolean_options_from_urls_and_environment(value: object, expected: bool) -> None:
+    assert _flag(value) is expected
+
+
+@pytest.mark.parametrize(("text", "refused"), [
+    ("a\x00b", True),       # a NUL character
+    ("\\u0000", False),      # a backslash, then the letters u0000
+    ("\\\x00", True),        # a backslash, then a NUL
+    ("plain", False),
+])
+def test_a_nul_character_is_found_in_the_json_and_an_escaped_backslash_is_not(
+    text: str, refused: bool,
+) -> None:
+    encoded = json.dumps({"body": text})
+    assert bool(_JSON_NUL.search(encoded)) is refused
+
+
+def test_a_pgbroker_url_is_the_same_libpq_url_with_every_parameter() -> None:
+    url = "pgbroker://u:p%40ss@db.example:5433/jobs?sslmode=require&application_name=w"
+    assert libpq_url(url) == "postgresql://u:p%40ss@db.example:5433/jobs?sslmode=require&application_name=w"
+
+
+def test_a_bare_pgbroker_url_means_the_configured_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PG_BROKER_URL", "postgresql://broker@db.example/broker")
+    assert libpq_url("pgbroker://") == "postgresql://broker@db.example/broker"
+
+
+def test_a_broker_url_is_shown_under_its_scheme_without_the_password() -> None:
+    assert masked_url("postgresql://u:secret@h:5432/db?sslmode=require") == (
+        "pgbroker://u:**@h:5432/db?sslmode=require")
+    with kombu.Connection("pgbroker://u:secret@h/db") as connection:
+        assert connection.as_uri() == "pgbroker://u:**@h/db"
+        assert "secret" in connection.as_uri(include_password=True)
+
+
+def test_a_connection_given_as_fields_keeps_a_password_with_url_characters() -> None:
+    with kombu.Connection(hostname="db.example", userid="app", password="p@ss:w/rd",
+                          port=5433, virtual_host="/jobs", transport="pgbroker") as connection:
+        params = conninfo_to_dict(_conninfo(connection))
+    assert params == {"host": "db.example", "port": "5433", "user": "app",
+                      "password": "p@ss:w/rd", "dbname": "jobs"}
