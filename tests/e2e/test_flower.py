@@ -186,10 +186,12 @@ def test_queue_lengths_count_ready_delayed_unacknowledged_and_transient_messages
     with psycopg.connect(database_url, autocommit=True) as conn:
         for status, visible_in, expires_in, leased in rows:
             conn.execute(
-                "INSERT INTO job_tasks (queue, payload, status, lease_token, visible_at, expires_at)"
+                "INSERT INTO job_tasks (queue, payload, status, lease_token, lease_expires_at,"
+                " visible_at, expires_at)"
                 " VALUES (%s, '{}', %s, CASE WHEN %s THEN gen_random_uuid() END,"
+                " CASE WHEN %s THEN now() + interval '1 minute' END,"
                 " now() + %s::interval, now() + %s::interval)",
-                (queue, status, leased, visible_in, expires_in),
+                (queue, status, leased, leased, visible_in, expires_in),
             )
         conn.execute(
             "INSERT INTO broker_transient_messages (queue, payload, expires_at)"

@@ -25,8 +25,9 @@ pytest_plugins = ["transport_support"]
 
 
 def test_publish_stores_one_row_with_the_celery_headers(connection, db):
-    job_id = db.execute("INSERT INTO jobs DEFAULT VALUES RETURNING id").fetchone()[0]
     user_id, task_id = uuid.uuid4(), str(uuid.uuid4())
+    job_id = db.execute("INSERT INTO jobs (user_id) VALUES (%s) RETURNING id",
+                        (user_id,)).fetchone()[0]
     queue = queue_named("headers")
     publish(connection, queue, {"x": 1}, priority=7, headers={
         "task": "app.speak", "id": task_id, "job_id": str(job_id),
