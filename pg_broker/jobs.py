@@ -233,12 +233,18 @@ def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> int | None:
     return cancelled
 
 
-def cancel_held_task(conn: psycopg.Connection, task_id: str) -> bool:
-    """End a held task of a cancelled job as cancelled, by Celery task id,
-    when its worker skips it instead of running it; False when it is not held
-    or its job is not cancelled. The row keeps its lease token, so the
-    worker's ack settles it without completing it."""
-    return conn.execute(queries["cancel_held_task"], {"task_id": task_id}).rowcount > 0
+def cancel_held_task(conn: psycopg.Connection, held: tuple[int, uuid.UUID]) -> bool:
+    """End a held task of a cancelled job as cancelled when its worker skips
+    it instead of running it. ``held`` is the (row id, lease token) of the
+    worker's delivery (:func:`pg_broker.transport.transport.held_row` of its
+    delivery tag): a worker whose lease expired changes nothing. False when
+    the lease no longer holds the row or its job is not cancelled. The row
+    keeps its lease token, so the worker's ack settles it without completing
+    it."""
+    row_id, lease_token = held
+    return conn.execute(
+        queries["cancel_held_task"], {"id": row_id, "lease_token": lease_token}
+    ).rowcount > 0
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from tasks.lifecycle import connection, job_to_work_on
 def synthesize_chapter(self, job_id: str, chapter: int) -> dict[str, Any]:
     """Speak chapter ``chapter`` (0-based) of the job's package with the job's
     voice and speed, store it at ``{userId}/{jobId}/audio/{taskId}.mp3``."""
-    job = job_to_work_on(job_id, self.request.id)
+    job = job_to_work_on(job_id, self.request)
     if job is None:
         return {"skipped": True}
     spec = job.params["chapters"][chapter]

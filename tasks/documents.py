@@ -16,7 +16,7 @@ from tasks.lifecycle import connection, job_to_work_on
 @app.task(name=PDF_TASK, bind=True)
 def render_package_pdf(self, job_id: str) -> dict[str, Any]:
     """Render the job's package, store it at ``{userId}/{jobId}/pdf/{taskId}.pdf``."""
-    job = job_to_work_on(job_id, self.request.id)
+    job = job_to_work_on(job_id, self.request)
     if job is None:
         return {"skipped": True}
     chapters = package_chapters(job.params)

@@ -266,7 +266,9 @@ SELECT reclaim_stale_tasks(), (SELECT count(*) FROM expired)
 
 -- ---------------------------------------------------------------------------
 -- The worker app and the job model (pg_broker.jobs, storage, maintenance;
--- tasks/). Task rows are addressed by Celery task id while a worker holds them.
+-- tasks/). A worker addresses the row it holds by row id and lease token (its
+-- delivery tag), as the transport's acks do: a worker whose lease expired
+-- writes nothing into a row another worker now holds.
 
 -- name: insert_job
 -- A new job row for a user; its tasks are inserted by the publishes that follow.
@@ -334,22 +336,22 @@ UPDATE job_tasks SET status = 'cancelled', completed_at = now()
                  FOR UPDATE SKIP LOCKED);
 
 -- name: cancel_held_task
--- A held task its worker will not run because its job was cancelled: cancelled now, by Celery task id; the lease token stays for the worker's ack (transport_claim).
+-- A held task its worker will not run because its job was cancelled: cancelled now, fenced by its lease token; the token stays for the worker's ack (transport_claim).
 UPDATE job_tasks t
    SET status = 'cancelled', completed_at = now()
- WHERE t.task_id = %(task_id)s AND t.status IN ('claimed', 'processing')
+ WHERE t.id = %(id)s AND t.lease_token = %(lease_token)s AND t.status IN ('claimed', 'processing')
    AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = t.job_id AND j.status = 'cancelled');
 
 -- name: mark_task_processing
--- The worker began executing the task (claimed -> processing), by Celery task id.
+-- The worker began executing the task (claimed -> processing), fenced by its lease token.
 UPDATE job_tasks
    SET status = 'processing', started_at = coalesce(started_at, now()), last_heartbeat = now()
- WHERE task_id = %(task_id)s AND status IN ('claimed', 'processing');
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND status IN ('claimed', 'processing');
 
 -- name: record_task_error
--- Keeps the exception text of a failed attempt; fail_task then retries or fails the row.
+-- Keeps the exception text of a failed attempt, fenced by its lease token; fail_task then retries or fails the row.
 UPDATE job_tasks SET error = %(error)s
- WHERE task_id = %(task_id)s AND status IN ('claimed', 'processing');
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND status IN ('claimed', 'processing');
 
 -- name: dead_tasks
 -- Dead letters: tasks that failed or died for good, newest first.

@@ -65,10 +65,10 @@ def test_a_held_task_its_worker_skips_for_a_cancelled_job_ends_cancelled_not_com
 ) -> None:
     job_id = _job(db, ["pending"] * 3)
     (skipped, ran), _, token = ack_and_claim(db, [], "audio", limit=2)
-    assert not cancel_held_task(db, f"{job_id}-0"), "the job is not cancelled: the task runs"
+    assert not cancel_held_task(db, (skipped, token)), "the job is not cancelled: the task runs"
     assert cancel_job(db, job_id) == 1
 
-    assert cancel_held_task(db, f"{job_id}-0")
+    assert cancel_held_task(db, (skipped, token))
     # Until the ack, the row still counts as this worker's: no "lease lost".
     renewed = db.execute(queries["transport_renew_leases"], {
         "ids": [skipped, ran], "tokens": [token, token], "lease": "5 minutes"}).fetchall()
@@ -83,7 +83,7 @@ def test_a_held_task_its_worker_skips_for_a_cancelled_job_ends_cancelled_not_com
                       ).fetchone() == (0,)
     assert (job.status, job.completed_tasks, job.cancelled_tasks, job.progress) == (
         "cancelled", 1, 2, 100)
-    assert not cancel_held_task(db, f"{job_id}-0"), "a settled task is no longer held"
+    assert not cancel_held_task(db, (skipped, token)), "a settled task is no longer held"
 
 
 def test_a_user_sees_their_own_job_and_nobody_elses(db: psycopg.Connection) -> None:
