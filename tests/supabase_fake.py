@@ -1,6 +1,6 @@
 """A local stand-in for Supabase Storage: the REST endpoints the official
 ``storage3`` client calls (bucket get/create, upload with x-upsert, sign,
-signed download, authenticated download, remove), on 127.0.0.1, recording
+signed download with its expiry, authenticated download, remove), on 127.0.0.1, recording
 every request so tests can assert what the client sent."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import email.parser
 import json
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,8 @@ class FakeStorage:
     def __init__(self) -> None:
         self.buckets: dict[str, dict] = {}
         self.objects: dict[tuple[str, str], tuple[bytes, str]] = {}
-        self.tokens: dict[str, tuple[str, str]] = {}
+        # token -> (bucket, object name, expiry as time.time())
+        self.tokens: dict[str, tuple[str, str, float]] = {}
         self.requests: list[dict] = []
 
 
@@ -64,8 +66,12 @@ def _handler(state: FakeStorage) -> type[BaseHTTPRequestHandler]:
                 return self._bucket(parts[1:], body)
             if signed:
                 token = parse_qs(url.query).get("token", [""])[0]
-                if state.tokens.get(token) != (parts[2], "/".join(parts[3:])):
+                bucket, name, expiry = state.tokens.get(token, ("", "", 0.0))
+                if (bucket, name) != (parts[2], "/".join(parts[3:])):
                     return self._error(403, "InvalidSignature")
+                if time.time() >= expiry:  # Storage's answer to an expired token
+                    return self._reply(400, {"statusCode": "400", "error": "InvalidJWT",
+                                             "message": "\"exp\" claim timestamp check failed"})
                 data, content_type = state.objects[(parts[2], "/".join(parts[3:]))]
                 return self._reply(200, data, content_type)
             if parts[:2] == ["object", "sign"]:
@@ -73,7 +79,8 @@ def _handler(state: FakeStorage) -> type[BaseHTTPRequestHandler]:
                 if (bucket, name) not in state.objects:
                     return self._error(404, "not_found")
                 token = secrets.token_hex(8)
-                state.tokens[token] = (bucket, name)
+                state.tokens[token] = (bucket, name,
+                                       time.time() + float(json.loads(body)["expiresIn"]))
                 return self._reply(200, {"signedURL": f"/object/sign/{bucket}/{name}?token={token}"})
             if parts[0] == "object" and self.command == "POST":
                 return self._upload(parts[1], "/".join(parts[2:]), body)
