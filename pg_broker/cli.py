@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -160,6 +162,46 @@ def cmd_retention(args: argparse.Namespace) -> int:
     return 0
 
 
+class AppMissing(RuntimeError):
+    """A command of the app was run where the app is not installed."""
+
+
+def _app_module(name: str, command: str):
+    """A module of the app (tasks/), imported only when a command needs it:
+    the library never imports its app at import time."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise AppMissing(
+            f"pg-broker {command} needs the app's HTTP API ({name}), which did not import "
+            f"({exc}); install it with: pip install 'pg_broker[app]'") from exc
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    api = _app_module("tasks.api", "api")
+    auth = _app_module("tasks.api.auth", "api")
+    try:
+        api.serve(args.host, args.port, dev=args.dev)
+    except auth.AuthNotConfigured as exc:
+        print(f"pg-broker api: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    auth = _app_module("tasks.api.auth", "token")
+    secret = auth.DEV_SECRET if args.dev else os.environ.get(auth.SECRET_VARIABLE, "").strip()
+    if not secret:
+        print(f"pg-broker token: set {auth.SECRET_VARIABLE} (the JWT secret the API checks), "
+              "or pass --dev for the built-in development secret (pg-broker api --dev)",
+              file=sys.stderr)
+        return 2
+    print(auth.mint_token(args.user, secret, expires_in=args.expires_in))
+    return 0
+
+
 def _print_table(title: str, columns: Sequence[str], rows) -> None:
     rows = [tuple("" if v is None else str(v) for v in row) for row in rows]
     print(f"\n{title}")
@@ -222,6 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--all", action="store_true", help="retry: every dead or failed task")
     dead.add_argument("--limit", type=int, default=100, help="list: at most this many")
 
+    api = add("api", cmd_api, "serve the HTTP API and its page (needs SUPABASE_JWT_SECRET or "
+              "SUPABASE_URL to check tokens, or --dev)")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    api.add_argument("--dev", action="store_true",
+                     help="accept tokens of the built-in development secret (never in production)")
+
+    token = add("token", cmd_token, "print an access token for a user, signed with "
+                "SUPABASE_JWT_SECRET (or --dev), for local use of the API")
+    token.add_argument("--user", type=uuid.UUID, required=True, help="the user's id (uuid)")
+    token.add_argument("--expires-in", type=int, default=3600, metavar="SECONDS",
+                       help="lifetime (default 3600)")
+    token.add_argument("--dev", action="store_true", help="sign with the development secret")
+
     retention = add("retention", cmd_retention, "delete finished task rows older than an age")
     retention.add_argument("--older-than", metavar="INTERVAL",
                            help="a PostgreSQL interval (default PG_BROKER_RETENTION or '7 days')")
@@ -236,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (DatabaseUnavailable, MigrationFailed) as exc:
+    except (DatabaseUnavailable, MigrationFailed, AppMissing) as exc:
         print(f"pg-broker: {exc}", file=sys.stderr)
         return 2
 
