@@ -58,7 +58,7 @@ from tasks.api.files import FileSigner, content_type
 
 log = logging.getLogger(__name__)
 
-queries = load(Path(__file__).with_name("queries.sql"))
+statements = load(Path(__file__).with_name("queries.sql"))
 STATIC = Path(__file__).with_name("static")
 HEARTBEAT_SECONDS = 15.0
 # Bodies past this are refused unread; the per-user limit (job_limits, in the
@@ -203,11 +203,11 @@ class Api:
 
     def summary(self, user: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any] | None:
         with self.session(user) as conn, conn.cursor(row_factory=dict_row) as cur:
-            return cur.execute(queries["job_summary"], {"job_id": job_id}).fetchone()
+            return cur.execute(statements["job_summary"], {"job_id": job_id}).fetchone()
 
     def detail(self, user: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any] | None:
         with self.session(user) as conn, conn.cursor(row_factory=dict_row) as cur:
-            summary = cur.execute(queries["job_summary"], {"job_id": job_id}).fetchone()
+            summary = cur.execute(statements["job_summary"], {"job_id": job_id}).fetchone()
             job = get_job(conn, job_id, with_urls=False) if summary else None
         if job is None:
             return None
@@ -354,7 +354,7 @@ def create_app(api: Api | None = None, *, dev: bool = False) -> FastAPI:
                   "voice": package.voice, "rate_wpm": package.rate_wpm}
         try:
             with api.session(user) as conn:
-                job_id, created = conn.execute(queries["submit_job"], {
+                job_id, created = conn.execute(statements["submit_job"], {
                     "job_type": "package", "title": package.title, "params": Jsonb(params),
                     "idempotency_key": idempotency_key,
                 }).fetchone()
@@ -386,7 +386,7 @@ def create_app(api: Api | None = None, *, dev: bool = False) -> FastAPI:
                 raise ApiError(422, "invalid_request", "cursor: not a cursor this API returned",
                                "cursor") from exc
         with api.session(user) as conn, conn.cursor(row_factory=dict_row) as cur:
-            rows = cur.execute(queries["jobs_page"], {
+            rows = cur.execute(statements["jobs_page"], {
                 "status": status, "after_created": after_created, "after_id": after_id,
                 "limit": limit + 1}).fetchall()
         more = len(rows) > limit

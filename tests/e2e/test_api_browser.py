@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 from api_support import free_port
-from celery_workers import REPO_ROOT, Process, wait_for
+from celery_workers import REPO_ROOT, process, wait_for
 
-from pg_broker.demo import start_worker, stop_worker
+from pg_broker.demo import start_worker
 from tasks.api.auth import DEV_SECRET, mint_token
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def site(database_url: str, db, tmp_path: Path) -> Iterator[str]:
                  "SUPABASE_JWT_SECRET"):
         env.pop(name, None)
     port = free_port()
-    api = Process(["pg-broker", "api", "--dev", "--port", str(port)], env, tmp_path / "api.log")
+    api = process(["pg-broker", "api", "--dev", "--port", str(port)], env, tmp_path / "api.log")
     worker = start_worker(env, f"browser-{uuid.uuid4().hex[:6]}@%h", pool="solo",
                           log_file=tmp_path / "worker.log")
     api.start()
@@ -49,13 +49,13 @@ def site(database_url: str, db, tmp_path: Path) -> Iterator[str]:
             try:
                 return httpx.get(base + "/openapi.json", timeout=2).status_code == 200
             except httpx.HTTPError:
-                return not api.running
+                return not api.alive
         wait_for(up, 60, lambda: api.describe("the API to answer"))
-        assert api.running, api.describe("the API exited")
+        assert api.alive, api.describe("the API exited")
         yield base
     finally:
-        api.kill()
-        stop_worker(worker)
+        api.stop()
+        worker.stop()
 
 
 @pytest.fixture
