@@ -62,6 +62,14 @@ def cmd_reclaim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pg_broker import doctor
+
+    results = doctor.run()
+    print(doctor.report(results))
+    return 1 if doctor.failed(results) else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pg_broker.demo import run_demo
 
@@ -236,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("url", cmd_url, "print the database URL in use (password masked)")
     add("status", cmd_status, "jobs by status, task backlog, worker health and stale tasks")
     add("reclaim", cmd_reclaim, "return tasks with expired leases to pending (or dead)")
+    add("doctor", cmd_doctor, "check the set-up: configuration, database, migrations, the "
+        "Supabase layer, storage, LISTEN/NOTIFY, clock skew; each problem with its fix")
 
     demo = add("demo", cmd_demo, "start a worker, run a real 16-chapter package job "
                "(speech to MP3, a PDF), show where the files are, stop the worker")

@@ -87,6 +87,21 @@ def database_url(server_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def empty_database(server_url: str, database_url: str) -> Iterator[str]:
+    """The URL of a fresh database that is not migrated, dropped after the test
+    (database_url: the roles exist once the session database is migrated)."""
+    name = f"pg_broker_empty_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield with_database(server_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
 def db(database_url: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to an emptied test database."""
     with psycopg.connect(database_url, autocommit=True) as conn:

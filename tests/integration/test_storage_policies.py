@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.error import HTTPError
 from urllib.request import urlopen
 
 import psycopg
 import pytest
-from psycopg import errors, sql
+from psycopg import errors
 from supabase_fake import KEY, serve_fake_supabase
 
-from pg_broker.database import with_database
 from pg_broker.jobs import user_session
 from pg_broker.migrate import migrate
 from pg_broker.storage import SupabaseStorage
@@ -73,27 +71,17 @@ $$;
 
 
 @pytest.fixture
-def supabase_storage_url(server_url: str, database_url: str) -> Iterator[str]:
-    """A fresh database with Supabase's storage tables, then migrated (the
-    roles exist once the session database is)."""
-    name = f"pg_broker_storage_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(server_url, name)
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(SUPABASE_STORAGE)
-            # Another bucket, and a project policy that opens every bucket.
-            conn.execute("INSERT INTO storage.buckets (id, name, public)"
-                         " VALUES ('avatars', 'avatars', true)")
-            conn.execute("CREATE POLICY anyone_anything ON storage.objects"
-                         " TO anon, authenticated USING (true) WITH CHECK (true)")
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                          .format(sql.Identifier(name)))
+def supabase_storage_url(empty_database: str) -> str:
+    """A database with Supabase's storage tables, then migrated."""
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute(SUPABASE_STORAGE)
+        # Another bucket, and a project policy that opens every bucket.
+        conn.execute("INSERT INTO storage.buckets (id, name, public)"
+                     " VALUES ('avatars', 'avatars', true)")
+        conn.execute("CREATE POLICY anyone_anything ON storage.objects"
+                     " TO anon, authenticated USING (true) WITH CHECK (true)")
+    migrate(empty_database)
+    return empty_database
 
 
 def _put(conn: psycopg.Connection, bucket: str, name: str) -> None:

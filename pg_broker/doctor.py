@@ -1,0 +1,251 @@
+"""``pg-broker doctor``: is this machine's set-up able to run pg_broker?
+
+Each check is a small function taking the shared :class:`Context` and
+returning a :class:`Result` (ok, warn, fail or skip) with a fix for anything
+not ok; :data:`CHECKS` lists them in order, so a new check is one function
+and one line there. A check that needs the database is skipped, not failed,
+when an earlier one found it unreachable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from pg_broker.database import URL_VARIABLES, DatabaseUnavailable, connect, database_url, mask_url
+from pg_broker.migrate import applied_versions, discover, migrations_dir
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+# How far host and database clocks may drift before it matters: leases and
+# visibility are the database's time, ETAs and token expiry the hosts'.
+SKEW_WARN_SECONDS = 1.0
+SKEW_FAIL_SECONDS = 30.0
+NOTIFY_TIMEOUT = 5.0
+SUPABASE_ROLES = ("anon", "authenticated", "service_role")
+JOB_TABLES = ("jobs", "job_tasks", "job_artifacts")
+
+
+@dataclass(frozen=True)
+class Result:
+    status: str
+    message: str
+    fix: str | None = None
+
+
+@dataclass
+class Context:
+    """What the checks share: the database URL, one connection, the host clock."""
+
+    url: str | None = None
+    clock: Callable[[], float] = time.time
+    notify_timeout: float = NOTIFY_TIMEOUT
+    conn: psycopg.Connection | None = None
+    facts: dict[str, object] = field(default_factory=dict)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def check_configuration(ctx: Context) -> Result:
+    """Which database, from where; settings that contradict one another."""
+    try:
+        ctx.url = database_url()
+    except DatabaseUnavailable as exc:
+        return Result(FAIL, str(exc), "fix the embedded server's data directory, or set "
+                      "PG_BROKER_URL to a PostgreSQL server")
+    source = next((name for name in URL_VARIABLES if os.environ.get(name, "").strip()), None)
+    where = f"{mask_url(ctx.url)} (from {source})" if source else \
+        f"{mask_url(ctx.url)} (embedded server; set PG_BROKER_URL for a real one)"
+    broker = os.environ.get("CELERY_BROKER_URL", "").strip()
+    if broker and not broker.startswith("pgbroker://"):
+        return Result(WARN, f"{where}; but CELERY_BROKER_URL sends tasks to {mask_url(broker)}",
+                      "unset CELERY_BROKER_URL, or set it to pgbroker://… (during a cutover "
+                      "this is expected)")
+    supabase = [os.environ.get(n, "").strip() for n in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY")]
+    if any(supabase) and not all(supabase):
+        return Result(WARN, f"{where}; only one of SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY is "
+                      "set, so artifacts go to local files",
+                      "set both to store artifacts in Supabase Storage, or neither")
+    return Result(OK, where)
+
+
+def check_database(ctx: Context) -> Result:
+    """The database answers."""
+    if ctx.url is None:
+        return Result(SKIP, "no database configured")
+    try:
+        ctx.conn = connect(ctx.url, autocommit=True)
+    except DatabaseUnavailable as exc:
+        return Result(FAIL, str(exc), "start the server, check host, port, user and password "
+                      "in the URL, or unset PG_BROKER_URL to use the embedded server")
+    version = ctx.conn.execute("SHOW server_version").fetchone()[0]
+    return Result(OK, f"PostgreSQL {version}, connected as {ctx.conn.info.user}")
+
+
+def check_migrations(ctx: Context) -> Result:
+    """Every migration of this version of pg_broker is applied."""
+    if ctx.conn is None:
+        return Result(SKIP, "database unreachable")
+    known = {m.version: m.name for m in discover()}
+    exists = ctx.conn.execute("SELECT to_regclass('pg_broker_migrations')").fetchone()[0]
+    applied = dict(applied_versions(ctx.conn)) if exists else {}
+    missing = [f"{v:03d}_{known[v]}" for v in sorted(set(known) - set(applied))]
+    if missing:
+        return Result(FAIL, f"{len(missing)} of {len(known)} migrations not applied: "
+                      + ", ".join(missing), "pg-broker migrate")
+    newer = sorted(set(applied) - set(known))
+    if newer:
+        return Result(WARN, f"the database has migrations this install does not know: {newer}",
+                      f"upgrade pg_broker here (migrations from {migrations_dir()})")
+    return Result(OK, f"all {len(known)} migrations applied")
+
+
+def check_supabase_layer(ctx: Context) -> Result:
+    """Roles, auth.uid(), row-level security and submit_job() for users."""
+    if ctx.conn is None:
+        return Result(SKIP, "database unreachable")
+    roles = {r for (r,) in ctx.conn.execute(
+        "SELECT rolname FROM pg_roles WHERE rolname = ANY (%s)", (list(SUPABASE_ROLES),))}
+    uid = ctx.conn.execute("SELECT to_regprocedure('auth.uid()') IS NOT NULL").fetchone()[0]
+    forced = {t for (t,) in ctx.conn.execute(
+        "SELECT relname FROM pg_class WHERE relname = ANY (%s) AND relkind = 'r'"
+        " AND relrowsecurity AND relforcerowsecurity"
+        " AND relnamespace = 'public'::regnamespace", (list(JOB_TABLES),))}
+    submit = ctx.conn.execute(
+        "SELECT to_regprocedure('public.submit_job(text, text, jsonb, text)') IS NOT NULL"
+    ).fetchone()[0]
+    missing = ([f"role {r}" for r in SUPABASE_ROLES if r not in roles]
+               + ([] if uid else ["auth.uid()"])
+               + [f"forced RLS on {t}" for t in JOB_TABLES if t not in forced]
+               + ([] if submit else ["submit_job()"]))
+    if missing:
+        return Result(FAIL, "missing: " + ", ".join(missing),
+                      "pg-broker migrate (as a role that may create roles, or create anon, "
+                      "authenticated and service_role first)")
+    return Result(OK, "roles, auth.uid(), forced row-level security and submit_job() in place")
+
+
+def check_storage(ctx: Context) -> Result:
+    """Where artifacts go: Supabase Storage's private bucket, or a writable directory."""
+    from pg_broker import storage  # only now: it pulls in the storage backends
+
+    url = os.environ.get("SUPABASE_URL", "").strip()
+    key = os.environ.get("SUPABASE_SERVICE_ROLE_KEY", "").strip()
+    if not (url and key):
+        root = storage.LocalStorage().root
+        probe = root / f".doctor-{secrets.token_hex(4)}"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return Result(FAIL, f"local storage {root} is not writable ({exc})",
+                          f"set {storage.STORAGE_DIR_VARIABLE} to a writable directory")
+        return Result(OK, f"local files in {root} (set SUPABASE_URL and "
+                      "SUPABASE_SERVICE_ROLE_KEY for Supabase Storage)")
+    try:
+        store = storage.SupabaseStorage(url, key)
+        bucket = store.client.get_bucket(store.bucket)
+    except Exception as exc:  # noqa: BLE001 - any client or HTTP error is the finding
+        return Result(FAIL, f"Supabase Storage at {url}: bucket unavailable "
+                      f"({str(exc).strip() or type(exc).__name__})",
+                      "check SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY; pg-broker migrate "
+                      "creates the private bucket job-artifacts on Supabase")
+    if bucket.public:
+        return Result(FAIL, f"bucket {store.bucket} is public: anyone with a path reads every "
+                      "user's files", f"make it private (Storage → {store.bucket} → settings)")
+    return Result(OK, f"Supabase Storage bucket {store.bucket} exists and is private")
+
+
+def check_listen(ctx: Context) -> Result:
+    """A notification makes the round trip: what workers' wake-ups need."""
+    if ctx.conn is None or ctx.url is None:
+        return Result(SKIP, "database unreachable")
+    channel = f"pg_broker_doctor_{secrets.token_hex(6)}"
+    try:
+        with connect(ctx.url, autocommit=True) as listener:
+            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            started = time.monotonic()
+            ctx.conn.execute("SELECT pg_notify(%s, 'doctor')", (channel,))
+            heard = list(listener.notifies(timeout=ctx.notify_timeout, stop_after=1))
+    except (psycopg.Error, DatabaseUnavailable) as exc:
+        return Result(FAIL, f"LISTEN failed: {exc}", _POOLER_FIX)
+    if not heard:
+        return Result(FAIL, f"a notification sent on one connection did not reach another "
+                      f"within {ctx.notify_timeout:.0f} s", _POOLER_FIX)
+    return Result(OK, f"LISTEN/NOTIFY round trip in {(time.monotonic() - started) * 1000:.1f} ms")
+
+
+_POOLER_FIX = ("connect workers straight to PostgreSQL or through PgBouncer in session mode "
+               "(a transaction pooler, such as Supabase's port 6543, breaks LISTEN); producers "
+               "may stay on the pooler")
+
+
+def check_clock(ctx: Context) -> Result:
+    """Host and database clocks agree (leases, ETAs and token expiry depend on both)."""
+    if ctx.conn is None:
+        return Result(SKIP, "database unreachable")
+    before = ctx.clock()
+    (server,) = ctx.conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+    after = ctx.clock()
+    skew = server - (before + after) / 2
+    text = f"database clock {abs(skew):.3f} s {'ahead of' if skew > 0 else 'behind'} this host"
+    if abs(skew) > SKEW_FAIL_SECONDS:
+        return Result(FAIL, text, "synchronise both clocks (NTP: chrony or systemd-timesyncd)")
+    if abs(skew) > SKEW_WARN_SECONDS:
+        return Result(WARN, text, "synchronise both clocks (NTP): ETAs and token expiry drift "
+                      "by as much")
+    return Result(OK, text)
+
+
+CHECKS: list[tuple[str, Callable[[Context], Result]]] = [
+    ("configuration", check_configuration),
+    ("database", check_database),
+    ("migrations", check_migrations),
+    ("supabase layer", check_supabase_layer),
+    ("storage", check_storage),
+    ("listen/notify", check_listen),
+    ("clock", check_clock),
+]
+
+
+def run(ctx: Context | None = None,
+        checks: list[tuple[str, Callable[[Context], Result]]] | None = None,
+        ) -> list[tuple[str, Result]]:
+    """Run every check in order; each result as (name, result)."""
+    ctx = ctx or Context()
+    results = []
+    try:
+        for name, check in checks or CHECKS:
+            try:
+                result = check(ctx)
+            except psycopg.Error as exc:
+                result = Result(FAIL, f"the database refused the check: {exc}",
+                                "run pg-broker doctor as the role that owns the schema")
+            results.append((name, result))
+    finally:
+        ctx.close()
+    return results
+
+
+def failed(results: list[tuple[str, Result]]) -> bool:
+    return any(result.status == FAIL for _, result in results)
+
+
+def report(results: list[tuple[str, Result]]) -> str:
+    """One line per check, and the fix under each that is not ok."""
+    width = max(len(name) for name, _ in results)
+    lines = []
+    for name, result in results:
+        lines.append(f"{result.status:<4}  {name:<{width}}  {result.message}")
+        if result.fix and result.status in (WARN, FAIL):
+            lines.append(f"{'':<4}  {'':<{width}}  fix: {result.fix}")
+    return "\n".join(lines)
+
