@@ -18,6 +18,7 @@ import jwt
 import psycopg
 import pytest
 from api_support import SECRET, Jwks, bearer, running_api, token
+from supabase_fake import KEY, serve_fake_supabase
 
 import pg_broker.storage
 from tasks.api.auth import JWKS_PATH, Verifier
@@ -316,6 +317,32 @@ def test_local_artifacts_get_signed_urls_that_serve_the_file_and_refuse_tamperin
     stale = FileSigner(SECRET).url(f"{ALICE}/{job_id}/audio/t1.mp3", expires_in=-1)
     refused = client.get(stale)
     assert refused.status_code == 403 and "expired" in refused.json()["message"]
+
+
+def test_artifacts_in_supabase_storage_get_its_signed_urls(
+    client: httpx.Client, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    job_id = _submit(client).json()["id"]
+    path = f"{ALICE}/{job_id}/pdf/t9.pdf"
+    with serve_fake_supabase() as (url, state):
+        store = pg_broker.storage.SupabaseStorage(url, KEY)
+        source = tmp_path / "p.pdf"
+        source.write_bytes(b"%PDF-1.7 bytes")
+        store.put(path, source, "application/pdf")
+        pg_broker.storage._stores["supabase"] = store
+        try:
+            db.execute("INSERT INTO job_artifacts (job_id, task_id, user_id, kind, storage_backend,"
+                       " storage_path, content_type, bytes, sha256)"
+                       " VALUES (%s, 't9', %s, 'pdf', 'supabase', %s, 'application/pdf', 14, %s)",
+                       (job_id, ALICE, path, hashlib.sha256(b"%PDF-1.7 bytes").hexdigest()))
+            (artifact,) = client.get(f"/v1/jobs/{job_id}", headers=bearer(ALICE)).json()["artifacts"]
+            assert artifact["url"].startswith(f"{url}/storage/v1/object/sign/job-artifacts/{path}?token=")
+            assert httpx.get(artifact["url"]).content == b"%PDF-1.7 bytes"
+            sign = [r for r in state.requests if r["path"].startswith("/storage/v1/object/sign/")
+                    and r["method"] == "POST"]
+            assert json.loads(sign[-1]["body"]) == {"expiresIn": "3600"}
+        finally:
+            del pg_broker.storage._stores["supabase"]
 
 
 def _events(lines: Iterator[str]) -> Iterator[dict]:
