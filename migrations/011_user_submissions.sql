@@ -162,8 +162,9 @@ GRANT EXECUTE ON FUNCTION pg_broker_task_message(text, uuid, jsonb, jsonb, text,
                                                  timestamptz, timestamptz, jsonb) TO service_role;
 REVOKE ALL ON FUNCTION pg_broker_wake(text) FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION pg_broker_wake(text) TO service_role;
-REVOKE ALL ON job_types, job_limits, job_idempotency_keys FROM anon, authenticated;
-GRANT ALL ON job_types, job_limits, job_idempotency_keys TO service_role;
+REVOKE ALL ON job_types, job_limits, job_idempotency_keys, job_event_watchers
+    FROM anon, authenticated;
+GRANT ALL ON job_types, job_limits, job_idempotency_keys, job_event_watchers TO service_role;
 
 -- Storage -------------------------------------------------------------------------
 -- Where Supabase Storage's tables exist: the private bucket job-artifacts, and

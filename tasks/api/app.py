@@ -43,7 +43,6 @@ from pg_broker.database import database_url
 from pg_broker.jobs import Job, cancel_job, get_job, user_session
 from pg_broker.maintenance import retry_dead_tasks
 from pg_broker.migrate import ensure_migrated
-from pg_broker.queries import load
 from pg_broker.speech import (
     DEFAULT_RATE_WPM,
     DEFAULT_VOICE,
@@ -55,10 +54,10 @@ from pg_broker.storage import StorageError, get_storage
 from tasks.api.auth import AuthError, Verifier
 from tasks.api.events import JobEvents
 from tasks.api.files import FileSigner, content_type
+from tasks.api.sql import statements
 
 log = logging.getLogger(__name__)
 
-statements = load(Path(__file__).with_name("queries.sql"))
 STATIC = Path(__file__).with_name("static")
 HEARTBEAT_SECONDS = 15.0
 # Bodies past this are refused unread; the per-user limit (job_limits, in the
@@ -485,7 +484,7 @@ async def _stream(api: Api, user: uuid.UUID, job_id: uuid.UUID,
     """The events of one stream. The watch is set up before each read, so a
     change that lands while reading wakes the next wait at once."""
     yield "retry: 2000\n\n"
-    with api.events.watch(str(job_id)) as changed:
+    async with api.events.watch(str(job_id)) as changed:
         while True:
             changed.clear()
             state = await anyio.to_thread.run_sync(api.summary, user, job_id)

@@ -18,6 +18,7 @@ import jwt
 import psycopg
 import pytest
 from api_support import SECRET, Jwks, bearer, running_api, token
+from celery_workers import wait_for
 from supabase_fake import KEY, serve_fake_supabase
 
 import pg_broker.storage
@@ -419,10 +420,12 @@ def test_all_streams_of_the_process_share_one_listen_connection(
             opened.append(response)
             streams.append(_events(response.iter_lines()))
             assert next(e for e in streams[-1] if "data" in e)
-        listeners = db.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND application_name = %s", (APPLICATION_NAME,)).fetchone()
-        assert listeners == (1,)
+        (listener,) = db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = %s", (APPLICATION_NAME,)).fetchall()
+        watched = db.execute("SELECT job_id::text, listener_pid FROM job_event_watchers"
+                             ).fetchall()
+        assert sorted(watched) == sorted({(j, listener[0]) for j in job_ids})
         _complete_one_task(db, job_ids[2])
         update = next(e for e in streams[2] if "data" in e)
         assert json.loads(update["data"])["completed_tasks"] == 1
@@ -431,3 +434,6 @@ def test_all_streams_of_the_process_share_one_listen_connection(
             response.close()
         for http in clients:
             http.close()
+    # Closed streams: their jobs are no longer watched, so no longer notified.
+    wait_for(lambda: db.execute("SELECT count(*) FROM job_event_watchers").fetchone() == (0,),
+             30, "the closed streams' watcher rows to go")

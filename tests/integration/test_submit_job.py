@@ -182,18 +182,24 @@ def test_users_may_call_submit_job_but_not_the_enqueue_functions(db: psycopg.Con
             db.execute("SELECT * FROM submit_job('package', 't', %s)", (_package(),))
 
 
-def test_a_job_change_bumps_its_version_and_notifies_once(
+def test_a_watched_job_change_bumps_its_version_and_notifies_once(
     database_url: str, db: psycopg.Connection
 ) -> None:
     job_id, _ = submit(db, USER)
+    unwatched, _ = submit(db, OTHER)
     (version,) = db.execute("SELECT version FROM jobs WHERE id = %s", (job_id,)).fetchone()
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute("LISTEN pgbroker_jobs")
+        db.execute("INSERT INTO job_event_watchers (job_id, listener_pid) VALUES (%s, %s)",
+                   (job_id, listener.info.backend_pid))
         db.execute("UPDATE jobs SET title = 'renamed' WHERE id = %s", (job_id,))  # not an event
-        db.execute("UPDATE job_tasks SET status = 'cancelled' WHERE id = (SELECT min(id)"
-                   " FROM job_tasks WHERE job_id = %s)", (job_id,))
+        for job in (unwatched, job_id):  # nobody watches the first: no NOTIFY for it
+            db.execute("UPDATE job_tasks SET status = 'cancelled' WHERE id = (SELECT min(id)"
+                       " FROM job_tasks WHERE job_id = %s)", (job,))
         heard = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
         heard += [n.payload for n in listener.notifies(timeout=0.3)]
     assert heard == [f"{job_id}:{version + 1}"]
     assert db.execute("SELECT version, cancelled_tasks FROM jobs WHERE id = %s",
                       (job_id,)).fetchone() == (version + 1, 1)
+    assert db.execute("SELECT version FROM jobs WHERE id = %s", (unwatched,)).fetchone() == (
+        version + 1,)
