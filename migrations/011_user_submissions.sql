@@ -16,9 +16,12 @@
 --   PB422  an unknown job type, or a params list its tasks need is empty
 --   PB429  the user already has max_active_jobs pending or processing jobs
 
--- The job-status trigger runs inside submit_job, whose search_path is empty:
--- it must name its schema itself (the one the migrations run in).
+-- Triggers on the job tables run inside submit_job, whose search_path is
+-- empty: those that name tables must pin their own (the schema the
+-- migrations run in). A new such trigger needs the same, or submit_job fails
+-- with "relation ... does not exist" (tests/integration/test_submit_job.py).
 ALTER FUNCTION pg_broker_job_tasks_changed() SET search_path FROM CURRENT;
+ALTER FUNCTION pg_broker_row_of_job_owner() SET search_path FROM CURRENT;
 
 -- submit_job ------------------------------------------------------------------
 -- Creates a job of a registered type (job_types) for the calling user and

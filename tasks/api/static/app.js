@@ -28,8 +28,16 @@ async function api(path, options = {}) {
     ...options,
     headers: { ...(options.headers || {}), Authorization: `Bearer ${state.token}` },
   });
-  const body = response.status === 204 ? null : await response.json();
-  if (!response.ok) throw new Error(body && body.message ? body.message : response.statusText);
+  const text = await response.text();
+  let body = null;
+  try {
+    body = text ? JSON.parse(text) : null;
+  } catch (e) {
+    body = null;  // not JSON: a proxy's or server's error page
+  }
+  if (!response.ok) {
+    throw new Error(body && body.message ? body.message : `${response.status} ${response.statusText}`);
+  }
   return body;
 }
 
