@@ -227,7 +227,8 @@ def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> int | None:
         # rows, then jobs in the status trigger; see migrations/005), so a
         # cancel racing a worker, a purge or the maintenance cannot deadlock.
         cancelled = conn.execute(queries["cancel_pending_tasks"], {"job_id": job_id}).rowcount
-        if conn.execute(queries["cancel_job"], {"job_id": job_id}).fetchone() is None:
+        if conn.execute(queries["cancel_job"],
+                        {"job_id": job_id, "pending_cancelled": cancelled}).fetchone() is None:
             return None
     log.info("cancelled job %s: %d pending tasks will not run", job_id, cancelled)
     return cancelled

@@ -320,9 +320,15 @@ RETURNING id, job_id, task_id, kind, storage_backend, storage_path, content_type
           sha256, duration_seconds, metadata;
 
 -- name: cancel_job
--- Marks a job cancelled unless it completed or failed; returns its id if it is cancelled.
+-- Marks a job cancelled unless it completed or failed before the cancel; returns its id if it is cancelled.
+-- It runs after cancel_pending_tasks in the same transaction (lock order:
+-- tasks, then the job): when those were the job's last unfinished tasks and
+-- another one had failed, the status trigger already called the job failed;
+-- a job that still had pending tasks (pending_cancelled > 0) was not finished,
+-- so the cancel stands.
 UPDATE jobs SET status = 'cancelled', completed_at = coalesce(completed_at, now())
- WHERE id = %(job_id)s AND status IN ('pending', 'processing', 'cancelled')
+ WHERE id = %(job_id)s
+   AND (status IN ('pending', 'processing', 'cancelled') OR %(pending_cancelled)s > 0)
 RETURNING id;
 
 -- name: cancel_pending_tasks

@@ -60,6 +60,21 @@ def test_cancel_stops_pending_tasks_and_leaves_held_ones_alone(db: psycopg.Conne
     assert get_job(db, done, details=False).status == "completed"
 
 
+def test_cancel_of_a_job_with_a_failed_task_and_pending_ones_cancels_it(
+    db: psycopg.Connection,
+) -> None:
+    # Found by tests/integration/test_task_state_machine.py: cancelling the pending tasks
+    # finished the job, the status trigger called it failed, and the cancel
+    # then refused it as "already failed" (returned None) after all.
+    job_id = _job(db, ["dead", "pending", "pending"])
+    assert cancel_job(db, job_id) == 2
+    job = get_job(db, job_id)
+    assert job.status == "cancelled" and job.cancelled_tasks == 2 and job.failed_tasks == 1
+    failed = _job(db, ["dead", "completed"])
+    assert cancel_job(db, failed) is None  # it had already failed: it stays failed
+    assert get_job(db, failed, details=False).status == "failed"
+
+
 def test_a_held_task_its_worker_skips_for_a_cancelled_job_ends_cancelled_not_completed(
     db: psycopg.Connection,
 ) -> None:
