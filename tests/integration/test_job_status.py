@@ -90,6 +90,20 @@ def test_a_dead_task_fails_its_job_once_nothing_else_can_run(db: psycopg.Connect
     assert failed["error"].startswith("lease expired on worker worker-1")
 
 
+def test_a_finished_job_given_another_task_is_unfinished_again(db: psycopg.Connection) -> None:
+    # Found by tests/integration/test_task_state_machine.py (fixed by migration 008): the
+    # job went back to processing but kept its completed_at.
+    job_id = add_job(db)
+    add_tasks(db, 1, job_id=job_id, max_attempts=1)
+    (row,) = claim(db)
+    db.execute("SELECT fail_task(%s, %s, 'boom')", (row["id"], row["lease_token"]))
+    assert job(db, job_id)["status"] == "failed" and job(db, job_id)["completed_at"] is not None
+    add_tasks(db, 1, job_id=job_id)
+    reopened = job(db, job_id)
+    assert (reopened["status"], reopened["total_tasks"]) == ("processing", 2)
+    assert reopened["completed_at"] is None
+
+
 def test_a_cancelled_job_stays_cancelled_while_its_tasks_finish(db: psycopg.Connection) -> None:
     job_id = add_job(db)
     add_tasks(db, 4, job_id=job_id)
