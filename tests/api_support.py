@@ -87,9 +87,11 @@ class Jwks:
 
 
 @contextmanager
-def running_api(database_url: str, verifier: Verifier, heartbeat: float = 15.0) -> Iterator[str]:
+def running_api(database_url: str, verifier: Verifier, heartbeat: float = 15.0,
+                pool_wait: float = 10.0) -> Iterator[str]:
     """The API on a free port of 127.0.0.1 until the block ends; its base URL."""
-    app = create_app(Api(database_url, verifier, pool_size=12, heartbeat=heartbeat))
+    app = create_app(Api(database_url, verifier, pool_size=12, heartbeat=heartbeat,
+                         pool_wait=pool_wait))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=2))

@@ -64,6 +64,8 @@ HEARTBEAT_SECONDS = 15.0
 # database) is what normally answers 413.
 MAX_BODY_BYTES = 32 * 1024 * 1024
 FINISHED = ("completed", "failed", "cancelled")
+# How long a request waits for a database connection before it is answered 503.
+POOL_WAIT_SECONDS = 10.0
 # SQLSTATEs submit_job raises (migrations/011) -> HTTP status and error code.
 SQL_ERRORS = {
     "PB401": (401, "unauthenticated"),
@@ -179,11 +181,12 @@ class Api:
     """What the routes share: the pool, the token verifier, the events hub."""
 
     def __init__(self, conninfo: str, verifier: Verifier, *, pool_size: int = 10,
-                 heartbeat: float = HEARTBEAT_SECONDS) -> None:
+                 heartbeat: float = HEARTBEAT_SECONDS, pool_wait: float = POOL_WAIT_SECONDS) -> None:
         self.conninfo = conninfo
         self.verifier = verifier
         self.heartbeat = heartbeat
         self.pool = ConnectionPool(conninfo, min_size=1, max_size=pool_size, open=False,
+                                   timeout=pool_wait, check=ConnectionPool.check_connection,
                                    kwargs={"autocommit": True, "application_name": "pg_broker api"})
         self.events = JobEvents(conninfo)
         self.files = FileSigner(verifier.secret)
@@ -312,6 +315,15 @@ def create_app(api: Api | None = None, *, dev: bool = False) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc)
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def _database_down(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        log.error("database unavailable for %s %s: %s", request.method, request.url.path,
+                  str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        response = _error(ApiError(503, "database_unavailable",
+                                   "the database is not reachable just now; try again shortly"))
+        response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
