@@ -24,7 +24,9 @@ from kombu import Queue
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import URL
 
+from pg_broker.database import DatabaseUnavailable
 from pg_broker.database import database_url as _database_url
+from pg_broker.masking import mask_url, url_problem
 
 
 def _env(name: str, default):
@@ -44,7 +46,12 @@ def _env(name: str, default):
 
 def _sqlalchemy_url(conninfo: str) -> str:
     """Celery's SQLAlchemy result backend URL (psycopg 3 driver) for any libpq
-    conninfo: a URL, ``key=value`` pairs, a unix-socket ``?host=/dir``."""
+    conninfo: a URL, ``key=value`` pairs, a unix-socket ``?host=/dir``. A
+    malformed one is refused here, masked: SQLAlchemy and libpq would quote
+    pieces of its password in their errors."""
+    problem = url_problem(conninfo)
+    if problem:
+        raise DatabaseUnavailable(f"the database URL {mask_url(conninfo)} is malformed: {problem}")
     params = conninfo_to_dict(conninfo)
     host = params.get("host") or ""
     tcp = bool(host) and not host.startswith("/") and "," not in host

@@ -10,7 +10,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pg_broker.database import DatabaseUnavailable, connect, database_url, mask_url
+from pg_broker.database import DatabaseUnavailable, connect, database_url
+from pg_broker.masking import mask_url, url_problem
 from pg_broker.migrate import MigrationFailed, ensure_migrated, migrate
 from pg_broker.queries import queries
 
@@ -29,7 +30,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_url(args: argparse.Namespace) -> int:
-    print(mask_url(database_url()))
+    url = database_url()
+    print(mask_url(url))
+    problem = url_problem(url)
+    if problem:
+        print(f"pg-broker url: the URL is malformed: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 

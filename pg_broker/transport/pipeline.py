@@ -51,6 +51,8 @@ from time import monotonic, sleep
 import psycopg
 from psycopg import pq
 
+from pg_broker.masking import redacting
+
 from .connections import close_quietly, disown
 
 log = logging.getLogger(__name__)
@@ -425,7 +427,8 @@ class Pipeline:
                      dropped)
         self._in_flight.clear()
         self._unsent = deque([*again, *self._unsent])
-        conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
+        with redacting(self._conninfo):
+            conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
         pgconn = conn.pgconn
         try:
             self.statement.prepare(pgconn)

@@ -41,6 +41,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb, set_json_loads
 
 from pg_broker.database import DatabaseUnavailable
+from pg_broker.masking import redacting
 from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
 
@@ -559,7 +560,10 @@ class Transport(virtual.Transport):
         self.confirm_publish = _flag(options.get("confirm_publish", True))
         synchronous_commit = options.get("synchronous_commit")
         self.synchronous_commit = None if synchronous_commit is None else str(synchronous_commit)
-        given = conninfo_to_dict(self.conninfo)
+        try:
+            given = conninfo_to_dict(self.conninfo)
+        except psycopg.ProgrammingError:
+            given = {}  # a URL libpq cannot parse is reported, masked, on connecting
         self.connect_kwargs = {
             key: value for key, value in CONNECT_DEFAULTS.items() if key not in given
         }
@@ -602,7 +606,8 @@ class Transport(virtual.Transport):
                 # Closing after the connection was lost: what is left to do
                 # (returning messages) the leases will do; don't wait on a dead server.
                 raise psycopg.OperationalError("the broker connection was lost")
-            self._conn = psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs)
+            with redacting(self.conninfo):
+                self._conn = psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs)
             set_json_loads(kombu_json.loads, self._conn)
         return self._conn
 

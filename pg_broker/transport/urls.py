@@ -9,23 +9,26 @@ set, otherwise the embedded server.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
-
-from pg_broker.database import database_url, mask_url
+from pg_broker.database import database_url
+from pg_broker.masking import mask_url
 
 SCHEME = "pgbroker"
 
 
+def _after_scheme(url: str) -> str:
+    return url.split("://", 1)[1] if "://" in url else url
+
+
 def libpq_url(broker_url: str) -> str:
-    """The libpq connection URL a ``pgbroker://`` URL stands for."""
-    parts = urlsplit(broker_url)
-    if not (parts.netloc or parts.path.strip("/") or parts.query):
+    """The libpq connection URL a ``pgbroker://`` URL stands for (text
+    surgery, never a parse: a malformed URL is libpq's to report, masked)."""
+    rest = _after_scheme(broker_url)
+    if not rest.strip("/"):
         return database_url()
-    return urlunsplit(parts._replace(scheme="postgresql"))
+    return f"postgresql://{rest}"
 
 
 def masked_url(url: str, mask: str = "**", scheme: str = SCHEME) -> str:
     """``url`` under ``scheme`` with its passwords masked (see
-    :func:`pg_broker.database.mask_url`)."""
-    parts = urlsplit(mask_url(url, mask))
-    return urlunsplit(parts._replace(scheme=scheme)) if parts.netloc else f"{scheme}://{parts.path}"
+    :func:`pg_broker.masking.mask_url`)."""
+    return f"{scheme}://{_after_scheme(mask_url(url, mask))}"

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Iterable
 import anyio
 import psycopg
 
+from pg_broker.masking import first_line, redact
 from tasks.api.sql import statements
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ class JobEvents:
                         self._conninfo, autocommit=True, application_name=CONTROL_NAME)
                 await self._control.execute(statements[name], {**params, "pid": self._pid})
             except psycopg.Error as exc:
-                log.warning("job events: could not record watched jobs (%s)", exc)
+                log.warning("job events: could not record watched jobs (%s)",
+                            redact(first_line(exc), self._conninfo))
 
     def _wake(self, job_ids: Iterable[str] | None = None) -> None:
         for job_id in list(self._watchers) if job_ids is None else job_ids:
@@ -119,5 +121,5 @@ class JobEvents:
                 delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
                 failures += 1
                 log.warning("job events: lost the LISTEN connection (%s); reconnecting in %.1f s",
-                            str(exc).strip().splitlines()[0] if str(exc).strip() else exc, delay)
+                            redact(first_line(exc), self._conninfo), delay)
                 await asyncio.sleep(delay)
