@@ -17,6 +17,7 @@ from psycopg import sql
 
 from pg_broker.masking import redacting
 
+from . import deadline
 from .connections import close_quietly
 
 CHANNEL_PREFIX = "pgbroker_"
@@ -36,9 +37,10 @@ class Listener:
     retry) reconnects, and the transport polls every queue after a reconnect.
     """
 
-    def __init__(self, conninfo: str, connect_kwargs: dict) -> None:
+    def __init__(self, conninfo: str, connect_kwargs: dict, response_timeout: float = 0) -> None:
         self._conninfo = conninfo
         self._connect_kwargs = connect_kwargs
+        self._response_timeout = response_timeout
         self._queues: dict[str, str] = {}  # channel -> queue
         self.conn: psycopg.Connection | None = None
 
@@ -51,7 +53,8 @@ class Listener:
         if self.connected:
             return
         with redacting(self._conninfo):
-            self.conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
+            self.conn = deadline.connect(self._conninfo, self._response_timeout,
+                                         autocommit=True, **self._connect_kwargs)
         for channel in self._queues:
             self._listen(channel)
 

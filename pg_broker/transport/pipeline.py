@@ -53,6 +53,7 @@ from psycopg import pq
 
 from pg_broker.masking import redacting
 
+from . import deadline
 from .connections import close_quietly, disown
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class Prepared:
         """Run on ``conn`` (idle in autocommit, or in an open transaction) and
         wait; prepares the statement once per connection."""
         values = self.values(params)
-        with conn.lock:
+        with conn.lock, deadline.waiting(conn):
             pgconn = conn.pgconn
             if conn not in self._prepared_on:
                 self.prepare(pgconn)

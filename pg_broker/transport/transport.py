@@ -45,6 +45,7 @@ from pg_broker.masking import redacting
 from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
 
+from . import deadline
 from .connections import close_quietly, disown
 from .leases import LeaseKeeper
 from .listener import Listener
@@ -67,17 +68,22 @@ TRANSIENT_TAG_PREFIX = "transient:"
 CONFIRM_AT_CLOSE = 10.0
 # A NUL character in a JSON string (escaped by the encoder): jsonb refuses it.
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-# libpq parameters the broker URL may override. Keepalives let a worker notice
-# a dead server on an idle (LISTEN) connection; the timeout bounds a connect
-# attempt while the database is down.
+# libpq parameters the broker URL may override. When packets stop getting
+# through, keepalives find an idle connection (LISTEN) dead after 10 + 3 x 5 =
+# 25 s, and tcp_user_timeout one whose data goes unacknowledged (mid-query)
+# after 20 s instead of the kernel's ~15 minutes of retransmissions; the
+# connect timeout bounds a connect attempt while the database is down. A peer
+# that acknowledges but never replies is response_timeout's (deadline.py).
 CONNECT_DEFAULTS = {
     "application_name": "pg_broker",
     "connect_timeout": "10",
     "keepalives": "1",
-    "keepalives_idle": "30",
-    "keepalives_interval": "10",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
     "keepalives_count": "3",
+    "tcp_user_timeout": "20000",
 }
+DEFAULT_RESPONSE_TIMEOUT = 20.0
 
 PUBLISH = Prepared("pg_broker_publish", queries["transport_publish"])
 
@@ -517,6 +523,10 @@ class Transport(virtual.Transport):
     ``retry_backoff`` (10)
         Seconds before a rejected (failed) message is delivered again; doubles
         with each attempt (SQL ``fail_task``), at most one hour.
+    ``response_timeout`` (20)
+        Seconds a statement may wait for the database's reply before its
+        connection is dropped and opened again (:mod:`.deadline`): a path that
+        stops answering without closing is noticed. 0: wait for ever.
     """
 
     Channel = Channel
@@ -567,12 +577,14 @@ class Transport(virtual.Transport):
         self.connect_kwargs = {
             key: value for key, value in CONNECT_DEFAULTS.items() if key not in given
         }
+        self.response_timeout = float(
+            options.get("response_timeout", DEFAULT_RESPONSE_TIMEOUT))
         self.leases = LeaseKeeper(
             lambda: self.conn, self.lease.total_seconds(),
             float(options.get("maintenance_interval", DEFAULT_MAINTENANCE_INTERVAL)),
         )
         self.expiring: dict[str, float] = {}  # queue -> x-expires seconds
-        self._listener = Listener(self.conninfo, self.connect_kwargs)
+        self._listener = Listener(self.conninfo, self.connect_kwargs, self.response_timeout)
         self._conn: psycopg.Connection | None = None
         self._pipeline: Pipeline | None = None
         self._consumers: dict[str, Channel] = {}
@@ -607,7 +619,8 @@ class Transport(virtual.Transport):
                 # (returning messages) the leases will do; don't wait on a dead server.
                 raise psycopg.OperationalError("the broker connection was lost")
             with redacting(self.conninfo):
-                self._conn = psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs)
+                self._conn = deadline.connect(self.conninfo, self.response_timeout,
+                                              autocommit=True, **self.connect_kwargs)
             set_json_loads(kombu_json.loads, self._conn)
         return self._conn
 

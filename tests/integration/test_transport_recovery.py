@@ -14,6 +14,7 @@ import kombu
 import pytest
 from celery import Celery
 from celery_workers import Worker, process_environment, wait_for
+from chaos.proxy import Proxy
 from kombu.exceptions import OperationalError
 from transport_support import open_connection, pgbroker_url, publish, queue_named, rows
 
@@ -117,6 +118,14 @@ def test_producer_publishes_again_after_its_session_is_terminated(database_url, 
     assert [status for status, _, _ in rows(db, queue.name)] == ["pending", "pending"]
 
 
+def record_and_wait(producer: Celery, ran, token: str, worker: Worker, what: str,
+                    timeout: float = 30, **options) -> None:
+    """Send e2e.record(ran, token) and wait until the worker ran it."""
+    producer.send_task("e2e.record", (str(ran), token), queue="e2e", **options)
+    wait_for(lambda: ran.exists() and token in ran.read_text(), timeout,
+             lambda: worker.describe(what))
+
+
 @pytest.mark.slow
 def test_worker_recovers_after_its_sessions_are_terminated(database_url, db, tmp_path):
     env = process_environment(database_url, E2E_TRANSPORT_OPTIONS='{"lease_seconds": 5}')
@@ -124,15 +133,34 @@ def test_worker_recovers_after_its_sessions_are_terminated(database_url, db, tmp
     ran = tmp_path / "ran"
     try:
         producer = Celery(broker=pgbroker_url(database_url))
-        producer.send_task("e2e.record", (str(ran), "before"), queue="e2e")
-        wait_for(lambda: ran.exists() and "before" in ran.read_text(), 30,
-                 lambda: worker.describe("the first task to run"))
+        record_and_wait(producer, ran, "before", worker, "the first task to run")
         assert terminate_sessions(db) >= 2  # the worker's work and LISTEN sessions
-        producer.send_task("e2e.record", (str(ran), "after"), queue="e2e")
-        wait_for(lambda: "after" in ran.read_text(), 30,
-                 lambda: worker.describe("a task sent after the sessions were dropped"))
+        record_and_wait(producer, ran, "after", worker,
+                        "a task sent after the sessions were dropped")
     finally:
         worker.kill()
+
+
+@pytest.mark.slow
+def test_worker_notices_a_path_that_stops_answering_and_resumes(database_url, db, tmp_path):
+    """A proxy that stops forwarding without closing: the worker's statement
+    gets no reply; it used to wait for as long as the cut lasted."""
+    proxy, via_proxy = Proxy.in_front_of(database_url)
+    env = process_environment(
+        via_proxy, E2E_TRANSPORT_OPTIONS='{"lease_seconds": 5, "response_timeout": 2}')
+    worker = Worker(env, tmp_path, pool="solo").start()
+    ran = tmp_path / "ran"
+    try:
+        producer = Celery(broker=pgbroker_url(database_url))
+        record_and_wait(producer, ran, "before", worker, "the first task to run")
+        proxy.stall()
+        wait_for(lambda: "sent no reply" in worker.log(), 60,
+                 lambda: worker.describe("the worker to notice the cut"))
+        proxy.resume()
+        record_and_wait(producer, ran, "after", worker, "a task sent once the path healed", 90)
+    finally:
+        worker.kill()
+        proxy.close()
 
 
 @pytest.mark.slow

@@ -1,0 +1,70 @@
+"""Database faults the transport must notice and ride out: a path that stops
+answering (the chaos suite's proxy), and the TCP options that bound a real cut."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from chaos.proxy import Proxy
+from transport_support import open_connection, publish, queue_named, rows
+
+pytest_plugins = ["transport_support"]
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[tuple[Proxy, str]]:
+    """A proxy in front of the test database, and the database's URL through it."""
+    proxy, url = Proxy.in_front_of(database_url)
+    try:
+        yield proxy, url
+    finally:
+        proxy.close()
+
+
+def test_a_path_that_stops_answering_fails_the_statement_after_response_timeout(
+    proxy, database_url, db,
+):
+    proxy, url = proxy
+    before, after = queue_named("cut"), queue_named("healed")
+    for conn in open_connection(url, response_timeout=1):
+        channel = conn.default_channel
+        publish(conn, before, "before the cut")
+        assert before(channel).get().payload == "before the cut"
+        proxy.stall()
+        began = time.monotonic()
+        with pytest.raises(psycopg.OperationalError, match="sent no reply for"):
+            before(channel).get()
+        # Cut after about a second, not when the path heals (it never does here).
+        assert time.monotonic() - began < 30
+        proxy.resume()
+        for direct in open_connection(database_url):
+            publish(direct, after, "after the cut")
+        # The next statement runs on a new session.
+        message = after(channel).get()
+        assert message is not None and message.payload == "after the cut"
+        message.ack()
+    assert [status for status, _, _ in rows(db, after.name)] == ["completed"]
+
+
+def test_broker_sockets_carry_keepalives_and_a_user_timeout(proxy, db):
+    """What bounds a cut that drops packets: the options reach the kernel."""
+    _, url = proxy
+    for conn in open_connection(url):
+        transport = conn.transport
+        work = socket.socket(fileno=transport.conn.pgconn.socket)
+        try:
+            options = {
+                "keepalive": work.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                "idle": work.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                "interval": work.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                "count": work.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                "user_timeout_ms": work.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            }
+        finally:
+            work.detach()  # the descriptor stays libpq's
+        assert options == {"keepalive": 1, "idle": 10, "interval": 5, "count": 3,
+                           "user_timeout_ms": 20000}
