@@ -102,6 +102,13 @@ def empty_database(server_url: str, database_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def own_database(empty_database: str) -> str:
+    """A fresh migrated database of the test's own (one it may make read-only)."""
+    migrate(empty_database)
+    return empty_database
+
+
+@pytest.fixture
 def db(database_url: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to an emptied test database."""
     with psycopg.connect(database_url, autocommit=True) as conn:

