@@ -69,7 +69,19 @@ SELECT pg_notify('pgbroker_' || md5(queue), '') FROM routed WHERE %(notify)s::bo
 -- Acks the given held rows (completed, fenced by lease token) and claims up to limit ready rows of a queue (highest priority, then FIFO) under one lease token, in one statement: claimed rows first (claimed = true), then the ids acked.
 -- A row its worker cancelled instead of running it (cancel_held_task) keeps
 -- its lease token until this ack, which settles it and leaves it cancelled.
-WITH acked AS (
+-- The rows to claim are chosen once, in a CTE of their own: as a subquery of
+-- `t.id IN (...)` a nested-loop plan ran it again for each row, and each run,
+-- no longer seeing the rows this statement had claimed, locked the next ones
+-- (limit 3 claimed all 12 pending rows of a queue; found by
+-- tests/integration/test_task_state_machine.py on a small table).
+WITH ready AS MATERIALIZED (
+    SELECT id FROM job_tasks
+     WHERE status = 'pending' AND queue = %(queue)s
+       AND visible_at <= now() AND (expires_at IS NULL OR expires_at > now())
+     ORDER BY priority DESC, sequence
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), acked AS (
     UPDATE job_tasks t
        SET status = CASE t.status WHEN 'cancelled' THEN 'cancelled' ELSE 'completed' END,
            error = NULL, completed_at = now(), lease_token = NULL, lease_expires_at = NULL
@@ -83,13 +95,8 @@ WITH acked AS (
        SET status = 'claimed', worker_id = %(worker_id)s, lease_token = %(lease_token)s,
            lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now(),
            claimed_at = now(), attempts = t.attempts + 1
-      FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
-     WHERE t.id IN (SELECT id FROM job_tasks
-                     WHERE status = 'pending' AND queue = %(queue)s
-                       AND visible_at <= now() AND (expires_at IS NULL OR expires_at > now())
-                     ORDER BY priority DESC, sequence
-                     LIMIT %(limit)s
-                       FOR UPDATE SKIP LOCKED)
+      FROM ready, (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+     WHERE t.id = ready.id
     RETURNING t.id, t.payload, t.attempts, t.priority, t.sequence
 )
 SELECT true AS claimed, id, payload, attempts, priority, sequence FROM claimed
@@ -98,13 +105,17 @@ SELECT false, id, NULL, NULL, NULL, NULL FROM acked;
 
 -- name: transport_take_transient
 -- Takes (deletes and returns) up to limit unexpired messages of a non-durable queue.
-DELETE FROM broker_transient_messages
- WHERE id IN (SELECT id FROM broker_transient_messages
-               WHERE queue = %(queue)s AND (expires_at IS NULL OR expires_at > now())
-               ORDER BY priority DESC, id
-               LIMIT %(limit)s
-                 FOR UPDATE SKIP LOCKED)
-RETURNING id, payload, priority;
+-- Chosen once in a CTE, as transport_claim's rows are (why: there).
+WITH taken AS MATERIALIZED (
+    SELECT id FROM broker_transient_messages
+     WHERE queue = %(queue)s AND (expires_at IS NULL OR expires_at > now())
+     ORDER BY priority DESC, id
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM broker_transient_messages m USING taken
+ WHERE m.id = taken.id
+RETURNING m.id, m.payload, m.priority;
 
 -- name: transport_requeue
 -- Requeues held rows at once (dead once deliveries reach max_attempts); refund 1 un-counts a delivery that never ran (shutdown).
@@ -389,13 +400,16 @@ SELECT id, queue, pg_notify('pgbroker_' || md5(queue), '') FROM retried;
 
 -- name: delete_finished_tasks
 -- Retention: one batch of finished task rows older than the given age leaves the table.
-DELETE FROM job_tasks
- WHERE id IN (SELECT id FROM job_tasks
-               WHERE status IN ('completed', 'failed', 'dead', 'cancelled')
-                 AND completed_at < now() - %(age)s::interval
-               ORDER BY completed_at
-               LIMIT %(batch)s
-                 FOR UPDATE SKIP LOCKED);
+-- Chosen once in a CTE, as transport_claim's rows are (why: there), so a batch stays a batch.
+WITH batch AS MATERIALIZED (
+    SELECT id FROM job_tasks
+     WHERE status IN ('completed', 'failed', 'dead', 'cancelled')
+       AND completed_at < now() - %(age)s::interval
+     ORDER BY completed_at
+     LIMIT %(batch)s
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM job_tasks t USING batch WHERE t.id = batch.id;
 
 -- ---------------------------------------------------------------------------
 -- Flower (pg_broker.flower): the Broker tab and /api/queues/length.

@@ -10,7 +10,9 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from taskrows import add_tasks, claim, task
+from taskrows import ack_and_claim, add_tasks, claim, task
+
+from pg_broker.queries import queries
 
 ROWS = 10_000
 WORKERS = 8
@@ -304,3 +306,25 @@ def test_expired_messages_are_never_delivered_and_the_watchdog_drops_them(
 def test_claim_with_a_batch_size_below_one_claims_one(db: psycopg.Connection, batch: int) -> None:
     add_tasks(db, 3)
     assert len(claim(db, batch=batch)) == 1
+
+
+def test_the_transport_takes_at_most_its_limit_whatever_plan_the_planner_picks(
+    db: psycopg.Connection,
+) -> None:
+    # Found by tests/integration/test_task_state_machine.py: a claim of 3 took 4
+    # rows. Its rows were chosen in an `id IN (subquery)`; a nested-loop plan
+    # ran the subquery again per row and each run locked the next rows. Here
+    # that plan is forced (nothing hashed, sorted or materialized).
+    add_tasks(db, 12, queue="plans")
+    add_tasks(db, 12, queue="plans", status="completed", completed_at="2000-01-01T00:00:00Z")
+    db.execute("INSERT INTO broker_transient_messages (queue, payload)"
+               " SELECT 'plans', '{}' FROM generate_series(1, 12)")
+    db.execute("ANALYZE job_tasks, broker_transient_messages")
+    for setting in ("hashjoin", "mergejoin", "material", "hashagg", "sort"):
+        db.execute(f"SET enable_{setting} = off")
+    claimed, _, _ = ack_and_claim(db, [], queue="plans", limit=3)
+    assert len(claimed) == 3
+    taken = db.execute(queries["transport_take_transient"], {"queue": "plans", "limit": 3})
+    assert len(taken.fetchall()) == 3
+    deleted = db.execute(queries["delete_finished_tasks"], {"age": "1 day", "batch": 3})
+    assert deleted.rowcount == 3

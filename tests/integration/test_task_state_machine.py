@@ -70,8 +70,6 @@ TERMINAL = ("completed", "failed", "dead", "cancelled")
 # Leases, the retry backoff, the TTL and time steps in seconds: every moment
 # that decides whether a row is ready or its lease expired lies a minute or
 # more from the real time an example takes, so only time_passes crosses one.
-# (With a 10 s backoff, a long example once saw a row come due between the
-# snapshot and the claim.)
 LEASES = (60, 300, 1800)
 TIME_STEPS = (25, 100, 700, 4000)
 BACKOFF = timedelta(seconds=100)
