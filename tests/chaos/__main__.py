@@ -21,7 +21,7 @@ from pathlib import Path
 from .harness import Ledger
 from .report import table
 from .scenarios import SCENARIOS, Load, run
-from .servers import PostgresServer
+from .servers import REDIS_SERVER, PostgresServer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.scenarios.split(","):
             for broker in args.brokers.split(","):
                 if broker not in SCENARIOS[name][1]:
+                    continue
+                if broker == "redis" and not Path(REDIS_SERVER).exists():
+                    print(f"{name} on redis: skipped, no redis-server at {REDIS_SERVER}",
+                          file=sys.stderr)
                     continue
                 print(f"{name} on {broker} ...", file=sys.stderr, flush=True)
                 figures = run(name, broker, ledger, log_dir, load)
