@@ -55,23 +55,27 @@ def test_a_path_that_stops_answering_fails_the_statement_after_response_timeout(
 
 
 def test_broker_sockets_carry_keepalives_and_a_user_timeout(proxy, db):
-    """What bounds a cut that drops packets: the options reach the kernel."""
+    """What bounds a cut that drops packets, on the work and the LISTEN
+    connection: the options reach the kernel."""
     _, url = proxy
     for conn in open_connection(url):
         transport = conn.transport
-        work = socket.socket(fileno=transport.conn.pgconn.socket)
-        try:
-            options = {
-                "keepalive": work.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-                "idle": work.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-                "interval": work.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-                "count": work.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
-                "user_timeout_ms": work.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
-            }
-        finally:
-            work.detach()  # the descriptor stays libpq's
-        assert options == {"keepalive": 1, "idle": 10, "interval": 5, "count": 3,
-                           "user_timeout_ms": 20000}
+        transport._listener.connect()
+        for pgconn in (transport.conn.pgconn, transport._listener.conn.pgconn):
+            sock = socket.socket(fileno=pgconn.socket)
+            try:
+                options = {
+                    "keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    "idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    "count": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                    "user_timeout_ms": sock.getsockopt(socket.IPPROTO_TCP,
+                                                       socket.TCP_USER_TIMEOUT),
+                }
+            finally:
+                sock.detach()  # the descriptor stays libpq's
+            assert options == {"keepalive": 1, "idle": 10, "interval": 5, "count": 3,
+                               "user_timeout_ms": 20000}
 
 
 def test_a_read_only_database_refuses_publishes_and_a_new_session_recovers(
