@@ -8,7 +8,6 @@ figures: ``python -m tests.chaos`` (README, "Reliability").
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,8 +34,8 @@ def ledger() -> Iterator[Ledger]:
 
 
 @pytest.fixture(scope="module")
-def log_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="pg_broker_chaos_logs_"))
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("chaos-logs")
 
 
 @pytest.mark.parametrize("scenario", ["kill9-prefork", "terminate-sessions"])
