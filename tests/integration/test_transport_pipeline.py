@@ -7,6 +7,7 @@ import base64
 import logging
 import os
 import threading
+import time
 
 import kombu
 import psycopg
@@ -15,9 +16,9 @@ from kombu.exceptions import ChannelError
 from test_transport_recovery import terminate_sessions
 from transport_support import open_connection, publish, queue_named, rows
 
-from pg_broker.transport import confirm_publishes
+from pg_broker.transport import confirm_publishes, pipeline
 from pg_broker.transport.listener import channel_name
-from pg_broker.transport.pipeline import MAX_UNCONFIRMED
+from pg_broker.transport.pipeline import MAX_UNCONFIRMED, QUIET
 
 pytest_plugins = ["transport_support"]
 
@@ -175,3 +176,54 @@ def test_a_burst_notifies_a_few_times_and_its_last_message_still_wakes_the_consu
                 notifications = list(listener.notifies(timeout=0.5, stop_after=total))
     assert sorted(received) == list(range(total))
     assert 1 <= len(notifications) < total // 2
+
+
+def _notifications(listener: psycopg.Connection, expected: int, timeout: float = 10) -> int:
+    """Notifications received on ``listener`` until ``expected`` came (or the timeout)."""
+    received = 0
+    deadline = time.monotonic() + timeout
+    while received < expected and time.monotonic() < deadline:
+        received += len(list(listener.notifies(timeout=deadline - time.monotonic(),
+                                               stop_after=expected - received)))
+    return received
+
+
+@pytest.mark.parametrize("confirm_publish", [True, False], ids=["confirmed", "pipelined"])
+def test_messages_spaced_like_request_response_calls_each_notify_at_once(
+    database_url, db, confirm_publish
+):
+    # A caller doing delay().get() publishes one message per round trip: each
+    # is the only one in flight, and must wake its consumer at once, not at the
+    # end of a rationing window (that cost ~45 ms per call).
+    queue = queue_named("calls")
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f'LISTEN "{channel_name(queue.name)}"')
+        for producer in open_connection(database_url, confirm_publish=confirm_publish):
+            publish(producer, queue, "declare")
+            assert _notifications(listener, 1) == 1
+            for n in range(10):
+                time.sleep(QUIET * 5)  # a round trip is longer than QUIET
+                publish(producer, queue, n)
+            assert _notifications(listener, 10) == 10
+            assert producer.transport.pipeline._owed == {}
+        assert list(listener.notifies(timeout=0.2)) == []
+
+
+def test_a_trailing_notification_wakes_the_confirmer_when_it_falls_due(
+    database_url, db, monkeypatch
+):
+    # The confirmer thread dozes between confirms; a notification owed while it
+    # dozes must go out when due, not when the doze would have ended.
+    monkeypatch.setattr(pipeline, "CONFIRM_INTERVAL", 3600.0)
+    queue = queue_named("trailing")
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f'LISTEN "{channel_name(queue.name)}"')
+        for producer in open_connection(database_url, confirm_publish=False):
+            for burst in range(2):
+                publish(producer, queue, f"first of burst {burst}")
+                publish(producer, queue, f"second of burst {burst}")  # rationed: owed
+                # The first one's notification, and the trailing one for the second.
+                assert _notifications(listener, 2) == 2, f"burst {burst}"
+                assert producer.transport.pipeline._owed == {}
+                time.sleep(QUIET * 20)  # the confirmer dozes again
+    assert len(rows(db, queue.name)) == 4
