@@ -5,7 +5,11 @@ Every setting can be overridden by an environment variable named
 ``CELERY_BROKER_URL=pgbroker://user:pass@db:5432/app``); values are read as the
 type of the default (integers, floats, true/false). With no environment at
 all, the broker and the result backend are the embedded PostgreSQL, or the
-database in ``PG_BROKER_URL`` / ``DATABASE_URL``.
+database in ``PG_BROKER_URL`` / ``DATABASE_URL``: results through the
+``pgbroker://`` backend (pushed ``get()``, native chords);
+``PG_BROKER_RESULT_BACKEND=sqlalchemy`` puts them in Celery's SQLAlchemy
+backend on that database instead (it polls: ``get()`` waits in 0.5 s steps).
+(Celery itself reads ``CELERY_RESULT_BACKEND``, which wins over both.)
 
 Delivery: acks late, so a task's row stays held until the task finished. A
 task that raises is rejected and the broker retries it with exponential
@@ -81,8 +85,12 @@ broker_transport_options = {
     "retry_backoff": _seconds("PG_BROKER_RETRY_BACKOFF", 10.0),
 }
 
-# Results: Celery's SQLAlchemy backend on the same database.
-result_backend = _env("result_backend", None) or _sqlalchemy_url(_database_url())
+# Results: the same database, through pg_broker's result backend (or Celery's
+# SQLAlchemy one, by name).
+if os.environ.get("PG_BROKER_RESULT_BACKEND", "").strip().lower() == "sqlalchemy":
+    result_backend = _sqlalchemy_url(_database_url())
+else:
+    result_backend = _env("result_backend", "pgbroker://")
 result_expires = _env("result_expires", 86400)
 result_extended = _env("result_extended", False)
 

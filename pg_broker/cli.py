@@ -165,14 +165,16 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 
 def cmd_retention(args: argparse.Namespace) -> int:
-    from pg_broker.maintenance import Retention
+    from pg_broker.maintenance import ResultExpiry, Retention
 
     url = database_url()
     ensure_migrated(url)
     retention = Retention(age=args.older_than) if args.older_than else Retention()
     with connect(url, autocommit=True) as conn:
         deleted = retention.run(conn)
+        expired = ResultExpiry().run(conn)
     print(f"deleted {deleted} finished task row(s) older than {retention.age}")
+    print(f"deleted {expired} expired result(s) and chord counter(s)")
     return 0
 
 
@@ -294,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lifetime (default 3600)")
     token.add_argument("--dev", action="store_true", help="sign with the development secret")
 
-    retention = add("retention", cmd_retention, "delete finished task rows older than an age")
+    retention = add("retention", cmd_retention, "delete finished task rows older than an age, "
+                    "and results past their result_expires")
     retention.add_argument("--older-than", metavar="INTERVAL",
                            help="a PostgreSQL interval (default PG_BROKER_RETENTION or '7 days')")
     return parser

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -133,6 +134,14 @@ def with_database(url: str, dbname: str) -> str:
 
 # libpq waits forever for a host that drops packets; a user should hear back.
 DEFAULT_CONNECT_TIMEOUT = 10
+def session_defaults(url: str, defaults: Mapping[str, str]) -> dict[str, str]:
+    """The libpq parameters of ``defaults`` that ``url`` does not set itself:
+    keyword arguments for ``psycopg.connect(url, ...)``."""
+    try:
+        given = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        given = {}  # a URL libpq cannot parse is reported, masked, on connecting
+    return {key: value for key, value in defaults.items() if key not in given}
 
 
 def connect(url: str, **kwargs) -> psycopg.Connection:

@@ -5,11 +5,15 @@
 - :class:`Retention` deletes finished task rows older than an age, in small
   batches, so the hot table stays small; jobs keep their counters and
   artifacts.
+- :class:`ResultExpiry` deletes results (``pgbroker://`` result backend)
+  past their ``result_expires``; reads never see them, this frees the space.
 - :func:`dead_tasks` / :func:`retry_dead_tasks`: the dead-letter view and
   re-queueing from it.
 
-celery beat runs the first two (``tasks.maintenance``); the ``pg-broker`` CLI
-runs all of them by hand. Each is safe to run from many processes at once.
+celery beat runs the first three (``tasks.maintenance``); the ``pg-broker`` CLI
+runs all of them by hand, and Celery's own ``celery.backend_cleanup`` task runs
+:class:`ResultExpiry` through the backend's ``cleanup()``. Each is safe to run
+from many processes at once.
 """
 
 from __future__ import annotations
@@ -70,6 +74,29 @@ class Retention:
                 break
         if deleted:
             log.info("retention: deleted %d finished task row(s) older than %s", deleted, self.age)
+        return deleted
+
+
+@dataclass
+class ResultExpiry:
+    """Deletes results and chord counters past their expiry
+    (``result_expires``, ``result_chord_expires``), one batch per statement;
+    rows being written at that moment wait for the next run."""
+
+    batch_size: int = 1000
+    name: str = "result expiry"
+
+    def run(self, conn: psycopg.Connection) -> int:
+        deleted = 0
+        while True:
+            results, chords = conn.execute(
+                queries["result_cleanup"], {"batch": self.batch_size}
+            ).fetchone()
+            deleted += results + chords
+            if results < self.batch_size and chords < self.batch_size:
+                break
+        if deleted:
+            log.info("result expiry: deleted %d expired result(s) and chord counter(s)", deleted)
         return deleted
 
 

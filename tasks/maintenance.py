@@ -3,7 +3,7 @@ celeryconfig.py); the same units run from ``pg-broker reclaim|retention``."""
 
 from __future__ import annotations
 
-from pg_broker.maintenance import Retention, Watchdog, default_retention
+from pg_broker.maintenance import ResultExpiry, Retention, Watchdog, default_retention
 from tasks import app
 from tasks.lifecycle import connection
 
@@ -16,5 +16,7 @@ def reclaim_stale_tasks() -> int:
 
 @app.task(name="tasks.maintenance.delete_finished_tasks")
 def delete_finished_tasks(age: str | None = None) -> int:
-    """Retention: finished task rows older than ``age`` (default PG_BROKER_RETENTION)."""
-    return Retention(age or default_retention()).run(connection())
+    """Retention: finished task rows older than ``age`` (default
+    PG_BROKER_RETENTION), and results past their ``result_expires``; how many rows went."""
+    conn = connection()
+    return Retention(age or default_retention()).run(conn) + ResultExpiry().run(conn)

@@ -1,12 +1,13 @@
 """The Celery app the end-to-end and Flower tests run in real worker processes.
 
-Broker ``pgbroker://`` (``PG_BROKER_URL`` names the database); results through
-Celery's SQLAlchemy result backend on the same database. Tasks carry explicit
-names so the test process (which imports this file as ``celery_app``) and the
-workers (``celery -A tests.celery_app``) agree on them.
+Broker and result backend ``pgbroker://`` (``PG_BROKER_URL`` names the
+database). Tasks carry explicit names so the test process (which imports this
+file as ``celery_app``) and the workers (``celery -A tests.celery_app``) agree
+on them.
 
 ``E2E_TRANSPORT_OPTIONS`` (JSON) sets ``broker_transport_options``, so a test
-can give its workers a short lease.
+can give its workers a short lease; ``E2E_RESULT_BACKEND`` another result
+backend.
 """
 
 from __future__ import annotations
@@ -19,21 +20,14 @@ from celery import Celery
 
 import pg_broker  # noqa: F401  (registers the pgbroker scheme)
 
-
-def result_backend_url(database_url: str) -> str:
-    """Celery's SQLAlchemy backend on a libpq URL, through psycopg 3."""
-    return "db+postgresql+psycopg://" + database_url.split("://", 1)[1]
-
-
 app = Celery("e2e")
 app.conf.update(
     broker_url="pgbroker://",
-    result_backend=(
-        result_backend_url(os.environ["PG_BROKER_URL"]) if os.environ.get("PG_BROKER_URL") else None
-    ),
+    result_backend=os.environ.get("E2E_RESULT_BACKEND") or "pgbroker://",
     broker_transport_options=json.loads(os.environ.get("E2E_TRANSPORT_OPTIONS") or "{}"),
     task_default_queue="e2e",
     result_extended=True,
+    task_track_started=True,
     broker_connection_retry_on_startup=True,
 )
 
@@ -46,6 +40,17 @@ def add(x: int, y: int) -> int:
 @app.task(name="e2e.tsum")
 def tsum(values: list[int]) -> int:
     return sum(values)
+
+
+@app.task(name="e2e.spawn")
+def spawn(count: int) -> list[str]:
+    """Send ``count`` add tasks from inside a task: they are its children."""
+    return [add.delay(n, n).id for n in range(count)]
+
+
+@app.task(name="e2e.fail")
+def fail(message: str) -> None:
+    raise ValueError(message)
 
 
 @app.task(name="e2e.retry_until", bind=True, max_retries=5)

@@ -24,11 +24,6 @@ def app(database_url: str) -> Iterator[Celery]:
     the transport's background threads, before the test database goes away.
     """
     app = celery_app.app
-    app.conf.update(
-        broker_url=pgbroker_url(database_url),
-        result_backend=celery_app.result_backend_url(database_url),
-    )
-    # Create the result tables here, before several workers race to.
-    app.backend.ResultSession().close()
+    app.conf.update(broker_url=pgbroker_url(database_url), result_backend=pgbroker_url(database_url))
     yield app
     kombu.pools.reset()

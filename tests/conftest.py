@@ -40,6 +40,7 @@ TEST_URL_VARIABLE = "PG_BROKER_TEST_URL"
 DATA_TABLES = (
     "job_artifacts", "job_tasks", "jobs",
     "broker_bindings", "broker_queues", "broker_transient_messages",
+    "task_results", "task_result_chords", "task_result_chord_parts",
 )
 
 

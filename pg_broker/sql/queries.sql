@@ -276,6 +276,95 @@ SELECT reclaim_stale_tasks(), (SELECT count(*) FROM expired)
   FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit;
 
 -- ---------------------------------------------------------------------------
+-- The result backend (pg_broker.results): Celery's key-value results in
+-- task_results, chord counters in task_result_chords (migrations/007). Every
+-- result write notifies 'pgbroker_r_' || md5(key), where its waiters LISTEN
+-- (pg_broker.results.waiting). Expired rows are invisible at once and deleted
+-- by result_cleanup.
+
+-- name: result_session_commit
+-- How the result backend's session commits (synchronous_commit, e.g. off).
+SELECT set_config('synchronous_commit', %(mode)s, false);
+
+-- name: result_get
+-- One result's encoded meta, unless it expired.
+SELECT value FROM task_results
+ WHERE key = %(key)s AND (expires_at IS NULL OR expires_at > now());
+
+-- name: result_mget
+-- The unexpired results among these keys, as (key, value) rows.
+SELECT key, value FROM task_results
+ WHERE key = ANY (%(keys)s::text[]) AND (expires_at IS NULL OR expires_at > now());
+
+-- name: result_set
+-- Writes a key's value (and state) and wakes its waiters; with keep_success, never over a SUCCESS that has not expired (a late copy of a task must not undo its success). Returns the key if written.
+WITH written AS (
+    INSERT INTO task_results AS r (key, value, state, expires_at)
+    VALUES (%(key)s, %(value)s, %(state)s, now() + %(expires)s::interval)
+    ON CONFLICT (key) DO UPDATE
+       SET value = EXCLUDED.value, state = EXCLUDED.state,
+           expires_at = EXCLUDED.expires_at, updated_at = now()
+     WHERE NOT %(keep_success)s::boolean OR r.state IS DISTINCT FROM 'SUCCESS'
+        OR r.expires_at <= now()
+    RETURNING r.key
+)
+SELECT key, pg_notify('pgbroker_r_' || md5(key), '') FROM written;
+
+-- name: result_delete
+-- Forgets a key (a task's result, a saved group).
+DELETE FROM task_results WHERE key = %(key)s;
+
+-- name: result_expire
+-- A key expires this long from now (NULL: never).
+UPDATE task_results SET expires_at = now() + %(expires)s::interval WHERE key = %(key)s;
+
+-- name: result_incr
+-- Adds one to a counter (created at 1); returns the new value.
+INSERT INTO task_result_chords AS c (key, parts) VALUES (%(key)s, 1)
+ON CONFLICT (key) DO UPDATE SET parts = c.parts + 1
+RETURNING parts;
+
+-- name: result_chord_part_returned
+-- Counts a header part of a chord once; whether the caller now holds the chord and sends its callback, and the size that decided it (see migrations/007).
+SELECT parts, claimed, size
+  FROM pg_broker_chord_part_returned(%(key)s, %(part)s, %(size)s, %(claim)s::interval,
+                                     %(expires)s::interval);
+
+-- name: result_chord_done
+-- A chord's callback was sent (or the chord failed): its parts are forgotten, later copies of them count nothing.
+WITH forgotten AS (
+    DELETE FROM task_result_chord_parts WHERE chord = %(key)s
+)
+UPDATE task_result_chords SET done = true, parts = 0, claimed_until = NULL
+ WHERE key = %(key)s;
+
+-- name: result_chord_size
+-- A chord's size, set by its producer before the last header task is sent; the same frozen chord applied again (same group id) counts afresh.
+INSERT INTO task_result_chords AS c (key, size, expires_at)
+VALUES (%(key)s, %(size)s, now() + %(expires)s::interval)
+ON CONFLICT (key) DO UPDATE
+   SET size = EXCLUDED.size, done = false,
+       expires_at = greatest(c.expires_at, EXCLUDED.expires_at);
+
+-- name: result_cleanup
+-- Retention: one batch of expired results and chord counters (with their parts) leaves; returns how many of each.
+-- It never waits for a row (SKIP LOCKED): one locked now is being written.
+WITH results AS (
+    DELETE FROM task_results
+     WHERE key IN (SELECT key FROM task_results WHERE expires_at < now()
+                    ORDER BY expires_at LIMIT %(batch)s
+                      FOR UPDATE SKIP LOCKED)
+    RETURNING 1
+), chords AS (
+    DELETE FROM task_result_chords
+     WHERE key IN (SELECT key FROM task_result_chords WHERE expires_at < now()
+                    ORDER BY expires_at LIMIT %(batch)s
+                      FOR UPDATE SKIP LOCKED)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM results), (SELECT count(*) FROM chords);
+
+-- ---------------------------------------------------------------------------
 -- The worker app and the job model (pg_broker.jobs, storage, maintenance;
 -- tasks/). A worker addresses the row it holds by row id and lease token (its
 -- delivery tag), as the transport's acks do: a worker whose lease expired

@@ -37,10 +37,10 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils import json as kombu_json
 from kombu.utils.uuid import uuid as kombu_uuid
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb, set_json_loads
 
-from pg_broker.database import DatabaseUnavailable
+from pg_broker.database import DatabaseUnavailable, session_defaults
 from pg_broker.masking import redacting
 from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
@@ -576,13 +576,7 @@ class Transport(virtual.Transport):
         self.confirm_publish = _flag(options.get("confirm_publish", True))
         synchronous_commit = options.get("synchronous_commit")
         self.synchronous_commit = None if synchronous_commit is None else str(synchronous_commit)
-        try:
-            given = conninfo_to_dict(self.conninfo)
-        except psycopg.ProgrammingError:
-            given = {}  # a URL libpq cannot parse is reported, masked, on connecting
-        self.connect_kwargs = {
-            key: value for key, value in CONNECT_DEFAULTS.items() if key not in given
-        }
+        self.connect_kwargs = session_defaults(self.conninfo, CONNECT_DEFAULTS)
         self.response_timeout = float(
             options.get("response_timeout", DEFAULT_RESPONSE_TIMEOUT))
         self.leases = LeaseKeeper(

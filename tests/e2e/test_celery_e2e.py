@@ -1,7 +1,7 @@
 """Celery end to end on ``pgbroker://``: real worker subprocesses, real results.
 
 The producer is this test process; workers are ``celery -A tests.celery_app
-worker`` subprocesses; results travel through Celery's SQLAlchemy result
+worker`` subprocesses; results travel through the ``pgbroker://`` result
 backend on the same database. One prefork worker (with events) is shared by
 most tests; tests that kill or stop a worker start their own, on a queue of
 their own.
@@ -92,7 +92,7 @@ def task_row(dbconn: psycopg.Connection, task_id: str) -> dict | None:
         ).fetchone()
 
 
-def test_delay_returns_its_result_through_the_database_backend(app, worker, dbconn):
+def test_delay_returns_its_result_through_the_pgbroker_backend(app, worker, dbconn):
     result = celery_app.add.delay(2, 3)
 
     assert result.get(timeout=RESULT_TIMEOUT) == 5

@@ -132,12 +132,36 @@ def test_api_tasks_lists_tasks_the_worker_ran(app, flower, worker):
     result = celery_app.add.apply_async((40, 2), queue=QUEUE)
     assert result.get(timeout=RESULT_TIMEOUT) == 42
 
+    # The result can arrive before Flower has the task-succeeded event.
     task = wait_for(
-        lambda: (get_json(flower + "/api/tasks") or {}).get(result.id), 60,
-        lambda: f"task {result.id} in /api/tasks: {fetch(flower + '/api/tasks')}",
+        lambda: (t := (get_json(flower + "/api/tasks") or {}).get(result.id))
+        and t["state"] == "SUCCESS" and t, 60,
+        lambda: f"task {result.id} succeeded in /api/tasks: {fetch(flower + '/api/tasks')}",
     )
 
     assert (task["name"], task["state"], task["worker"]) == ("e2e.add", "SUCCESS", worker.nodename)
+
+
+def post_json(url: str, payload: dict):
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=90) as response:
+        return json.loads(response.read().decode())
+
+
+def test_api_task_result_and_apply_read_and_wait_through_the_result_backend(app, flower, worker):
+    done = celery_app.add.apply_async((40, 2), queue=QUEUE)
+    assert done.get(timeout=RESULT_TIMEOUT) == 42
+    later = celery_app.add.apply_async((1, 2), queue=QUEUE, countdown=2)
+
+    assert get_json(f"{flower}/api/task/result/{done.id}") == {
+        "task-id": done.id, "state": "SUCCESS", "result": 42}
+    # Flower waits in a thread of its own, woken by the backend's notification
+    # (its "state" is the one it read before waiting).
+    assert get_json(f"{flower}/api/task/result/{later.id}?timeout=60")["result"] == 3
+    applied = post_json(f"{flower}/api/task/apply/e2e.add",
+                        {"args": [5, 6], "queue": QUEUE})
+    assert (applied["state"], applied["result"]) == ("SUCCESS", 11)
 
 
 def test_queue_lengths_and_broker_page_show_our_queue(app, flower, worker):

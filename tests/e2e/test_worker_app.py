@@ -17,6 +17,7 @@ import psycopg
 import pypdf
 import pytest
 from celery.exceptions import TimeoutError
+from celery_workers import wait_for
 
 from pg_broker.demo import start_worker, wait_for_job
 from pg_broker.jobs import (
@@ -255,9 +256,12 @@ def test_delay_inside_a_rolled_back_transaction_sends_nothing_and_a_commit_runs_
         assert committed.get(timeout=60)["duration_seconds"] > 0
     except TimeoutError:
         pytest.fail(f"the committed task did not run; worker log:\n{worker.read_text()[-5000:]}")
-    (status, attempts) = conn.execute("SELECT status, attempts FROM job_tasks WHERE task_id = %s",
-                                      (committed.id,)).fetchone()
-    assert (status, attempts) == ("completed", 1)
+    # The result is stored before the message is acked (acks late).
+    row = wait_for(
+        lambda: (r := conn.execute("SELECT status, attempts FROM job_tasks WHERE task_id = %s",
+                                   (committed.id,)).fetchone()) and r[0] == "completed" and r,
+        30, lambda: f"the row of {committed.id} to be completed")
+    assert row == ("completed", 1)
     assert conn.execute("SELECT count(*) FROM job_artifacts WHERE job_id = %s",
                         (job_id,)).fetchone() == (1,)
 

@@ -79,8 +79,15 @@ def test_demo_runs_a_package_job_and_the_cli_shows_it(
     assert _pg_broker(env, "dead", "retry").returncode == 2  # ids or --all, never a guess
     retry = _pg_broker(env, "dead", "retry", "--all")
     assert retry.returncode == 0 and "re-queued 0 task(s)" in retry.stdout
+    # The demo's results (task_results, result_expires a day) stay; an expired one goes.
+    db.execute("INSERT INTO task_results (key, value, expires_at)"
+               " VALUES ('celery-task-meta-expired', '\\x00', now() - interval '1 minute')")
+    kept = db.execute("SELECT count(*) FROM task_results").fetchone()[0] - 1
+    assert kept >= 4  # three chapters and the PDF
     retention = _pg_broker(env, "retention", "--older-than", "0 seconds")
     assert retention.returncode == 0 and "finished task row(s) older than 0 seconds" in retention.stdout
+    assert "deleted 1 expired result(s)" in retention.stdout
+    assert db.execute("SELECT count(*) FROM task_results").fetchone() == (kept,)
     # The hot table lost the job's rows; the job and its artifacts stay.
     assert db.execute("SELECT count(*) FROM job_tasks WHERE job_id = %s", (job_id,)).fetchone() == (0,)
     after = _pg_broker(env, "job", job_id)

@@ -21,7 +21,8 @@ from pg_broker.migrate import migrate
 
 JOB_TABLES = ("jobs", "job_tasks", "job_artifacts")
 BROKER_TABLES = ("broker_queues", "broker_bindings", "broker_transient_messages",
-                 "pg_broker_migrations")
+                 "pg_broker_migrations", "task_results", "task_result_chords",
+                 "task_result_chord_parts")
 USER_A = str(uuid.uuid4())
 USER_B = str(uuid.uuid4())
 

@@ -1,5 +1,6 @@
 """celeryconfig.py: defaults that need no configuration, every setting
-overridable from the environment, and a result backend on the broker's database."""
+overridable from the environment, and a result backend on the broker's
+database (pgbroker://, or Celery's SQLAlchemy backend by name)."""
 
 from __future__ import annotations
 
@@ -43,12 +44,7 @@ def test_defaults_are_the_pgbroker_database_acks_late_and_the_domain_queues(
     broker_env: dict[str, str], database_url: str
 ) -> None:
     settings = _settings(broker_env)
-    assert settings["broker"] == "pgbroker://"
-    engine = sqlalchemy.create_engine(settings["backend"].removeprefix("db+"))
-    with engine.connect() as conn:
-        database = conn.execute(sqlalchemy.text("SELECT current_database()")).scalar()
-    assert database == conninfo_to_dict(database_url)["dbname"]
-    engine.dispose()
+    assert (settings["broker"], settings["backend"]) == ("pgbroker://", "pgbroker://")
     assert (settings["acks_late"], settings["reject_on_lost"], settings["acks_on_failure"]) == (
         True, True, False)
     assert (settings["prefetch"], settings["backoff"], settings["watchdog"]) == (1, 10.0, 60.0)
@@ -68,6 +64,17 @@ def test_every_setting_is_overridable_from_the_environment(broker_env: dict[str,
     assert settings["broker"] == "pgbroker://postgres@127.0.0.1:5432/other"
     assert settings["backend"] == "db+postgresql+psycopg://postgres@127.0.0.1:5432/results"
     assert (settings["backoff"], settings["watchdog"]) == (2.5, 15.0)
+
+
+def test_the_sqlalchemy_backend_by_name_is_on_the_broker_database(
+    broker_env: dict[str, str], database_url: str
+) -> None:
+    settings = _settings({**broker_env, "PG_BROKER_RESULT_BACKEND": "sqlalchemy"})
+    engine = sqlalchemy.create_engine(settings["backend"].removeprefix("db+"))
+    with engine.connect() as conn:
+        database = conn.execute(sqlalchemy.text("SELECT current_database()")).scalar()
+    assert database == conninfo_to_dict(database_url)["dbname"]
+    engine.dispose()
 
 
 @pytest.mark.parametrize(("conninfo", "expected"), [

@@ -1,0 +1,269 @@
+"""The Celery classes of the ``pgbroker://`` result backend.
+
+:class:`PgBrokerBackend` is a key-value backend in the shape of Celery's
+Redis one (``BaseKeyValueStoreBackend`` + ``AsyncBackendMixin`` + a
+``ResultConsumer``): the keys and encoded metas are Celery's own, the store
+is ``task_results`` (:mod:`.store`), and waiting is pushed (:mod:`.waiting`).
+What differs from Celery's generic key-value code, and why:
+
+- storing a result is one statement that also refuses to overwrite a
+  SUCCESS and notifies the waiters (Celery reads the old meta first: two
+  round trips);
+- chords count their parts in SQL once per header task and index
+  (``pg_broker_chord_part_returned``), so a header task delivered twice (at
+  least once delivery, acks late) counts once, and the worker that counts the
+  last part holds the chord while it sends the callback: if it dies first, a
+  redelivered part takes over once the hold expires, as with Celery's Redis
+  backend; a finished chord ignores late copies of its parts. The header is
+  only read (``GroupResult.restore`` and the join) by that last worker.
+"""
+
+from __future__ import annotations
+
+from celery import states
+from celery.backends.asynchronous import AsyncBackendMixin, BaseResultConsumer
+from celery.backends.base import BaseKeyValueStoreBackend, _create_chord_error_with_cause
+from celery.canvas import maybe_signature
+from celery.exceptions import ChordError
+from celery.result import GroupResult, ResultSet, allow_join_result
+from celery.utils.log import get_logger
+from kombu.utils.encoding import bytes_to_str, ensure_bytes
+
+from pg_broker.database import DatabaseUnavailable
+from pg_broker.transport.urls import SCHEME, libpq_url, masked_url
+
+from .store import CONNECTION_ERRORS, shared_store
+from .waiting import listener_of
+
+logger = get_logger(__name__)
+
+# result_backend_transport_options["synchronous_commit"]: see pg_broker.results.
+DEFAULT_SYNCHRONOUS_COMMIT = "off"
+# How long the worker that counted a chord's last part holds it while it joins
+# the header and sends the callback, at least (Celery's Redis backend: twice
+# result_chord_join_timeout, at least 5 s).
+MIN_CHORD_CLAIM = 5.0
+
+
+def _key(key: bytes | str) -> str:
+    return bytes_to_str(key)
+
+
+class ResultConsumer(BaseResultConsumer):
+    """One per backend object (so per thread): tells the process's
+    :class:`~.waiting.ResultListener` what it waits for, and takes the results
+    it hands out."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._connection_errors = self.backend.connection_errors
+
+    def start(self, initial_task_id, **kwargs) -> None:
+        self.consume_from(initial_task_id)
+
+    def consume_from(self, task_id) -> None:
+        self.backend.listener.want(self, [self.backend.task_key(task_id)])
+
+    def cancel_for(self, task_id) -> None:
+        self.backend.listener.cancel(self, self.backend.task_key(task_id))
+
+    def on_wait_for_pending(self, result, **kwargs) -> None:
+        if isinstance(result, ResultSet):
+            ids = [node.id for node in result.results if not isinstance(node, ResultSet)]
+        else:
+            ids = [result.id]
+        self.backend.listener.check(self, [self.backend.task_key(i) for i in ids])
+
+    def drain_events(self, timeout=None) -> None:
+        self.backend.listener.drain(timeout)
+
+    def deliver(self, key: str, value: bytes) -> None:
+        self.on_state_change(self.backend.decode_result(value), None)
+
+    def on_state_change(self, meta, message) -> None:
+        super().on_state_change(meta, message)
+        if meta["status"] in states.READY_STATES:
+            self.cancel_for(meta["task_id"])
+
+
+class PgBrokerBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
+    """``result_backend = "pgbroker://user:pass@host/db"``: results in PostgreSQL.
+
+    ``pgbroker://`` alone is the broker's database (``PG_BROKER_URL``,
+    ``DATABASE_URL`` or the embedded server); libpq parameters in the URL
+    pass through. Option (``result_backend_transport_options``):
+    ``synchronous_commit`` (``"off"``) for the result writes, see
+    :mod:`pg_broker.results`.
+    """
+
+    ResultConsumer = ResultConsumer
+
+    supports_native_join = True
+    # Expired results are invisible at once; their rows are deleted by
+    # cleanup() (Celery's daily celery.backend_cleanup under beat), by the
+    # tasks app's retention and by `pg-broker retention`.
+    supports_autoexpire = False
+    supports_result_compression = True  # bytea keeps any bytes
+    supports_failure_expires = True
+    implements_incr = True
+
+    def __init__(self, app=None, url: str | None = None, **kwargs) -> None:
+        super().__init__(app=app, url=url, **kwargs)
+        conf = self.app.conf
+        options = conf.get("result_backend_transport_options") or {}
+        self.url = url or f"{SCHEME}://"
+        mode = options.get("synchronous_commit", DEFAULT_SYNCHRONOUS_COMMIT)
+        self.synchronous_commit = None if mode is None else str(mode)
+        failure_expires = conf.get("result_failure_expires")
+        self.failure_expires = (self.expires if failure_expires is None
+                                else self.prepare_expires(failure_expires))
+        self.connection_errors = CONNECTION_ERRORS + (DatabaseUnavailable,)
+        self._conninfo: str | None = None
+        self.result_consumer = self.ResultConsumer(
+            self, self.app, self.accept, self._pending_results, self._pending_messages,
+        )
+
+    @property
+    def store(self):
+        """This process's store for the backend's database (connects on first use)."""
+        if self._conninfo is None:
+            self._conninfo = libpq_url(self.url)
+        return shared_store(self._conninfo, self.synchronous_commit)
+
+    @property
+    def listener(self):
+        return listener_of(self.store)
+
+    def as_uri(self, include_password: bool = False) -> str:
+        return self.url if include_password else masked_url(self.url)
+
+    def exception_safe_to_retry(self, exc: Exception) -> bool:
+        return isinstance(exc, self.connection_errors)
+
+    def task_key(self, task_id) -> str:
+        return _key(self.get_key_for_task(task_id))
+
+    def _expires_for(self, state: str | None) -> float | None:
+        expires = self.failure_expires if state == states.FAILURE else self.expires
+        return expires or None
+
+    # The key-value interface -------------------------------------------------
+
+    def get(self, key):
+        return self.store.get(_key(key))
+
+    def mget(self, keys):
+        keys = [_key(key) for key in keys]
+        found = self.store.mget(keys)
+        return [found.get(key) for key in keys]
+
+    def set(self, key, value) -> None:
+        self._set_with_state(key, value, None)
+
+    def _set_with_state(self, key, value, state) -> None:
+        self.store.set(_key(key), ensure_bytes(value), state, self._expires_for(state))
+
+    def delete(self, key) -> None:
+        self.store.delete(_key(key))
+
+    def incr(self, key) -> int:
+        return self.store.incr(_key(key))
+
+    def expire(self, key, value) -> None:
+        self.store.expire(_key(key), value or None)
+
+    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback,
+                                     request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        self.store.set(self.task_key(task_id), ensure_bytes(self.encode(meta)), state,
+                       self._expires_for(state), keep_success=True)
+        return result
+
+    def forget(self, task_id) -> None:
+        super().forget(task_id)
+        self.result_consumer.cancel_for(task_id)
+
+    def cleanup(self) -> None:
+        """Celery's ``celery.backend_cleanup``: delete expired results."""
+        self.store.cleanup()
+
+    # Chords ----------------------------------------------------------------
+
+    def set_chord_size(self, group_id, chord_size) -> None:
+        self.store.chord_size(_key(self.get_key_for_chord(group_id)), chord_size,
+                              self.chord_expires or None)
+
+    def on_chord_part_return(self, request, state, result, **kwargs) -> None:
+        app = self.app
+        gid, tid = request.group, request.id
+        if not gid or not tid:
+            return
+        key = _key(self.get_key_for_chord(gid))
+        join_timeout = app.conf.result_chord_join_timeout
+        claim = max(MIN_CHORD_CLAIM, (join_timeout or 5.0) * 2)
+        expires = self.chord_expires or None
+        part = f"{tid}:{request.group_index}"
+        parts, claimed, size = self.store.chord_part_returned(key, part, None, claim, expires)
+        deps = None
+        if size is None:  # applied without set_chord_size: the header says how many
+            deps = self._restore_header(request, gid)
+            if deps is None:
+                return
+            parts, claimed, size = self.store.chord_part_returned(
+                key, part, len(deps), claim, expires)
+        if self._chord_result_expires != (self.expires or 0):
+            # The last part joins every header result: keep them until then.
+            self.expire(self.get_key_for_task(tid), self._chord_result_expires)
+        if not claimed:
+            if parts > size:
+                logger.warning("Chord %r counted %d parts, more than its %d", gid, parts, size)
+            return
+        deps = deps or self._restore_header(request, gid)
+        if deps is None:
+            return
+        callback = maybe_signature(request.chord, app=app)
+        try:
+            join = deps.join_native if deps.supports_native_join else deps.join
+            with allow_join_result():
+                values = join(timeout=join_timeout, propagate=True)
+        except Exception as exc:  # a header task failed, or the join timed out
+            try:
+                culprit = next(deps._failed_join_report())
+                reason = f"Dependency {culprit.id} raised {exc!r}"
+            except StopIteration:
+                reason = repr(exc)
+            logger.exception("Chord %r raised: %r", gid, reason)
+            self.chord_error_from_stack(
+                callback, _create_chord_error_with_cause(message=reason, original_exc=exc))
+        else:
+            try:
+                app.amqp._retry_publish(callback.delay, values)
+            except Exception as exc:
+                logger.exception("Chord %r raised: %r", gid, exc)
+                self.chord_error_from_stack(callback, _create_chord_error_with_cause(
+                    message=f"Callback error: {exc!r}", original_exc=exc))
+        finally:
+            self.store.chord_done(key)
+            if self._chord_result_expires != (self.expires or 0):
+                for dep in deps.results:
+                    self.expire(self.get_key_for_task(dep.id), self.expires)
+
+    def _restore_header(self, request, gid) -> GroupResult | None:
+        """The chord's header as saved by apply_chord; None (after failing the
+        chord) when it cannot be read."""
+        try:
+            deps = GroupResult.restore(gid, backend=self)
+            if deps is None:
+                raise ChordError(f"GroupResult {gid} no longer exists")
+        except Exception as exc:
+            callback = maybe_signature(request.chord, app=self.app)
+            logger.exception("Chord %r raised: %r", gid, exc)
+            self.chord_error_from_stack(
+                callback, exc if isinstance(exc, ChordError)
+                else ChordError(f"Cannot restore group: {exc!r}"))
+            return None
+        return deps
+
+    def __reduce__(self, args=(), kwargs=None):
+        return super().__reduce__(args, dict(kwargs or {}, url=self.url))

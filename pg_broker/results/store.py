@@ -1,0 +1,193 @@
+"""The result backend's connection, and the only code of :mod:`pg_broker.results`
+that runs SQL (the ``result_*`` statements of ``pg_broker/sql/queries.sql``).
+
+One :class:`ResultStore` per process and database (:func:`shared_store`):
+Celery keeps one backend object per thread, and every one of them, with every
+waiter, shares this one autocommit connection. Statements hold its lock for
+their round trip only; waiting for notifications happens without it (see
+:mod:`.waiting`). A statement that loses the connection drops it, and the next
+one reconnects (the waiters re-LISTEN then: :attr:`ResultStore.generation`).
+
+In a forked child (a prefork pool's process) every store forgets the parent's
+connection without closing it (closing would end the parent's session) and
+opens its own when first used.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import psycopg
+
+from pg_broker.database import connect, session_defaults
+from pg_broker.maintenance import ResultExpiry
+from pg_broker.migrate import ensure_migrated
+from pg_broker.queries import queries
+from pg_broker.transport.connections import close_quietly, disown
+from pg_broker.transport.transport import CONNECT_DEFAULTS
+
+# Errors that mean "the database is out of reach now"; anything else is a bug
+# or a refusal, and propagates as it is.
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
+
+_stores: dict[tuple[str, str | None], ResultStore] = {}
+_stores_lock = threading.Lock()
+
+
+def shared_store(conninfo: str, synchronous_commit: str | None) -> ResultStore:
+    """This process's store for a database (created on first use)."""
+    key = (conninfo, synchronous_commit)
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = ResultStore(conninfo, synchronous_commit)
+        return store
+
+
+def _interval(seconds: float | None) -> timedelta | None:
+    return None if seconds is None else timedelta(seconds=seconds)
+
+
+class ResultStore:
+    """Named result statements on one shared, self-healing connection."""
+
+    def __init__(self, conninfo: str, synchronous_commit: str | None) -> None:
+        self.conninfo = conninfo
+        self.synchronous_commit = synchronous_commit
+        self.connect_kwargs = {**session_defaults(conninfo, CONNECT_DEFAULTS), "autocommit": True}
+        if "application_name" in self.connect_kwargs:
+            self.connect_kwargs["application_name"] = "pg_broker results"
+        self.lock = threading.RLock()
+        # Bumped at every (re)connect: LISTENs of an earlier connection are gone.
+        self.generation = 0
+        # Called with the channel of every notification the connection receives.
+        self.on_notify: Callable[[str], None] = lambda channel: None
+        # Its waiters' ResultListener (pg_broker.results.waiting), once one waits.
+        self.listener = None
+        self._conn: psycopg.Connection | None = None
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """The connection, under its lock, (re)connected if need be; dropped
+        when a statement finds it broken."""
+        with self.lock:
+            conn = self._connected()
+            try:
+                yield conn
+            except CONNECTION_ERRORS:
+                if self._conn is conn and (conn.closed or conn.broken):
+                    self._conn = None
+                    close_quietly(conn)
+                raise
+
+    def socket(self) -> int:
+        """The connection's socket (connecting if need be), to wait on without the lock."""
+        with self.lock:
+            return self._connected().pgconn.socket
+
+    def _connected(self) -> psycopg.Connection:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        ensure_migrated(self.conninfo)
+        conn = connect(self.conninfo, **self.connect_kwargs)
+        if self.synchronous_commit is not None:
+            conn.execute(queries["result_session_commit"], {"mode": self.synchronous_commit})
+        conn.add_notify_handler(lambda notify: self.on_notify(notify.channel))
+        self._conn = conn
+        self.generation += 1
+        return conn
+
+    def read_notifications(self) -> None:
+        """Take what arrived on the socket: notifications go to :attr:`on_notify`."""
+        with self.connection() as conn:
+            pgconn = conn.pgconn
+            pgconn.consume_input()
+            if pgconn.status == psycopg.pq.ConnStatus.BAD:
+                raise psycopg.OperationalError("the result backend's connection was lost")
+            while (notify := pgconn.notifies()) is not None:
+                pgconn.notify_handler(notify)
+
+    def close(self) -> None:
+        with self.lock:
+            conn, self._conn = self._conn, None
+            close_quietly(conn)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's connection (and waiters) are the parent's."""
+        disown(self._conn)
+        self._conn = None
+        self.lock = threading.RLock()
+        if self.listener is not None:
+            self.listener.forget_after_fork()
+
+    # Statements -------------------------------------------------------------
+
+    def _run(self, name: str, params: dict) -> list[tuple]:
+        with self.connection() as conn:
+            cursor = conn.execute(queries[name], params)
+            return cursor.fetchall() if cursor.description else []
+
+    def get(self, key: str) -> bytes | None:
+        rows = self._run("result_get", {"key": key})
+        return rows[0][0] if rows else None
+
+    def mget(self, keys: Iterable[str]) -> dict[str, bytes]:
+        keys = list(keys)
+        if not keys:
+            return {}
+        return dict(self._run("result_mget", {"keys": keys}))
+
+    def set(self, key: str, value: bytes, state: str | None, expires: float | None,
+            keep_success: bool = False) -> bool:
+        """Write ``key`` and wake its waiters; False when ``keep_success``
+        found a SUCCESS there (nothing written)."""
+        return bool(self._run("result_set", {
+            "key": key, "value": value, "state": state, "expires": _interval(expires),
+            "keep_success": keep_success,
+        }))
+
+    def delete(self, key: str) -> None:
+        self._run("result_delete", {"key": key})
+
+    def expire(self, key: str, expires: float | None) -> None:
+        self._run("result_expire", {"key": key, "expires": _interval(expires)})
+
+    def incr(self, key: str) -> int:
+        return self._run("result_incr", {"key": key})[0][0]
+
+    def chord_part_returned(self, key: str, part: str, size: int | None, claim: float,
+                            expires: float | None) -> tuple[int, bool, int | None]:
+        """(parts counted, whether the caller now holds the chord and sends
+        its callback, the size that decided: None when neither the chord nor
+        ``size`` says)."""
+        parts, claimed, size = self._run("result_chord_part_returned", {
+            "key": key, "part": part, "size": size, "claim": _interval(claim),
+            "expires": _interval(expires),
+        })[0]
+        return parts, claimed, size
+
+    def chord_size(self, key: str, size: int, expires: float | None) -> None:
+        self._run("result_chord_size", {"key": key, "size": size,
+                                        "expires": _interval(expires)})
+
+    def chord_done(self, key: str) -> None:
+        self._run("result_chord_done", {"key": key})
+
+    def cleanup(self) -> int:
+        """Delete every expired result and chord counter (:class:`ResultExpiry`)."""
+        with self.connection() as conn:
+            return ResultExpiry().run(conn)
+
+
+def _after_fork_in_child() -> None:
+    global _stores_lock
+    _stores_lock = threading.Lock()
+    for store in list(_stores.values()):
+        store.forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,225 @@
+"""Waiting for results: LISTEN/NOTIFY on the store's one connection, shared
+by every waiter of the process.
+
+Every write of a result notifies ``pgbroker_r_`` + md5(key) (the SQL side
+computes the same name: ``result_set`` in ``queries.sql``). A process LISTENs
+on the channels of the results it waits for, however many threads and
+results that is: a thousand waiters are a thousand channels on one
+connection. Before waiting, a waiter reads its results from the table; for
+those not there yet it LISTENs (channels no longer waited for are UNLISTENed
+in the same batch), then reads them once more: LISTEN committed first, then
+the read, so a result written in between is seen by one or the other. A
+notification is only a wake-up: the reader then reads the notified results
+from ``task_results`` in one statement and hands them to every consumer (one
+per Celery backend object, so per thread) waiting for them.
+
+Nothing polls. The thread that waits reads the socket (``poll``, without the
+connection's lock, so other threads keep storing and reading); other threads
+waiting meanwhile wait for it to finish a read, which serves them too. A
+notification that arrives while some statement runs on the connection is
+caught by the connection's handler and wakes the reader through a pipe.
+After a lost connection the next wait reconnects, LISTENs again and re-reads
+every result still waited for from the table: no wake-up is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
+
+from psycopg import sql
+
+from .store import CONNECTION_ERRORS, ResultStore
+
+log = logging.getLogger(__name__)
+
+CHANNEL_PREFIX = "pgbroker_r_"
+# How long a wait backs off after finding the database out of reach.
+RECONNECT_PAUSE = 1.0
+# Channels no longer waited for are UNLISTENed with the next LISTENs, or once
+# this many have piled up.
+STALE_MAX = 256
+
+
+def channel_name(key: str) -> str:
+    """The NOTIFY channel of a result key (``result_set`` computes the same)."""
+    return CHANNEL_PREFIX + hashlib.md5(key.encode("utf-8")).hexdigest()
+
+
+class Consumer(Protocol):
+    def deliver(self, key: str, value: bytes) -> None: ...
+
+
+def listener_of(store: ResultStore) -> ResultListener:
+    """The one listener of a store (so of a process and database)."""
+    with store.lock:
+        if store.listener is None:
+            store.listener = ResultListener(store)
+        return store.listener
+
+
+class ResultListener:
+    """Who waits for which result, and the reads that wake them."""
+
+    def __init__(self, store: ResultStore) -> None:
+        self.store = store
+        self._reset()
+        store.on_notify = self._notified_on
+
+    def _reset(self) -> None:
+        self._state = threading.Lock()  # the fields below; never held during I/O
+        self._waiting: dict[str, dict[int, Consumer]] = {}  # key -> consumers
+        # (consumer id, key) to stop waiting for: appended without a lock,
+        # because Celery cancels from AsyncResult.__del__ (any thread, any time).
+        self._cancelled: deque[tuple[int, str]] = deque()
+        self._listening: set[str] = set()  # channels LISTENed on the current connection
+        self._generation = 0  # the store's connection they were LISTENed on
+        self._notified: set[str] = set()
+        self._reading = False
+        self._read_done = threading.Condition(self._state)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # Registry -------------------------------------------------------------
+
+    def want(self, consumer: Consumer, keys: Iterable[str]) -> None:
+        with self._state:
+            self._take_cancels()
+            for key in keys:
+                self._waiting.setdefault(key, {})[id(consumer)] = consumer
+
+    def cancel(self, consumer: Consumer, key: str) -> None:
+        """Stop waiting for ``key`` (never blocks; UNLISTEN follows with the next batch)."""
+        self._cancelled.append((id(consumer), key))
+
+    def waiting_for(self) -> set[str]:
+        with self._state:
+            self._take_cancels()
+            return set(self._waiting)
+
+    def _take_cancels(self) -> None:
+        while self._cancelled:
+            consumer_id, key = self._cancelled.popleft()
+            consumers = self._waiting.get(key)
+            if consumers is not None:
+                consumers.pop(consumer_id, None)
+                if not consumers:
+                    del self._waiting[key]
+
+    # Reads ---------------------------------------------------------------
+
+    def check(self, consumer: Consumer, keys: Iterable[str]) -> None:
+        """Before waiting: ``consumer`` waits for ``keys``; LISTEN, then read
+        them once (and, after a reconnect, every result waited for)."""
+        keys = set(keys)
+        self.want(consumer, keys)
+        self._read(keys)
+
+    def drain(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` seconds for notifications and hand out the
+        results they announce; returns after one read (or the timeout)."""
+        with self._state:
+            if self._reading:  # another thread reads for everyone
+                self._read_done.wait(timeout)
+                return
+            self._reading = True
+        try:
+            self._read(set())
+            with self._state:
+                pending = bool(self._notified)
+            if not pending:
+                self._wait_readable(self.store.socket(), timeout)
+            self.store.read_notifications()
+            with self._state:
+                notified, self._notified = self._notified, set()
+            if notified:
+                self._read({key for key in self.waiting_for() if channel_name(key) in notified})
+        except CONNECTION_ERRORS as exc:
+            log.warning("waiting for results: %s; reconnecting", exc)
+            time.sleep(RECONNECT_PAUSE if timeout is None else min(timeout, RECONNECT_PAUSE))
+        finally:
+            with self._state:
+                self._reading = False
+                self._read_done.notify_all()
+
+    def _read(self, keys: set[str]) -> None:
+        """Read ``keys`` and hand them out, then bring the LISTENs up to date
+        and read again what is newly LISTENed for.
+
+        A result that is there already costs one round trip and no LISTEN (a
+        chord's join reads its whole header that way); one still awaited
+        costs the read, one LISTEN/UNLISTEN batch (committed before the next
+        read, so a result written meanwhile is seen by one or the other) and
+        the second read.
+        """
+        if self.store.generation != self._generation:
+            keys = keys | self.waiting_for()
+        if keys:
+            self._hand_out(self.store.mget(keys))
+        with self.store.connection() as conn:
+            if self.store.generation != self._generation:
+                # A new connection has no LISTENs (and a result written while
+                # the old one was down notified nobody: read again below).
+                self._generation = self.store.generation
+                self._listening = set()
+            wanted = {channel_name(key): key for key in self.waiting_for()}
+            listen = wanted.keys() - self._listening
+            stale = self._listening - wanted.keys()
+            # UNLISTENs wait for the next LISTENs (or pile up to STALE_MAX):
+            # a notification on a stale channel is only ignored.
+            if listen or len(stale) >= STALE_MAX:
+                conn.execute(sql.SQL("; ").join(
+                    [sql.SQL("LISTEN {}").format(sql.Identifier(c)) for c in listen]
+                    + [sql.SQL("UNLISTEN {}").format(sql.Identifier(c)) for c in stale]
+                ))
+                self._listening = set(wanted)
+        if listen:
+            self._hand_out(self.store.mget(wanted[channel] for channel in listen))
+
+    def _hand_out(self, values: dict[str, bytes]) -> None:
+        """Give each result read to every consumer waiting for it."""
+        if not values:
+            return
+        with self._state:
+            self._take_cancels()
+            deliveries = [(consumer, key, value) for key, value in values.items()
+                          for consumer in list(self._waiting.get(key, {}).values())]
+        for consumer, key, value in deliveries:
+            consumer.deliver(key, value)
+        with self._state:  # threads waiting for the reader: theirs may be among them
+            self._read_done.notify_all()
+
+    # Waking -----------------------------------------------------------------
+
+    def _notified_on(self, channel: str) -> None:
+        """The connection's notification handler (called under its lock)."""
+        with self._state:
+            self._notified.add(channel)
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:  # the pipe is full: the reader is awake already
+            pass
+
+    def _wait_readable(self, fd: int, timeout: float | None) -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        poller.poll(None if timeout is None else max(timeout, 0) * 1000)
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def forget_after_fork(self) -> None:
+        """In a forked child (its store's at-fork hook calls it): waiters and
+        channels were the parent's."""
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._reset()

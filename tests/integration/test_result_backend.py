@@ -1,0 +1,463 @@
+"""The ``pgbroker://`` result backend on real PostgreSQL, without workers:
+states, serializers, expiry, forget, chords counted in SQL, and waiting that
+is pushed (LISTEN/NOTIFY on one connection per process), reconnect included.
+
+A worker's writes are played by the backend API itself or, where the test is
+about the wake-up, by another session running the backend's own statement
+(``result_set``), as a worker process would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import psycopg
+import pytest
+from celery import Celery, states
+from celery.app.task import Context
+from celery.exceptions import TaskRevokedError
+from celery.result import AsyncResult, GroupResult, ResultSet
+from celery_workers import pgbroker_url, wait_for
+
+from pg_broker.maintenance import ResultExpiry
+from pg_broker.queries import queries
+from pg_broker.results import PgBrokerBackend
+from pg_broker.results.store import shared_store
+from pg_broker.results.waiting import listener_of
+
+RESULTS_APP = "pg_broker results"
+
+
+class Boom(Exception):
+    """Raised by a 'task' so that its failure can be stored."""
+
+
+class Payload:
+    """A result only pickle can carry."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def make_app(database_url: str, **conf) -> Celery:
+    app = Celery(f"results-{uuid.uuid4().hex[:6]}")
+    app.conf.update(
+        broker_url=pgbroker_url(database_url),
+        result_backend=pgbroker_url(database_url),
+        result_extended=True,
+        **conf,
+    )
+    return app
+
+
+@pytest.fixture
+def app(database_url: str, db: psycopg.Connection) -> Iterator[Celery]:
+    app = make_app(database_url)
+    yield app
+    app.close()
+
+
+def results_sessions(db: psycopg.Connection) -> list[int]:
+    """Backend pids of this database's result-backend sessions."""
+    return [row[0] for row in db.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = %s", (RESULTS_APP,),
+    )]
+
+
+def write_from_elsewhere(database_url: str, backend: PgBrokerBackend, task_id: str,
+                         result, state: str = states.SUCCESS) -> None:
+    """What a worker process does: the backend's statement on a session of its own."""
+    meta = backend._get_result_meta(result=backend.encode_result(result, state),
+                                    state=state, traceback=None, request=None)
+    meta["task_id"] = task_id
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(queries["result_set"], {
+            "key": backend.task_key(task_id), "value": backend.encode(meta).encode(),
+            "state": state, "expires": None, "keep_success": True,
+        })
+
+
+def in_thread(target: Callable[[], object]) -> tuple[threading.Thread, list]:
+    """Run ``target`` in a daemon thread; its return value (or exception) lands in the list."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(target())
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+# States, meta and serializers --------------------------------------------------
+
+
+def test_states_from_pending_to_success_with_extended_meta(app):
+    backend = app.backend
+    task_id = str(uuid.uuid4())
+    result = AsyncResult(task_id, app=app)
+    assert result.state == states.PENDING
+
+    backend.mark_as_started(task_id, pid=123, hostname="w1@host")
+    assert result.state == states.STARTED
+    assert result.info == {"pid": 123, "hostname": "w1@host"}
+
+    request = Context(id=task_id, task="app.add", args=[2, 3], kwargs={"z": 1},
+                      hostname="w1@host", retries=2, delivery_info={"routing_key": "q1"})
+    backend.mark_as_done(task_id, 5, request=request)
+    result = AsyncResult(task_id, app=app)
+    assert (result.state, result.get(timeout=10)) == (states.SUCCESS, 5)
+    assert (result.name, result.args, result.kwargs) == ("app.add", [2, 3], {"z": 1})
+    assert (result.worker, result.retries, result.queue) == ("w1@host", 2, "q1")
+    assert result.date_done is not None
+
+
+def test_failure_keeps_exception_and_traceback_and_retry_and_revoked_states(app):
+    backend = app.backend
+    failed, retried, revoked = (str(uuid.uuid4()) for _ in range(3))
+
+    backend.mark_as_failure(failed, Boom("it broke"), traceback="Traceback: line 1")
+    backend.mark_as_retry(retried, Boom("again"))
+    backend.mark_as_revoked(revoked, reason="revoked by a test")
+
+    result = AsyncResult(failed, app=app)
+    with pytest.raises(Boom, match="it broke"):
+        result.get(timeout=10)
+    assert (result.state, result.traceback) == (states.FAILURE, "Traceback: line 1")
+    assert AsyncResult(retried, app=app).state == states.RETRY
+    with pytest.raises(TaskRevokedError):
+        AsyncResult(revoked, app=app).get(timeout=10)
+
+
+def test_a_late_copy_of_a_task_never_overwrites_its_success(app, db):
+    backend = app.backend
+    task_id = str(uuid.uuid4())
+    backend.mark_as_done(task_id, "first")
+
+    backend.mark_as_failure(task_id, Boom("a redelivered copy failed"))
+    backend.mark_as_started(task_id)
+
+    assert AsyncResult(task_id, app=app).get(timeout=10) == "first"
+    assert db.execute("SELECT state FROM task_results WHERE key = %s",
+                      (backend.task_key(task_id),)).fetchone() == (states.SUCCESS,)
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_json_and_pickle_results_survive_storing_and_waiting(database_url, db, serializer):
+    app = make_app(database_url, result_serializer=serializer,
+                   accept_content=["json", "pickle"], result_accept_content=["json", "pickle"])
+    value = Payload(7) if serializer == "pickle" else {"nested": [1, "two", None]}
+    stored, waited = str(uuid.uuid4()), str(uuid.uuid4())
+    app.backend.mark_as_done(stored, value)
+
+    waiter, outcome = in_thread(lambda: AsyncResult(waited, app=app).get(timeout=30))
+    wait_for(lambda: waited in str(listener_of(app.backend.store).waiting_for()), 10,
+             "the waiter to register")
+    app.backend.mark_as_done(waited, value)
+    waiter.join(30)
+
+    for got in (AsyncResult(stored, app=app).get(timeout=10), outcome[0]):
+        if serializer == "pickle":
+            assert isinstance(got, Payload) and got.value == 7
+        else:
+            assert got == value
+    raw = db.execute("SELECT value FROM task_results WHERE key = %s",
+                     (app.backend.task_key(stored),)).fetchone()[0]
+    if serializer == "pickle":
+        assert pickle.loads(raw)["status"] == states.SUCCESS
+    else:
+        assert json.loads(raw)["status"] == states.SUCCESS
+
+
+def test_forget_deletes_the_result(app, db):
+    task_id = str(uuid.uuid4())
+    app.backend.mark_as_done(task_id, 1)
+    result = AsyncResult(task_id, app=app)
+    assert result.get(timeout=10) == 1
+
+    result.forget()
+
+    assert AsyncResult(task_id, app=app).state == states.PENDING
+    assert db.execute("SELECT count(*) FROM task_results").fetchone() == (0,)
+
+
+def test_expired_results_read_as_pending_and_cleanup_deletes_them(database_url, db):
+    app = make_app(database_url, result_expires=timedelta(seconds=1))
+    old, kept = str(uuid.uuid4()), str(uuid.uuid4())
+    app.backend.mark_as_done(old, "old")
+    forever = make_app(database_url, result_expires=None)
+    forever.backend.mark_as_done(kept, "kept")
+    assert AsyncResult(old, app=app).get(timeout=10) == "old"
+
+    wait_for(lambda: AsyncResult(old, app=app).state == states.PENDING, 10,
+             "the result to expire")
+    assert db.execute("SELECT count(*) FROM task_results").fetchone() == (2,)
+    app.backend.cleanup()  # what Celery's celery.backend_cleanup task calls
+
+    assert db.execute("SELECT key FROM task_results").fetchall() == [
+        (forever.backend.task_key(kept),)]
+    app.backend.mark_as_done(old, "old again")
+    db.execute("UPDATE task_results SET expires_at = now() - interval '1 second'")
+    assert ResultExpiry(batch_size=1).run(db) == 2  # retention, in batches
+    assert AsyncResult(kept, app=app).state == states.PENDING
+
+
+def test_failures_expire_after_result_failure_expires(database_url, db):
+    app = make_app(database_url, result_expires=3600, result_failure_expires=60)
+    ok, failed = str(uuid.uuid4()), str(uuid.uuid4())
+    app.backend.mark_as_done(ok, 1)
+    app.backend.mark_as_failure(failed, Boom("x"))
+
+    lifetimes = dict(db.execute(
+        "SELECT state, round(extract(epoch FROM expires_at - updated_at)) FROM task_results"))
+    assert lifetimes == {states.SUCCESS: 3600, states.FAILURE: 60}
+
+
+# Pushed waiting -------------------------------------------------------------------
+
+
+def test_a_waiter_wakes_on_the_notification_without_reading_again(app, database_url, monkeypatch):
+    backend = app.backend
+    store = backend.store
+    reads: list[int] = []
+    original = store.mget
+    monkeypatch.setattr(store, "mget", lambda keys: reads.append(1) or original(keys))
+    task_id = str(uuid.uuid4())
+    waiter, outcome = in_thread(lambda: AsyncResult(task_id, app=app).get(timeout=60))
+    wait_for(lambda: backend.task_key(task_id) in listener_of(store).waiting_for(), 10,
+             "the waiter to register")
+    # Before LISTEN and after it; then it waits: Celery's drainer calls
+    # drain_events(timeout=1) again and again, none of which may read.
+    wait_for(lambda: len(reads) == 2, 10, "the waiter's two reads")
+    time.sleep(2.5)
+    assert len(reads) == 2, "the waiter read the table while waiting: polling"
+
+    write_from_elsewhere(database_url, backend, task_id, "pushed")
+    waiter.join(30)
+
+    assert outcome == ["pushed"]
+    assert len(reads) == 3  # the one read its notification asked for
+
+
+def test_a_thousand_waiters_in_twenty_threads_share_one_connection(app, database_url, db):
+    ids = [[str(uuid.uuid4()) for _ in range(50)] for _ in range(20)]
+
+    def join(batch: list[str]):
+        return ResultSet([AsyncResult(i, app=app) for i in batch]).join_native(timeout=120)
+
+    waiters = [in_thread(lambda batch=batch: join(batch)) for batch in ids]
+    listener = listener_of(app.backend.store)
+    wait_for(lambda: len(listener.waiting_for()) == 1000, 60,
+             lambda: f"1000 waiters; {len(listener.waiting_for())} registered")
+    assert len(results_sessions(db)) == 1
+    with psycopg.connect(database_url, autocommit=True) as worker:
+        for n, batch in enumerate(ids):
+            for m, task_id in enumerate(batch):
+                meta = {"status": "SUCCESS", "result": n * 100 + m, "traceback": None,
+                        "children": [], "date_done": None, "task_id": task_id}
+                worker.execute(queries["result_set"], {
+                    "key": app.backend.task_key(task_id), "value": app.backend.encode(meta).encode(),
+                    "state": "SUCCESS", "expires": None, "keep_success": True,
+                })
+    for n, (thread, outcome) in enumerate(waiters):
+        thread.join(120)
+        assert outcome == [[n * 100 + m for m in range(50)]]
+    assert len(results_sessions(db)) == 1
+    assert listener.waiting_for() == set()
+
+
+def test_a_result_written_while_the_connection_was_down_still_wakes_its_waiter(
+    app, database_url, db,
+):
+    backend = app.backend
+    task_id = str(uuid.uuid4())
+    waiter, outcome = in_thread(lambda: AsyncResult(task_id, app=app).get(timeout=60))
+    wait_for(lambda: results_sessions(db) and backend.task_key(task_id)
+             in listener_of(backend.store).waiting_for(), 10, "the waiter to LISTEN")
+    time.sleep(0.5)
+    (session,) = results_sessions(db)
+
+    db.execute("SELECT pg_terminate_backend(%s)", (session,))
+    # Nobody LISTENs now: this notification is lost; only the re-read after
+    # reconnecting can find the result.
+    write_from_elsewhere(database_url, backend, task_id, "after the outage")
+    waiter.join(60)
+
+    assert outcome == ["after the outage"]
+    assert results_sessions(db) != [session]
+
+
+def test_revocation_written_by_a_worker_wakes_the_waiter(app, database_url):
+    task_id = str(uuid.uuid4())
+    waiter, outcome = in_thread(lambda: AsyncResult(task_id, app=app).get(timeout=60))
+    wait_for(lambda: app.backend.task_key(task_id) in listener_of(app.backend.store).waiting_for(),
+             10, "the waiter to register")
+
+    write_from_elsewhere(database_url, app.backend, task_id, TaskRevokedError("revoked"),
+                         states.REVOKED)
+    waiter.join(30)
+
+    assert len(outcome) == 1 and isinstance(outcome[0], TaskRevokedError)
+
+
+def test_a_forked_child_waits_on_a_connection_of_its_own(app, db):
+    parent_id, child_id = str(uuid.uuid4()), str(uuid.uuid4())
+    app.backend.mark_as_done(parent_id, "parent")
+    assert AsyncResult(parent_id, app=app).get(timeout=10) == "parent"
+    (parent_session,) = results_sessions(db)
+    app.backend.mark_as_done(child_id, "child")
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if AsyncResult(child_id, app=app).get(timeout=20) == "child" else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert parent_session in results_sessions(db)  # the child never closed it
+    other = str(uuid.uuid4())
+    app.backend.mark_as_done(other, "still works")
+    assert AsyncResult(other, app=app).get(timeout=10) == "still works"
+
+
+# Chords --------------------------------------------------------------------------
+
+
+def test_chord_parts_are_counted_once_and_one_caller_claims_under_concurrency(
+    database_url, db,
+):
+    key, size = f"chord-unlock-{uuid.uuid4()}", 40
+    parts = [f"task-{n}:{n}" for n in range(size)]
+    claims: list[tuple[str, bool]] = []
+    barrier = threading.Barrier(8)
+
+    def count(offset: int) -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            barrier.wait()
+            # Every part three times over the eight sessions: duplicates too.
+            for part in parts[offset::8] + parts[(offset + 3) % 8::8] + parts[(offset + 5) % 8::8]:
+                claimed = conn.execute(queries["result_chord_part_returned"], {
+                    "key": key, "part": part, "size": size, "claim": timedelta(hours=1),
+                    "expires": timedelta(hours=1),
+                }).fetchone()[1]
+                claims.append((part, claimed))
+
+    threads = [threading.Thread(target=count, args=(offset,)) for offset in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert len(claims) == 3 * size
+    assert sum(claimed for _, claimed in claims) == 1
+    assert db.execute("SELECT parts, claimed_until IS NOT NULL FROM task_result_chords"
+                      " WHERE key = %s", (key,)).fetchone() == (size, True)
+    assert db.execute("SELECT count(*) FROM task_result_chord_parts WHERE chord = %s",
+                      (key,)).fetchone() == (size,)
+
+
+def test_a_redelivered_last_part_takes_the_chord_over_once_the_hold_expires(app, db):
+    store = app.backend.store
+    key = f"chord-unlock-{uuid.uuid4()}"
+    store.chord_size(key, 2, None)
+    assert store.chord_part_returned(key, "a:0", None, 0.5, None) == (1, False, 2)
+    assert store.chord_part_returned(key, "b:1", None, 0.5, None) == (2, True, 2)
+    assert store.chord_part_returned(key, "b:1", None, 0.5, None) == (2, False, 2)
+
+    # The holder died without sending the callback: its part comes again.
+    wait_for(lambda: store.chord_part_returned(key, "b:1", None, 0.5, None)[1], 10,
+             "the hold to expire")
+    store.chord_done(key)
+    assert store.chord_part_returned(key, "b:1", None, 0.5, None) == (0, False, 2)
+    # The same frozen chord applied again counts afresh.
+    store.chord_size(key, 2, None)
+    assert store.chord_part_returned(key, "a:0", None, 0.5, None) == (1, False, 2)
+    assert store.chord_part_returned(key, "b:1", None, 0.5, None) == (2, True, 2)
+
+
+def _callback_rows(db: psycopg.Connection, name: str) -> list[tuple]:
+    return db.execute("SELECT payload -> 'headers' -> 'argsrepr' FROM job_tasks"
+                      " WHERE task_type = %s", (name,)).fetchall()
+
+
+def test_a_chord_whose_parts_return_twice_sends_its_callback_once(app, db):
+    @app.task(name="results.tsum", shared=False)
+    def tsum(values):
+        return sum(values)
+
+    @app.task(name="results.add", shared=False)
+    def add(x, y):
+        return x + y
+
+    backend = app.backend
+    gid = str(uuid.uuid4())
+    header_ids = [str(uuid.uuid4()) for _ in range(5)]
+    header = GroupResult(gid, [AsyncResult(i, app=app) for i in header_ids], app=app)
+    callback = tsum.s().set(queue="results-callbacks")
+    backend.apply_chord((gid, header.results), callback)
+    backend.set_chord_size(gid, len(header_ids))
+
+    def part_returns(index: int) -> None:
+        request = Context(id=header_ids[index], group=gid, group_index=index,
+                          chord=dict(callback), task="results.add", delivery_info={})
+        backend.mark_as_done(header_ids[index], index * 10, request=request)
+
+    for index in range(4):
+        part_returns(index)
+        part_returns(index)  # delivered twice: counted once
+    assert _callback_rows(db, "results.tsum") == []
+    part_returns(4)
+    part_returns(4)
+    part_returns(0)
+
+    assert _callback_rows(db, "results.tsum") == [("([0, 10, 20, 30, 40],)",)]
+    assert db.execute("SELECT done, parts FROM task_result_chords").fetchall() == [(True, 0)]
+
+
+# Configuration ------------------------------------------------------------------
+
+
+def test_the_scheme_resolves_through_the_entry_point_without_importing_pg_broker(database_url):
+    code = (
+        "import sys; from celery import Celery\n"
+        f"app = Celery(backend={pgbroker_url(database_url)!r})\n"
+        "assert 'pg_broker' not in sys.modules\n"
+        "backend = app.backend  # Celery finds it through the entry point\n"
+        "print(type(backend).__module__, type(backend).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["pg_broker.results.backend", "PgBrokerBackend"]
+
+
+def test_bare_scheme_is_the_broker_database_and_libpq_parameters_pass_through(
+    database_url, db, monkeypatch,
+):
+    separator = "&" if "?" in database_url else "?"
+    monkeypatch.setenv("PG_BROKER_URL", f"{database_url}{separator}application_name=results-probe")
+    app = Celery("bare", backend="pgbroker://")
+    app.backend.mark_as_done("bare-1", "here")
+
+    assert app.backend.as_uri() == "pgbroker://"
+    assert db.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                      ("results-probe",)).fetchone() == (1,)
+    shared_store(app.backend.store.conninfo, app.backend.synchronous_commit).close()
+    masked = PgBrokerBackend(app=app, url="pgbroker://user:secret@db.example/app?sslmode=require")
+    assert masked.as_uri() == "pgbroker://user:**@db.example/app?sslmode=require"
+    assert "secret" in masked.as_uri(include_password=True)
