@@ -126,56 +126,56 @@ class ResultStore:
 
     # Statements -------------------------------------------------------------
 
-    def _run(self, name: str, params: dict) -> list[tuple]:
+    def _run(self, query: str, params: dict) -> list[tuple]:
         with self.connection() as conn:
-            cursor = conn.execute(queries[name], params)
+            cursor = conn.execute(query, params)
             return cursor.fetchall() if cursor.description else []
 
     def get(self, key: str) -> bytes | None:
-        rows = self._run("result_get", {"key": key})
+        rows = self._run(queries["result_get"], {"key": key})
         return rows[0][0] if rows else None
 
     def mget(self, keys: Iterable[str]) -> dict[str, bytes]:
         keys = list(keys)
         if not keys:
             return {}
-        return dict(self._run("result_mget", {"keys": keys}))
+        return dict(self._run(queries["result_mget"], {"keys": keys}))
 
     def set(self, key: str, value: bytes, state: str | None, expires: float | None,
             keep_success: bool = False) -> bool:
         """Write ``key`` and wake its waiters; False when ``keep_success``
         found a SUCCESS there (nothing written)."""
-        return bool(self._run("result_set", {
+        return bool(self._run(queries["result_set"], {
             "key": key, "value": value, "state": state, "expires": _interval(expires),
             "keep_success": keep_success,
         }))
 
     def delete(self, key: str) -> None:
-        self._run("result_delete", {"key": key})
+        self._run(queries["result_delete"], {"key": key})
 
     def expire(self, key: str, expires: float | None) -> None:
-        self._run("result_expire", {"key": key, "expires": _interval(expires)})
+        self._run(queries["result_expire"], {"key": key, "expires": _interval(expires)})
 
     def incr(self, key: str) -> int:
-        return self._run("result_incr", {"key": key})[0][0]
+        return self._run(queries["result_incr"], {"key": key})[0][0]
 
     def chord_part_returned(self, key: str, part: str, size: int | None, claim: float,
                             expires: float | None) -> tuple[int, bool, int | None]:
         """(parts counted, whether the caller now holds the chord and sends
         its callback, the size that decided: None when neither the chord nor
         ``size`` says)."""
-        parts, claimed, size = self._run("result_chord_part_returned", {
+        parts, claimed, size = self._run(queries["result_chord_part_returned"], {
             "key": key, "part": part, "size": size, "claim": _interval(claim),
             "expires": _interval(expires),
         })[0]
         return parts, claimed, size
 
     def chord_size(self, key: str, size: int, expires: float | None) -> None:
-        self._run("result_chord_size", {"key": key, "size": size,
+        self._run(queries["result_chord_size"], {"key": key, "size": size,
                                         "expires": _interval(expires)})
 
     def chord_done(self, key: str) -> None:
-        self._run("result_chord_done", {"key": key})
+        self._run(queries["result_chord_done"], {"key": key})
 
     def cleanup(self) -> int:
         """Delete every expired result and chord counter (:class:`ResultExpiry`)."""

@@ -708,7 +708,8 @@ class Transport(virtual.Transport):
         params = {
             "exchange": exchange,
             "routing_key": routing_key,
-            "ttl": _milliseconds(properties.get("expiration")),
+            "ttl": None if _revoked_by_worker(headers) else _milliseconds(
+                properties.get("expiration")),
             "priority": channel._get_message_priority(message),
             "payload": data,
             "task_type": _text(headers.get("task")),
@@ -1064,6 +1065,23 @@ class Transport(virtual.Transport):
         if idle:
             rows = self.conn.execute(queries["transport_probe"], {"queues": idle}).fetchall()
             self._ready.update(row[0] for row in rows)
+
+
+def _revoked_by_worker(headers: dict) -> bool:
+    """Whether the broker must deliver this message even past its TTL.
+
+    Celery turns ``apply_async(expires=...)`` into both the ``expires`` header
+    and the ``expiration`` property. A worker that receives an expired task
+    revokes it (``Request.revoked()``), which stores REVOKED in the result
+    backend, whichever it is: a caller waiting on the result hears that the
+    task expired, as with Redis as broker. Dropped by the broker instead, the
+    task's result would stay PENDING forever. So a Celery task message with
+    that header is stored without a TTL (a queue's ``x-message-ttl`` still
+    applies). A job's task keeps its TTL: the job model marks it dead when it
+    expires (reclaim_stale_tasks()), and that is its job's outcome.
+    """
+    return (headers.get("expires") is not None and headers.get("task") is not None
+            and headers.get("id") is not None and not headers.get("job_id"))
 
 
 def _text(value: object) -> str | None:

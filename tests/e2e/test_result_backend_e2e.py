@@ -1,6 +1,7 @@
 """The ``pgbroker://`` result backend with real workers: what a Celery caller
 sees (started, children, ignore_result, revoke, chords of many parts, a failed
-header).
+header), and ``expires=``: an expired task is REVOKED for its caller, with this
+backend and with Redis's, as it is with Redis as broker.
 
 Workers are ``celery -A tests.celery_app worker`` subprocesses on queues of
 their own; the producer and waiter is this process (the ``app`` fixture).
@@ -8,6 +9,8 @@ their own; the producer and waiter is this process (the ``app`` fixture).
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,14 +18,17 @@ from pathlib import Path
 import celery_app
 import psycopg
 import pytest
-from celery import chord, group, states
+import redis
+from celery import Celery, chord, group, states
 from celery.exceptions import ChordError, TaskRevokedError
+from celery.result import AsyncResult
 from celery_workers import Worker, process_environment, wait_for
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ["celery_session"]
 
 RESULT_TIMEOUT = 90
+REDIS_BACKEND = "redis://127.0.0.1:6379/13"
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +133,51 @@ def test_groups_join_natively(app, worker, queue):
 
     assert result.join_native(timeout=RESULT_TIMEOUT) == [n + 1 for n in range(20)]
     assert result.get(timeout=RESULT_TIMEOUT) == [n + 1 for n in range(20)]
+
+
+def _redis_reachable() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_BACKEND, socket_connect_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.mark.parametrize("backend", ["pgbroker", "redis"])
+def test_an_expired_task_is_revoked_for_its_caller(request, app, database_url, logs, backend):
+    if backend == "redis":
+        if not _redis_reachable():
+            pytest.skip(f"no Redis at {REDIS_BACKEND}")
+        result_backend = REDIS_BACKEND
+    else:
+        result_backend = app.conf.result_backend
+    caller = Celery("expiry-caller", set_as_current=False)
+    caller.conf.update(broker_url=app.conf.broker_url, result_backend=result_backend,
+                       task_default_queue="e2e")
+    request.addfinalizer(caller.close)
+    queue = f"results.expired.{uuid.uuid4().hex[:8]}"
+    expired = caller.send_task("e2e.add", (1, 1), queue=queue, expires=1)
+    in_time = caller.send_task("e2e.add", (2, 2), queue=queue, expires=600)
+    time.sleep(2)  # no worker yet: the first expires in the queue
+
+    worker = Worker(process_environment(database_url, E2E_RESULT_BACKEND=result_backend), logs,
+                    pool="solo", queues=[queue])
+    request.addfinalizer(worker.kill)
+    worker.start()
+
+    with pytest.raises(TaskRevokedError):
+        expired.get(timeout=RESULT_TIMEOUT)
+    assert expired.state == states.REVOKED
+    assert in_time.get(timeout=RESULT_TIMEOUT) == 4
+    assert AsyncResult(expired.id, app=caller).state == states.REVOKED
+
+
+def test_a_plain_message_keeps_its_ttl_and_a_celery_task_is_delivered_to_be_revoked(app, dbconn):
+    queue = f"results.ttl.{uuid.uuid4().hex[:8]}"
+    task = celery_app.add.apply_async((1, 1), queue=queue, expires=30)
+    with app.connection_for_write() as conn, conn.Producer() as producer:
+        producer.publish({"plain": True}, routing_key=queue, expiration=30,
+                         headers={"note": json.dumps("not a celery task")})
+
+    rows = dbconn.execute("SELECT task_id, expires_at IS NOT NULL FROM job_tasks WHERE queue = %s"
+                          " ORDER BY sequence", (queue,)).fetchall()
+    assert rows == [(task.id, False), (None, True)]
