@@ -48,6 +48,7 @@ CREATE TABLE task_result_chords (
     done          boolean NOT NULL DEFAULT false,
     -- The worker that counted the last part sends the callback and holds the
     -- chord until then; if it died first, a redelivered part takes it over.
+    claimed_by    text,
     claimed_until timestamptz,
     expires_at    timestamptz
 );
@@ -63,18 +64,20 @@ CREATE TABLE task_result_chord_parts (
 
 -- pg_broker_chord_part_returned ----------------------------------------------
 -- A header task of a chord returned: counts its part once (a part delivered
--- again counts nothing), and answers whether the caller now holds the chord
--- and must send the callback: every part counted (the chord's size, or
--- p_size when none was set), not done, and no other caller holding it (or
--- its hold of p_claim expired). Returns the parts counted, that answer, and
--- the size it went by (NULL: unknown, the caller must count the header and
--- call again with p_size). The chord's row is locked first, so the parts of
--- one chord are counted one at a time.
+-- again counts nothing), and answers whether the caller (p_claimer) now holds
+-- the chord and must send the callback: every part counted (the chord's size,
+-- or p_size when none was set), not done, and no other caller holding it (or
+-- its hold of p_claim expired). The same caller asking again gets the same
+-- answer, so a call retried after a lost connection is safe. Returns the
+-- parts counted, that answer, and the size it went by (NULL: unknown, the
+-- caller must count the header and call again with p_size). The chord's row
+-- is locked first, so the parts of one chord are counted one at a time.
 
 CREATE FUNCTION pg_broker_chord_part_returned(
     p_key     text,
     p_part    text,
     p_size    integer,
+    p_claimer text,
     p_claim   interval,
     p_expires interval
 ) RETURNS TABLE (parts integer, claimed boolean, size integer)
@@ -100,9 +103,13 @@ BEGIN
          WHERE c.key = p_key
         RETURNING * INTO v_chord;
     END IF;
-    IF v_chord.parts >= v_size
+    IF v_chord.claimed_by = p_claimer THEN
+        RETURN QUERY SELECT v_chord.parts, true, v_size;
+    ELSIF v_chord.parts >= v_size
        AND (v_chord.claimed_until IS NULL OR v_chord.claimed_until < now()) THEN
-        UPDATE task_result_chords c SET claimed_until = now() + p_claim WHERE c.key = p_key;
+        UPDATE task_result_chords c
+           SET claimed_by = p_claimer, claimed_until = now() + p_claim
+         WHERE c.key = p_key;
         RETURN QUERY SELECT v_chord.parts, true, v_size;
     ELSE
         RETURN QUERY SELECT v_chord.parts, false, v_size;
@@ -110,14 +117,14 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION pg_broker_chord_part_returned(text, text, integer, interval, interval)
+REVOKE ALL ON FUNCTION pg_broker_chord_part_returned(text, text, integer, text, interval, interval)
     FROM PUBLIC;
 
 -- Results are not for users (Supabase's anon and authenticated); workers and
 -- producers connect as the owner or service_role.
 REVOKE ALL ON task_results, task_result_chords, task_result_chord_parts FROM anon, authenticated;
 GRANT ALL ON task_results, task_result_chords, task_result_chord_parts TO service_role;
-REVOKE ALL ON FUNCTION pg_broker_chord_part_returned(text, text, integer, interval, interval)
+REVOKE ALL ON FUNCTION pg_broker_chord_part_returned(text, text, integer, text, interval, interval)
     FROM anon, authenticated;
-GRANT EXECUTE ON FUNCTION pg_broker_chord_part_returned(text, text, integer, interval, interval)
+GRANT EXECUTE ON FUNCTION pg_broker_chord_part_returned(text, text, integer, text, interval, interval)
     TO service_role;

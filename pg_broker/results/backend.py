@@ -20,6 +20,8 @@ What differs from Celery's generic key-value code, and why:
 
 from __future__ import annotations
 
+from uuid import uuid4
+
 from celery import states
 from celery.backends.asynchronous import AsyncBackendMixin, BaseResultConsumer
 from celery.backends.base import BaseKeyValueStoreBackend, _create_chord_error_with_cause
@@ -204,14 +206,16 @@ class PgBrokerBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         claim = max(MIN_CHORD_CLAIM, (join_timeout or 5.0) * 2)
         expires = self.chord_expires or None
         part = f"{tid}:{request.group_index}"
-        parts, claimed, size = self.store.chord_part_returned(key, part, None, claim, expires)
+        claimer = uuid4().hex
+        parts, claimed, size = self.store.chord_part_returned(
+            key, part, None, claimer, claim, expires)
         deps = None
         if size is None:  # applied without set_chord_size: the header says how many
             deps = self._restore_header(request, gid)
             if deps is None:
                 return
             parts, claimed, size = self.store.chord_part_returned(
-                key, part, len(deps), claim, expires)
+                key, part, len(deps), claimer, claim, expires)
         if self._chord_result_expires != (self.expires or 0):
             # The last part joins every header result: keep them until then.
             self.expire(self.get_key_for_task(tid), self._chord_result_expires)

@@ -15,6 +15,7 @@ opens its own when first used.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +30,8 @@ from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
 from pg_broker.transport.connections import close_quietly, disown
 from pg_broker.transport.transport import CONNECT_DEFAULTS
+
+log = logging.getLogger(__name__)
 
 # Errors that mean "the database is out of reach now"; anything else is a bug
 # or a refusal, and propagates as it is.
@@ -126,7 +129,20 @@ class ResultStore:
 
     # Statements -------------------------------------------------------------
 
-    def _run(self, query: str, params: dict) -> list[tuple]:
+    def _run(self, query: str, params: dict, retry: bool = True) -> list[tuple]:
+        """Run a statement; once more on a new connection when the session
+        turned out to be gone (a database restart, an idle session ended):
+        every statement here but ``result_incr`` gives the same result when
+        run twice."""
+        try:
+            return self._once(query, params)
+        except CONNECTION_ERRORS as exc:
+            if not retry or self._conn is not None:  # not dropped: the session is alive
+                raise
+            log.info("result backend: %s; again on a new connection", exc)
+        return self._once(query, params)
+
+    def _once(self, query: str, params: dict) -> list[tuple]:
         with self.connection() as conn:
             cursor = conn.execute(query, params)
             return cursor.fetchall() if cursor.description else []
@@ -157,16 +173,16 @@ class ResultStore:
         self._run(queries["result_expire"], {"key": key, "expires": _interval(expires)})
 
     def incr(self, key: str) -> int:
-        return self._run(queries["result_incr"], {"key": key})[0][0]
+        return self._run(queries["result_incr"], {"key": key}, retry=False)[0][0]
 
-    def chord_part_returned(self, key: str, part: str, size: int | None, claim: float,
-                            expires: float | None) -> tuple[int, bool, int | None]:
-        """(parts counted, whether the caller now holds the chord and sends
+    def chord_part_returned(self, key: str, part: str, size: int | None, claimer: str,
+                            claim: float, expires: float | None) -> tuple[int, bool, int | None]:
+        """(parts counted, whether ``claimer`` now holds the chord and sends
         its callback, the size that decided: None when neither the chord nor
         ``size`` says)."""
         parts, claimed, size = self._run(queries["result_chord_part_returned"], {
-            "key": key, "part": part, "size": size, "claim": _interval(claim),
-            "expires": _interval(expires),
+            "key": key, "part": part, "size": size, "claimer": claimer,
+            "claim": _interval(claim), "expires": _interval(expires),
         })[0]
         return parts, claimed, size
 

@@ -327,15 +327,15 @@ RETURNING parts;
 -- name: result_chord_part_returned
 -- Counts a header part of a chord once; whether the caller now holds the chord and sends its callback, and the size that decided it (see migrations/007).
 SELECT parts, claimed, size
-  FROM pg_broker_chord_part_returned(%(key)s, %(part)s, %(size)s, %(claim)s::interval,
-                                     %(expires)s::interval);
+  FROM pg_broker_chord_part_returned(%(key)s, %(part)s, %(size)s, %(claimer)s,
+                                     %(claim)s::interval, %(expires)s::interval);
 
 -- name: result_chord_done
 -- A chord's callback was sent (or the chord failed): its parts are forgotten, later copies of them count nothing.
 WITH forgotten AS (
     DELETE FROM task_result_chord_parts WHERE chord = %(key)s
 )
-UPDATE task_result_chords SET done = true, parts = 0, claimed_until = NULL
+UPDATE task_result_chords SET done = true, parts = 0, claimed_by = NULL, claimed_until = NULL
  WHERE key = %(key)s;
 
 -- name: result_chord_size

@@ -10,73 +10,25 @@ None of kombu's code is copied here; pytest collects the subclasses below.
 
 from __future__ import annotations
 
-import fcntl
-import importlib.metadata
 import importlib.util
-import os
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import kombu
 import psycopg
 import pytest
 from celery_workers import pgbroker_url
+from sdists import source_tree
 
 import pg_broker  # noqa: F401  (registers the pgbroker scheme)
 
-KOMBU_VERSION = importlib.metadata.version("kombu")
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pg_broker-test"
 # Nothing listens on port 1: connecting fails at once.
 UNREACHABLE_URL = "pgbroker://postgres@127.0.0.1:1/postgres?connect_timeout=2"
 
 
-def _download_sdist(version: str) -> Path:
-    """kombu's sdist from PyPI, through pip, kept in the cache directory."""
-    sdist = CACHE_DIR / f"kombu-{version}.tar.gz"
-    if sdist.exists():
-        return sdist
-    with tempfile.TemporaryDirectory(dir=CACHE_DIR) as download_dir:
-        command = [
-            sys.executable, "-m", "pip", "download", "--no-binary", ":all:",
-            "--no-deps", "--disable-pip-version-check", f"kombu=={version}", "-d", download_dir,
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        downloaded = Path(download_dir) / sdist.name
-        if done.returncode != 0 or not downloaded.exists():
-            raise RuntimeError(
-                f"could not download the kombu {version} source distribution from PyPI "
-                f"(needed for kombu's transport integration tests; `{' '.join(command)}` "
-                f"exited {done.returncode}): {done.stderr.strip()[-2000:]}"
-            )
-        downloaded.replace(sdist)
-    return sdist
-
-
-def _kombu_source(version: str) -> Path:
-    """The extracted source tree of kombu ``version`` (downloaded once, then cached)."""
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    source = CACHE_DIR / f"kombu-{version}"
-    # Several pytest sessions may start at once: one downloads, the others wait.
-    with open(CACHE_DIR / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (source / "t" / "integration" / "common.py").exists():
-            sdist = _download_sdist(version)
-            with tempfile.TemporaryDirectory(dir=CACHE_DIR) as extract_dir:
-                with tarfile.open(sdist) as archive:
-                    archive.extractall(extract_dir, filter="data")
-                shutil.rmtree(source, ignore_errors=True)
-                (Path(extract_dir) / source.name).replace(source)
-    return source
-
-
 def _import_integration_common() -> ModuleType:
-    source = _kombu_source(KOMBU_VERSION)
+    source = source_tree("kombu", "t/integration/common.py", "kombu's transport integration tests")
     # common.py's own imports resolve against the sdist's tree (t.*) if it has any.
     if str(source) not in sys.path:
         sys.path.append(str(source))

@@ -300,6 +300,21 @@ def test_a_result_written_while_the_connection_was_down_still_wakes_its_waiter(
     assert results_sessions(db) != [session]
 
 
+def test_a_store_whose_session_was_ended_stores_on_a_new_one(app, db):
+    # A worker idle through a database restart: its first result after it
+    # must be stored, not fail the task.
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    app.backend.mark_as_done(first, 1)
+    (session,) = results_sessions(db)
+    db.execute("SELECT pg_terminate_backend(%s)", (session,))
+    wait_for(lambda: session not in results_sessions(db), 10, "the session to end")
+
+    app.backend.mark_as_done(second, 2)
+
+    assert AsyncResult(second, app=app).get(timeout=10) == 2
+    assert results_sessions(db) not in ([], [session])
+
+
 def test_revocation_written_by_a_worker_wakes_the_waiter(app, database_url):
     task_id = str(uuid.uuid4())
     waiter, outcome = in_thread(lambda: AsyncResult(task_id, app=app).get(timeout=60))
@@ -353,8 +368,8 @@ def test_chord_parts_are_counted_once_and_one_caller_claims_under_concurrency(
             # Every part three times over the eight sessions: duplicates too.
             for part in parts[offset::8] + parts[(offset + 3) % 8::8] + parts[(offset + 5) % 8::8]:
                 claimed = conn.execute(queries["result_chord_part_returned"], {
-                    "key": key, "part": part, "size": size, "claim": timedelta(hours=1),
-                    "expires": timedelta(hours=1),
+                    "key": key, "part": part, "size": size, "claimer": f"{offset}-{part}",
+                    "claim": timedelta(hours=1), "expires": timedelta(hours=1),
                 }).fetchone()[1]
                 claims.append((part, claimed))
 
@@ -376,19 +391,21 @@ def test_a_redelivered_last_part_takes_the_chord_over_once_the_hold_expires(app,
     store = app.backend.store
     key = f"chord-unlock-{uuid.uuid4()}"
     store.chord_size(key, 2, None)
-    assert store.chord_part_returned(key, "a:0", None, 0.5, None) == (1, False, 2)
-    assert store.chord_part_returned(key, "b:1", None, 0.5, None) == (2, True, 2)
-    assert store.chord_part_returned(key, "b:1", None, 0.5, None) == (2, False, 2)
+    assert store.chord_part_returned(key, "a:0", None, "w1", 0.5, None) == (1, False, 2)
+    assert store.chord_part_returned(key, "b:1", None, "w2", 0.5, None) == (2, True, 2)
+    # Asked again by the same caller (a retry after a lost connection): still its.
+    assert store.chord_part_returned(key, "b:1", None, "w2", 3600, None) == (2, True, 2)
+    assert store.chord_part_returned(key, "b:1", None, "w3", 0.5, None) == (2, False, 2)
 
     # The holder died without sending the callback: its part comes again.
-    wait_for(lambda: store.chord_part_returned(key, "b:1", None, 0.5, None)[1], 10,
+    wait_for(lambda: store.chord_part_returned(key, "b:1", None, "w4", 0.5, None)[1], 10,
              "the hold to expire")
     store.chord_done(key)
-    assert store.chord_part_returned(key, "b:1", None, 0.5, None) == (0, False, 2)
+    assert store.chord_part_returned(key, "b:1", None, "w5", 0.5, None) == (0, False, 2)
     # The same frozen chord applied again counts afresh.
     store.chord_size(key, 2, None)
-    assert store.chord_part_returned(key, "a:0", None, 0.5, None) == (1, False, 2)
-    assert store.chord_part_returned(key, "b:1", None, 0.5, None) == (2, True, 2)
+    assert store.chord_part_returned(key, "a:0", None, "w6", 0.5, None) == (1, False, 2)
+    assert store.chord_part_returned(key, "b:1", None, "w7", 0.5, None) == (2, True, 2)
 
 
 def _callback_rows(db: psycopg.Connection, name: str) -> list[tuple]:
