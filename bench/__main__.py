@@ -27,10 +27,12 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PRESETS = {
     "quick": Sizes(enqueue=200, bulk=300, throughput=200, latency_samples=10, drain=300,
                    endurance=600, idle_seconds=2.0, stats_settle=12.0,
-                   cap=2.5, latency_cap=2.5, endurance_cap=4.0),
+                   cap=2.5, latency_cap=2.5, endurance_cap=4.0,
+                   results_samples=20, chord=100, at_once=1000, results_cap=30.0),
     "full": Sizes(enqueue=2000, bulk=10_000, throughput=2000, latency_samples=100, drain=5000,
                   endurance=200_000, idle_seconds=10.0, stats_settle=12.0,
-                  cap=60.0, latency_cap=20.0, endurance_cap=900.0),
+                  cap=60.0, latency_cap=20.0, endurance_cap=900.0,
+                  results_samples=100, chord=100, at_once=1000, results_cap=120.0),
 }
 
 

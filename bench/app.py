@@ -2,13 +2,16 @@
 
 One task, ``bench.mark``, does no work: it appends a 16-byte record (the
 timestamp the producer put in the message, the time the task started) to a
-file named by ``BENCH_MARK_FILE``. The harness counts completions and reads
+file named by ``BENCH_MARK_FILE``. The result-backend figures use two more,
+whose results are stored: ``bench.echo`` (marks, then returns its argument)
+and ``bench.total`` (a chord's callback: the sum of its header's results). The harness counts completions and reads
 start times from that file, so the measurement never goes through the broker
 under test and is the same for every broker. Appends with ``O_APPEND`` are
 atomic per ``write``, so solo, threads and prefork pools can share one file.
 
 Workers load it as ``celery -A bench.app worker`` with the broker URL in
-``BENCH_BROKER_URL`` (Flower as ``celery -A bench.app flower``, the same
+``BENCH_BROKER_URL`` and the result backend, if any, in
+``BENCH_RESULT_BACKEND`` (Flower as ``celery -A bench.app flower``, the same
 way); the harness builds its producer apps with
 :func:`make_app`, so producer and worker settings cannot drift apart.
 """
@@ -25,6 +28,7 @@ from celery import Celery
 import pg_broker  # noqa: F401  (registers the pgbroker:// scheme)
 
 BROKER_VARIABLE = "BENCH_BROKER_URL"
+RESULT_BACKEND_VARIABLE = "BENCH_RESULT_BACKEND"
 TRANSPORT_OPTIONS_VARIABLE = "BENCH_TRANSPORT_OPTIONS"
 MARK_FILE_VARIABLE = "BENCH_MARK_FILE"
 # The -E worker and its Flower set this to EVENTS_CONTROL_EXCHANGE: Flower's
@@ -33,13 +37,15 @@ MARK_FILE_VARIABLE = "BENCH_MARK_FILE"
 CONTROL_EXCHANGE_VARIABLE = "BENCH_CONTROL_EXCHANGE"
 EVENTS_CONTROL_EXCHANGE = "bench.events"
 TASK_NAME = "bench.mark"
+ECHO_TASK = "bench.echo"
+TOTAL_TASK = "bench.total"
 # Where delay() sends by default; no worker consumes it, so enqueue figures
 # measure publishing alone.
 ENQUEUE_QUEUE = "bench.enqueue"
 RECORD = struct.Struct("<dd")
 
-# Identical for every broker. Result storage is off: no result backend is
-# part of what we compare.
+# Identical for every broker. Result storage is off but for bench.echo and
+# bench.total, which the result-backend figures use.
 SETTINGS = {
     "task_ignore_result": True,
     "task_default_queue": ENQUEUE_QUEUE,
@@ -77,12 +83,25 @@ def _mark_descriptor() -> int:
         return _mark_fd[1]
 
 
-def make_app(broker_url: str, transport_options: dict | None = None) -> Celery:
-    """A Celery app with the benchmark's settings and its one task."""
-    app = Celery("bench", broker=broker_url, set_as_current=False)
+def echo(sent: float = 0.0) -> float:
+    """Mark, and return the argument: its result is stored."""
+    mark(sent)
+    return sent
+
+
+def total(values: list[float]) -> float:
+    return sum(values)
+
+
+def make_app(broker_url: str, transport_options: dict | None = None,
+             result_backend: str | None = None) -> Celery:
+    """A Celery app with the benchmark's settings and its tasks."""
+    app = Celery("bench", broker=broker_url, backend=result_backend, set_as_current=False)
     app.conf.update(SETTINGS)
     app.conf.broker_transport_options = dict(transport_options or {})
     app.task(name=TASK_NAME, ignore_result=True)(mark)
+    app.task(name=ECHO_TASK, ignore_result=False)(echo)
+    app.task(name=TOTAL_TASK, ignore_result=False)(total)
     return app
 
 
@@ -93,6 +112,7 @@ def _options_from_env() -> dict:
     return json.loads(raw) if raw else {}
 
 
-app = make_app(os.environ.get(BROKER_VARIABLE, "memory://"), _options_from_env())
+app = make_app(os.environ.get(BROKER_VARIABLE, "memory://"), _options_from_env(),
+               os.environ.get(RESULT_BACKEND_VARIABLE) or None)
 if CONTROL_EXCHANGE_VARIABLE in os.environ:
     app.conf.control_exchange = os.environ[CONTROL_EXCHANGE_VARIABLE]

@@ -1,5 +1,10 @@
 """The brokers under comparison: how to reach each, reset it and read its state.
 
+Each broker with a result backend of its own kind (Redis + Redis, RabbitMQ +
+``rpc://``, pg_broker + ``pgbroker://``) is measured with it too; the
+``pgbroker-sqlaresults`` entry is pg_broker with Celery's SQLAlchemy result
+backend on the same database, measured for the result figures only.
+
 Each :class:`Broker` names a Celery broker URL plus, for the ones that keep
 messages in PostgreSQL, the database behind it, so the harness can empty the
 message table before a measurement, count the transactions an idle worker
@@ -16,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import psycopg
@@ -32,11 +38,13 @@ PGBROKER_ASYNC_DATABASE = "pg_broker_bench_async"
 PGBROKER_PIPELINED_DATABASE = "pg_broker_bench_pipelined"
 SQLA_DATABASE = "pg_broker_bench_sqla"
 PGMQ_DATABASE = "pg_broker_bench_pgmq"
+SQLA_RESULTS_DATABASE = "pg_broker_bench_sqlaresults"
 EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / ".pgdata"
 
 # The default set; pg_broker with one of its documented transport options
 # (pgbroker-async, pgbroker-pipelined) is there when asked for.
-DEFAULT_BROKERS = ("redis", "rabbitmq", "sqla", "pgmq", "pgbroker", "pgbroker-embedded")
+DEFAULT_BROKERS = ("redis", "rabbitmq", "sqla", "pgmq", "pgbroker", "pgbroker-embedded",
+                   "pgbroker-sqlaresults")
 ALL_BROKERS = DEFAULT_BROKERS + ("pgbroker-async", "pgbroker-pipelined")
 
 
@@ -51,6 +59,9 @@ class Broker:
     database_url: str | None = None  # libpq URL of the database holding the messages
     admin_url: str | None = None  # same server, maintenance database (for pg_stat_*)
     tables: tuple[str, ...] = ()  # message tables: emptied on reset, measured after endurance
+    result_backend: str | None = None  # measured with the result figures when set
+    result_tables: tuple[str, ...] = ()  # emptied on reset too
+    results_only: bool = False  # only the result figures (a second backend on a broker)
     # pgmq's long-poll read sits on its queue table for seconds at a time, and
     # TRUNCATE or VACUUM waits for it; DELETE does not (its dead rows stay, and
     # count in pgmq's dead tuples after endurance).
@@ -95,11 +106,12 @@ class Broker:
         return purged
 
     def truncate(self) -> None:
-        """Empty the message tables (finished rows too), so every measurement starts clean."""
+        """Empty the message (and result) tables, so every measurement starts clean."""
         if not self.tables:
             return
         with psycopg.connect(self.database_url, autocommit=True) as conn:
-            existing = [_qualified(t) for t in self.tables if _relation_exists(conn, t)]
+            existing = [_qualified(t) for t in self.tables + self.result_tables
+                        if _relation_exists(conn, t)]
             if not existing:
                 return
             if self.delete_to_empty:
@@ -161,6 +173,31 @@ class Broker:
                 continue
             found[pid] = times.user + times.system
         return found
+
+    def sessions_of(self, pids: list[int]) -> int | None:
+        """Connections the processes ``pids`` hold to this broker (its database,
+        for the PostgreSQL-backed ones): what a worker or a producer costs it.
+        None where they cannot be told apart (a server on a unix socket)."""
+        conninfo = psycopg.conninfo.conninfo_to_dict(self.database_url) if self.is_postgres else {}
+        if self.is_postgres and (conninfo.get("host") or "/").startswith("/"):
+            return None
+        port = int(conninfo.get("port") or 5432) if self.is_postgres else urlsplit(self.url).port
+        local_ports = []
+        for pid in pids:
+            try:
+                connections = psutil.Process(pid).net_connections(kind="inet")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            local_ports += [c.laddr.port for c in connections
+                            if c.raddr and c.raddr.port == port
+                            and c.status == psutil.CONN_ESTABLISHED]
+        if not self.is_postgres:
+            return len(local_ports)
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            return conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                " AND client_port = ANY (%s)", (self.dbname, local_ports),
+            ).fetchone()[0]
 
     def reset_statements(self) -> None:
         if self.has_statements:
@@ -265,6 +302,7 @@ def prepare(names: list[str], pg_server: str, pgbroker_database: str | None) -> 
             pg_server, "pgbroker-pipelined", PGBROKER_PIPELINED_DATABASE,
             {"confirm_publish": False}),
         "pgbroker-embedded": _pgbroker_embedded,
+        "pgbroker-sqlaresults": lambda: _pgbroker_sqla_results(pg_server),
     }
     brokers = []
     for name in names:
@@ -286,7 +324,7 @@ def _redis() -> Broker:
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
     info = client.info("server")
     return Broker("redis", REDIS_URL, "Celery on Redis", version=info["redis_version"],
-                  server_pid=int(info["process_id"]))
+                  server_pid=int(info["process_id"]), result_backend=REDIS_URL)
 
 
 def _rabbitmq() -> Broker:
@@ -299,7 +337,7 @@ def _rabbitmq() -> Broker:
     beam = [p.pid for p in psutil.process_iter(["name", "cmdline"])
             if p.info["name"] == "beam.smp" and "rabbit" in " ".join(p.info["cmdline"] or [])]
     return Broker("rabbitmq", RABBITMQ_URL, "Celery on RabbitMQ (py-amqp)", version=version,
-                  server_pid=beam[0] if beam else None)
+                  server_pid=beam[0] if beam else None, result_backend="rpc://")
 
 
 def _sqla(pg_server: str) -> Broker:
@@ -359,6 +397,9 @@ def _pgbroker_common(name: str, url: str, description: str, database_url: str,
         name, url, description, env_changes=env_changes,
         database_url=database_url, admin_url=with_database(database_url, "postgres"),
         tables=("job_tasks", "broker_transient_messages"),
+        result_backend=libpq_to_broker(database_url, "pgbroker") if url != "pgbroker://"
+        else url,
+        result_tables=("task_results", "task_result_chords", "task_result_chord_parts"),
         version=server_version(database_url), has_statements=has_statements,
     )
 
@@ -385,6 +426,17 @@ def _pgbroker_variant(pg_server: str, name: str, dbname: str, options: dict) -> 
         database_url, {"PG_BROKER_URL": None, "DATABASE_URL": None},
     )
     broker.transport_options = dict(options)
+    return broker
+
+
+def _pgbroker_sqla_results(pg_server: str) -> Broker:
+    """pg_broker with Celery's SQLAlchemy result backend on its database."""
+    broker = _pgbroker_variant(pg_server, "pgbroker-sqlaresults", SQLA_RESULTS_DATABASE, {})
+    broker.description = ("pg_broker on the PostgreSQL server, results in Celery's SQLAlchemy "
+                          "backend on the same database (result figures only)")
+    broker.result_backend = libpq_to_broker(broker.database_url, "db+postgresql+psycopg")
+    broker.result_tables = ("celery_taskmeta", "celery_tasksetmeta")
+    broker.results_only = True
     return broker
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
 
-from celery import Celery, group
+from celery import Celery, chord, group
+from celery.result import ResultSet
 
-from bench.app import TASK_NAME
+from bench.app import ECHO_TASK, TASK_NAME, TOTAL_TASK
 from bench.brokers import Broker
 from bench.flower import Flower, dashboard_open
 from bench.workers import Worker
@@ -48,6 +50,12 @@ class Sizes:
     cap: float  # seconds after which a run stops waiting and reports what it got
     latency_cap: float
     endurance_cap: float
+    # The result-backend figures: request/response samples, a chord's header,
+    # results awaited at once by one process, and the cap of each of them.
+    results_samples: int
+    chord: int
+    at_once: int
+    results_cap: float
 
 
 def enqueue_delay(app: Celery, n: int) -> dict:
@@ -88,14 +96,15 @@ def enqueue_transactional(app: Celery, broker: Broker, n: int) -> dict:
     return {"enqueue_transactional": n / elapsed}
 
 
-def run_tasks(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> dict:
+def run_tasks(app: Celery, broker: Broker, worker: Worker, n: int, cap: float,
+              task_name: str = TASK_NAME) -> dict:
     """Publish n no-op tasks to a running worker's queue; time first publish -> last start.
 
     Stops publishing and waiting after ``cap`` seconds; the figure is then what
     completed over the time spent, flagged ``capped``. ``published_at`` holds
     the time each tenth of the tasks had been published.
     """
-    task = app.tasks[TASK_NAME]
+    task = app.tasks[task_name]
     worker.clear_marks()
     cpu_before = worker.cpu_seconds()
     server_before = broker.server_cpu()
@@ -270,6 +279,82 @@ def events(app: Celery, broker: Broker, worker: Worker, flower: Flower, n: int,
         },
         "capped": run["capped"],
     }
+
+
+# Result backends ------------------------------------------------------------
+# The broker's own kind of backend (Redis + Redis, RabbitMQ + rpc://, pg_broker
+# + pgbroker://, pg_broker + SQLAlchemy), a solo worker storing every result.
+
+
+def request_response(app: Celery, worker: Worker, samples: int, cap: float) -> dict:
+    """``delay().get()`` round trips of one caller on an idle worker, with a pause between."""
+    task = app.tasks[ECHO_TASK]
+    task.apply_async((0.0,), queue=worker.queue).get(timeout=cap)  # connect, subscribe
+    worker.clear_marks()
+    trips = []
+    deadline = time.monotonic() + cap
+    for _ in range(samples):
+        started = time.perf_counter()
+        task.apply_async((0.0,), queue=worker.queue).get(
+            timeout=max(deadline - time.monotonic(), 1.0))
+        trips.append((time.perf_counter() - started) * 1e3)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(random.uniform(0.01, 0.03))  # let the worker go idle again
+    trips.sort()
+    return {
+        "rr_p50_ms": percentile(trips, 50),
+        "rr_p95_ms": percentile(trips, 95),
+        "rr_p99_ms": percentile(trips, 99),
+        "rr_samples": len(trips),
+    }
+
+
+def chord_round_trip(app: Celery, worker: Worker, n: int, cap: float) -> dict:
+    """A chord of n tasks: from sending it to its callback's result in hand."""
+    echo, total = app.tasks[ECHO_TASK], app.tasks[TOTAL_TASK]
+    started = time.perf_counter()
+    header = [echo.s(1.0).set(queue=worker.queue) for _ in range(n)]
+    value = chord(header)(total.s().set(queue=worker.queue)).get(timeout=cap)
+    elapsed = time.perf_counter() - started
+    if value != n:
+        raise RuntimeError(f"the chord's callback returned {value!r}, not {n}")
+    return {"chord_ms": elapsed * 1e3}
+
+
+def results_at_once(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> dict:
+    """n tasks sent, then their n results awaited together by this process
+    (``ResultSet.get``: a native join where the backend has one); from the
+    first send to the last result, and the connections this process then
+    holds to the broker and its backend."""
+    task = app.tasks[ECHO_TASK]
+    started = time.perf_counter()
+    results = ResultSet([task.apply_async((0.0,), queue=worker.queue) for _ in range(n)])
+    values = results.get(timeout=cap)
+    elapsed = time.perf_counter() - started
+    if len(values) != n:
+        raise RuntimeError(f"{len(values)} results of {n}")
+    figures = {"results_at_once_s": elapsed}
+    sessions = broker.sessions_of([os.getpid()])
+    if sessions is not None:
+        figures["producer_connections_results"] = sessions
+    return figures
+
+
+def throughput_with_results(app: Celery, broker: Broker, worker: Worker, n: int,
+                            cap: float) -> dict:
+    """End to end with every task's result stored, and what that costs the
+    database (or Redis) per task; then the worker's connections."""
+    run = run_tasks(app, broker, worker, n, cap, task_name=ECHO_TASK)
+    figures = {
+        "throughput_results": run["throughput"],
+        "worker_cpu_ms_per_task_results": run["worker_cpu_ms_per_task"],
+        "broker_cpu_ms_per_task_results": run["broker_cpu_ms_per_task"],
+    }
+    sessions = broker.sessions_of(worker.pids())
+    if sessions is not None:
+        figures["worker_connections_results"] = sessions
+    return {"figures": figures, "capped": run["capped"]}
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:

@@ -3,7 +3,9 @@
 
 Each broker gets four long-lived workers, one per role, each on its own
 queue: ``solo``, ``threads`` (8), ``prefork`` (2) and ``events`` (solo with
-``-E``), and a Flower watching the ``events`` one (:mod:`bench.flower`). They
+``-E``), and a Flower watching the ``events`` one (:mod:`bench.flower`); a
+broker with a result backend also a ``results`` worker (solo, storing results:
+the result figures), and a results-only entry that worker alone. They
 stay up for the whole run so start-up time is paid once; the workers of the
 brokers not being measured sit idle, the same background for every broker.
 Before every measurement the broker's queues are emptied (message tables
@@ -35,8 +37,16 @@ ROLES = {  # role: (pool, concurrency, events)
     "threads": ("threads", 8, False),
     "prefork": ("prefork", 2, False),
     "events": ("solo", 1, True),
+    "results": ("solo", 1, False),
 }
 QUEUES = [ENQUEUE_QUEUE] + [f"bench.{role}" for role in ROLES]
+
+
+def roles_of(broker: Broker) -> list[str]:
+    """The workers a broker gets: the result-figure one where it has a backend."""
+    if broker.results_only:
+        return ["results"]
+    return [role for role in ROLES if role != "results" or broker.result_backend]
 READY_TIMEOUT = 90.0
 
 
@@ -95,15 +105,18 @@ class Run:
             broker.purge(QUEUES)
             self.reset(broker)
             self.workers[broker.name] = {}
-            for role in ROLES:
+            for role in roles_of(broker):
                 worker = self.new_worker(broker, role)
-                worker.start(broker.url, broker.worker_env(), broker.transport_options_json())
+                worker.start(broker.url, broker.worker_env(), broker.transport_options_json(),
+                             broker.result_backend if role == "results" else None)
                 self.workers[broker.name][role] = worker
         # Flowers start alongside the workers; they are waited for once the workers are up.
-        flowers = {broker.name: Flower(broker, self.workdir) for broker in self.usable}
+        flowers = {broker.name: Flower(broker, self.workdir) for broker in self.usable
+                   if "events" in self.workers[broker.name]}
         for flower in flowers.values():
             flower.start()
-        self.echo(f"started {4 * len(self.usable)} workers and {len(flowers)} Flowers; "
+        started = sum(len(workers) for workers in self.workers.values())
+        self.echo(f"started {started} workers and {len(flowers)} Flowers; "
                   f"waiting for the workers to take a task (logs in {self.workdir})")
         for broker in self.usable:
             self.wait_ready(broker)
@@ -180,6 +193,29 @@ class Run:
             broker.purge(QUEUES)
 
     def measure_broker(self, broker: Broker) -> None:
+        if not broker.results_only:
+            self.measure_transport(broker)
+        if broker.result_backend:
+            self.measure_results(broker)
+
+    def measure_results(self, broker: Broker) -> None:
+        """The result figures, on the broker's results worker."""
+        sizes = self.sizes
+        worker = self.workers[broker.name]["results"]
+        app = make_app(broker.url, broker.transport_options, broker.result_backend)
+        try:
+            self.attempt(broker, lambda: measure.request_response(
+                app, worker, sizes.results_samples, sizes.results_cap))
+            self.attempt(broker, lambda: measure.chord_round_trip(
+                app, worker, sizes.chord, sizes.results_cap))
+            self.attempt(broker, lambda: measure.results_at_once(
+                app, broker, worker, sizes.at_once, sizes.results_cap))
+            self.attempt(broker, lambda: measure.throughput_with_results(
+                app, broker, worker, sizes.throughput, sizes.cap))
+        finally:
+            app.close()
+
+    def measure_transport(self, broker: Broker) -> None:
         sizes = self.sizes
         workers = self.workers[broker.name]
         app = make_app(broker.url, broker.transport_options)
@@ -240,20 +276,21 @@ class Run:
         windows, count each idle solo worker's transactions on its database and its CPU."""
         others = [w for ws in self.workers.values() for role, w in ws.items() if role != "solo"]
         stop_all([*others, *self.flowers.values()])
-        solos = {b.name: self.workers[b.name]["solo"] for b in self.usable}
-        for broker in self.usable:
+        idle = [b for b in self.usable if "solo" in self.workers[b.name]]
+        solos = {b.name: self.workers[b.name]["solo"] for b in idle}
+        for broker in idle:
             self.reset(broker)
         time.sleep(self.sizes.stats_settle)  # see Sizes.stats_settle
-        for broker in self.usable:
+        for broker in idle:
             broker.reset_statements()
         for _ in range(self.repeats):
-            xacts0 = {b.name: b.transactions() for b in self.usable}
-            calls0 = {b.name: b.statement_calls() for b in self.usable}
+            xacts0 = {b.name: b.transactions() for b in idle}
+            calls0 = {b.name: b.statement_calls() for b in idle}
             cpu0 = {name: w.cpu_seconds() for name, w in solos.items()}
             t0 = time.monotonic()
             time.sleep(self.sizes.idle_seconds)
             elapsed = time.monotonic() - t0
-            for broker in self.usable:
+            for broker in idle:
                 name = broker.name
                 if not solos[name].alive:
                     continue
@@ -265,7 +302,7 @@ class Run:
                 if calls0[name] is not None:
                     self.add(broker, "idle_statements_per_s",
                              (broker.statement_calls() - calls0[name]) / elapsed)
-        for broker in self.usable:
+        for broker in idle:
             if broker.has_statements:
                 self.statements[broker.name]["idle"] = broker.top_statements()
 

@@ -25,6 +25,7 @@ from bench.app import (
     EVENTS_CONTROL_EXCHANGE,
     MARK_FILE_VARIABLE,
     RECORD,
+    RESULT_BACKEND_VARIABLE,
     TRANSPORT_OPTIONS_VARIABLE,
 )
 from pg_broker import processes
@@ -56,6 +57,13 @@ class Measured:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.alive
+
+    def pids(self) -> list[int]:
+        """The process and its children (empty when it is not running)."""
+        if not self.alive:
+            return []
+        parent = psutil.Process(self.process.pid)
+        return [parent.pid, *(child.pid for child in parent.children(recursive=True))]
 
     def rss_bytes(self) -> int:
         """Resident memory of the process and all its children."""
@@ -96,7 +104,7 @@ class Worker(Measured):
     """One ``celery -A bench.app worker`` consuming one queue."""
 
     broker: str
-    role: str  # solo | threads | prefork | events
+    role: str  # solo | threads | prefork | events | results
     pool: str
     concurrency: int
     queue: str
@@ -109,7 +117,8 @@ class Worker(Measured):
     def nodename(self) -> str:
         return f"bench-{self.role}-{self.broker}@{socket.gethostname()}"
 
-    def start(self, broker_url: str, env: dict[str, str], transport_options: str) -> None:
+    def start(self, broker_url: str, env: dict[str, str], transport_options: str,
+              result_backend: str | None = None) -> None:
         self.mark_file.write_bytes(b"")
         command = worker_command(
             "bench.app", hostname=self.nodename, pool=self.pool, concurrency=self.concurrency,
@@ -123,6 +132,7 @@ class Worker(Measured):
         worker_env[BROKER_VARIABLE] = broker_url
         worker_env[MARK_FILE_VARIABLE] = str(self.mark_file)
         worker_env[TRANSPORT_OPTIONS_VARIABLE] = transport_options
+        worker_env[RESULT_BACKEND_VARIABLE] = result_backend or ""
         self.process = spawn(command, worker_env, self.log_file)
 
     def marks(self) -> list[tuple[float, float]]:

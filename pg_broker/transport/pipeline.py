@@ -29,7 +29,10 @@ route's last notification is ``NOTIFY_WINDOW`` old; otherwise it is owed a
 trailing notification, sent on the pipeline's connection once the route has
 been quiet for ``QUIET`` or the window has passed, whichever comes first. So
 a burst costs one notification per window, and its last message waits at most
-``QUIET`` (or the window) for its wake-up.
+``QUIET`` (or the window) for its wake-up. A producer slower than one message
+per ``QUIET`` on a route is no burst: each of its messages notifies, at most
+one per ``QUIET`` (a loop of confirmed publishes on a loaded machine can be
+that slow; timing cannot tell it from a caller waiting for each result).
 
 That trailing notification goes out when due, not up to ``CONFIRM_INTERVAL``
 later: the confirmer thread is woken whenever a notification is owed. (It

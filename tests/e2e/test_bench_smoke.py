@@ -29,6 +29,8 @@ PGBROKER_FIGURES = [
     "throughput_events_flower", "events_flower_vs_plain", "flower_cpu_ms_per_task",
     "endurance_throughput", "endurance_last_vs_first",
     "endurance_table_mb", "endurance_dead_tuples",
+    "rr_p50_ms", "rr_p95_ms", "rr_p99_ms", "chord_ms", "results_at_once_s",
+    "throughput_results", "worker_cpu_ms_per_task_results",
 ]
 
 
@@ -44,6 +46,7 @@ def test_bench_harness_measures_every_figure_for_pgbroker_and_writes_json(
         "--drain", "20",
         "--endurance", "100", "--idle-seconds", "1", "--stats-settle", "1", "--cap", "60", "--latency-cap", "30",
         "--endurance-cap", "60",
+        "--results-samples", "3", "--chord", "10", "--at-once", "20", "--results-cap", "60",
         "--out", str(out),
     ]
     before = {p.pid for p in psutil.process_iter()}
