@@ -28,13 +28,13 @@ TESTS = [
     "test_tasks.py::test_tasks::test_revoked",
     "test_tasks.py::test_tasks::test_retry",
     "test_tasks.py::test_tasks::test_task_accepted",
-    "test_tasks.py::test_tasks::test_apply_nested_parent_child_relationship",
+    "test_tasks.py::test_apply_tasks::test_apply_nested_parent_child_relationship",
     "test_canvas.py::test_chain::test_simple_chain",
     "test_canvas.py::test_chain::test_chain_of_chords_with_two_tasks",
     "test_canvas.py::test_group::test_parent_ids",
     "test_canvas.py::test_chord::test_chord_order",
     "test_canvas.py::test_chord::test_parallel_chords",
-    "test_canvas.py::test_chord::test_error_propagates_from_chord",
+    "test_canvas.py::test_chord::test_error_propagates_from_chord2",
     "test_canvas.py::test_chord::test_nested_chord",
     "test_group_chains.py",
     "test_inspect.py::test_Inspect::test_ping",
@@ -51,5 +51,5 @@ def test_a_representative_part_of_celerys_integration_suite_passes_on_pgbroker(
     outcomes = run_suite(url, url, TESTS, tmp_path / "report.xml", log, timeout=900)
 
     failed = sorted(node for node, outcome in outcomes.items() if outcome == "failed")
-    assert not failed, f"{failed}\n{log.read_text()[-8000:]}"
-    assert sum(outcome == "passed" for outcome in outcomes.values()) >= len(TESTS)
+    passed = sum(outcome == "passed" for outcome in outcomes.values())
+    assert not failed and passed >= len(TESTS), f"{failed}\n{log.read_text()[-8000:]}"
