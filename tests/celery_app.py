@@ -7,16 +7,22 @@ on them.
 
 ``E2E_TRANSPORT_OPTIONS`` (JSON) sets ``broker_transport_options``, so a test
 can give its workers a short lease; ``E2E_RESULT_BACKEND`` another result
-backend.
+backend; ``E2E_CONF`` (JSON) any other settings (``task_acks_late``, say);
+``E2E_TRANSIENT_QUEUE`` names a non-durable task queue the worker may consume.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import time
 
+import psycopg
 from celery import Celery
+from kombu import Queue
+from psycopg import sql
 
 import pg_broker  # noqa: F401  (registers the pgbroker scheme)
 
@@ -30,6 +36,10 @@ app.conf.update(
     task_track_started=True,
     broker_connection_retry_on_startup=True,
 )
+app.conf.update(json.loads(os.environ.get("E2E_CONF") or "{}"))
+if os.environ.get("E2E_TRANSIENT_QUEUE"):  # a task queue whose messages skip the WAL
+    _transient = os.environ["E2E_TRANSIENT_QUEUE"]
+    app.conf.task_queues = [Queue("e2e"), Queue(_transient, routing_key=_transient, durable=False)]
 
 
 @app.task(name="e2e.add")
@@ -78,3 +88,31 @@ def sleep_then_record(path: str, seconds: float) -> str:
     with open(path, "a") as log:
         log.write(f"done {os.getpid()}\n")
     return "slept"
+
+
+@app.task(name="e2e.crash")
+def crash(path: str, how: str) -> None:
+    """A poison message: note the run, then end the process running it."""
+    with open(path, "a") as log:
+        log.write(f"crash {how}\n")
+    if how == "system_exit":
+        raise SystemExit(3)
+    if how == "os_exit":
+        os._exit(7)
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "segfault":
+        ctypes.string_at(0)
+
+
+_runs: psycopg.Connection | None = None
+
+
+@app.task(name="e2e.insert_run", acks_late=True, ignore_result=True)
+def insert_run(table: str, n: int) -> None:
+    """Insert ``n`` into ``table`` (on ``E2E_RUNS_URL``) once per execution, so a
+    test can count re-runs and the gaps between executions."""
+    global _runs
+    if _runs is None or _runs.closed:
+        _runs = psycopg.connect(os.environ["E2E_RUNS_URL"], autocommit=True)
+    _runs.execute(sql.SQL("INSERT INTO {} (n) VALUES (%s)").format(sql.Identifier(table)), (n,))

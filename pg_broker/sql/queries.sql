@@ -118,12 +118,15 @@ DELETE FROM broker_transient_messages m USING taken
 RETURNING m.id, m.payload, m.priority;
 
 -- name: transport_requeue
--- Requeues held rows at once (dead once deliveries reach max_attempts); refund 1 un-counts a delivery that never ran (shutdown).
+-- Requeues held rows at once (dead once deliveries reach max_attempts); refund 1 un-counts a delivery that never started (prefetched, returned at shutdown); error, if given, is the reason kept on the row.
 UPDATE job_tasks t
    SET status = CASE WHEN t.attempts - %(refund)s < t.max_attempts THEN 'pending' ELSE 'dead' END,
        attempts = greatest(t.attempts - %(refund)s, 0),
-       error = CASE WHEN t.attempts - %(refund)s < t.max_attempts THEN t.error
-                    ELSE format('requeued after %%s of %%s deliveries', t.attempts, t.max_attempts) END,
+       error = CASE WHEN t.attempts - %(refund)s < t.max_attempts
+                    THEN coalesce(%(error)s::text, t.error)
+                    ELSE concat_ws(': ', format('requeued after %%s of %%s deliveries',
+                                                t.attempts, t.max_attempts),
+                                   %(error)s::text) END,
        completed_at = CASE WHEN t.attempts - %(refund)s < t.max_attempts THEN NULL ELSE now() END,
        worker_id = NULL, lease_token = NULL, lease_expires_at = NULL
   FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token),
@@ -139,12 +142,14 @@ SELECT held.id, fail_task(held.id, held.lease_token, NULL, true, %(backoff)s::in
        unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token);
 
 -- name: transport_bury
--- A held row that is no Kombu message (malformed payload): dead at once, with the reason.
-UPDATE job_tasks
+-- Held rows that are no Kombu message (malformed payload): dead at once, with the reason; returns the rows buried.
+UPDATE job_tasks t
    SET status = 'dead', error = %(error)s, completed_at = now(),
        lease_token = NULL, lease_expires_at = NULL
-  FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
- WHERE id = %(id)s AND lease_token = %(lease_token)s;
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token),
+       (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+ WHERE t.id = held.id AND t.lease_token = held.lease_token
+RETURNING t.id;
 
 -- name: transport_renew_leases
 -- Extends the leases of the rows a consumer holds; returns those still held (a row cancelled while held counts until its ack).

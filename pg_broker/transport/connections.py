@@ -1,5 +1,6 @@
-"""Ending the transport's PostgreSQL connections: closed quietly in the
-process that opened them, disowned (never closed) in a forked child."""
+"""The transport's PostgreSQL connections: ended quietly in the process that
+opened them, disowned (never closed) in a forked child; their errors told in
+a form safe to log."""
 
 from __future__ import annotations
 
@@ -44,3 +45,11 @@ def disown(conn: psycopg.Connection | None) -> None:
         finally:
             os.close(devnull)
     _disowned.append(conn)
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's primary message, without the lines PostgreSQL adds after it:
+    its DETAIL may quote the row (``Failing row contains (...)``), payload
+    included, and logs never carry payloads."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -13,6 +13,15 @@ Celery's remote-control and event queues) alive, and runs the maintenance
 every live consumer shares: it returns expired leases of dead workers to
 ``pending`` (``reclaim_stale_tasks()``) and drops expired queues and transient
 messages. All of it is safe to run from any number of processes at once.
+
+It also sends the settlements (acks, requeues, fails) its transport could not
+send on the spot because the connection was lost: woken at once, it retries
+them on a fresh connection, backing off (``SETTLE_BACKOFF_MIN`` doubling up
+to ``SETTLE_BACKOFF_MAX``) while the database stays unreachable. Their lease
+tokens stay valid meanwhile (the thread goes on renewing those leases), so a
+database blip delays a settlement by the outage, not by a lease. A transport
+closed while it still holds rows (Celery's running tasks outlive a consumer
+restart) keeps the thread until every one of them is settled.
 """
 
 from __future__ import annotations
@@ -28,11 +37,19 @@ import psycopg
 
 from pg_broker.queries import queries
 
+from .connections import first_line
+
+Execute = Callable[[str, dict | None], psycopg.Cursor]
+
 log = logging.getLogger(__name__)
 
 # The thread looks at least this often (seconds) whether a newly consumed
 # expiring queue needs its first touch.
 KEEP_ALIVE_CHECK = 1.0
+# Seconds between attempts to send settlements while the database is
+# unreachable: the first retry, and the most it backs off to.
+SETTLE_BACKOFF_MIN = 0.1
+SETTLE_BACKOFF_MAX = 5.0
 
 
 class LeaseKeeper:
@@ -40,12 +57,21 @@ class LeaseKeeper:
 
     def __init__(
         self,
-        connection: Callable[[], psycopg.Connection],
+        execute: Execute,
         lease: float,
         maintenance_interval: float,
+        settle: Callable[[], None] = lambda: None,
+        finished: Callable[[], bool] = lambda: False,
         reconnect: Callable[[], None] = lambda: None,
     ) -> None:
-        self._connection = connection
+        """``execute`` runs a statement on the transport's work connection;
+        ``settle`` sends the deferred settlements (raising psycopg.Error when
+        it cannot); ``finished`` says the thread may end (closed, nothing
+        held); ``reconnect`` drops the work connection (the next statement
+        opens a new session)."""
+        self._execute = execute
+        self._settle = settle
+        self._finished = finished
         self._reconnect = reconnect
         self.lease = lease
         self.interval = max(lease / 3.0, 0.05)
@@ -56,8 +82,9 @@ class LeaseKeeper:
         # monitors and clients (Flower, celery inspect) leave it to them.
         self.maintaining = False
         self._touch_soon = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # finished() may ask held() while it is taken
         self._stopping = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     # Called by the consuming threads -------------------------------------
@@ -85,19 +112,35 @@ class LeaseKeeper:
         with self._lock:
             return dict(self._held)
 
+    def settle_soon(self) -> None:
+        """Wake the thread: settlements wait to be sent."""
+        self._wake.set()
+
+    def stop_maintaining(self) -> None:
+        """The transport closed: only its held rows still need the thread."""
+        with self._lock:
+            self.maintaining = False
+            self._expiring.clear()
+
     def start(self, maintain: bool = False) -> None:
         """Run the thread; ``maintain`` (a worker consuming with acks) adds the maintenance."""
-        self.maintaining = self.maintaining or maintain
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(
-            target=self._run, name="pg_broker-leases", daemon=True
-        )
-        self._thread.start()
+        with self._lock:
+            self.maintaining = self.maintaining or maintain
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping.clear()
+            self._thread = threading.Thread(
+                target=self._run, name="pg_broker-leases", daemon=True
+            )
+            self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
@@ -105,7 +148,8 @@ class LeaseKeeper:
     def forget_after_fork(self) -> None:
         """In a forked child: the thread did not survive, the rows are the parent's."""
         self._thread = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
         self._held.clear()
         self._expiring.clear()
         self.maintaining = False
@@ -117,11 +161,30 @@ class LeaseKeeper:
         next_renewal = now + self.interval
         next_touch = now
         next_maintenance = now
-        while not self._stopping.wait(min(
-            max(min(next_renewal, next_touch, next_maintenance) - time.monotonic(), 0),
-            KEEP_ALIVE_CHECK,
-        )):
+        next_settle = now
+        settling = False  # settlements wait to be sent
+        backoff = 0.0
+        while True:
+            due = min(next_renewal, next_touch, next_maintenance)
+            if settling:
+                due = min(due, next_settle)
+            if self._wake.wait(min(max(due - time.monotonic(), 0), KEEP_ALIVE_CHECK)):
+                self._wake.clear()
+                settling = True
+            if self._stopping.is_set():
+                return
             now = time.monotonic()
+            if settling and now >= next_settle:
+                try:
+                    self._settle()
+                    settling, backoff = False, 0.0
+                except psycopg.Error as exc:
+                    backoff = min(max(backoff * 2, SETTLE_BACKOFF_MIN), SETTLE_BACKOFF_MAX)
+                    next_settle = now + backoff
+                    log.warning("could not settle messages (%s); retrying in %.1f s",
+                                first_line(exc), backoff)
+                    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+                        self._reconnect()  # a read-only session stays so: retry on a new one
             if self._touch_soon:
                 self._touch_soon = False
                 next_touch = now
@@ -138,11 +201,18 @@ class LeaseKeeper:
             except psycopg.errors.ReadOnlySqlTransaction as exc:
                 # The session stays read-only even once the database is writable
                 # again: the next statement runs on a new one.
-                log.warning("lease renewal or maintenance refused (%s); reconnecting", exc)
+                log.warning("lease renewal or maintenance refused (%s); reconnecting",
+                            first_line(exc))
                 self._reconnect()
             except psycopg.Error as exc:
                 # The work connection reconnects on the next use.
-                log.warning("lease renewal or maintenance failed, retrying: %s", exc)
+                log.warning("lease renewal or maintenance failed, retrying: %s", first_line(exc))
+            if not settling:
+                with self._lock:  # start() cannot slip in between
+                    if self._finished():
+                        if self._thread is threading.current_thread():
+                            self._thread = None
+                        return
 
     def renew(self) -> int:
         """Extend every held lease now; forget (and report) leases lost."""
@@ -150,7 +220,7 @@ class LeaseKeeper:
         if not held:
             return 0
         ids = list(held)
-        rows = self._connection().execute(
+        rows = self._execute(
             queries["transport_renew_leases"],
             {"ids": ids, "tokens": [held[i] for i in ids], "lease": timedelta(seconds=self.lease)},
         ).fetchall()
@@ -172,12 +242,13 @@ class LeaseKeeper:
             expiring = dict(self._expiring)
         if not expiring:
             return KEEP_ALIVE_CHECK
-        self._connection().execute(queries["transport_touch_queues"], {"queues": list(expiring)})
+        self._execute(queries["transport_touch_queues"], {"queues": list(expiring)})
         return max(min(expiring.values()) / 3.0, 0.05)
 
     def maintain(self) -> None:
-        reclaimed, dropped = self._connection().execute(queries["transport_maintain"]).fetchone()
+        reclaimed, dropped = self._execute(queries["transport_maintain"], None).fetchone()
         if reclaimed:
             log.info("reclaimed %d task(s) whose lease expired", reclaimed)
         if dropped:
             log.info("dropped %d queue(s) unused past their expiry", dropped)
+

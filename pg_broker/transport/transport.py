@@ -8,18 +8,28 @@ notifies its queue. Consumers claim rows in batches sized to their prefetch
 window with ``FOR UPDATE SKIP LOCKED`` under a lease; ack, reject, requeue and
 restore act on the claimed row, fenced by its lease token.
 
+No message may stop a consumer: a row that is no Kombu message is dead at
+claim (``malformed``), a delivery whose consumer raised is requeued and
+counted (``Transport._deliver``), and a delivery counts as soon as it started,
+whatever killed the worker (``QoS.restore_unacked``). No lost connection may
+cost a lease: a lost session is replaced on the spot (``Transport.execute``,
+``_relisten``), and what could not be settled meanwhile is settled on a fresh
+connection by the lease thread.
+
 Wake-ups come from LISTEN/NOTIFY (:mod:`.listener`); leases are renewed by a
 thread (:mod:`.leases`). Every statement is in ``pg_broker/sql/queries.sql``.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
 import logging
 import os
 import re
 import socket
+import sys
 import threading
 import uuid
 import weakref
@@ -28,7 +38,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
-from time import monotonic
+from time import monotonic, sleep
 
 import psycopg
 from amqp.protocol import queue_declare_ok_t
@@ -46,8 +56,8 @@ from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
 
 from . import deadline
-from .connections import close_quietly, disown
-from .leases import LeaseKeeper
+from .connections import close_quietly, disown, first_line
+from .leases import SETTLE_BACKOFF_MAX, SETTLE_BACKOFF_MIN, LeaseKeeper
 from .listener import Listener
 from .pipeline import Pipeline, Prepared, shared
 from .urls import SCHEME, libpq_url, masked_url
@@ -66,6 +76,11 @@ ACK_WAIT = 0.02
 TRANSIENT_TAG_PREFIX = "transient:"
 # How long closing a transport waits for the confirms of pipelined publishes.
 CONFIRM_AT_CLOSE = 10.0
+# How long a process about to exit tries to send the settlements still waiting.
+SETTLE_AT_EXIT = 10.0
+# The longest reason (characters) a row's error or a log line gets for an
+# exception a consumer raised.
+REASON_LENGTH = 500
 # A NUL character in a JSON string (escaped by the encoder): jsonb refuses it.
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 # libpq parameters the broker URL may override. When packets stop getting
@@ -125,6 +140,58 @@ def held_row(tag: object) -> tuple[int, uuid.UUID] | None:
         return None
 
 
+# Envelope fields a consumer reads as text: (field, where), where is the
+# payload itself or its properties.
+_TEXT_FIELDS = (("content-type", "payload"), ("content-encoding", "payload"),
+                ("body", "payload"), ("body_encoding", "properties"))
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages that must not quote it."""
+    for kind, name in ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"),
+                       (list, "array"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def malformed(payload: object) -> str | None:
+    """Why a stored payload is no Kombu message, or None if it is one.
+
+    A row anyone inserted (SQL, another client, a bug) can hold any JSON;
+    what kombu's ``Message`` and the consumers after it read must have the
+    types kombu writes (VB ``Message.__init__``, ``Channel.decode_body``),
+    or the consumer raises on it. Never raises; the reason names fields and
+    JSON types, never values from the payload.
+    """
+    if not isinstance(payload, dict):
+        return f"payload is a JSON {_json_type(payload)}, not a Kombu message"
+    properties = payload.get("properties")
+    if not isinstance(properties, dict):
+        return "payload has no properties object"
+    info = properties.get("delivery_info", {})
+    if not isinstance(info, dict):
+        return f"properties.delivery_info is a JSON {_json_type(info)}, not an object"
+    headers = payload.get("headers")
+    if headers is not None and not isinstance(headers, dict):
+        return f"headers is a JSON {_json_type(headers)}, not an object"
+    for field, where in _TEXT_FIELDS:
+        value = (payload if where == "payload" else properties).get(field)
+        if value is not None and not isinstance(value, str):
+            name = field if where == "payload" else f"{where}.{field}"
+            return f"{name} is a JSON {_json_type(value)}, not a string"
+    body = payload.get("body")
+    encoding = properties.get("body_encoding")
+    if body and encoding and encoding.lower() != "utf-8":
+        if encoding != "base64":
+            return "properties.body_encoding is neither utf-8 nor base64"
+        try:
+            base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return "body is not valid base64"
+    return None
+
+
 def _milliseconds(value: object) -> timedelta | None:
     if value in (None, ""):
         return None
@@ -149,48 +216,93 @@ class QoS(virtual.QoS):
 
     def ack(self, delivery_tag) -> None:
         held = held_row(delivery_tag)
-        if held is not None and delivery_tag in self._delivered:
+        if held is not None and (delivery_tag in self._delivered
+                                 or self.transport.unkeep(delivery_tag)):
             self.transport.ack(held)
+        self.transport.settled(delivery_tag)
         super().ack(delivery_tag)
         self.transport.capacity_freed()
 
     def reject(self, delivery_tag, requeue: bool = False) -> None:
         held = held_row(delivery_tag)
         message = self._delivered.get(delivery_tag)
-        if held is not None and message is not None:
+        if held is not None and (message is not None or self.transport.unkeep(delivery_tag)):
             self.transport.settle("transport_requeue" if requeue else "transport_fail", [held])
         elif requeue and message is not None:
             self.channel.republish(message)
+        self.transport.settled(delivery_tag)
         super().ack(delivery_tag)
         self.transport.capacity_freed()
 
     def restore_unacked(self) -> list:
-        """Return every unacked message at once: held rows back to pending."""
+        """Give back, when the channel closes, what was delivered and never settled.
+
+        kombu calls this from ``Channel.close`` and, for a channel never
+        closed, from a finaliser at exit (VB ``QoS.restore_unacked_once``).
+        What happens to each unacked message depends on whether its delivery
+        started:
+
+        - never started (prefetched, held by Celery as reserved or ETA, or
+          a plain consumer's message never settled): back to ``pending`` at
+          once, the delivery not counted;
+        - running in Celery's pool (its request is in
+          ``celery.worker.state.active_requests``: accepted by the pool,
+          ``Request.on_accepted``, and not yet ready): kept held. Celery's
+          consumer restarts after a lost connection by closing this channel
+          first (``Consumer.on_connection_error_after_connected`` collects
+          the connection before ``on_close``), but the task runs on and
+          Celery acks it through this very channel when it ends
+          (``Request.acknowledge`` calls the message's own channel). The
+          transport keeps that row's lease and settles the ack on a fresh
+          connection (see ``Transport.close_connection``); a process that
+          exits first returns the row counted (``_settle_at_exit``);
+        - its consumer callback raised (``Transport._deliver``; in the solo
+          pool the task runs inside that callback, so this is how a task
+          that kills its worker is counted) and the requeue it scheduled did
+          not run before the worker stopped: requeued, counted, with the
+          reason.
+        """
         if os.getpid() != self._pid:  # a forked child: these are the parent's
             return []
         self._flush()
-        delivered = list(self._delivered.values())
+        delivered = list(self._delivered.items())
         self._delivered.clear()
-        held = []
+        running = running_deliveries() if delivered else set()
+        returned = []
         errors = []
-        for message in delivered:
-            row = held_row(message.delivery_tag)
-            if row is not None:
-                held.append(row)
-                continue
-            try:
-                self.channel.republish(message)
-            except Exception as exc:
-                errors.append((exc, message))
-        if held:
-            try:
-                self.transport.settle("transport_requeue", held, refund=1)
-            except self.transport.connection_errors as exc:
-                log.warning(
-                    "could not return %d unacked message(s) (%s); they come back "
-                    "when their lease expires", len(held), exc,
-                )
+        for tag, message in delivered:
+            row = held_row(tag)
+            failed = self.transport.failed(tag)
+            if row is None:
+                try:
+                    self.channel.republish(message)
+                except Exception as exc:
+                    errors.append((exc, message))
+            elif failed is not None:
+                self.transport.settled(tag)
+                self.transport.settle("transport_requeue", [row],
+                                      error=f"the consumer raised {failed}")
+            elif tag in running:
+                self.transport.keep(tag, row)
+            else:
+                returned.append(row)
+        if returned:
+            self.transport.settle("transport_requeue", returned, refund=1)
         return errors
+
+
+def running_deliveries() -> set[str]:
+    """Delivery tags of the messages whose tasks run in this Celery worker's
+    pool now (empty outside a Celery worker: nothing imported it)."""
+    state = sys.modules.get("celery.worker.state")
+    if state is None:
+        return set()
+    tags = set()
+    for request in list(state.active_requests):
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        if isinstance(tag, str):
+            tags.add(tag)
+    return tags
 
 
 class Channel(virtual.Channel):
@@ -227,7 +339,7 @@ class Channel(virtual.Channel):
         else:
             arguments = dict(arguments or {})
             expires = _milliseconds(arguments.get("x-expires"))
-            row = self.transport.conn.execute(queries["transport_declare_queue"], {
+            row = self.transport.execute(queries["transport_declare_queue"], {
                 "name": queue,
                 "durable": bool(durable),
                 "exclusive": bool(exclusive),
@@ -252,7 +364,7 @@ class Channel(virtual.Channel):
         )
 
     def _queue_bind(self, exchange, routing_key, pattern, queue):
-        self.transport.conn.execute(queries["transport_bind"], {
+        self.transport.execute(queries["transport_bind"], {
             "exchange": exchange,
             "exchange_type": self.typeof(exchange).type,
             "routing_key": routing_key or "",
@@ -263,7 +375,7 @@ class Channel(virtual.Channel):
     def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
         exchange = exchange or "amq.direct"
         self.state.binding_delete(queue, exchange, routing_key)
-        self.transport.conn.execute(queries["transport_unbind"], {
+        self.transport.execute(queries["transport_unbind"], {
             "exchange": exchange, "routing_key": routing_key or "", "queue": queue,
         })
 
@@ -278,12 +390,12 @@ class Channel(virtual.Channel):
         return purged
 
     def exchange_delete(self, exchange, if_unused=False, nowait=False):
-        self.transport.conn.execute(queries["transport_exchange_delete"], {"exchange": exchange})
+        self.transport.execute(queries["transport_exchange_delete"], {"exchange": exchange})
         self.state.exchanges.pop(exchange, None)
 
     def get_table(self, exchange):
         return [
-            tuple(row) for row in self.transport.conn.execute(
+            tuple(row) for row in self.transport.execute(
                 queries["transport_bindings"], {"exchange": exchange}
             )
         ]
@@ -292,7 +404,7 @@ class Channel(virtual.Channel):
         try:
             kind = self.state.exchanges[exchange]["type"]
         except KeyError:
-            row = self.transport.conn.execute(
+            row = self.transport.execute(
                 queries["transport_exchange_type"], {"exchange": exchange}
             ).fetchone()
             kind = row[0] if row else default
@@ -302,7 +414,7 @@ class Channel(virtual.Channel):
         return self._lookup_durable(queue) is not None
 
     def _size(self, queue):
-        return self.transport.conn.execute(
+        return self.transport.execute(
             queries["transport_queue_size"], {"name": queue}
         ).fetchone()[0]
 
@@ -312,7 +424,7 @@ class Channel(virtual.Channel):
         ).fetchone()[0]
 
     def _lookup_durable(self, queue: str) -> bool | None:
-        row = self.transport.conn.execute(
+        row = self.transport.execute(
             queries["transport_queue_durable"], {"name": queue}
         ).fetchone()
         return None if row is None else row[0]
@@ -407,13 +519,12 @@ class Channel(virtual.Channel):
 
     def _claim(self, queue: str, limit: int, no_ack: bool) -> tuple[list[dict], int]:
         transport = self.transport
-        # The acks waiting for a statement ride along with the claim.
-        rows, token = transport.ack_and_claim(transport.take_acks(), queue, limit)
+        rows, token = transport.claim(queue, limit)
         rows.sort(key=lambda row: (-row[3], row[4]))
         payloads = []
         held = []
         for row_id, payload, attempts, _priority, _sequence in rows:
-            problem = self._malformed(payload)
+            problem = malformed(payload)
             if problem:
                 transport.bury(row_id, token, problem)
                 continue
@@ -431,13 +542,13 @@ class Channel(virtual.Channel):
         return payloads, len(rows)
 
     def _take(self, queue: str, limit: int) -> tuple[list[dict], int]:
-        rows = self.transport.conn.execute(
+        rows = self.transport.execute(
             queries["transport_take_transient"], {"queue": queue, "limit": limit}
         ).fetchall()
         rows.sort(key=lambda row: (-row[2], row[0]))
         payloads = []
         for row_id, payload, _priority in rows:
-            problem = self._malformed(payload)
+            problem = malformed(payload)
             if problem:
                 log.error("dropped transient message %s of queue %r: %s", row_id, queue, problem)
                 continue
@@ -447,34 +558,11 @@ class Channel(virtual.Channel):
             payloads.append(payload)
         return payloads, len(rows)
 
-    def _malformed(self, payload: object) -> str | None:
-        """Why a stored payload is no Kombu message, or None if it is one."""
-        if not isinstance(payload, dict):
-            return f"payload is a JSON {type(payload).__name__}, not a Kombu message"
-        properties = payload.get("properties")
-        if not isinstance(properties, dict):
-            return "payload has no properties object"
-        if not isinstance(properties.get("delivery_info", {}), dict):
-            return "payload delivery_info is not an object"
-        if not isinstance(payload.get("headers") or {}, dict):
-            return "payload headers is not an object"
-        body = payload.get("body")
-        encoding = properties.get("body_encoding")
-        if body and encoding and encoding.lower() != "utf-8":
-            if encoding not in self.codecs:
-                return f"unknown body encoding {encoding!r}"
-            if encoding == "base64":
-                try:
-                    base64.b64decode(body, validate=True)
-                except (binascii.Error, TypeError, ValueError):
-                    return "body is not valid base64"
-        return None
-
     def close(self):
         if not self.closed:
             owner = self._pid == os.getpid() and self.transport is not None
             if owner:
-                self.transport.flush_acks(closing=True)
+                self.transport.flush_acks()
                 self.transport.return_buffered(self.transport.queues_of(self))
             super().close()
             if owner:
@@ -580,13 +668,15 @@ class Transport(virtual.Transport):
         self.response_timeout = float(
             options.get("response_timeout", DEFAULT_RESPONSE_TIMEOUT))
         self.leases = LeaseKeeper(
-            lambda: self.conn, self.lease.total_seconds(),
+            self.execute, self.lease.total_seconds(),
             float(options.get("maintenance_interval", DEFAULT_MAINTENANCE_INTERVAL)),
+            settle=self._settle_deferred, finished=self._finished_settling,
             reconnect=self.drop_connection,
         )
         self.expiring: dict[str, float] = {}  # queue -> x-expires seconds
         self._listener = Listener(self.conninfo, self.connect_kwargs, self.response_timeout)
         self._conn: psycopg.Connection | None = None
+        self._connecting = threading.Lock()
         self._pipeline: Pipeline | None = None
         self._consumers: dict[str, Channel] = {}
         self._ready: set[str] = set()
@@ -594,12 +684,23 @@ class Transport(virtual.Transport):
         self._buffers: dict[str, deque[dict]] = {}
         # Acked by Celery, not yet by the database (see ack()).
         self._acks: deque[tuple[int, uuid.UUID]] = deque()
+        # Requeues and fails a lost connection kept from being sent (see settle()).
+        self._deferred: deque[tuple[str, list[tuple[int, uuid.UUID]], int, str | None]] = deque()
+        # Running in Celery's pool when their channel closed: delivery tag -> row
+        # (see QoS.restore_unacked).
+        self._kept: dict[str, tuple[int, uuid.UUID]] = {}
+        # The delivery inside the consumer callback, until the consumer settles it.
+        self._delivering: str | None = None
+        # Deliveries whose consumer raised, not settled yet: tag -> reason.
+        self._failed: dict[str, str] = {}
         self._loop = None
         self._poll_timer = None
+        self._listen_fd: int | None = None
         self._wake_fds: tuple[int, int] | None = None
         self._kicked = False
         self._ack_timer = None
-        self._closing = False
+        self._closed = False
+        self._settling = threading.Lock()
         self._pid = os.getpid()
         self.worker_id = f"{socket.gethostname()}:{self._pid}"
         _transports.add(self)
@@ -614,16 +715,37 @@ class Transport(virtual.Transport):
         """The work connection (autocommit), reopened when it was lost."""
         if not self.owns_connections():
             self.forget_after_fork()
-        if self._conn is None or self._conn.closed:
-            if self._closing:
-                # Closing after the connection was lost: what is left to do
-                # (returning messages) the leases will do; don't wait on a dead server.
-                raise psycopg.OperationalError("the broker connection was lost")
-            with redacting(self.conninfo):
-                self._conn = deadline.connect(self.conninfo, self.response_timeout,
-                                              autocommit=True, **self.connect_kwargs)
-            set_json_loads(kombu_json.loads, self._conn)
-        return self._conn
+        conn = self._conn
+        if conn is None or conn.closed:
+            with self._connecting:  # the lease thread may want it at the same time
+                conn = self._conn
+                if conn is None or conn.closed:
+                    with redacting(self.conninfo):
+                        conn = deadline.connect(self.conninfo, self.response_timeout,
+                                                autocommit=True, **self.connect_kwargs)
+                    set_json_loads(kombu_json.loads, conn)
+                    self._conn = conn
+        return conn
+
+    def execute(self, query: str, params: dict | None = None) -> psycopg.Cursor:
+        """Run a statement on the work connection.
+
+        A session that turns out to be gone (terminated, or the server
+        restarted since) costs one retry on a fresh connection, not a consumer
+        restart; one the deadline cut (the path stopped answering,
+        :mod:`.deadline`) does not: its error goes up at once. Only for
+        statements that may run twice, should the first have committed
+        unseen: settlements are fenced by lease tokens, declarations are
+        upserts, reads are reads; a claim whose reply was lost leaves its rows
+        to their lease, as a crash would. Publishes and purges never come here.
+        """
+        conn = self.conn
+        try:
+            return conn.execute(query, params)
+        except self.connection_errors:
+            if not conn.closed or getattr(conn, "cut_after", None) is not None:
+                raise
+        return self.conn.execute(query, params)
 
     def drop_connection(self) -> None:
         """Close the work connection once no statement runs on it; its next use
@@ -634,28 +756,48 @@ class Transport(virtual.Transport):
                 close_quietly(conn)
 
     def establish_connection(self):
-        self._closing = False
+        self._closed = False
         ensure_migrated(self.conninfo)
         self.conn  # noqa: B018 - connect now, so an unreachable database fails here
         return super().establish_connection()
 
     def close_connection(self, connection) -> None:
+        """Close the channels (their unacked messages given back, see
+        ``QoS.restore_unacked``), the LISTEN connection and, once nothing is
+        left to settle, the work connection.
+
+        What a lost connection kept from being settled, and the rows of tasks
+        still running (Celery acks them through their old channel after a
+        consumer restart), stay with the lease thread: it renews those leases
+        and settles them on a fresh connection as soon as it can; then it
+        closes the work connection and ends.
+        """
         if not self.owns_connections():
             self.forget_after_fork()
             return
-        self._closing = True
         try:
-            self.flush_acks(closing=True)
+            self.flush_acks()
             super().close_connection(connection)
         finally:
+            self._closed = True
             self.unregister_from_event_loop(connection, self._loop)
-            self.leases.stop()
             self._listener.close()
             if self._pipeline is not None and not self._pipeline.confirm(CONFIRM_AT_CLOSE):
                 log.error("%d published message(s) were not confirmed by the database within "
                           "%.0f s of closing", self._pipeline.unconfirmed, CONFIRM_AT_CLOSE)
-            conn, self._conn = self._conn, None
-            close_quietly(conn)
+            self.leases.stop_maintaining()
+            if self._finished_settling():
+                self.leases.stop()
+            else:
+                self._settle_later()
+
+    def _finished_settling(self) -> bool:
+        """Closed and nothing held: the work connection goes (the lease thread asks)."""
+        if not self._closed or self._acks or self._deferred or self.leases.held():
+            return False
+        conn, self._conn = self._conn, None
+        close_quietly(conn)
+        return True
 
     def _collect(self, connection) -> None:
         """kombu's pool cleanup (after a fork): never touch inherited connections."""
@@ -675,10 +817,18 @@ class Transport(virtual.Transport):
         self._ready.clear()
         self._buffers.clear()
         self._acks.clear()
+        self._deferred.clear()
+        self._kept.clear()
+        self._delivering = None
+        self._failed.clear()
         self._loop = None
         self._poll_timer = None
+        self._listen_fd = None
         self._ack_timer = None
         self._wake_fds = None
+        # A lock another thread held at the fork stays taken in the child.
+        self._connecting = threading.Lock()
+        self._settling = threading.Lock()
         self._pid = os.getpid()
         self.worker_id = f"{socket.gethostname()}:{self._pid}"
 
@@ -771,6 +921,14 @@ class Transport(virtual.Transport):
         self.pipeline.send(params, durable, label)
 
     # Settling held rows -------------------------------------------------------
+    #
+    # Every settlement is fenced by the row's lease token, so sending one twice
+    # is harmless (the second is refused). A session lost while sending one
+    # costs a retry on a fresh connection (execute()); when the database
+    # cannot be reached at all, the settlement waits in memory and the lease
+    # thread sends it as soon as it can, renewing the lease meanwhile
+    # (_settle_later). A closed transport leaves every settlement to that
+    # thread: it must never block the hub that calls it.
 
     def ack(self, held: tuple[int, uuid.UUID]) -> None:
         """Ack a held row: at once, or with the next batch when a hub runs us.
@@ -780,11 +938,14 @@ class Transport(virtual.Transport):
         own; a crash in between redelivers those messages (at-least-once, as
         with every broker).
         """
-        if self._wake_fds is not None and self.owns_connections():
+        if self._closed:
+            self._acks.append(held)
+            self._settle_later()
+        elif self._wake_fds is not None and self.owns_connections():
             self._acks.append(held)
             self.kick()
         else:
-            self.ack_and_claim([held])
+            self._ack_now([held])
 
     def take_acks(self) -> list[tuple[int, uuid.UUID]]:
         batch = []
@@ -792,20 +953,28 @@ class Transport(virtual.Transport):
             batch.append(self._acks.popleft())
         return batch
 
-    def flush_acks(self, closing: bool = False) -> None:
-        """Send the deferred acks; when closing, a lost connection only loses them."""
+    def flush_acks(self) -> None:
+        """Send the acks waiting; the lease thread does if the database cannot be reached."""
         batch = self.take_acks()
-        if not batch:
-            return
+        if batch:
+            self._ack_now(batch)
+
+    def _ack_now(self, acks: list[tuple[int, uuid.UUID]]) -> None:
         try:
-            self.ack_and_claim(batch)
+            self.ack_and_claim(acks)
         except self.connection_errors as exc:
-            if not closing:
-                raise
-            log.warning(
-                "could not ack %d message(s) (%s); they run again when their lease expires",
-                len(batch), exc,
-            )
+            self._acks.extend(acks)
+            self._settle_later(exc)
+
+    def claim(self, queue: str, limit: int) -> tuple[list[tuple], uuid.UUID]:
+        """Claim up to ``limit`` rows of ``queue``; the acks waiting ride along
+        in the same statement (and wait on if it fails)."""
+        acks = self.take_acks()
+        try:
+            return self.ack_and_claim(acks, queue, limit)
+        except BaseException:
+            self._acks.extendleft(reversed(acks))
+            raise
 
     def ack_and_claim(
         self, acks: list[tuple[int, uuid.UUID]], queue: str = "", limit: int = 0,
@@ -815,9 +984,8 @@ class Transport(virtual.Transport):
         Returns the claimed rows (id, payload, attempts, priority, sequence)
         and the lease token they were claimed under.
         """
-        self.leases.release(row_id for row_id, _ in acks)
         token = uuid.uuid4()
-        rows = self.conn.execute(queries["transport_claim"], {
+        rows = self.execute(queries["transport_claim"], {
             "ack_ids": [row_id for row_id, _ in acks],
             "ack_tokens": [lease for _, lease in acks],
             "worker_id": self.worker_id,
@@ -826,23 +994,117 @@ class Transport(virtual.Transport):
             "queue": queue,
             "limit": limit,
         }).fetchall()
+        self.leases.release(row_id for row_id, _ in acks)
         self._refused(acks, {row[1] for row in rows if not row[0]}, "ack")
         return [row[1:] for row in rows if row[0]], token
 
-    def settle(self, query: str, held: list[tuple[int, uuid.UUID]], refund: int = 0) -> None:
-        """Requeue or fail held rows, fenced by their lease tokens."""
-        self.leases.release(row_id for row_id, _ in held)
+    def settle(
+        self, query: str, held: list[tuple[int, uuid.UUID]], refund: int = 0,
+        error: str | None = None,
+    ) -> None:
+        """Requeue, fail or bury held rows, fenced by their lease tokens.
+
+        ``refund`` 1 un-counts the delivery of a requeued row that never
+        started; ``error`` is the reason kept on the row. Sent now, or by the
+        lease thread once the database can be reached.
+        """
+        if not self._closed:
+            try:
+                self._settle_now(query, held, refund, error)
+                return
+            except self.connection_errors as exc:
+                self._deferred.append((query, held, refund, error))
+                self._settle_later(exc)
+                return
+        self._deferred.append((query, held, refund, error))
+        self._settle_later()
+
+    def _settle_now(
+        self, query: str, held: list[tuple[int, uuid.UUID]], refund: int, error: str | None,
+    ) -> None:
         params = {"ids": [row_id for row_id, _ in held], "tokens": [token for _, token in held]}
         if query == "transport_requeue":
             params["refund"] = refund
+            params["error"] = error
         elif query == "transport_fail":
             params["backoff"] = self.retry_backoff
-        rows = self.conn.execute(queries[query], params).fetchall()
+        elif query == "transport_bury":
+            params["error"] = error
+        rows = self.execute(queries[query], params).fetchall()
+        self.leases.release(row_id for row_id, _ in held)
         if query == "transport_fail":
             settled = {row[0] for row in rows if row[1] is not None}
         else:
             settled = {row[0] for row in rows}
         self._refused(held, settled, query.removeprefix("transport_"))
+
+    def _settle_later(self, exc: BaseException | None = None) -> None:
+        """Leave what waits (acks, deferred settlements) to the lease thread."""
+        if exc is not None:
+            log.warning(
+                "could not settle %d message(s) now (%s); the lease thread retries on a "
+                "fresh connection, renewing their leases meanwhile",
+                len(self._acks) + sum(len(held) for _, held, _, _ in self._deferred),
+                first_line(exc),
+            )
+        self.leases.start()
+        self.leases.settle_soon()
+
+    def _settle_deferred(self) -> None:
+        """Send every settlement waiting (the lease thread, and at exit);
+        raises psycopg.Error when the database cannot be reached."""
+        with self._settling:
+            acks = self.take_acks()
+            if acks:
+                try:
+                    self.ack_and_claim(acks)
+                except BaseException:
+                    self._acks.extendleft(reversed(acks))
+                    raise
+            while self._deferred:
+                self._settle_now(*self._deferred[0])
+                self._deferred.popleft()
+
+    def keep(self, tag: str, held: tuple[int, uuid.UUID]) -> None:
+        """A delivery still running after its channel closed: its row stays
+        held (the lease thread renews it) until Celery settles it."""
+        self._kept[tag] = held
+
+    def unkeep(self, tag: str) -> bool:
+        """Whether ``tag`` was kept (it is not any more)."""
+        return self._kept.pop(tag, None) is not None
+
+    def settled(self, tag: str) -> None:
+        """The consumer settled ``tag`` (see ``_deliver``)."""
+        if self._delivering == tag:
+            self._delivering = None
+        if self._failed:
+            self._failed.pop(tag, None)
+
+    def settle_before_exit(self, timeout: float) -> None:
+        """Before the process exits: send what waits, and requeue the rows of
+        deliveries still running (counted: they started)."""
+        kept = list(self._kept.values())
+        self._kept.clear()
+        if kept:
+            self._deferred.append(("transport_requeue", kept, 0,
+                                   "the worker process exited while it ran"))
+        deadline = monotonic() + timeout
+        backoff = SETTLE_BACKOFF_MIN
+        while self._acks or self._deferred:
+            try:
+                self._settle_deferred()
+            except psycopg.Error as exc:
+                if monotonic() + backoff > deadline:
+                    log.error(
+                        "could not settle %d message(s) before exiting (%s); they come back "
+                        "when their leases expire",
+                        len(self._acks) + sum(len(held) for _, held, _, _ in self._deferred),
+                        first_line(exc),
+                    )
+                    return
+                sleep(backoff)
+                backoff = min(backoff * 2, SETTLE_BACKOFF_MAX)
 
     def _refused(self, held: list[tuple[int, uuid.UUID]], settled: set[int], action: str) -> None:
         for row_id, token in held:
@@ -855,15 +1117,12 @@ class Transport(virtual.Transport):
 
     def bury(self, row_id: int, token: uuid.UUID, problem: str) -> None:
         log.error("job_tasks row %s is not a Kombu message (%s): marked dead", row_id, problem)
-        self.conn.execute(
-            queries["transport_bury"],
-            {"id": row_id, "lease_token": token, "error": f"malformed message: {problem}"},
-        )
+        self.settle("transport_bury", [(row_id, token)], error=f"malformed message: {problem}")
 
     def delete_queue(self, queue: str) -> int:
         """Drop a queue, its bindings and its ready messages; how many messages went."""
         purged = self.conn.execute(queries["transport_purge"], {"name": queue}).fetchone()[0]
-        self.conn.execute(queries["transport_delete_queue"], {"name": queue})
+        self.execute(queries["transport_delete_queue"], {"name": queue})
         self.expiring.pop(queue, None)
         return purged
 
@@ -931,7 +1190,7 @@ class Transport(virtual.Transport):
         )
 
     def return_buffered(self, queues: Iterable[str]) -> None:
-        """Claimed messages never delivered go back to their queues at once."""
+        """Claimed messages never delivered go back to their queues at once, uncounted."""
         held = []
         for queue in queues:
             for payload in self._buffers.pop(queue, ()):
@@ -939,13 +1198,73 @@ class Transport(virtual.Transport):
                 if row is not None:
                     held.append(row)
         if held:
-            try:
-                self.settle("transport_requeue", held, refund=1)
-            except self.connection_errors as exc:
-                log.warning(
-                    "could not return %d prefetched message(s) (%s); they come back "
-                    "when their lease expires", len(held), exc,
-                )
+            self.settle("transport_requeue", held, refund=1)
+
+    def _deliver(self, message: dict, queue: str) -> None:
+        """Hand one message to its consumer (VB ``Transport._deliver``: the
+        callback of ``Channel.basic_consume`` builds the kombu Message, adds
+        it to the QoS and calls the consumer, Celery's ``on_task_received``).
+
+        An exception that leaves the callback before the consumer settled
+        the message means the consumer could not make sense of it (Celery
+        raises on a body that is a JSON object instead of ``[args, kwargs,
+        embed]``), or the task killed the consumer (in the solo pool it runs
+        inside this callback: ``SystemExit`` in a task comes out as a
+        TypeError of Celery's, ``WorkerShutdown`` as itself). That delivery
+        started, so it counts: the row is requeued at once with the reason,
+        and after ``max_attempts`` deliveries it is dead, with that reason.
+        Under the worker's hub the exception ends there and the worker goes
+        on with the next message (Celery would stop with "Unrecoverable
+        error" and, restarted, crash on the same message again); connection
+        errors and exceptions that stop a process (SystemExit,
+        KeyboardInterrupt) go on up, as does everything on the
+        ``drain_events`` path, whose caller decides.
+
+        Under the hub Celery acks with ``hub.call_soon`` (``Consumer.
+        call_soon_ack``): a task acked early (``acks_late`` off) has its ack
+        scheduled, not sent, when it crashes. So the requeue waits for a
+        timer of 0 s: the hub runs what ``call_soon`` scheduled (a set, in no
+        order) before its timers (kombu ``Hub.create_loop``), and an ack or
+        reject that came first wins.
+        """
+        tag = message["properties"]["delivery_tag"]
+        self._delivering = tag
+        try:
+            super()._deliver(message, queue)
+        except BaseException as exc:
+            if self._delivering == tag:
+                self._failed[tag] = _reason(exc)
+                log.error("%s of queue %r: the consumer raised %s", _label(tag), queue,
+                          self._failed[tag], exc_info=exc)
+                if self._loop is None:
+                    self._settle_failed(tag, queue)
+                else:
+                    self._loop.call_later(0, self._settle_failed, tag, queue)
+            if (self._loop is None or not isinstance(exc, Exception)
+                    or isinstance(exc, self.connection_errors)):
+                raise
+        finally:
+            self._delivering = None
+
+    def _settle_failed(self, tag: str, queue: str) -> None:
+        """A delivery whose consumer raised, unless settled since: requeued,
+        counted (see ``_deliver``)."""
+        reason = self._failed.pop(tag, None)
+        channel = self._consumers.get(queue)
+        if reason is None or channel is None:
+            return
+        row = held_row(tag)
+        channel.qos._delivered.pop(tag, None)
+        if row is None or channel.is_no_ack(queue):
+            log.warning("%s dropped: it was taken without ack, or is transient", _label(tag))
+        else:
+            log.warning("%s requeued; the delivery counts (dead after max_attempts)", _label(tag))
+            self.settle("transport_requeue", [row], error=f"the consumer raised {reason}")
+        self.capacity_freed()
+
+    def failed(self, tag: str) -> str | None:
+        """Why the consumer of ``tag`` raised, if it did and it was not settled since."""
+        return self._failed.get(tag)
 
     def drain_events(self, connection, timeout=None):
         """The client path (``celery inspect``, Flower, plain kombu consumers)."""
@@ -958,7 +1277,11 @@ class Transport(virtual.Transport):
             if remaining is not None and remaining <= 0:
                 raise TimeoutError()
             wait = self.polling_interval if remaining is None else min(remaining, self.polling_interval)
-            notified = self._listener.wait(wait)
+            try:
+                notified = self._listener.wait(wait)
+            except self.connection_errors:
+                self._relisten()
+                notified = set()
             if notified:
                 self._ready |= notified
             else:
@@ -978,7 +1301,8 @@ class Transport(virtual.Transport):
         self._listener.connect()
         if self._wake_fds is None:
             self._wake_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        loop.add_reader(self._listener.fileno(), self._on_readable)
+        self._listen_fd = self._listener.fileno()
+        loop.add_reader(self._listen_fd, self._on_readable)
         loop.add_reader(self._wake_fds[0], self._on_kick)
         loop.on_tick.add(self._on_tick)
         if self._poll_timer is not None:
@@ -995,8 +1319,9 @@ class Transport(virtual.Transport):
             if timer is not None:
                 timer.cancel()
         self._poll_timer = self._ack_timer = None
-        if self._listener.connected:
-            loop.remove_reader(self._listener.fileno())
+        if self._listen_fd is not None:
+            loop.remove_reader(self._listen_fd)
+            self._listen_fd = None
         if self._wake_fds is not None:
             loop.remove_reader(self._wake_fds[0])
             for fd in self._wake_fds:
@@ -1029,8 +1354,27 @@ class Transport(virtual.Transport):
         self._deliver_one()
 
     def _on_readable(self) -> None:
-        self._ready |= self._listener.read()
+        try:
+            self._ready |= self._listener.read()
+        except self.connection_errors:
+            self._relisten()
         self._deliver_one()
+
+    def _relisten(self) -> None:
+        """The LISTEN session was lost: a fresh one, and every queue polled
+        (notifications sent meanwhile are lost). Raises when the database
+        cannot be reached: the consumer then restarts."""
+        loop = self._loop
+        if loop is not None and self._listen_fd is not None:
+            loop.remove_reader(self._listen_fd)
+            self._listen_fd = None
+        self._listener.close()
+        self._listener.connect()
+        if loop is not None:
+            self._listen_fd = self._listener.fileno()
+            loop.add_reader(self._listen_fd, self._on_readable)
+        self._ready |= set(self._consumers)
+        log.info("listening again after a lost connection")
 
     def _deliver_one(self) -> None:
         # One message per hub iteration: between two, Celery sees a shutdown
@@ -1063,7 +1407,7 @@ class Transport(virtual.Transport):
         self.flush_acks()
         idle = [queue for queue in self._consumers if queue not in self._ready]
         if idle:
-            rows = self.conn.execute(queries["transport_probe"], {"queues": idle}).fetchall()
+            rows = self.execute(queries["transport_probe"], {"queues": idle}).fetchall()
             self._ready.update(row[0] for row in rows)
 
 
@@ -1082,6 +1426,29 @@ def _revoked_by_worker(headers: dict) -> bool:
     """
     return (headers.get("expires") is not None and headers.get("task") is not None
             and headers.get("id") is not None and not headers.get("job_id"))
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception a consumer raised, for the row's error and the log: each
+    exception of the chain as "Type: primary message", at most REASON_LENGTH
+    characters."""
+    parts = []
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = first_line(exc)
+        name = type(exc).__name__
+        parts.append(name if text == name else f"{name}: {text}")
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    reason = ", raised while handling ".join(parts)
+    return reason if len(reason) <= REASON_LENGTH else reason[:REASON_LENGTH - 1] + "…"
+
+
+def _label(tag: str) -> str:
+    """A delivery tag as a log line names it: the row and its table."""
+    if tag.startswith(TRANSIENT_TAG_PREFIX):
+        return f"broker_transient_messages row {tag.removeprefix(TRANSIENT_TAG_PREFIX)}"
+    return f"job_tasks row {tag.partition(':')[0]}"
 
 
 def _text(value: object) -> str | None:
@@ -1113,6 +1480,13 @@ def _conninfo(client) -> str:
 def _after_fork_in_child() -> None:
     for transport in list(_transports):
         transport.forget_after_fork()
+
+
+@atexit.register
+def _settle_at_exit() -> None:
+    for transport in list(_transports):
+        if transport.owns_connections():
+            transport.settle_before_exit(SETTLE_AT_EXIT)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -420,10 +420,12 @@ class TaskLifeCycle(RuleBasedStateMachine):
 
     def transport_requeue(self, worker: Worker, picks: list, data: st.DataObject) -> None:
         refund = data.draw(st.sampled_from((0, 1)), label="refund")
+        reason = data.draw(st.sampled_from((None, "the consumer raised ValueError")),
+                           label="reason")
         ids, tokens = [i for i, _ in picks], [t for _, t in picks]
         expected = {i for i, t in picks if self.holds(i, t)}
         rows = worker.conn.execute(queries["transport_requeue"], {
-            "ids": ids, "tokens": tokens, "refund": refund,
+            "ids": ids, "tokens": tokens, "refund": refund, "error": reason,
         }).fetchall()
         assert {r[0] for r in rows} == expected, "transport_requeue: requeued"
 
@@ -432,6 +434,10 @@ class TaskLifeCycle(RuleBasedStateMachine):
             assert new["status"] == ("pending" if again else "dead"), (old, new)
             assert new["attempts"] == max(old["attempts"] - refund, 0)
             assert new["lease_token"] is None and new["worker_id"] is None
+            if reason is not None:  # the reason stays on the row, dead or not
+                assert reason in new["error"], (old, new)
+            if not again:
+                assert new["error"].startswith("requeued after"), (old, new)
         self.step("transport_requeue", {i: check for i in expected})
         for row_id in ids:
             del worker.held[row_id]

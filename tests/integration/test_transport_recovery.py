@@ -11,6 +11,7 @@ import uuid
 import warnings
 
 import kombu
+import psycopg
 import pytest
 from celery import Celery
 from celery_workers import Worker, process_environment, wait_for
@@ -21,6 +22,8 @@ from psycopg.conninfo import conninfo_to_dict
 from transport_support import open_connection, pgbroker_url, publish, queue_named, rows
 
 from pg_broker.database import embedded_url, stop_embedded
+
+pytest_plugins = ["transport_support"]
 
 
 def terminate_sessions(db, application_name: str = "pg_broker") -> int:
@@ -118,6 +121,58 @@ def test_producer_publishes_again_after_its_session_is_terminated(database_url, 
         assert terminate_sessions(db) >= 1
         publish(conn, queue, "after", retry=True)
     assert [status for status, _, _ in rows(db, queue.name)] == ["pending", "pending"]
+
+
+def test_an_ack_after_the_session_was_terminated_goes_through_on_a_fresh_one(connection, db):
+    queue = queue_named("ack-after-loss")
+    publish(connection, queue, "x")
+    message = queue(connection.default_channel).get()
+    assert terminate_sessions(db) >= 1
+    message.ack()
+    assert rows(db, queue.name) == [("completed", 1, False)]
+
+
+def test_closing_after_a_lost_session_returns_prefetched_messages_uncounted(database_url, db):
+    queue = queue_named("return-after-loss")
+    for conn in open_connection(database_url):
+        for n in range(3):
+            publish(conn, queue, n)
+        received: list = []
+        with conn.Consumer([queue], callbacks=[lambda body, m, got=received: got.append(m)],
+                           prefetch_count=3):
+            conn.drain_events(timeout=5)
+            assert [status for status, _, _ in rows(db, queue.name)] == ["claimed"] * 3
+            assert terminate_sessions(db) >= 1
+    # Delivered, never settled: the consumer closing gives them back, uncounted.
+    assert len(received) == 3
+    assert rows(db, queue.name) == [("pending", 0, False)] * 3
+
+
+def test_settlements_wait_for_the_database_and_go_through_once_it_is_back(new_data_dir):
+    data_dir = new_data_dir()
+    url = embedded_url(data_dir)
+    queue = kombu.Queue("settle-later", routing_key="settle-later")
+    try:
+        with kombu.Connection(pgbroker_url(url), transport_options={"lease_seconds": 30}) as conn:
+            with conn.SimpleQueue(queue) as simple:
+                for body in ("acked", "rejected", "requeued"):
+                    simple.put(body)
+                messages = [simple.get(timeout=5) for _ in range(3)]
+                stop_embedded(data_dir)
+                # No error for the caller: the lease thread sends them later.
+                messages[0].ack()
+                messages[1].reject(requeue=False)
+                messages[2].requeue()
+                start_stopped_embedded(data_dir)
+                with psycopg.connect(url) as db:
+                    wait_for(lambda: db.execute(
+                        "SELECT array_agg(status ORDER BY sequence) FROM job_tasks"
+                    ).fetchone()[0] == ["completed", "pending", "pending"], 30,
+                        lambda: str(db.execute("SELECT status, attempts FROM job_tasks").fetchall()))
+                    assert db.execute("SELECT count(*) FROM job_tasks WHERE lease_token IS NOT NULL"
+                                      ).fetchone()[0] == 0
+    finally:
+        stop_embedded(data_dir)
 
 
 def record_and_wait(producer: Celery, ran, token: str, worker: Worker, what: str,
