@@ -47,9 +47,19 @@ lost, the pipeline reconnects and sends every unconfirmed durable message
 again, in order: a database restart loses none (at-least-once; one whose
 commit happened but whose confirm was lost is stored twice). Unconfirmed
 transient messages are dropped then, as a broker restart drops them. A
-message the database refuses for its content (SQLSTATE classes 22 and 23) is
-logged and dropped: its caller has returned long ago, so the transport checks
-everything it can before sending.
+connection found dead before a send (the server ended the session while the
+pipeline was idle) is replaced before the message goes out.
+
+A message the database refuses for its content (SQLSTATE classes 22 and 23:
+an unknown ``job_id``, a constraint), or after ``MAX_SENDS`` attempts, is
+dropped, and its producer is told: the next publish through this pipeline
+raises kombu's ChannelError naming the refused messages (their Celery task
+ids) and why, and so does :func:`confirm_publishes` — whichever comes first,
+each refusal once. The publish that raises is not sent: the caller learns
+before going on, as with a refused confirmed publish. The transport checks
+at ``delay()`` time everything it can check without the database. Log lines
+and errors carry PostgreSQL's primary message and SQLSTATE, never its DETAIL
+(``Failing row contains (...)`` quotes the payload).
 """
 
 from __future__ import annotations
@@ -66,12 +76,13 @@ from dataclasses import dataclass
 from time import monotonic, sleep
 
 import psycopg
+from kombu.exceptions import ChannelError
 from psycopg import pq
 
 from pg_broker.masking import redacting
 
 from . import deadline
-from .connections import close_quietly, disown
+from .connections import close_quietly, disown, first_line
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +105,8 @@ MAX_UNCONFIRMED = 2000
 MAX_SENDS = 10
 # SQLSTATE classes meaning "this message can never be stored".
 REFUSED_CLASSES = ("22", "23")
+# At most this many refused messages are named in one error.
+REFUSALS_NAMED = 5
 
 _OK = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
 
@@ -217,6 +230,9 @@ class Pipeline:
         self._rescheduled = threading.Event()
         self._broken = False
         self._closed = False
+        # Durable messages the database refused, not yet reported to a producer:
+        # (label, sqlstate, primary message).
+        self._refusals: list[tuple[str, str, str]] = []
         self._thread: threading.Thread | None = None
         _pipelines.add(self)
 
@@ -235,12 +251,15 @@ class Pipeline:
         waiting for its confirm.
 
         Raises psycopg.OperationalError when the database cannot be reached
-        now (the message is then not kept: the caller's retry sends it).
+        now (the message is then not kept: the caller's retry sends it), and
+        ChannelError, without sending it, when the database refused messages
+        sent before it (see the module's docstring).
         """
         with self._lock:
+            self._report_refusals()
             entry = _Sent(self.statement.values(self._rationed(params)), durable, label)
             try:
-                if self._broken or self._conn is None:
+                if self._broken or self._conn is None or self._ended():
                     self._reconnect()
                 self._unsent.append(entry)
                 self._owe_notifications(monotonic())
@@ -341,6 +360,14 @@ class Pipeline:
             if readable:
                 self._read(block=False)
 
+    def _ended(self) -> bool:
+        """Whether the server ended an idle session: anything to read while
+        no reply is due is its last word (or the end of the stream)."""
+        if self._in_flight:
+            return False
+        readable, _ = _wait(self._conn.pgconn.socket, write=False, timeout=0)
+        return readable
+
     def _forget(self, entry: _Sent) -> None:
         for pending in (self._unsent, self._in_flight):
             try:
@@ -378,20 +405,43 @@ class Pipeline:
                 self._turned_down(entry)
         elif status not in _OK and entry.error is None:
             state = result.error_field(pq.DiagnosticField.SQLSTATE) or b""
-            entry.error = (state.decode(), result.error_message.decode(errors="replace").strip())
+            # The primary message only: the DETAIL may quote the row, payload and all.
+            primary = (result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY)
+                       or result.error_message.split(b"\n", 1)[0])
+            entry.error = (state.decode(), primary.decode(errors="replace").strip())
 
     def _turned_down(self, entry: _Sent) -> None:
         state, message = entry.error
         if state[:2] in REFUSED_CLASSES or entry.sends >= MAX_SENDS:
-            log.error("message %s refused by the database and dropped: %s", entry.label, message)
+            log.error("message %s refused by the database and dropped (SQLSTATE %s: %s)",
+                      entry.label, state, message)
+            if entry.durable:
+                self._refusals.append((entry.label, state, message))
         else:
-            log.warning("message %s not stored (%s); sending it again", entry.label, message)
+            log.warning("message %s not stored (SQLSTATE %s: %s); sending it again",
+                        entry.label, state, message)
             self._unsent.append(entry)
 
-    def confirm(self, timeout: float | None = None) -> bool:
+    def _report_refusals(self) -> None:
+        """Raise ChannelError for the refusals no producer was told of yet."""
+        if not self._refusals:
+            return
+        refusals, self._refusals = self._refusals, []
+        named = "; ".join(f"{label} (SQLSTATE {state}: {message})"
+                          for label, state, message in refusals[:REFUSALS_NAMED])
+        more = len(refusals) - REFUSALS_NAMED
+        raise ChannelError(
+            f"{len(refusals)} message(s) published without confirms were refused by the "
+            f"database and not stored: {named}" + (f"; and {more} more" if more > 0 else "")
+            + ". Fix them and publish them again; this message was not sent."
+        )
+
+    def confirm(self, timeout: float | None = None, report: bool = True) -> bool:
         """Wait until the database confirmed every message sent so far
-        (reconnecting and sending again if need be). False on timeout."""
+        (reconnecting and sending again if need be). False on timeout;
+        ChannelError (when ``report``) if it refused some of them."""
         deadline = None if timeout is None else monotonic() + timeout
+        failures = 0
         with self._lock:
             self._owe_notifications(float("inf"))
             while self.unconfirmed:
@@ -406,8 +456,12 @@ class Pipeline:
                     self._broken = True
                     if deadline is not None and monotonic() >= deadline:
                         return False
-                    log.warning("confirming publishes: %s; retrying", exc)
+                    if not failures:  # once per outage, not every 100 ms
+                        log.warning("confirming publishes: %s; retrying", first_line(exc))
+                    failures += 1
                     sleep(0.1)
+            if report:
+                self._report_refusals()
         return True
 
     def _start_confirmer(self) -> None:
@@ -446,7 +500,7 @@ class Pipeline:
                 except psycopg.OperationalError as exc:
                     self._broken = True
                     log.warning("publishing: %s; %d message(s) wait to be sent again",
-                                exc, self.unconfirmed)
+                                first_line(exc), self.unconfirmed)
                     backoff = min(backoff * 2, 5.0)
                 if not self.unconfirmed and not self._owed:
                     self._wake.clear()
@@ -495,9 +549,12 @@ class Pipeline:
         """Confirm what was sent (within ``timeout``), then close."""
         if self._closed:
             return
-        if (self.unconfirmed or self._owed) and not self.confirm(timeout):
+        if (self.unconfirmed or self._owed) and not self.confirm(timeout, report=False):
             log.error("%d published message(s) were not confirmed by the database within "
                       "%.0f s of closing and may be lost", self.unconfirmed, timeout)
+        if self._refusals:
+            log.error("closing with %d refused message(s) no publish reported: %s",
+                      len(self._refusals), ", ".join(label for label, _, _ in self._refusals))
         with self._lock:
             self._closed = True
             self._wake.set()
@@ -515,6 +572,7 @@ class Pipeline:
         self._notified.clear()
         self._published.clear()
         self._owed.clear()
+        self._refusals.clear()
         self._broken = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -525,8 +583,15 @@ class Pipeline:
 def confirm_publishes(timeout: float | None = None) -> bool:
     """Wait until the database confirmed every message this process sent
     without waiting (transient ones, and all with ``confirm_publish=False``).
-    False if some were still unconfirmed after ``timeout`` seconds."""
-    return all(pipeline.confirm(timeout) for pipeline in list(_pipelines))
+
+    False if some were still unconfirmed after ``timeout`` seconds: they may
+    yet be stored. Raises kombu's ChannelError, naming them, if the database
+    refused durable messages no publish has reported yet: those never will be.
+    """
+    confirmed = True
+    for pipeline in list(_pipelines):
+        confirmed = pipeline.confirm(timeout) and confirmed
+    return confirmed
 
 
 def _wait(fd: int, write: bool, timeout: float | None) -> tuple[bool, bool]:

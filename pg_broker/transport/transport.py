@@ -81,6 +81,10 @@ SETTLE_AT_EXIT = 10.0
 # The longest reason (characters) a row's error or a log line gets for an
 # exception a consumer raised.
 REASON_LENGTH = 500
+# What job_tasks accepts (migrations/002): queue names of 1 to 1024
+# characters, max_attempts a positive integer.
+MAX_QUEUE_NAME = 1024
+MAX_INT = 2**31 - 1
 # A NUL character in a JSON string (escaped by the encoder): jsonb refuses it.
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 # libpq parameters the broker URL may override. When packets stop getting
@@ -854,7 +858,9 @@ class Transport(virtual.Transport):
             )
         headers = message.get("headers") or {}
         properties = message["properties"]
-        max_attempts = headers.get("max_attempts")
+        if not exchange and len(routing_key) > MAX_QUEUE_NAME:
+            raise ChannelError(f"message refused: a queue name has at most {MAX_QUEUE_NAME} "
+                               f"characters, not {len(routing_key)}")
         params = {
             "exchange": exchange,
             "routing_key": routing_key,
@@ -864,9 +870,9 @@ class Transport(virtual.Transport):
             "payload": data,
             "task_type": _text(headers.get("task")),
             "task_id": _text(headers.get("id")),
-            "job_id": _text(headers.get("job_id")),
-            "user_id": _text(headers.get("user_id")),
-            "max_attempts": int(max_attempts) if max_attempts is not None else None,
+            "job_id": _uuid_header(headers, "job_id"),
+            "user_id": _uuid_header(headers, "user_id"),
+            "max_attempts": _max_attempts(headers),
             "synchronous_commit": None,
             "store": True,
             "notify": True,
@@ -889,8 +895,9 @@ class Transport(virtual.Transport):
                 PUBLISH.execute(conn, params)  # the caller's open transaction
             else:  # psycopg opens the caller's transaction, or runs its pipeline
                 conn.execute(queries["transport_publish"], params)
-        except psycopg.DataError as exc:
-            raise ChannelError(f"message refused by the database: {exc}") from exc
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            raise ChannelError(f"message refused by the database (SQLSTATE {exc.sqlstate}: "
+                               f"{first_line(exc)})") from exc
 
     @property
     def pipeline(self) -> Pipeline:
@@ -903,17 +910,9 @@ class Transport(virtual.Transport):
     def _send(self, params: dict, durable: bool) -> None:
         """Publish without waiting for the commit (see :mod:`.pipeline`).
 
-        The database's refusals come too late for the caller, so what it
-        would refuse is refused here first.
+        The database's refusals come too late for the caller (at its next
+        publish), so what it would refuse is refused here first.
         """
-        for key in ("job_id", "user_id"):
-            if params[key] is not None:
-                try:
-                    uuid.UUID(params[key])
-                except ValueError:
-                    raise ChannelError(
-                        f"message refused: header {key} is not a UUID: {params[key]!r}"
-                    ) from None
         if _JSON_NUL.search(params["payload"]):
             raise ChannelError("message refused: PostgreSQL's jsonb cannot store "
                                "the NUL character (\\u0000) it contains")
@@ -1449,6 +1448,34 @@ def _label(tag: str) -> str:
     if tag.startswith(TRANSIENT_TAG_PREFIX):
         return f"broker_transient_messages row {tag.removeprefix(TRANSIENT_TAG_PREFIX)}"
     return f"job_tasks row {tag.partition(':')[0]}"
+
+
+def _uuid_header(headers: dict, key: str) -> str | None:
+    """A header stored in a uuid column, checked as the database would."""
+    value = headers.get(key)
+    if value is None:
+        return None
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ChannelError(
+            f"message refused: header {key} is not a UUID: {str(value)[:40]!r}"
+        ) from None
+
+
+def _max_attempts(headers: dict) -> int | None:
+    """The ``max_attempts`` header: a whole number of deliveries, at least 1."""
+    value = headers.get("max_attempts")
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INT:
+        raise ChannelError(
+            f"message refused: header max_attempts must be a whole number from 1 to "
+            f"{MAX_INT}, not {str(value)[:40]!r}"
+        )
+    return value
 
 
 def _text(value: object) -> str | None:

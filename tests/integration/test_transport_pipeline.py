@@ -8,10 +8,12 @@ import logging
 import os
 import threading
 import time
+import uuid
 
 import kombu
 import psycopg
 import pytest
+from celery_workers import wait_for
 from kombu.exceptions import ChannelError
 from test_transport_recovery import terminate_sessions
 from transport_support import open_connection, publish, queue_named, rows
@@ -84,30 +86,84 @@ def test_transient_messages_are_pipelined_even_with_confirms_on(database_url, db
     assert len(rows(db, durable.name)) == 1
 
 
-def test_what_the_database_would_refuse_is_refused_at_publish(database_url, db):
+@pytest.mark.parametrize("confirm_publish", [True, False], ids=["confirmed", "pipelined"])
+def test_what_the_database_would_refuse_is_refused_at_publish(database_url, db, confirm_publish):
     queue = queue_named("refused")
-    for conn in open_connection(database_url, confirm_publish=False):
+    for conn in open_connection(database_url, confirm_publish=confirm_publish):
         with pytest.raises(ChannelError, match="job_id is not a UUID"):
             publish(conn, queue, "bad header", headers={"job_id": "not-a-uuid"})
-        with pytest.raises(ChannelError, match="NUL"):
+        for attempts in (0, -1, "three", True, 2**31, 2.5):
+            with pytest.raises(ChannelError, match="max_attempts must be a whole number"):
+                publish(conn, queue, "bad attempts", headers={"max_attempts": attempts})
+        with pytest.raises(ChannelError, match="at most 1024 characters"):
+            with conn.Producer() as producer:
+                producer.publish("long", exchange="", routing_key="q" * 2000)
+        with pytest.raises(ChannelError, match="NUL|refused by the database"):
             publish(conn, queue, "body", headers={"note": "nul \x00 inside"})
-        publish(conn, queue, "text", headers={"note": "a backslash and u0000: \\u0000"})
+        publish(conn, queue, "text", headers={"note": "a backslash and u0000: \\u0000",
+                                              "max_attempts": "5"})
         assert confirm_publishes(10)
     assert bodies(db, queue.name) == ["text"]
 
 
-def test_a_message_refused_later_is_logged_and_the_rest_are_stored(database_url, db, caplog):
-    too_long = kombu.Queue("q" * 2000, routing_key="q" * 2000)  # breaks a CHECK constraint
-    queue = queue_named("after-refusal")
+def test_a_refused_confirmed_publish_names_the_reason_without_the_payload(connection, db):
+    queue = queue_named("refused-confirmed")
+    with pytest.raises(ChannelError) as refused:
+        publish(connection, queue, "secret-payload", headers={"job_id": str(uuid.uuid4())})
+    assert "SQLSTATE 23503" in str(refused.value)
+    assert "secret" not in str(refused.value) and "Failing row" not in str(refused.value)
+
+
+def test_a_pipelined_message_refused_later_fails_the_next_publish(database_url, db, caplog):
+    queue = queue_named("refused-later")
+    task_id = str(uuid.uuid4())
     for conn in open_connection(database_url, confirm_publish=False):
         publish(conn, queue, "before")
-        with caplog.at_level(logging.ERROR, logger="pg_broker.transport.pipeline"):
-            with conn.Producer() as producer:
-                producer.publish("refused", exchange="", routing_key=too_long.name)
+        with caplog.at_level(logging.INFO, logger="pg_broker.transport"):
+            # A job that does not exist: only the database can tell.
+            publish(conn, queue, "secret-payload",
+                    headers={"id": task_id, "job_id": str(uuid.uuid4())})
+            pipeline = conn.transport._pipeline
+            wait_for(lambda p=pipeline: p._refusals, 10, "the refusal to be read")
+            with pytest.raises(ChannelError, match=f"{task_id} for {queue.name} "
+                                                   r"\(SQLSTATE 23503: .*job_tasks") as refused:
+                publish(conn, queue, "not sent: the producer must learn first")
             publish(conn, queue, "after")
-            assert confirm_publishes(10)
+            assert confirm_publishes(10)  # each refusal is reported once
+    assert "this message was not sent" in str(refused.value)
     assert bodies(db, queue.name) == ["before", "after"]
-    assert any("refused by the database and dropped" in r.getMessage() for r in caplog.records)
+    assert any(task_id in r.getMessage() and "SQLSTATE 23503" in r.getMessage()
+               for r in caplog.records)
+    assert "secret-payload" not in caplog.text and "Failing row" not in caplog.text
+
+
+def test_confirm_publishes_raises_for_a_refusal_no_publish_reported(database_url, db):
+    queue = queue_named("refused-confirm")
+    task_id = str(uuid.uuid4())
+    for conn in open_connection(database_url, confirm_publish=False):
+        publish(conn, queue, "refused", headers={"id": task_id, "job_id": str(uuid.uuid4())})
+        with pytest.raises(ChannelError, match=task_id):
+            confirm_publishes(10)
+        assert confirm_publishes(10)
+    assert bodies(db, queue.name) == []
+
+
+def test_a_pipeline_whose_idle_session_was_ended_sends_on_a_fresh_one(database_url, db):
+    queue = queue_named("events-after-loss", durable=False)
+    for conn in open_connection(database_url):
+        queue(conn.default_channel).declare()
+        publish(conn, queue, "first", delivery_mode="transient")
+        assert confirm_publishes(10)
+        assert terminate_sessions(db) >= 1
+        wait_for(lambda: not db.execute(  # the backends are gone: their sockets closed
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'pg_broker'").fetchone()[0], 10, "the sessions to end")
+        publish(conn, queue, "second", delivery_mode="transient")
+        assert confirm_publishes(10)
+        stored = db.execute("SELECT count(*) FROM broker_transient_messages WHERE queue = %s",
+                            (queue.name,)).fetchone()[0]
+    # A transient message sent into the dead session would be dropped with it.
+    assert stored == 2
 
 
 def test_no_message_is_lost_when_the_sessions_are_dropped_mid_stream(database_url, db):
