@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable, Sequence
 
 import psycopg
 from hypothesis import strategies as st
@@ -44,3 +45,24 @@ json_values = st.recursive(
     scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
     max_leaves=12,
 )
+# Paths into a Kombu envelope a near miss breaks.
+ENVELOPE_FIELDS = (("body",), ("content-type",), ("content-encoding",), ("headers",),
+                   ("properties",), ("properties", "body_encoding"),
+                   ("properties", "delivery_info"), ("properties", "priority"),
+                   ("properties", "delivery_tag"), ("headers", "compression"))
+
+
+@st.composite
+def near_misses(draw, template: Callable[[], dict] = lambda: envelope("near miss"),
+                fields: Sequence[tuple[str, ...]] = ENVELOPE_FIELDS) -> dict:
+    """A good message (``template()``) with one field of the wrong type, or gone."""
+    payload = template()
+    path = draw(st.sampled_from(fields))
+    target = payload
+    for key in path[:-1]:
+        target = target[key]
+    if draw(st.booleans()) and draw(st.booleans()):
+        target.pop(path[-1], None)
+    else:
+        target[path[-1]] = draw(json_values)
+    return payload

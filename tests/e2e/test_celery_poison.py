@@ -25,7 +25,7 @@ import pytest
 from celery_workers import Worker, process_environment, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from poison_support import insert_row, json_values
+from poison_support import insert_row, json_values, near_misses
 from psycopg.rows import dict_row
 
 pytestmark = pytest.mark.slow
@@ -178,21 +178,18 @@ CELERY_FIELDS = [("body",), ("content-type",), ("headers",), ("headers", "task")
                  ("properties", "delivery_info"), ("properties", "priority")]
 
 
-@st.composite
-def celery_near_misses(draw, path: str, queue: str) -> dict:
+def celery_near_misses(path: str, queue: str) -> st.SearchStrategy[dict]:
     """A message for e2e.record with one field of the wrong type, or a body
     (base64 JSON) that is not [args, kwargs, embed]."""
-    _, payload = celery_envelope(queue, [path, "bad"])
-    if draw(st.booleans()):
-        raw = json.dumps(draw(json_values))
-        payload["body"] = base64.b64encode(raw.encode()).decode()
+    def good() -> dict:
+        return celery_envelope(queue, [path, "bad"])[1]
+
+    def with_body(value: object) -> dict:
+        payload = good()
+        payload["body"] = base64.b64encode(json.dumps(value).encode()).decode()
         return payload
-    field = draw(st.sampled_from(CELERY_FIELDS))
-    target = payload
-    for key in field[:-1]:
-        target = target[key]
-    target[field[-1]] = draw(json_values)
-    return payload
+
+    return near_misses(good, CELERY_FIELDS) | json_values.map(with_body)
 
 
 @pytest.fixture(scope="module")

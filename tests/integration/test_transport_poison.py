@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from poison_support import envelope, insert_row, json_values
+from poison_support import envelope, insert_row, json_values, near_misses
 from transport_support import open_connection, publish, queue_named, rows
 
 pytest_plugins = ["transport_support"]
@@ -136,28 +136,6 @@ def test_a_delivery_whose_consumer_exits_the_process_counts(database_url, db):
 
 
 # Property: any JSON at all, beside good messages --------------------------------
-
-# Paths into the envelope a near miss breaks.
-FIELDS = [("body",), ("content-type",), ("content-encoding",), ("headers",), ("properties",),
-          ("properties", "body_encoding"), ("properties", "delivery_info"),
-          ("properties", "priority"), ("properties", "delivery_tag"), ("headers", "compression")]
-
-
-@st.composite
-def near_misses(draw) -> dict:
-    """A valid envelope with one field of the wrong type (or gone)."""
-    payload = envelope("near miss")
-    path = draw(st.sampled_from(FIELDS))
-    value = draw(st.none() | json_values)
-    target = payload
-    for key in path[:-1]:
-        target = target[key]
-    if value is None and draw(st.booleans()):
-        target.pop(path[-1], None)
-    else:
-        target[path[-1]] = value
-    return payload
-
 
 payloads = st.lists(json_values | near_misses(), min_size=1, max_size=6)
 
