@@ -79,16 +79,18 @@ def run_suite(broker: str, backend: str, tests: Sequence[str], report: Path, log
     source = celery_source()
     env = dict(os.environ, TEST_BROKER=broker, TEST_BACKEND=backend)
     command = [
-        sys.executable, "-m", "pytest",
-        # The sdist's configuration; its `celery` package must not shadow the
-        # installed one: appended to sys.path, and run from another directory.
+        # Run from the sdist's root, as Celery's CI does (test_worker.py starts
+        # `celery --config t.integration.worker_config`), but its `celery`
+        # package must not shadow the installed one: -P keeps the working
+        # directory off sys.path, and `t` is appended to it.
+        sys.executable, "-P", "-m", "pytest",
         f"--rootdir={source}", "-c", str(source / "pyproject.toml"), "--import-mode=append",
         "-p", "celery.contrib.pytest", "-p", "pg_broker", "-p", "no:cacheprovider",
         f"--timeout={PER_TEST_TIMEOUT}", f"--junitxml={report}", "-q", "-rfEs",
         *(str(source / "t" / "integration" / test) for test in tests), *pytest_args,
     ]
-    with tempfile.TemporaryDirectory() as elsewhere, open(log, "w") as output:
-        subprocess.run(command, cwd=elsewhere, env=env, stdout=output, stderr=subprocess.STDOUT,
+    with open(log, "w") as output:
+        subprocess.run(command, cwd=source, env=env, stdout=output, stderr=subprocess.STDOUT,
                        timeout=timeout)
     return outcomes(report)
 
