@@ -72,9 +72,10 @@ FIGURES = [
            "its result", "ms", "lower", 2),
     Figure("worker_cpu_ms_per_task_results", "results: worker CPU per task with its result", "ms",
            "lower", 2),
-    Figure("worker_connections_results", "results: connections of a solo worker", "", "lower"),
+    Figure("worker_connections_results", "results: connections of a solo worker", "connections",
+           "lower"),
     Figure("producer_connections_results", "results: connections of the producer awaiting "
-           "results", "", "lower"),
+           "results", "connections", "lower"),
     Figure("endurance_throughput", "endurance: end-to-end, one queue, solo", "tasks/s", "higher"),
     Figure("endurance_last_vs_first", "endurance: last 10% rate / first 10% rate", "ratio",
            "higher", 2),
