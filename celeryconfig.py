@@ -25,12 +25,9 @@ from pathlib import Path
 
 import platformdirs
 from kombu import Queue
-from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy.engine import URL
 
-from pg_broker.database import DatabaseUnavailable
 from pg_broker.database import database_url as _database_url
-from pg_broker.masking import mask_url, url_problem
+from pg_broker.urls import result_backend_url
 
 
 def _env(name: str, default):
@@ -46,30 +43,6 @@ def _env(name: str, default):
     if isinstance(default, float):
         return float(raw)
     return raw
-
-
-def _sqlalchemy_url(conninfo: str) -> str:
-    """Celery's SQLAlchemy result backend URL (psycopg 3 driver) for any libpq
-    conninfo: a URL, ``key=value`` pairs, a unix-socket ``?host=/dir``. A
-    malformed one is refused here, masked: SQLAlchemy and libpq would quote
-    pieces of its password in their errors."""
-    problem = url_problem(conninfo)
-    if problem:
-        raise DatabaseUnavailable(f"the database URL {mask_url(conninfo)} is malformed: {problem}")
-    params = conninfo_to_dict(conninfo)
-    host = params.get("host") or ""
-    tcp = bool(host) and not host.startswith("/") and "," not in host
-    url = URL.create(
-        "postgresql+psycopg",
-        username=params.pop("user", None),
-        password=params.pop("password", None),
-        # A socket directory or a host list stays a query parameter for libpq.
-        host=params.pop("host") if tcp else None,
-        port=int(params.pop("port")) if tcp and "port" in params else None,
-        database=params.pop("dbname", None),
-        query=params,
-    )
-    return "db+" + url.render_as_string(hide_password=False)
 
 
 def _seconds(variable: str, default: float) -> float:
@@ -88,7 +61,7 @@ broker_transport_options = {
 # Results: the same database, through pg_broker's result backend (or Celery's
 # SQLAlchemy one, by name).
 if os.environ.get("PG_BROKER_RESULT_BACKEND", "").strip().lower() == "sqlalchemy":
-    result_backend = _sqlalchemy_url(_database_url())
+    result_backend = result_backend_url(_database_url())
 else:
     result_backend = _env("result_backend", "pgbroker://")
 result_expires = _env("result_expires", 86400)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pg_broker.database import DatabaseUnavailable, connect, database_url
 from pg_broker.masking import mask_url, url_problem
-from pg_broker.migrate import MigrationFailed, ensure_migrated, migrate
+from pg_broker.migrate import MigrationFailed, ensure_migrated, layer_installed, migrate
 from pg_broker.queries import queries
 
 log = logging.getLogger(__name__)
@@ -20,11 +20,14 @@ log = logging.getLogger(__name__)
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     url = database_url()
-    applied = migrate(url)
-    if applied:
-        for migration in applied:
-            print(f"applied {migration.version:03d}_{migration.name}")
-    else:
+    applied = migrate(url, supabase=True if args.supabase else None)
+    for migration in applied:
+        print(f"applied {migration.label}")
+    with connect(url, autocommit=True) as conn:
+        if not layer_installed(conn):
+            print("the Supabase/RLS layer is not installed (pg-broker migrate --supabase "
+                  "installs it); the broker needs only the core schema")
+    if not applied:
         print(f"{mask_url(url)}: schema up to date")
     return 0
 
@@ -248,7 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
-    add("migrate", cmd_migrate, "apply the migrations in migrations/ that are not applied yet")
+    migrate_command = add(
+        "migrate", cmd_migrate, "apply the migrations in migrations/ that are not applied yet: "
+        "the core schema, and the Supabase/RLS layer where it is installed or Supabase is detected")
+    migrate_command.add_argument(
+        "--supabase", action="store_true",
+        help="install the Supabase/RLS layer too (roles anon, authenticated and service_role "
+        "where they are missing, auth.uid(), row-level security, grants)")
     add("url", cmd_url, "print the database URL in use (password masked)")
     add("status", cmd_status, "jobs by status, task backlog, worker health and stale tasks")
     add("reclaim", cmd_reclaim, "return tasks with expired leases to pending (or dead)")

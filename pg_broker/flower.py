@@ -28,7 +28,7 @@ from pg_broker.queries import queries
 
 log = logging.getLogger(__name__)
 
-SCHEME = "pgbroker"  # as pg_broker.transport.urls.SCHEME
+SCHEME = "pgbroker"  # as pg_broker.urls.SCHEME
 
 
 class PgBroker:
@@ -36,7 +36,7 @@ class PgBroker:
 
     def __init__(self, broker_url: str, *_: Any, **__: Any) -> None:
         # Imported here: pg_broker's __init__ imports this module early.
-        from pg_broker.transport.urls import libpq_url
+        from pg_broker.urls import libpq_url
 
         self.url = libpq_url(broker_url)
 

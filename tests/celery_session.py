@@ -13,7 +13,8 @@ import celery_app
 import kombu.pools
 import pytest
 from celery import Celery
-from celery_workers import pgbroker_url
+
+from pg_broker.urls import broker_url
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +25,6 @@ def app(database_url: str) -> Iterator[Celery]:
     the transport's background threads, before the test database goes away.
     """
     app = celery_app.app
-    app.conf.update(broker_url=pgbroker_url(database_url), result_backend=pgbroker_url(database_url))
+    app.conf.update(broker_url=broker_url(database_url), result_backend=broker_url(database_url))
     yield app
     kombu.pools.reset()

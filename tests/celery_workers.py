@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from pg_broker import processes
 from pg_broker.processes import Supervised, worker_command
+from pg_broker.urls import broker_url as pgbroker_url  # noqa: F401  (the tests' name for it)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_MODULE = "tests.celery_app"
@@ -50,11 +51,6 @@ def process_environment(database_url: str, **extra: str) -> dict[str, str]:
     env["PG_BROKER_URL"] = database_url
     env.update(extra)
     return env
-
-
-def pgbroker_url(database_url: str) -> str:
-    """The broker URL for a libpq URL: the same URL under the pgbroker scheme."""
-    return "pgbroker://" + database_url.split("://", 1)[1]
 
 
 def celery_command(*args: str) -> list[str]:

@@ -74,12 +74,12 @@ def server_url(new_data_dir: Callable[[], Path]) -> str:
 
 @pytest.fixture(scope="session")
 def database_url(server_url: str) -> Iterator[str]:
-    """A fresh, migrated database for this test session."""
+    """A fresh database for this test session, migrated with the Supabase layer."""
     name = f"pg_broker_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = with_database(server_url, name)
-    migrate(url)
+    migrate(url, supabase=True)
     yield url
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(
@@ -88,18 +88,56 @@ def database_url(server_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def empty_database(server_url: str, database_url: str) -> Iterator[str]:
+def new_database(server_url: str) -> Iterator[Callable[..., str]]:
+    """Makes empty databases on the test server (unique names: other sessions
+    may use the same server), optionally owned by a role; drops them when the
+    test ends. Ask for it after a role fixture whose role owns one."""
+    made: list[str] = []
+
+    def make(owner: str | None = None) -> str:
+        name = f"pg_broker_test_{uuid.uuid4().hex[:10]}"
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if owner:
+            statement += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(statement)
+        made.append(name)
+        return with_database(server_url, name)
+
+    yield make
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        for name in made:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                          .format(sql.Identifier(name)))
+
+
+SUPABASE_UID = """CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE
+    AS $$ SELECT nullif(current_setting('request.jwt.claim.sub', true), '')::uuid $$"""
+
+
+@pytest.fixture
+def supabase_like_url(new_database: Callable[..., str], database_url: str) -> str:
+    """A fresh database prepared as Supabase ships one: schema auth with an
+    auth.uid() of its own (here the older `request.jwt.claim.sub` form, so it
+    is told apart from ours), and default privileges that grant every new
+    table, sequence and function in public to anon and authenticated.
+    (database_url: the roles exist once the session database is migrated.)"""
+    url = new_database()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA auth")
+        conn.execute(SUPABASE_UID)
+        conn.execute("GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role")
+        for kind in ("TABLES", "SEQUENCES", "FUNCTIONS"):
+            conn.execute(f"ALTER DEFAULT PRIVILEGES IN SCHEMA public"
+                         f" GRANT ALL ON {kind} TO anon, authenticated, service_role")
+    return url
+
+
+@pytest.fixture
+def empty_database(new_database: Callable[..., str], database_url: str) -> str:
     """The URL of a fresh database that is not migrated, dropped after the test
     (database_url: the roles exist once the session database is migrated)."""
-    name = f"pg_broker_empty_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield with_database(server_url, name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    return new_database()
 
 
 @pytest.fixture

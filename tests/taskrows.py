@@ -1,5 +1,5 @@
 """Test helpers that put job_tasks rows in place and move them through the SQL
-functions of migrations/003, the way a worker would."""
+functions of the core schema (migrations/core/), the way a worker would."""
 
 from __future__ import annotations
 

@@ -9,15 +9,15 @@ from collections.abc import Iterator
 import kombu
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 import pg_broker  # noqa: F401  (registers pgbroker://)
+from pg_broker import urls
 
 
-def pgbroker_url(database_url: str, **query: str) -> str:
-    url = "pgbroker://" + database_url.split("://", 1)[1]
-    if query:
-        url += ("&" if "?" in url else "?") + "&".join(f"{k}={v}" for k, v in query.items())
-    return url
+def pgbroker_url(database_url: str, **params: str) -> str:
+    """The broker URL of the test database, with more libpq parameters."""
+    return urls.broker_url(make_conninfo(database_url, **params) if params else database_url)
 
 
 def unique(prefix: str) -> str:

@@ -54,13 +54,13 @@ from pg_broker.database import DatabaseUnavailable, session_defaults
 from pg_broker.masking import redacting
 from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
+from pg_broker.urls import SCHEME, libpq_url, masked_url
 
 from . import deadline
 from .connections import close_quietly, disown, first_line
 from .leases import SETTLE_BACKOFF_MAX, SETTLE_BACKOFF_MIN, LeaseKeeper
 from .listener import Listener
 from .pipeline import Pipeline, Prepared, shared
-from .urls import SCHEME, libpq_url, masked_url
 
 log = logging.getLogger(__name__)
 

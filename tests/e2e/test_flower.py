@@ -23,7 +23,6 @@ import pytest
 from celery_workers import (
     Worker,
     celery_command,
-    pgbroker_url,
     process,
     process_environment,
     wait_for,
@@ -31,6 +30,7 @@ from celery_workers import (
 from flower.utils.broker import Broker, Redis
 
 from pg_broker.flower import PgBroker, install
+from pg_broker.urls import broker_url
 
 pytestmark = pytest.mark.slow
 # The in-process app fixture, `app`.
@@ -223,7 +223,7 @@ def test_queue_lengths_count_ready_delayed_unacknowledged_and_transient_messages
             (queue, queue),
         )
 
-    lengths = asyncio.run(PgBroker(pgbroker_url(database_url)).queues([queue, "flower.empty"]))
+    lengths = asyncio.run(PgBroker(broker_url(database_url)).queues([queue, "flower.empty"]))
 
     assert lengths[0] == {
         "name": queue, "messages": 5, "messages_ready": 3, "messages_unacknowledged": 1,

@@ -25,7 +25,7 @@ from pg_broker.database import (
     stop_embedded,
     with_database,
 )
-from pg_broker.migrate import MigrationFailed, migrate
+from pg_broker.migrate import LayerFailed, applied_versions, discover, migrate
 
 PROCESSES = 4
 
@@ -175,8 +175,7 @@ def test_a_role_created_meanwhile_by_another_database_migration_is_tolerated(
         migrating.join(60)
         assert outcome and outcome[0] is None, outcome
         with psycopg.connect(url) as conn:
-            assert conn.execute("SELECT count(*) FROM pg_broker_migrations WHERE version <= 4"
-                                ).fetchone() == (4,)
+            assert [v for v, _ in applied_versions(conn)] == [m.version for m in discover()]
     finally:
         _admin(admin_url, "DROP DATABASE IF EXISTS racing WITH (FORCE)",
                "DROP ROLE IF EXISTS anon, authenticated, service_role")
@@ -184,7 +183,7 @@ def test_a_role_created_meanwhile_by_another_database_migration_is_tolerated(
 
 def _migrate_or_error(url: str) -> BaseException | None:
     try:
-        migrate(url)
+        migrate(url, supabase=True)
     except Exception as exc:
         return exc
     return None
@@ -194,10 +193,11 @@ def test_on_a_server_without_the_supabase_roles_a_non_superuser_owner_can_migrat
     fresh_server,
 ) -> None:
     # The roles anon/authenticated/service_role do not exist on this new
-    # server. A database owner that may not create roles is told what a
-    # superuser must run; one with CREATEROLE (but no superuser, so no
-    # BYPASSRLS to hand out) migrates, and service_role still sees every row
-    # through its policies.
+    # server. A database owner that may not create roles installs the core
+    # schema, and asking it for the Supabase layer tells it what a superuser
+    # must run; one with CREATEROLE (but no superuser, so no BYPASSRLS to hand
+    # out) installs the layer, and service_role still sees every row through
+    # its policies.
     _, answers = fresh_server
     admin_url = answers[0][0]
     for role, option in (("plain_owner", ""), ("creating_owner", " CREATEROLE")):
@@ -207,10 +207,11 @@ def test_on_a_server_without_the_supabase_roles_a_non_superuser_owner_can_migrat
                    sql.Identifier(role + "_db"), sql.Identifier(role)))
 
     plain = make_conninfo(with_database(admin_url, "plain_owner_db"), user="plain_owner")
-    with pytest.raises(MigrationFailed) as raised:
-        migrate(plain)
+    assert {m.track for m in migrate(plain)} == {"core"}
+    with pytest.raises(LayerFailed) as raised:
+        migrate(plain, supabase=True)
     message = str(raised.value)
-    assert message.startswith("migration 001_supabase_compat.sql failed and was rolled back:")
+    assert message.startswith("migration 002_supabase_layer.sql failed and was rolled back:")
     assert 'role "anon" does not exist and role "plain_owner" may not create it' in message
     assert "CREATE ROLE service_role NOLOGIN NOINHERIT BYPASSRLS" in message
     with psycopg.connect(admin_url) as conn:
@@ -218,7 +219,8 @@ def test_on_a_server_without_the_supabase_roles_a_non_superuser_owner_can_migrat
                             " ('anon', 'authenticated', 'service_role')").fetchone() == (0,)
 
     creating = make_conninfo(with_database(admin_url, "creating_owner_db"), user="creating_owner")
-    assert [m.version for m in migrate(creating)][:4] == [1, 2, 3, 4]
+    assert [m.version for m in migrate(creating, supabase=True)] == [
+        m.version for m in discover()]
     with psycopg.connect(admin_url) as conn:
         assert conn.execute(
             "SELECT rolname, rolbypassrls FROM pg_roles"

@@ -18,10 +18,10 @@ from types import ModuleType
 import kombu
 import psycopg
 import pytest
-from celery_workers import pgbroker_url
 from sdists import source_tree
 
 import pg_broker  # noqa: F401  (registers the pgbroker scheme)
+from pg_broker.urls import broker_url
 
 # Nothing listens on port 1: connecting fails at once.
 UNREACHABLE_URL = "pgbroker://postgres@127.0.0.1:1/postgres?connect_timeout=2"
@@ -45,7 +45,7 @@ common = _import_integration_common()
 @pytest.fixture
 def connection(db: psycopg.Connection, database_url: str) -> Iterator[kombu.Connection]:
     """A connection to the test database's broker, all broker tables emptied."""
-    conn = kombu.Connection(pgbroker_url(database_url))
+    conn = kombu.Connection(broker_url(database_url))
     yield conn
     conn.release()
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
-import uuid
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from pg_broker.database import with_database
 from pg_broker.migrate import MigrationFailed, applied_versions, discover, migrate
 
 
@@ -25,19 +22,7 @@ def test_rerunning_migrate_applies_nothing(database_url: str) -> None:
 
 
 def _migrate_in_child(url: str, results) -> None:
-    results.put([m.version for m in migrate(url)])
-
-
-@pytest.fixture
-def empty_database(server_url: str):
-    # Unique: other test sessions may use the same server at the same time.
-    name = f"pg_broker_race_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield with_database(server_url, name)
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    results.put([m.version for m in migrate(url, supabase=True)])
 
 
 def test_two_processes_migrating_at_once_apply_each_migration_once(empty_database: str) -> None:
@@ -57,12 +42,13 @@ def test_two_processes_migrating_at_once_apply_each_migration_once(empty_databas
 
 def test_a_failing_migration_is_rolled_back_whole_and_named(empty_database: str, tmp_path) -> None:
     for migration in discover():
-        shutil.copy(migration.path, tmp_path)
-    (tmp_path / "999_broken.sql").write_text(
-        "CREATE TABLE half_done (id int);\nSELECT no_such_column FROM jobs;\n")
+        (tmp_path / migration.track).mkdir(exist_ok=True)
+        shutil.copy(migration.path, tmp_path / migration.track)
+    broken = tmp_path / "core" / "999_broken.sql"
+    broken.write_text("CREATE TABLE half_done (id int);\nSELECT no_such_column FROM jobs;\n")
 
     with pytest.raises(MigrationFailed) as raised:
-        migrate(empty_database, tmp_path)
+        migrate(empty_database, tmp_path, supabase=True)
 
     assert str(raised.value).startswith("migration 999_broken.sql failed and was rolled back:")
     assert 'column "no_such_column" does not exist' in str(raised.value)
@@ -70,7 +56,7 @@ def test_a_failing_migration_is_rolled_back_whole_and_named(empty_database: str,
         assert [v for v, _ in applied_versions(conn)] == [m.version for m in discover()]
         assert conn.execute("SELECT to_regclass('half_done')").fetchone() == (None,)
 
-    (tmp_path / "999_broken.sql").write_text("CREATE TABLE half_done (id int);\n")
+    broken.write_text("CREATE TABLE half_done (id int);\n")
     assert [m.version for m in migrate(empty_database, tmp_path)] == [999]
 
 

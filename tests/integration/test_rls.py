@@ -1,4 +1,4 @@
-"""Row-level security of migrations/004, exercised the way PostgREST does it:
+"""Row-level security of the Supabase layer (migrations/supabase/), exercised the way PostgREST does it:
 inside a transaction, `SET LOCAL ROLE` plus the JWT claims in
 `request.jwt.claims`. Also: the same migrations on a Supabase-like database
 (its own auth.uid() and default privileges) and as a non-superuser owner."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
@@ -16,8 +16,7 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 from taskrows import add_job, add_tasks, claim
 
-from pg_broker.database import with_database
-from pg_broker.migrate import migrate
+from pg_broker.migrate import discover, migrate
 
 JOB_TABLES = ("jobs", "job_tasks", "job_artifacts")
 BROKER_TABLES = ("broker_queues", "broker_bindings", "broker_transient_messages",
@@ -160,46 +159,6 @@ def test_service_role_reads_and_writes_everything(db: psycopg.Connection, two_us
         db.execute("INSERT INTO broker_queues (name) VALUES ('celery')")
 
 
-def _create_database(server_url: str, name: str, owner: str | None = None) -> str:
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-        if owner:
-            statement += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
-        admin.execute(statement)
-    return with_database(server_url, name)
-
-
-def _drop_database(server_url: str, name: str) -> None:
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-SUPABASE_UID = """CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE
-    AS $$ SELECT nullif(current_setting('request.jwt.claim.sub', true), '')::uuid $$"""
-
-
-@pytest.fixture
-def supabase_like_url(server_url: str, database_url: str) -> Iterator[str]:
-    """A fresh database prepared as Supabase ships one: schema auth with an
-    auth.uid() of its own (here the older `request.jwt.claim.sub` form, so it
-    is told apart from ours), and default privileges that grant every new
-    table, sequence and function in public to anon and authenticated.
-    (database_url: the roles exist once the session database is migrated.)"""
-    name = f"pg_broker_supabase_{uuid.uuid4().hex[:8]}"
-    url = _create_database(server_url, name)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE SCHEMA auth")
-        conn.execute(SUPABASE_UID)
-        conn.execute("GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role")
-        for kind in ("TABLES", "SEQUENCES", "FUNCTIONS"):
-            conn.execute(f"ALTER DEFAULT PRIVILEGES IN SCHEMA public"
-                         f" GRANT ALL ON {kind} TO anon, authenticated, service_role")
-    try:
-        yield url
-    finally:
-        _drop_database(server_url, name)
-
-
 def test_on_a_supabase_like_database_its_auth_uid_is_kept_and_grants_are_tightened(
     supabase_like_url: str,
 ) -> None:
@@ -247,24 +206,22 @@ def owner_role(server_url: str, database_url: str) -> Iterator[str]:
 
 
 def test_a_non_superuser_database_owner_migrates_and_works_through_the_owner_policy(
-    server_url: str, owner_role: str
+    owner_role: str, new_database: Callable[..., str],
 ) -> None:
     # As on Supabase: the roles exist already, the migrating role owns the
     # database but is no superuser, so forced RLS applies to it.
-    name = f"pg_broker_owned_{uuid.uuid4().hex[:8]}"
-    url = _create_database(server_url, name, owner=owner_role)
-    try:
-        as_owner = make_conninfo(url, user=owner_role)
-        assert [m.version for m in migrate(as_owner)][:4] == [1, 2, 3, 4]
-        with psycopg.connect(as_owner, autocommit=True) as conn:
-            assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
-                                ).fetchone() == (False,)
-            job_id = add_job(conn, USER_A)
-            add_tasks(conn, 3, job_id=job_id, user_id=USER_A)
-            rows = claim(conn, batch=3)
-            assert len(rows) == 3
-            for row in rows:
-                conn.execute("SELECT complete_task(%s, %s)", (row["id"], row["lease_token"]))
-            assert conn.execute("SELECT status FROM jobs").fetchall() == [("completed",)]
-    finally:
-        _drop_database(server_url, name)
+    url = new_database(owner=owner_role)
+    as_owner = make_conninfo(url, user=owner_role)
+    assert [m.version for m in migrate(as_owner, supabase=True)] == [
+        m.version for m in discover()]
+    with psycopg.connect(as_owner, autocommit=True) as conn:
+        assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+                            ).fetchone() == (False,)
+        job_id = add_job(conn, USER_A)
+        add_tasks(conn, 3, job_id=job_id, user_id=USER_A)
+        rows = claim(conn, batch=3)
+        assert len(rows) == 3
+        for row in rows:
+            conn.execute("SELECT complete_task(%s, %s)", (row["id"], row["lease_token"]))
+        assert conn.execute("SELECT status FROM jobs").fetchall() == [("completed",)]
+

@@ -1,4 +1,4 @@
-"""The schema of migrations/002 as PostgreSQL enforces it: status machine,
+"""The core schema (migrations/core/) as PostgreSQL enforces it: status machine,
 constraints, cascades, updated_at, the claim index and the hot table's
 storage settings."""
 

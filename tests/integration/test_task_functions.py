@@ -1,4 +1,4 @@
-"""The task functions of migrations/003 on real PostgreSQL: claiming under
+"""The task functions of the core schema (migrations/core/) on real PostgreSQL: claiming under
 concurrency, leases and fencing, retries with backoff, dead-lettering, the
 watchdog and message TTL."""
 

@@ -244,8 +244,10 @@ def test_worker_notices_a_path_that_stops_answering_and_resumes(database_url, db
 
 
 @pytest.mark.slow
-def test_worker_and_producer_ride_out_a_database_restart(tmp_path):
-    data_dir = tmp_path / "pgdata"
+def test_worker_and_producer_ride_out_a_database_restart(tmp_path, new_data_dir):
+    # Not under tmp_path: another pytest session's cleanup may remove that
+    # while the server runs (see conftest.new_data_dir).
+    data_dir = new_data_dir()
     url = embedded_url(data_dir)
     queue = kombu.Queue("e2e", routing_key="e2e")
     ran = tmp_path / "ran"

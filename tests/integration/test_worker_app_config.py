@@ -9,10 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import sqlalchemy
-from psycopg.conninfo import conninfo_to_dict
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _SHOW = """
 import json
@@ -64,31 +60,3 @@ def test_every_setting_is_overridable_from_the_environment(broker_env: dict[str,
     assert settings["broker"] == "pgbroker://postgres@127.0.0.1:5432/other"
     assert settings["backend"] == "db+postgresql+psycopg://postgres@127.0.0.1:5432/results"
     assert (settings["backoff"], settings["watchdog"]) == (2.5, 15.0)
-
-
-def test_the_sqlalchemy_backend_by_name_is_on_the_broker_database(
-    broker_env: dict[str, str], database_url: str
-) -> None:
-    settings = _settings({**broker_env, "PG_BROKER_RESULT_BACKEND": "sqlalchemy"})
-    engine = sqlalchemy.create_engine(settings["backend"].removeprefix("db+"))
-    with engine.connect() as conn:
-        database = conn.execute(sqlalchemy.text("SELECT current_database()")).scalar()
-    assert database == conninfo_to_dict(database_url)["dbname"]
-    engine.dispose()
-
-
-@pytest.mark.parametrize(("conninfo", "expected"), [
-    ("postgresql://postgres:@/pg_broker?host=/srv/pgdata",
-     "db+postgresql+psycopg://postgres@/pg_broker?host=%2Fsrv%2Fpgdata"),
-    ("host=db user=app password=p@ss dbname=jobs port=5433 sslmode=require",
-     "db+postgresql+psycopg://app:p%40ss@db:5433/jobs?sslmode=require"),
-    ("postgres://app@h1:5432,h2:5432/jobs",
-     "db+postgresql+psycopg://app@/jobs?host=h1%2Ch2&port=5432%2C5432"),
-])
-def test_the_result_backend_url_is_derived_from_any_libpq_conninfo(
-    conninfo: str, expected: str, database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PG_BROKER_URL", database_url)  # what importing the module reads
-    import celeryconfig
-
-    assert celeryconfig._sqlalchemy_url(conninfo) == expected

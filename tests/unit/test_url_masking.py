@@ -11,7 +11,7 @@ from hostile_urls import HOSTILE, hidden
 from psycopg.conninfo import conninfo_to_dict
 
 from pg_broker.masking import mask_url, redact, redacting, url_problem
-from pg_broker.transport.urls import libpq_url, masked_url
+from pg_broker.urls import libpq_url, masked_url
 
 
 @pytest.mark.parametrize("url", HOSTILE)

@@ -1,5 +1,6 @@
-"""The transport's pure logic: delivery tags, option parsing, what a
-pipelined publish refuses, and how a kombu Connection names its database."""
+"""The transport's pure logic and the URL converters: delivery tags, option
+parsing, what a pipelined publish refuses, how a kombu Connection names its
+database, and a database's broker and result backend URLs."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pg_broker.transport.transport import (
     delivery_tag,
     held_row,
 )
-from pg_broker.transport.urls import libpq_url, masked_url
+from pg_broker.urls import broker_url, libpq_url, masked_url, result_backend_url
 
 
 def test_a_delivery_tag_names_its_row_and_lease_and_parses_back() -> None:
@@ -101,3 +102,37 @@ def test_a_connection_given_as_fields_keeps_a_password_with_url_characters() -> 
         params = conninfo_to_dict(_conninfo(connection))
     assert params == {"host": "db.example", "port": "5433", "user": "app",
                       "password": "p@ss:w/rd", "dbname": "jobs"}
+
+
+@pytest.mark.parametrize(("conninfo", "broker"), [
+    ("postgresql://u:pw@h:5432/db?sslmode=require", "pgbroker://u:pw@h:5432/db?sslmode=require"),
+    ("postgres:///db?host=/run/pg", "pgbroker:///db?host=/run/pg"),
+    ("host=/run/pg user=app dbname=jobs options='-c search_path=broker'",
+     "pgbroker://?user=app&dbname=jobs&host=%2Frun%2Fpg&options=-c%20search_path%3Dbroker"),
+])
+def test_a_database_in_either_libpq_form_has_a_broker_url_naming_the_same_database(
+    conninfo: str, broker: str,
+) -> None:
+    assert broker_url(conninfo) == broker
+    assert conninfo_to_dict(libpq_url(broker)) == conninfo_to_dict(conninfo)
+
+
+def test_a_broker_url_without_a_host_keeps_its_socket_directory() -> None:
+    assert libpq_url("pgbroker:///jobs?host=/run/pg") == "postgresql:///jobs?host=/run/pg"
+    assert masked_url("postgresql:///jobs?host=/run/pg&password=pw") == (
+        "pgbroker:///jobs?host=/run/pg&password=**")
+    assert masked_url("pgbroker://") == "pgbroker://"
+
+
+@pytest.mark.parametrize(("conninfo", "expected"), [
+    ("postgresql://postgres:@/pg_broker?host=/srv/pgdata",
+     "db+postgresql+psycopg://postgres@/pg_broker?host=%2Fsrv%2Fpgdata"),
+    ("host=db user=app password=p@ss dbname=jobs port=5433 sslmode=require",
+     "db+postgresql+psycopg://app:p%40ss@db:5433/jobs?sslmode=require"),
+    ("postgres://app@h1:5432,h2:5432/jobs",
+     "db+postgresql+psycopg://app@/jobs?host=h1%2Ch2&port=5432%2C5432"),
+])
+def test_the_result_backend_url_is_derived_from_any_libpq_conninfo(
+    conninfo: str, expected: str,
+) -> None:
+    assert result_backend_url(conninfo) == expected
