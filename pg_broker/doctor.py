@@ -19,7 +19,8 @@ import psycopg
 from psycopg import sql
 
 from pg_broker.database import URL_VARIABLES, DatabaseUnavailable, connect, database_url, mask_url
-from pg_broker.migrate import applied_versions, discover, migrations_dir
+from pg_broker.migrate import CORE, applied_versions, discover, layer_installed, migrations_dir
+from pg_broker.queries import queries
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 # How far host and database clocks may drift before it matters: leases and
@@ -90,17 +91,19 @@ def check_database(ctx: Context) -> Result:
 
 
 def check_migrations(ctx: Context) -> Result:
-    """Every migration of this version of pg_broker is applied."""
+    """Every migration of this version of pg_broker is applied: the core
+    track, and the Supabase layer's where it is installed."""
     if ctx.conn is None:
         return Result(SKIP, "database unreachable")
-    known = {m.version: m.name for m in discover()}
     exists = ctx.conn.execute("SELECT to_regclass('pg_broker_migrations')").fetchone()[0]
+    layer = exists and layer_installed(ctx.conn)
+    known = {m.version: m for m in discover() if m.track == CORE or layer}
     applied = dict(applied_versions(ctx.conn)) if exists else {}
-    missing = [f"{v:03d}_{known[v]}" for v in sorted(set(known) - set(applied))]
+    missing = [known[v].label for v in sorted(set(known) - set(applied))]
     if missing:
         return Result(FAIL, f"{len(missing)} of {len(known)} migrations not applied: "
                       + ", ".join(missing), "pg-broker migrate")
-    newer = sorted(set(applied) - set(known))
+    newer = sorted(set(applied) - {m.version for m in discover()})
     if newer:
         return Result(WARN, f"the database has migrations this install does not know: {newer}",
                       f"upgrade pg_broker here (migrations from {migrations_dir()})")
@@ -108,9 +111,15 @@ def check_migrations(ctx: Context) -> Result:
 
 
 def check_supabase_layer(ctx: Context) -> Result:
-    """Roles, auth.uid(), row-level security and submit_job() for users."""
+    """Where the Supabase layer is installed or Supabase detected: roles,
+    auth.uid(), row-level security and submit_job() for users."""
     if ctx.conn is None:
         return Result(SKIP, "database unreachable")
+    exists = ctx.conn.execute("SELECT to_regclass('pg_broker_migrations')").fetchone()[0]
+    installed = exists and layer_installed(ctx.conn)
+    if not installed and not ctx.conn.execute(queries["supabase_detected"]).fetchone()[0]:
+        return Result(SKIP, "not installed: the broker needs only the core schema; for "
+                      "row-level security and Supabase's users: pg-broker migrate --supabase")
     roles = {r for (r,) in ctx.conn.execute(
         "SELECT rolname FROM pg_roles WHERE rolname = ANY (%s)", (list(SUPABASE_ROLES),))}
     uid = ctx.conn.execute("SELECT to_regprocedure('auth.uid()') IS NOT NULL").fetchone()[0]
@@ -127,8 +136,8 @@ def check_supabase_layer(ctx: Context) -> Result:
                + ([] if submit else ["submit_job()"]))
     if missing:
         return Result(FAIL, "missing: " + ", ".join(missing),
-                      "pg-broker migrate (as a role that may create roles, or create anon, "
-                      "authenticated and service_role first)")
+                      "pg-broker migrate --supabase (as a role that may create roles, or "
+                      "create anon, authenticated and service_role first)")
     return Result(OK, "roles, auth.uid(), forced row-level security and submit_job() in place")
 
 

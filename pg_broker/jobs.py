@@ -9,7 +9,7 @@ was ever queued; once it commits, workers wake and each task runs.
 
 Job tasks take the job id as their first argument and carry the Celery headers
 ``job_id`` and ``user_id``, which the transport copies into ``job_tasks``; the
-triggers of ``migrations/003_task_functions.sql`` keep the job's status,
+triggers of ``migrations/core/100_broker_schema.sql`` keep the job's status,
 counters and progress true from there.
 
 Reading goes through :func:`get_job`; a user-facing API reads inside
@@ -224,7 +224,7 @@ def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> int | None:
     """
     with conn.transaction():
         # Tasks first, then the job: the lock order of every writer (task
-        # rows, then jobs in the status trigger; see migrations/005), so a
+        # rows, then jobs in the status trigger; see migrations/core/100), so a
         # cancel racing a worker, a purge or the maintenance cannot deadlock.
         cancelled = conn.execute(queries["cancel_pending_tasks"], {"job_id": job_id}).rowcount
         if conn.execute(queries["cancel_job"],

@@ -8,12 +8,13 @@ tables in its schema can install; ``migrations/supabase/`` is the
 Supabase/RLS layer (roles, ``auth.uid()``, row-level security, grants), applied
 when asked (``supabase=True``, ``pg-broker migrate --supabase``), once applied
 before, or where the database looks like Supabase. Numbers are shared by the
-two tracks and give the order. A layer file that fails does not stop the core
-files after it: the broker works without the layer, and the error comes at
-the end (:class:`LayerFailed`).
+two tracks, start at 100 and give the order. A layer file that fails does
+not stop the core files after it: the broker works without the layer, and the
+error comes at the end (:class:`LayerFailed`).
 
-``migrations/legacy/`` holds the single-track files of databases migrated
-before the split. Such a database is completed from there, then every track
+``migrations/legacy/`` holds the single-track files (numbered below 100) of
+databases migrated before the split. Such a database is completed from
+there, then every track
 file whose header says ``-- legacy: …`` (the baselines, which build what the
 legacy files built) is recorded as applied without running, and the rest
 applies as anywhere else. ``migrations/README.md`` has the rules for adding a
@@ -43,6 +44,9 @@ CORE = "core"
 SUPABASE = "supabase"
 LEGACY = "legacy"
 TRACKS = (CORE, SUPABASE)
+# Track files are numbered from here, legacy ones below: a version is one
+# file in pg_broker_migrations, whichever line it came from.
+FIRST_TRACK_VERSION = 100
 # Arbitrary constant: pg_advisory_lock key for "pg_broker migrations".
 ADVISORY_LOCK_KEY = 7_283_640_111
 _FILE_PATTERN = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
@@ -110,7 +114,11 @@ def discover(directory: Path | None = None, tracks: Iterable[str] = TRACKS) -> l
             match = _FILE_PATTERN.match(path.name)
             if not match:
                 raise ValueError(f"migration file {track}/{path.name} is not named NNN_name.sql")
-            found.append(Migration(track, int(match.group(1)), match.group(2), path))
+            version = int(match.group(1))
+            if (version < FIRST_TRACK_VERSION) != (track == LEGACY):
+                raise ValueError(f"migration file {track}/{path.name}: legacy files are numbered "
+                                 f"below {FIRST_TRACK_VERSION}, the tracks' from it")
+            found.append(Migration(track, version, match.group(2), path))
     found.sort(key=lambda m: m.version)
     for before, after in zip(found, found[1:], strict=False):
         if before.version == after.version:

@@ -1,5 +1,5 @@
 """The task and job life cycles, mirrored from the check constraints in
-``migrations/core/001_broker_schema.sql`` (where the state machine is drawn)."""
+``migrations/core/100_broker_schema.sql`` (where the state machine is drawn)."""
 
 from enum import StrEnum
 

@@ -204,7 +204,7 @@ SELECT (SELECT count(*) FROM job_tasks
 -- name: transport_purge
 -- Removes a queue's ready messages (never rows a worker holds): plain rows are deleted, job tasks cancelled; returns how many.
 -- It never waits for a message row (SKIP LOCKED): one locked now is being
--- claimed, or cancelled or swept by someone else (the lock order: migrations/core/001).
+-- claimed, or cancelled or swept by someone else (the lock order: migrations/core/100).
 WITH ready AS (
     SELECT id, job_id FROM job_tasks
      WHERE queue = %(name)s AND status = 'pending'
@@ -256,7 +256,7 @@ SELECT exchange_type FROM broker_bindings WHERE exchange = %(exchange)s LIMIT 1;
 -- name: transport_maintain
 -- A live consumer's maintenance: expired leases back to pending (reclaim_stale_tasks), queues unused past their x-expires dropped with bindings and messages, expired transient messages dropped. Returns (reclaimed, queues dropped).
 -- It never waits for a message row (SKIP LOCKED: one locked now is being
--- claimed or purged, or goes at the next run; the lock order: migrations/core/001). Messages
+-- claimed or purged, or goes at the next run; the lock order: migrations/core/100). Messages
 -- past their TTL are reclaim_stale_tasks()'s: deleting them here too would
 -- touch rows it deleted within this same statement, which PostgreSQL refuses.
 WITH expired AS (
@@ -438,7 +438,7 @@ RETURNING id;
 
 -- name: cancel_pending_tasks
 -- A cancelled job's tasks that no worker holds yet: they will never be claimed.
--- It never waits for a task row (SKIP LOCKED, the lock order: migrations/core/001): one locked
+-- It never waits for a task row (SKIP LOCKED, the lock order: migrations/core/100): one locked
 -- now is being claimed (its worker skips it: tasks.lifecycle), or cancelled,
 -- purged or expired by someone else.
 UPDATE job_tasks SET status = 'cancelled', completed_at = now()
@@ -532,7 +532,8 @@ SELECT q.name,
 
 -- ---------------------------------------------------------------------------
 -- The migrations runner (pg_broker.migrate). pg_broker_migrations keeps its
--- columns version, name, checksum, applied_at for anything that reads them;
+-- columns version (still the key: legacy files are numbered below 100, the
+-- tracks from 100), name, checksum, applied_at for anything that reads them;
 -- the track column came with the two tracks (migrations/README.md).
 
 -- name: migrations_lock
@@ -546,12 +547,11 @@ SELECT pg_advisory_unlock(%(key)s)
 -- name: migrations_table
 -- Creates the record of applied migrations; one of the single-track runner gets its track column, its rows marked 'legacy'.
 CREATE TABLE IF NOT EXISTS pg_broker_migrations (
-    version    integer NOT NULL,
+    version    integer PRIMARY KEY,
     name       text NOT NULL,
     checksum   text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now(),
-    track      text NOT NULL,
-    PRIMARY KEY (track, version)
+    track      text NOT NULL
 );
 DO $$
 BEGIN
@@ -560,8 +560,6 @@ BEGIN
                       AND attname = 'track' AND NOT attisdropped) THEN
         ALTER TABLE pg_broker_migrations ADD COLUMN track text NOT NULL DEFAULT 'legacy';
         ALTER TABLE pg_broker_migrations ALTER COLUMN track DROP DEFAULT;
-        ALTER TABLE pg_broker_migrations DROP CONSTRAINT pg_broker_migrations_pkey;
-        ALTER TABLE pg_broker_migrations ADD PRIMARY KEY (track, version);
     END IF;
 END
 $$;

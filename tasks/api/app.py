@@ -6,7 +6,7 @@ Every request carries ``Authorization: Bearer <Supabase access token>``
 so the database decides what a user sees: another user's job is simply not
 there (404). Submissions go through the SQL function ``submit_job`` in the
 same session, where the per-user limits and the Idempotency-Key are enforced
-(migrations/011). Cancel and retry act with the API's own rights, once the
+(migrations/supabase/106). Cancel and retry act with the API's own rights, once the
 user's session has shown the job is theirs.
 
 ``GET /v1/jobs/{id}/events`` streams the job as Server-Sent Events, pushed by
@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pg_broker.database import database_url
 from pg_broker.jobs import Job, cancel_job, get_job, user_session
 from pg_broker.maintenance import retry_dead_tasks
-from pg_broker.migrate import ensure_migrated
+from pg_broker.migrate import migrate
 from pg_broker.speech import (
     DEFAULT_RATE_WPM,
     DEFAULT_VOICE,
@@ -66,7 +66,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 FINISHED = ("completed", "failed", "cancelled")
 # How long a request waits for a database connection before it is answered 503.
 POOL_WAIT_SECONDS = 10.0
-# SQLSTATEs submit_job raises (migrations/011) -> HTTP status and error code.
+# SQLSTATEs submit_job raises (migrations/supabase/106) -> HTTP status and error code.
 SQL_ERRORS = {
     "PB401": (401, "unauthenticated"),
     "PB409": (409, "idempotency_key_reused"),
@@ -293,7 +293,8 @@ def create_app(api: Api | None = None, *, dev: bool = False) -> FastAPI:
     if api is None:
         verifier = Verifier.from_environment(dev=dev)  # before the database: fails faster
         url = database_url()
-        ensure_migrated(url)
+        # Users are served under row-level security: the API needs the Supabase layer.
+        migrate(url, supabase=True)
         api = Api(url, verifier)
 
     @asynccontextmanager

@@ -1,6 +1,6 @@
 """Job events for Server-Sent Events streams: one LISTEN per API process.
 
-A trigger on ``jobs`` (migrations/010) notifies channel ``pgbroker_jobs``
+A trigger on ``jobs`` (migrations/core/104) notifies channel ``pgbroker_jobs``
 with ``<job id>:<version>`` when a job's status or counters change — only
 for jobs some stream watches, since every NOTIFY wakes every listening
 session of the database (workers too). This process keeps ONE connection

@@ -4,7 +4,7 @@
 -- see; none filters by user itself. The watcher statements run as the API.
 
 -- name: submit_job
--- A job of a registered type for the signed-in user, with its task messages; limits and idempotency in SQL (migrations/011).
+-- A job of a registered type for the signed-in user, with its task messages; limits and idempotency in SQL (migrations/supabase/106).
 SELECT job_id, created
   FROM submit_job(%(job_type)s, %(title)s, %(params)s, %(idempotency_key)s);
 
@@ -26,7 +26,7 @@ SELECT id, job_type, title, status, progress, total_tasks, completed_tasks, fail
  LIMIT %(limit)s;
 
 -- name: watch_jobs
--- The jobs whose changes the listening session pid wants notified (migrations/010); rows of sessions that are gone are swept.
+-- The jobs whose changes the listening session pid wants notified (migrations/core/104); rows of sessions that are gone are swept.
 WITH swept AS (
     DELETE FROM job_event_watchers
      WHERE listener_pid NOT IN (SELECT pid FROM pg_stat_activity)

@@ -13,10 +13,11 @@ from pathlib import Path
 import cutover_app
 import pytest
 import redis
-from celery_workers import REPO_ROOT, pgbroker_url, process_environment, wait_for
+from celery_workers import REPO_ROOT, process_environment, wait_for
 
 from pg_broker.cutover import Rollout
 from pg_broker.processes import Supervised, celery_command, worker_command
+from pg_broker.urls import broker_url
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +65,7 @@ def test_a_cutover_from_redis_to_pgbroker_loses_no_task(
 ) -> None:
     record = tmp_path / "ran.txt"
     env = process_environment(database_url, PYTHONPATH=str(REPO_ROOT))
-    new_broker = pgbroker_url(database_url)
+    new_broker = broker_url(database_url)
     old_worker = _worker(env, REDIS, "redis", redis_queue, tmp_path)
     new_worker = _worker(env, new_broker, "pgbroker", redis_queue, tmp_path)
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from celery import Celery
-from celery_workers import REPO_ROOT, Worker, process_environment
+from celery_workers import REPO_ROOT, Worker, process_environment, wait_for
 from psycopg.conninfo import make_conninfo
 
 from pg_broker.database import embedded_url, with_database
@@ -42,7 +42,8 @@ def _pg_broker(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 
 def _add_delayed_through_a_worker(env: dict[str, str], url: str, logs: Path) -> int:
-    """``add.delay(2, 3)`` from this process, run by a real worker as the role."""
+    """``add.delay(2, 3)`` from this process, run by a real worker as the role;
+    returns once its message row is acked too."""
     producer = Celery("ordinary", broker=broker_url(url), backend=result_backend_url(url))
     producer.conf.task_default_queue = "e2e"
 
@@ -52,7 +53,13 @@ def _add_delayed_through_a_worker(env: dict[str, str], url: str, logs: Path) -> 
 
     worker = Worker(env, logs, pool="solo", concurrency=1, queues=["e2e"]).start()
     try:
-        return add.delay(2, 3).get(timeout=90)
+        result = add.delay(2, 3)
+        value = result.get(timeout=90)
+        with psycopg.connect(url) as conn:
+            wait_for(lambda: conn.execute("SELECT status FROM job_tasks WHERE task_id = %s",
+                                          (result.id,)).fetchone() == ("completed",),
+                     30, lambda: worker.describe(f"the ack of {result.id}"))
+        return value
     finally:
         worker.kill()
         producer.close()
@@ -77,12 +84,11 @@ def test_an_ordinary_role_migrates_and_runs_a_worker_and_no_role_is_created(
 
     migrated = _pg_broker(env, "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert "applied core/001_broker_schema.sql" in migrated.stdout
+    assert "applied core/100_broker_schema.sql" in migrated.stdout
     assert "the Supabase/RLS layer is not installed" in migrated.stdout
     assert _add_delayed_through_a_worker(env, url, tmp_path) == 5
     with psycopg.connect(url) as conn:
-        assert conn.execute("SELECT status FROM job_tasks WHERE task_type = 'e2e.add'"
-                            ).fetchall() == [("completed",)]
+        assert conn.execute("SELECT task_type FROM job_tasks").fetchall() == [("e2e.add",)]
     assert _roles(cluster) == before
 
     refused = _pg_broker(env, "migrate", "--supabase")
@@ -100,7 +106,7 @@ def test_an_ordinary_role_migrates_and_runs_a_worker_and_no_role_is_created(
             admin.execute(statement)
     layered = _pg_broker(env, "migrate", "--supabase")
     assert layered.returncode == 0, layered.stderr
-    assert "applied supabase/002_supabase_layer.sql" in layered.stdout
+    assert "applied supabase/101_supabase_layer.sql" in layered.stdout
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT relforcerowsecurity FROM pg_class WHERE relname = 'job_tasks'"
                             ).fetchone() == (True,)

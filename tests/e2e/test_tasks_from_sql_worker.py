@@ -1,4 +1,4 @@
-"""A Celery task enqueued from SQL (``pg_broker_enqueue_task()``, migrations/010),
+"""A Celery task enqueued from SQL (``pg_broker_enqueue_task()``, migrations/core/104),
 directly and from a trigger, runs on a real worker; its result is readable
 through the app's result backend."""
 

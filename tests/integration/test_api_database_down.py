@@ -22,7 +22,7 @@ USER = uuid.UUID("00000000-0000-4000-8000-0000000d0e01")
 def test_a_lost_database_is_503_then_the_api_recovers(new_data_dir: Callable[[], Path]) -> None:
     data_dir = new_data_dir()
     url = embedded_url(data_dir)
-    migrate(url)
+    migrate(url, supabase=True)
     try:
         with running_api(url, Verifier(secret=SECRET), pool_wait=2) as base, \
                 httpx.Client(base_url=base, timeout=30) as client:

@@ -211,7 +211,7 @@ def test_on_a_server_without_the_supabase_roles_a_non_superuser_owner_can_migrat
     with pytest.raises(LayerFailed) as raised:
         migrate(plain, supabase=True)
     message = str(raised.value)
-    assert message.startswith("migration 002_supabase_layer.sql failed and was rolled back:")
+    assert message.startswith("migration 101_supabase_layer.sql failed and was rolled back:")
     assert 'role "anon" does not exist and role "plain_owner" may not create it' in message
     assert "CREATE ROLE service_role NOLOGIN NOINHERIT BYPASSRLS" in message
     with psycopg.connect(admin_url) as conn:

@@ -1,5 +1,5 @@
 """A task or artifact of a job belongs to the job's owner, whatever a
-producer's headers or a later update say (migrations/006): what row-level
+producer's headers or a later update say (migrations/core/102): what row-level
 security shows a user depends on it."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """jobs.status, counters, progress and timestamps kept true by the triggers of
-the core schema (migrations/core/001) as a job's tasks move (the rule is written there)."""
+the core schema (migrations/core/100) as a job's tasks move (the rule is written there)."""
 
 from __future__ import annotations
 

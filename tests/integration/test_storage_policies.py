@@ -1,4 +1,4 @@
-"""Storage policies of migrations/011 on a database shaped like Supabase's
+"""Storage policies of migrations/supabase/106 on a database shaped like Supabase's
 (its ``storage`` schema: buckets, objects with their columns,
 ``storage.foldername()``, the grants Supabase gives its roles, RLS on), and
 signed-URL expiry against the Storage stand-in."""
@@ -80,7 +80,7 @@ def supabase_storage_url(empty_database: str) -> str:
                      " VALUES ('avatars', 'avatars', true)")
         conn.execute("CREATE POLICY anyone_anything ON storage.objects"
                      " TO anon, authenticated USING (true) WITH CHECK (true)")
-    migrate(empty_database)
+    migrate(empty_database, supabase=True)
     return empty_database
 
 
@@ -151,8 +151,9 @@ def test_without_supabase_storage_the_migration_leaves_no_storage_objects(
     db: psycopg.Connection,
 ) -> None:
     assert db.execute("SELECT to_regclass('storage.objects')").fetchone() == (None,)
-    assert db.execute("SELECT version FROM pg_broker_migrations WHERE version = 11"
-                      ).fetchone() == (11,)
+    # The file with the storage policies (supabase 106) ran, and made none.
+    assert db.execute("SELECT version FROM pg_broker_migrations WHERE version = 106"
+                      ).fetchone() == (106,)
 
 
 def test_a_signed_url_stops_working_when_it_expires(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
-"""``submit_job()`` (migrations/011), called the way PostgREST and the HTTP
+"""``submit_job()`` (migrations/supabase/106), called the way PostgREST and the HTTP
 API call it: as the ``authenticated`` role with a user's JWT claims. The job
 and every task message in one statement, the owner from ``auth.uid()``,
 limits and idempotency enforced in the database; and the job events of
-migrations/010 (version counter, NOTIFY)."""
+migrations/core/104 (version counter, NOTIFY)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The task functions with any argument a caller can pass: every NULL is
 either the argument's default or refused with a hint (the rule is written in
-migrations/006), no held row is ever without a lease expiry, and the retry
+migrations/core/102), no held row is ever without a lease expiry, and the retry
 backoff is exact and never overflows, whatever the attempt count."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Celery tasks from SQL (migrations/010): ``pg_broker_enqueue_task()``
+"""Celery tasks from SQL (migrations/core/104): ``pg_broker_enqueue_task()``
 writes the message a Python producer's ``apply_async()`` writes and wakes
 the queue's consumers (a real worker runs one: tests/e2e/test_tasks_from_sql_worker.py)."""
 

@@ -20,6 +20,10 @@ LEGACY_CHECKSUMS = {
     3: "1886ac28e6bb1f9b3e3a75acef77611a117f8ff6aa82f73b74c7d24b1fa5fb34",
     4: "ecf867354c7b7e5d1c1587188e8e9aaa2a036222eeec354dcafe48ce232ca91d",
     5: "fcf3e6fe1ff8d4cf7ba7c0b0944f54212bb75ad9112311008ebef4177353ef0a",
+    6: "06c20ee583f9bb0d00d298de9bd3386e28dd9d20226876f7a6aa33cbc6808901",
+    8: "76417efddbac0eb19de4dadd45a75d2ac093d998e2f3ad2d6dbd43586b11d2d3",
+    10: "bd3eb9590c46e8696812c44e63379c5bf4d022074f92da4bed66aaaf38934bcd",
+    11: "98befb3d71b3437c6dc34b9a1690636c3166288130c5dc3ed5ebe8078dd07a94",
 }
 # What only the Supabase layer may do or name.
 LAYER_ONLY = re.compile(
@@ -73,22 +77,29 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
 
 def test_discovery_orders_both_tracks_by_number_and_reads_legacy_headers(tmp_path: Path) -> None:
     root = _tree(tmp_path, {
-        "core/001_base.sql": "-- legacy: 001 002\nSELECT 1;\n",
-        "supabase/002_layer.sql": "-- a comment\n-- legacy: 003\nSELECT 2;\n",
-        "core/003_next.sql": "SELECT 3; -- legacy: 004 is no header\n",
+        "core/100_base.sql": "-- legacy: 001 002\nSELECT 1;\n",
+        "supabase/101_layer.sql": "-- a comment\n-- legacy: 003\nSELECT 2;\n",
+        "core/102_next.sql": "SELECT 3; -- legacy: 004 is no header\n",
         "legacy/001_old.sql": "SELECT 0;\n",
     })
     found = discover(root)
     assert [(m.track, m.version, m.name) for m in found] == [
-        ("core", 1, "base"), ("supabase", 2, "layer"), ("core", 3, "next")]
+        ("core", 100, "base"), ("supabase", 101, "layer"), ("core", 102, "next")]
     assert [m.legacy_versions for m in found] == [(1, 2), (3,), ()]
     assert [m.label for m in discover(root, (LEGACY,))] == ["legacy/001_old.sql"]
 
 
 def test_a_number_used_in_both_tracks_is_refused(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {"core/002_a.sql": "", "supabase/002_b.sql": ""})
-    with pytest.raises(ValueError, match="two migrations share the number 002"):
+    root = _tree(tmp_path, {"core/102_a.sql": "", "supabase/102_b.sql": ""})
+    with pytest.raises(ValueError, match="two migrations share the number 102"):
         discover(root)
+
+
+@pytest.mark.parametrize("name", ["core/099_early.sql", "legacy/100_late.sql"])
+def test_a_file_numbered_on_the_wrong_side_of_100_is_refused(tmp_path: Path, name: str) -> None:
+    root = _tree(tmp_path, {name: ""})
+    with pytest.raises(ValueError, match="legacy files are numbered below 100"):
+        discover(root, (CORE, LEGACY))
 
 
 def test_a_file_not_named_nnn_name_is_refused(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
--- supabase 002: the Supabase/RLS layer, as the legacy migrations 001, 003
+-- supabase 101: the Supabase/RLS layer, as the legacy migrations 001, 003
 -- (its grants) and 004 left it (the baseline of the layer; see
 -- migrations/README.md).
 --

@@ -1,4 +1,4 @@
--- core 003: what kinds of artifact exist is the app's business, not the
+-- core 107: what kinds of artifact exist is the app's business, not the
 -- broker's.
 --
 -- The baseline (as legacy 002) let job_artifacts.kind be only 'audio', 'pdf'

@@ -1,4 +1,4 @@
--- core 001: the broker's schema, as the legacy migrations 002, 003 and 005
+-- core 100: the broker's schema, as the legacy migrations 002, 003 and 005
 -- left it (the baseline of the core track; see migrations/README.md).
 --
 -- Any role that may create tables in its schema installs this file: it
@@ -8,7 +8,8 @@
 --
 -- A database the single-track runner migrated (legacy 001-005 applied) has
 -- all of this already: the runner records this file as applied without
--- running it.
+-- running it. Later legacy files (006...) are repeated by the core and layer
+-- files that name them in their `-- legacy:` line.
 --
 -- legacy: 002 003 005
 --
