@@ -10,7 +10,7 @@ classes, :mod:`.store` the SQL, :mod:`.waiting` the wake-ups.
 Why it is built this way (measured on this project's 2-core machine,
 PostgreSQL 15 on 127.0.0.1, other work running beside):
 
-- **A table of its own** (``task_results``, migrations/007), not the task's
+- **A table of its own** (``task_results``, migrations/core/110), not the task's
   ``job_tasks`` row. Storing one result there costs 128 µs of the worker's
   time, 40 µs of server CPU and 739 bytes of WAL (``synchronous_commit``
   off); updating the task's held ``job_tasks`` row with it cost 308 µs, 117

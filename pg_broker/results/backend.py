@@ -32,7 +32,7 @@ from celery.utils.log import get_logger
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 
 from pg_broker.database import DatabaseUnavailable
-from pg_broker.transport.urls import SCHEME, libpq_url, masked_url
+from pg_broker.urls import SCHEME, libpq_url, masked_url
 
 from .store import CONNECTION_ERRORS, shared_store
 from .waiting import listener_of

@@ -282,7 +282,7 @@ SELECT reclaim_stale_tasks(), (SELECT count(*) FROM expired)
 
 -- ---------------------------------------------------------------------------
 -- The result backend (pg_broker.results): Celery's key-value results in
--- task_results, chord counters in task_result_chords (migrations/007). Every
+-- task_results, chord counters in task_result_chords (migrations/core/110). Every
 -- result write notifies 'pgbroker_r_' || md5(key), where its waiters LISTEN
 -- (pg_broker.results.waiting). Expired rows are invisible at once and deleted
 -- by result_cleanup.
@@ -330,7 +330,7 @@ ON CONFLICT (key) DO UPDATE SET parts = c.parts + 1
 RETURNING parts;
 
 -- name: result_chord_part_returned
--- Counts a header part of a chord once; whether the caller now holds the chord and sends its callback, and the size that decided it (see migrations/007).
+-- Counts a header part of a chord once; whether the caller now holds the chord and sends its callback, and the size that decided it (see migrations/core/110).
 SELECT parts, claimed, size
   FROM pg_broker_chord_part_returned(%(key)s, %(part)s, %(size)s, %(claimer)s,
                                      %(claim)s::interval, %(expires)s::interval);

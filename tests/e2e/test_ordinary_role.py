@@ -23,7 +23,7 @@ from celery_workers import REPO_ROOT, Worker, process_environment, wait_for
 from psycopg.conninfo import make_conninfo
 
 from pg_broker.database import embedded_url, with_database
-from pg_broker.urls import broker_url, result_backend_url
+from pg_broker.urls import broker_url
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def _pg_broker(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def _add_delayed_through_a_worker(env: dict[str, str], url: str, logs: Path) -> int:
     """``add.delay(2, 3)`` from this process, run by a real worker as the role;
     returns once its message row is acked too."""
-    producer = Celery("ordinary", broker=broker_url(url), backend=result_backend_url(url))
+    producer = Celery("ordinary", broker=broker_url(url), backend=broker_url(url))
     producer.conf.task_default_queue = "e2e"
 
     @producer.task(name="e2e.add")

@@ -91,7 +91,7 @@ def test_a_dead_task_fails_its_job_once_nothing_else_can_run(db: psycopg.Connect
 
 
 def test_a_finished_job_given_another_task_is_unfinished_again(db: psycopg.Connection) -> None:
-    # Found by tests/integration/test_task_state_machine.py (fixed by migration 008): the
+    # Found by tests/integration/test_task_state_machine.py (fixed by migration core/103, legacy 008): the
     # job went back to processing but kept its completed_at.
     job_id = add_job(db)
     add_tasks(db, 1, job_id=job_id, max_attempts=1)

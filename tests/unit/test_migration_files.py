@@ -21,9 +21,11 @@ LEGACY_CHECKSUMS = {
     4: "ecf867354c7b7e5d1c1587188e8e9aaa2a036222eeec354dcafe48ce232ca91d",
     5: "fcf3e6fe1ff8d4cf7ba7c0b0944f54212bb75ad9112311008ebef4177353ef0a",
     6: "06c20ee583f9bb0d00d298de9bd3386e28dd9d20226876f7a6aa33cbc6808901",
+    7: "2e094b8616dc057b4e9be9484160d0ddf1a46930013fd640b6afcdaf419c4572",
     8: "76417efddbac0eb19de4dadd45a75d2ac093d998e2f3ad2d6dbd43586b11d2d3",
     10: "bd3eb9590c46e8696812c44e63379c5bf4d022074f92da4bed66aaaf38934bcd",
     11: "98befb3d71b3437c6dc34b9a1690636c3166288130c5dc3ed5ebe8078dd07a94",
+    12: "5e015cbdd78f631494f8864e1e61829eedfc8ca43f91e5f742e6f5b4479ccd03",
 }
 # What only the Supabase layer may do or name.
 LAYER_ONLY = re.compile(
