@@ -786,7 +786,10 @@ class Transport(virtual.Transport):
             self._closed = True
             self.unregister_from_event_loop(connection, self._loop)
             self._listener.close()
-            if self._pipeline is not None and not self._pipeline.confirm(CONFIRM_AT_CLOSE):
+            # Refusals are not this close's to raise (the pipeline is the
+            # process's): the next publish or confirm_publishes() reports them.
+            if (self._pipeline is not None
+                    and not self._pipeline.confirm(CONFIRM_AT_CLOSE, report=False)):
                 log.error("%d published message(s) were not confirmed by the database within "
                           "%.0f s of closing", self._pipeline.unconfirmed, CONFIRM_AT_CLOSE)
             self.leases.stop_maintaining()

@@ -137,14 +137,19 @@ def test_a_pipelined_message_refused_later_fails_the_next_publish(database_url, 
     assert "secret-payload" not in caplog.text and "Failing row" not in caplog.text
 
 
-def test_confirm_publishes_raises_for_a_refusal_no_publish_reported(database_url, db):
+@pytest.mark.parametrize("closed", [False, True], ids=["open", "after-close"])
+def test_confirm_publishes_raises_for_a_refusal_no_publish_reported(database_url, db, closed):
     queue = queue_named("refused-confirm")
     task_id = str(uuid.uuid4())
     for conn in open_connection(database_url, confirm_publish=False):
         publish(conn, queue, "refused", headers={"id": task_id, "job_id": str(uuid.uuid4())})
+        if not closed:
+            with pytest.raises(ChannelError, match=task_id):
+                confirm_publishes(10)
+            assert confirm_publishes(10)  # reported once
+    if closed:  # closing did not raise it: it waits for the producer
         with pytest.raises(ChannelError, match=task_id):
             confirm_publishes(10)
-        assert confirm_publishes(10)
     assert bodies(db, queue.name) == []
 
 
