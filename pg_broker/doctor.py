@@ -86,8 +86,15 @@ def check_database(ctx: Context) -> Result:
     except DatabaseUnavailable as exc:
         return Result(FAIL, str(exc), "start the server, check host, port, user and password "
                       "in the URL, or unset PG_BROKER_URL to use the embedded server")
-    version = ctx.conn.execute("SHOW server_version").fetchone()[0]
+    version = ctx.conn.execute(queries["doctor_server_version"]).fetchone()[0]
     return Result(OK, f"PostgreSQL {version}, connected as {ctx.conn.info.user}")
+
+
+def _record(ctx: Context) -> str | None:
+    """How the database records its migrations: None (never migrated),
+    'single-track' (by a pg_broker from before the tracks) or 'tracks'."""
+    exists, tracked = ctx.conn.execute(queries["doctor_migrations_record"]).fetchone()
+    return None if not exists else "tracks" if tracked else "single-track"
 
 
 def check_migrations(ctx: Context) -> Result:
@@ -95,10 +102,14 @@ def check_migrations(ctx: Context) -> Result:
     track, and the Supabase layer's where it is installed."""
     if ctx.conn is None:
         return Result(SKIP, "database unreachable")
-    exists = ctx.conn.execute("SELECT to_regclass('pg_broker_migrations')").fetchone()[0]
-    layer = exists and layer_installed(ctx.conn)
+    record = _record(ctx)
+    if record == "single-track":
+        return Result(FAIL, "migrated by a pg_broker from before the migration tracks",
+                      "pg-broker migrate (it records the database on the tracks and applies "
+                      "what is new)")
+    layer = record is not None and layer_installed(ctx.conn)
     known = {m.version: m for m in discover() if m.track == CORE or layer}
-    applied = dict(applied_versions(ctx.conn)) if exists else {}
+    applied = dict(applied_versions(ctx.conn)) if record else {}
     missing = [known[v].label for v in sorted(set(known) - set(applied))]
     if missing:
         return Result(FAIL, f"{len(missing)} of {len(known)} migrations not applied: "
@@ -115,21 +126,13 @@ def check_supabase_layer(ctx: Context) -> Result:
     auth.uid(), row-level security and submit_job() for users."""
     if ctx.conn is None:
         return Result(SKIP, "database unreachable")
-    exists = ctx.conn.execute("SELECT to_regclass('pg_broker_migrations')").fetchone()[0]
-    installed = exists and layer_installed(ctx.conn)
+    record = _record(ctx)
+    # The single-track schema always had the layer.
+    installed = record == "single-track" or (record == "tracks" and layer_installed(ctx.conn))
     if not installed and not ctx.conn.execute(queries["supabase_detected"]).fetchone()[0]:
         return Result(SKIP, "not installed: the broker needs only the core schema; for "
                       "row-level security and Supabase's users: pg-broker migrate --supabase")
-    roles = {r for (r,) in ctx.conn.execute(
-        "SELECT rolname FROM pg_roles WHERE rolname = ANY (%s)", (list(SUPABASE_ROLES),))}
-    uid = ctx.conn.execute("SELECT to_regprocedure('auth.uid()') IS NOT NULL").fetchone()[0]
-    forced = {t for (t,) in ctx.conn.execute(
-        "SELECT relname FROM pg_class WHERE relname = ANY (%s) AND relkind = 'r'"
-        " AND relrowsecurity AND relforcerowsecurity"
-        " AND relnamespace = 'public'::regnamespace", (list(JOB_TABLES),))}
-    submit = ctx.conn.execute(
-        "SELECT to_regprocedure('public.submit_job(text, text, jsonb, text)') IS NOT NULL"
-    ).fetchone()[0]
+    roles, uid, forced, submit = ctx.conn.execute(queries["doctor_supabase_layer"]).fetchone()
     missing = ([f"role {r}" for r in SUPABASE_ROLES if r not in roles]
                + ([] if uid else ["auth.uid()"])
                + [f"forced RLS on {t}" for t in JOB_TABLES if t not in forced]
@@ -182,7 +185,7 @@ def check_listen(ctx: Context) -> Result:
         with connect(ctx.url, autocommit=True) as listener:
             listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             started = time.monotonic()
-            ctx.conn.execute("SELECT pg_notify(%s, 'doctor')", (channel,))
+            ctx.conn.execute(queries["doctor_notify"], {"channel": channel})
             heard = list(listener.notifies(timeout=ctx.notify_timeout, stop_after=1))
     except (psycopg.Error, DatabaseUnavailable) as exc:
         return Result(FAIL, f"LISTEN failed: {exc}", _POOLER_FIX)
@@ -202,7 +205,7 @@ def check_clock(ctx: Context) -> Result:
     if ctx.conn is None:
         return Result(SKIP, "database unreachable")
     before = ctx.clock()
-    (server,) = ctx.conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+    (server,) = ctx.conn.execute(queries["doctor_clock"]).fetchone()
     after = ctx.clock()
     skew = server - (before + after) / 2
     text = f"database clock {abs(skew):.3f} s {'ahead of' if skew > 0 else 'behind'} this host"

@@ -582,3 +582,36 @@ VALUES (%(track)s, %(version)s, %(name)s, %(checksum)s)
 SELECT count(*) = 3 AND to_regprocedure('auth.uid()') IS NOT NULL
   FROM pg_roles
  WHERE rolname IN ('anon', 'authenticated', 'service_role')
+
+-- ---------------------------------------------------------------------------
+-- pg-broker doctor (pg_broker.doctor): what a check reads.
+
+-- name: doctor_server_version
+-- The server's version, for the report.
+SELECT current_setting('server_version');
+
+-- name: doctor_migrations_record
+-- Whether the record of applied migrations exists, and whether it has the track column (the single-track runner's lacks it).
+SELECT to_regclass('pg_broker_migrations') IS NOT NULL,
+       EXISTS (SELECT 1 FROM pg_attribute
+                WHERE attrelid = to_regclass('pg_broker_migrations')
+                  AND attname = 'track' AND NOT attisdropped);
+
+-- name: doctor_supabase_layer
+-- What the Supabase layer puts in place: its roles, auth.uid(), the job tables with forced row-level security, submit_job().
+SELECT ARRAY(SELECT rolname::text FROM pg_roles
+              WHERE rolname IN ('anon', 'authenticated', 'service_role')) AS roles,
+       to_regprocedure('auth.uid()') IS NOT NULL AS uid,
+       ARRAY(SELECT relname::text FROM pg_class
+              WHERE relname IN ('jobs', 'job_tasks', 'job_artifacts') AND relkind = 'r'
+                AND relrowsecurity AND relforcerowsecurity
+                AND relnamespace = 'public'::regnamespace) AS forced,
+       to_regprocedure('public.submit_job(text, text, jsonb, text)') IS NOT NULL AS submit_job;
+
+-- name: doctor_notify
+-- A notification on the doctor's throwaway channel.
+SELECT pg_notify(%(channel)s, 'doctor');
+
+-- name: doctor_clock
+-- The database's clock now, in seconds since the epoch.
+SELECT extract(epoch FROM clock_timestamp())::float8;

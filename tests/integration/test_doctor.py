@@ -8,9 +8,11 @@ import time
 import psycopg
 import pytest
 from supabase_fake import KEY, serve_fake_supabase
+from test_migration_tracks import build_legacy
 
 from pg_broker import doctor
 from pg_broker.cli import main
+from pg_broker.migrate import migrate
 
 
 @pytest.fixture
@@ -60,6 +62,22 @@ def test_a_database_not_migrated_fails_with_pg_broker_migrate(
     # The layer is optional: a database that does not look like Supabase is told how to add it.
     assert results["supabase layer"].status == "skip"
     assert "pg-broker migrate --supabase" in results["supabase layer"].message
+
+
+def test_a_database_of_the_single_track_runner_is_told_to_migrate(
+    env: str, empty_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_legacy(empty_database, 5)
+    monkeypatch.setenv("PG_BROKER_URL", empty_database)
+    results = dict(doctor.run())
+    assert results["migrations"].status == "FAIL"
+    assert "from before the migration tracks" in results["migrations"].message
+    assert results["migrations"].fix.startswith("pg-broker migrate")
+    # That schema had the Supabase layer; only submit_job() is new.
+    assert results["supabase layer"].message == "missing: submit_job()"
+    migrate(empty_database)
+    results = dict(doctor.run())
+    assert (results["migrations"].status, results["supabase layer"].status) == ("ok", "ok")
 
 
 def test_a_lost_notification_fails_the_listen_check_with_the_pooler_fix(
