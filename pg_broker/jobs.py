@@ -237,7 +237,7 @@ def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> int | None:
 def cancel_held_task(conn: psycopg.Connection, held: tuple[int, uuid.UUID]) -> bool:
     """End a held task of a cancelled job as cancelled when its worker skips
     it instead of running it. ``held`` is the (row id, lease token) of the
-    worker's delivery (:func:`pg_broker.transport.transport.held_row` of its
+    worker's delivery (:func:`pg_broker.transport.messages.held_row` of its
     delivery tag): a worker whose lease expired changes nothing. False when
     the lease no longer holds the row or its job is not cancelled. The row
     keeps its lease token, so the worker's ack settles it without completing

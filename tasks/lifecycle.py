@@ -22,7 +22,6 @@ Bookkeeping never stops a task: if the database write fails it is logged.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 
@@ -30,37 +29,38 @@ import psycopg
 from celery import signals
 from celery.app.task import Context
 
+from pg_broker import forking
 from pg_broker.database import connect, database_url
 from pg_broker.jobs import Job, cancel_held_task, get_job
 from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
 from pg_broker.states import JobStatus
-from pg_broker.transport.transport import held_row
+from pg_broker.transport.messages import held_row
 
 log = logging.getLogger(__name__)
 
 ERROR_LIMIT = 4000  # characters of an exception kept in job_tasks.error
 
 _local = threading.local()
-# Connections inherited across fork: kept referenced, never closed or
-# finalised in the child, because that would end the parent's session.
-_inherited: list[psycopg.Connection] = []
 
 
 def connection() -> psycopg.Connection:
     """This process's (and thread's) autocommit connection, opened on first use."""
-    held = getattr(_local, "held", None)
-    if held is not None:
-        pid, conn = held
-        if pid != os.getpid():
-            _inherited.append(conn)
-        elif not conn.closed and not conn.broken:
-            return conn
+    conn = getattr(_local, "conn", None)
+    if conn is not None and not conn.closed and not conn.broken:
+        return conn
     url = database_url()
     ensure_migrated(url)
-    conn = connect(url, autocommit=True)
-    _local.held = (os.getpid(), conn)
+    conn = _local.conn = connect(url, autocommit=True)
     return conn
+
+
+@forking.on_fork
+def _forget_connection() -> None:
+    """In a forked child (a prefork pool's process): the connection the
+    forking thread held is the parent's; the child opens its own."""
+    forking.disown(getattr(_local, "conn", None))
+    _local.conn = None
 
 
 def task_error_text(exception: BaseException) -> str:

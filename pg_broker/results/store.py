@@ -16,7 +16,6 @@ opens its own when first used.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -24,12 +23,12 @@ from datetime import timedelta
 
 import psycopg
 
+from pg_broker import forking
 from pg_broker.database import connect, session_defaults
 from pg_broker.maintenance import ResultExpiry
 from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
-from pg_broker.transport.connections import close_quietly, disown
-from pg_broker.transport.transport import CONNECT_DEFAULTS
+from pg_broker.transport.connections import CONNECT_DEFAULTS, close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,7 @@ class ResultStore:
         # Its waiters' ResultListener (pg_broker.results.waiting), once one waits.
         self.listener = None
         self._conn: psycopg.Connection | None = None
+        forking.forget_in_child(self)
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
@@ -120,8 +120,9 @@ class ResultStore:
             close_quietly(conn)
 
     def forget_after_fork(self) -> None:
-        """In a forked child: the parent's connection (and waiters) are the parent's."""
-        disown(self._conn)
+        """In a forked child: the parent's connection (and waiters) are the
+        parent's (see :mod:`pg_broker.forking`)."""
+        forking.disown(self._conn)
         self._conn = None
         self.lock = threading.RLock()
         if self.listener is not None:
@@ -199,11 +200,9 @@ class ResultStore:
             return ResultExpiry().run(conn)
 
 
-def _after_fork_in_child() -> None:
+@forking.on_fork
+def _forget_stores_lock() -> None:
+    """A lock another thread held at the fork stays taken in the child (the
+    stores forget their own connections)."""
     global _stores_lock
     _stores_lock = threading.Lock()
-    for store in list(_stores.values()):
-        store.forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,4 +1,4 @@
-"""The ``pgbroker://`` Kombu transport (see :mod:`.transport`).
+"""The ``pgbroker://`` Kombu transport (see :mod:`.transport` for its map).
 
 ``import pg_broker`` registers the scheme; ``enqueue_in(conn)`` makes the
 publishes of the current thread part of the caller's transaction;
@@ -6,7 +6,9 @@ publishes of the current thread part of the caller's transaction;
 waiting (see :mod:`.pipeline`).
 """
 
+from .channel import Channel, enqueue_in
 from .pipeline import confirm_publishes
-from .transport import Channel, QoS, Transport, enqueue_in
+from .qos import QoS
+from .transport import Transport
 
 __all__ = ["Channel", "QoS", "Transport", "confirm_publishes", "enqueue_in"]

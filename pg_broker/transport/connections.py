@@ -1,19 +1,141 @@
-"""The transport's PostgreSQL connections: ended quietly in the process that
-opened them, disowned (never closed) in a forked child; their errors told in
-a form safe to log."""
+"""The transport's PostgreSQL connections: how they are opened (libpq
+parameters, the response deadline), which errors mean one was lost, and the
+work connection every statement of a process's transport runs on, reopened
+when its session is gone and disowned (never closed) in a forked child."""
 
 from __future__ import annotations
 
 import logging
-import os
+import threading
 
 import psycopg
+from kombu.transport import virtual
+from kombu.utils import json as kombu_json
+from psycopg.conninfo import make_conninfo
+from psycopg.types.json import set_json_loads
+
+from pg_broker import forking
+from pg_broker.database import DatabaseUnavailable
+from pg_broker.masking import redacting
+from pg_broker.urls import SCHEME, libpq_url
+
+from . import deadline
 
 log = logging.getLogger(__name__)
 
-# Inherited connections a child disowned: kept referenced so that they are
-# never finalised (their sockets point at /dev/null by then anyway).
-_disowned: list[psycopg.Connection] = []
+# libpq parameters the broker URL may override. When packets stop getting
+# through, keepalives find an idle connection (LISTEN) dead after 10 + 3 x 5 =
+# 25 s, and tcp_user_timeout one whose data goes unacknowledged (mid-query)
+# after 20 s instead of the kernel's ~15 minutes of retransmissions; the
+# connect timeout bounds a connect attempt while the database is down. A peer
+# that acknowledges but never replies is response_timeout's (deadline.py).
+CONNECT_DEFAULTS = {
+    "application_name": "pg_broker",
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "20000",
+}
+
+# A read-only database (a managed service's answer to a full disk, a standby
+# after failover) refuses writes until it is writable again: a connection
+# error, so Celery's consumer and kombu's publish retry back off and
+# reconnect, and the new session sees the database's settings as they are
+# then (an open session keeps default_transaction_read_only).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = virtual.Transport.connection_errors + (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.ReadOnlySqlTransaction,
+    DatabaseUnavailable,
+)
+
+
+def conninfo(client) -> str:
+    """The libpq connection string for a kombu Connection (URL form, or separate fields)."""
+    hostname = client.hostname or ""
+    if "://" in hostname:
+        return libpq_url(hostname)
+    if not hostname:
+        return libpq_url(f"{SCHEME}://")
+    # make_conninfo quotes what a URL would have to escape (an @ or : in a password).
+    return make_conninfo(
+        host=hostname, port=client.port or None, user=client.userid or None,
+        password=client.password or None,
+        dbname=(client.virtual_host or "").lstrip("/") or None,
+    )
+
+
+class WorkConnection:
+    """The transport's autocommit work connection, opened on first use and
+    again after it was lost. The consuming thread and the lease thread share
+    it (psycopg connections are thread-safe; the statements are short)."""
+
+    def __init__(self, conninfo: str, connect_kwargs: dict, response_timeout: float) -> None:
+        self.conninfo = conninfo
+        self.connect_kwargs = connect_kwargs
+        self.response_timeout = response_timeout
+        self._conn: psycopg.Connection | None = None
+        self._connecting = threading.Lock()
+        forking.forget_in_child(self)
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        """The connection, reopened when it was lost."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            with self._connecting:  # the lease thread may want it at the same time
+                conn = self._conn
+                if conn is None or conn.closed:
+                    with redacting(self.conninfo):
+                        conn = deadline.connect(self.conninfo, self.response_timeout,
+                                                autocommit=True, **self.connect_kwargs)
+                    set_json_loads(kombu_json.loads, conn)
+                    self._conn = conn
+        return conn
+
+    @property
+    def open(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    def execute(self, query: str, params: dict | None = None, row_factory=None) -> psycopg.Cursor:
+        """Run a statement.
+
+        A session that turns out to be gone (terminated, or the server
+        restarted since) costs one retry on a fresh connection, not a consumer
+        restart; one the deadline cut (the path stopped answering,
+        :mod:`.deadline`) does not: its error goes up at once. Only for
+        statements that may run twice, should the first have committed
+        unseen: settlements are fenced by lease tokens, declarations are
+        upserts, reads are reads; a claim whose reply was lost leaves its rows
+        to their lease, as a crash would. Publishes and purges never come here.
+        """
+        conn = self.conn
+        try:
+            return conn.cursor(row_factory=row_factory).execute(query, params)
+        except CONNECTION_ERRORS:
+            if not conn.closed or getattr(conn, "cut_after", None) is not None:
+                raise
+        return self.conn.cursor(row_factory=row_factory).execute(query, params)
+
+    def drop(self) -> None:
+        """Close the connection once no statement runs on it; its next use
+        opens a new session."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with conn.lock:
+                close_quietly(conn)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        close_quietly(conn)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the connection is the parent's (see :mod:`pg_broker.forking`)."""
+        forking.disown(self._conn)
+        self._conn = None
+        self._connecting = threading.Lock()
 
 
 def close_quietly(conn: psycopg.Connection | None) -> None:
@@ -23,33 +145,3 @@ def close_quietly(conn: psycopg.Connection | None) -> None:
             conn.close()
         except psycopg.Error:
             log.debug("closing a broker connection failed", exc_info=True)
-
-
-def disown(conn: psycopg.Connection | None) -> None:
-    """Make an inherited connection harmless in a forked child.
-
-    Closing it would end the parent's session (libpq sends Terminate on the
-    shared socket). Instead the child's copy of the socket descriptor is
-    pointed at /dev/null and the object is kept alive, never closed.
-    """
-    if conn is None:
-        return
-    try:
-        fd = conn.pgconn.socket
-    except psycopg.Error:
-        fd = None
-    if fd is not None and fd >= 0:
-        devnull = os.open(os.devnull, os.O_RDWR)
-        try:
-            os.dup2(devnull, fd)
-        finally:
-            os.close(devnull)
-    _disowned.append(conn)
-
-
-def first_line(exc: BaseException) -> str:
-    """An error's primary message, without the lines PostgreSQL adds after it:
-    its DETAIL may quote the row (``Failing row contains (...)``), payload
-    included, and logs never carry payloads."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

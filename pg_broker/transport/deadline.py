@@ -3,7 +3,7 @@
 A database that stops answering without closing the connection leaves libpq
 waiting for ever: the worker's event loop stops inside a claim and never
 notices. TCP keepalives and ``tcp_user_timeout`` (``CONNECT_DEFAULTS`` in
-:mod:`.transport`) cover the case where packets are dropped. They see nothing
+:mod:`.connections`) cover the case where packets are dropped. They see nothing
 when something on the path still acknowledges what it is sent but forwards no
 reply: a proxy, PgBouncer or load balancer that hangs, a server that stopped
 responding. Measured with the chaos suite's proxy (tests/chaos), which stops
@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+
+from pg_broker import forking
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,8 @@ class _Watchdog:
                 self._thread.start()
 
     def forget_after_fork(self) -> None:
-        """In a forked child: the thread did not survive, the connections are the parent's."""
+        """In a forked child: the thread did not survive, the connections are
+        the parent's (see :mod:`pg_broker.forking`)."""
         self._lock = threading.Lock()
         self._conns = weakref.WeakSet()
         self._thread = None
@@ -132,4 +135,4 @@ def _cut(conn: WatchedConnection, waited: float) -> None:
 
 
 _watchdog = _Watchdog()
-os.register_at_fork(after_in_child=_watchdog.forget_after_fork)
+forking.forget_in_child(_watchdog)

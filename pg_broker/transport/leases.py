@@ -4,9 +4,10 @@ A claimed row stays invisible to other workers until its lease ends. The
 :class:`LeaseKeeper` thread renews the lease of every row its transport holds
 (prefetched messages, running tasks, ETA/countdown tasks Celery keeps unacked
 in memory) every ``lease / 3`` seconds, so a hub blocked by a long task in the
-solo pool does not stop renewal. It shares the transport's work connection
-(psycopg connections are thread-safe; the statements are short): a worker
-needs one connection less.
+solo pool does not stop renewal. It runs its statements through the transport's
+store (:mod:`.store`), on the transport's work connection (psycopg
+connections are thread-safe; the statements are short): a worker needs one
+connection less.
 
 The same thread keeps the consumed queues that have an expiry (``x-expires``:
 Celery's remote-control and event queues) alive, and runs the maintenance
@@ -32,14 +33,15 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import psycopg
 
-from pg_broker.queries import queries
+from pg_broker import forking
+from pg_broker.masking import first_line
 
-from .connections import first_line
-
-Execute = Callable[[str, dict | None], psycopg.Cursor]
+if TYPE_CHECKING:
+    from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +59,19 @@ class LeaseKeeper:
 
     def __init__(
         self,
-        execute: Execute,
+        store: Store,
         lease: float,
         maintenance_interval: float,
         settle: Callable[[], None] = lambda: None,
         finished: Callable[[], bool] = lambda: False,
         reconnect: Callable[[], None] = lambda: None,
     ) -> None:
-        """``execute`` runs a statement on the transport's work connection;
+        """``store`` runs the statements (on the transport's work connection);
         ``settle`` sends the deferred settlements (raising psycopg.Error when
         it cannot); ``finished`` says the thread may end (closed, nothing
         held); ``reconnect`` drops the work connection (the next statement
         opens a new session)."""
-        self._execute = execute
+        self._store = store
         self._settle = settle
         self._finished = finished
         self._reconnect = reconnect
@@ -86,6 +88,7 @@ class LeaseKeeper:
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        forking.forget_in_child(self)
 
     # Called by the consuming threads -------------------------------------
 
@@ -146,7 +149,8 @@ class LeaseKeeper:
             thread.join(timeout=5)
 
     def forget_after_fork(self) -> None:
-        """In a forked child: the thread did not survive, the rows are the parent's."""
+        """In a forked child: the thread did not survive, the rows are the
+        parent's (see :mod:`pg_broker.forking`)."""
         self._thread = None
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -220,11 +224,7 @@ class LeaseKeeper:
         if not held:
             return 0
         ids = list(held)
-        rows = self._execute(
-            queries["transport_renew_leases"],
-            {"ids": ids, "tokens": [held[i] for i in ids], "lease": timedelta(seconds=self.lease)},
-        ).fetchall()
-        renewed = {row[0] for row in rows}
+        renewed = set(self._store.renew_leases(held, timedelta(seconds=self.lease)))
         with self._lock:
             lost = [i for i in ids if i not in renewed and self._held.get(i) == held[i]]
             for row_id in lost:
@@ -242,11 +242,11 @@ class LeaseKeeper:
             expiring = dict(self._expiring)
         if not expiring:
             return KEEP_ALIVE_CHECK
-        self._execute(queries["transport_touch_queues"], {"queues": list(expiring)})
+        self._store.touch_queues(list(expiring))
         return max(min(expiring.values()) / 3.0, 0.05)
 
     def maintain(self) -> None:
-        reclaimed, dropped = self._execute(queries["transport_maintain"], None).fetchone()
+        reclaimed, dropped = self._store.maintain()
         if reclaimed:
             log.info("reclaimed %d task(s) whose lease expired", reclaimed)
         if dropped:

@@ -15,6 +15,7 @@ import hashlib
 import psycopg
 from psycopg import sql
 
+from pg_broker import forking
 from pg_broker.masking import redacting
 
 from . import deadline
@@ -43,6 +44,7 @@ class Listener:
         self._response_timeout = response_timeout
         self._queues: dict[str, str] = {}  # channel -> queue
         self.conn: psycopg.Connection | None = None
+        forking.forget_in_child(self)
 
     @property
     def connected(self) -> bool:
@@ -85,6 +87,12 @@ class Listener:
     def close(self) -> None:
         conn, self.conn = self.conn, None
         close_quietly(conn)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the connection is the parent's (see
+        :mod:`pg_broker.forking`); the child LISTENs on one of its own."""
+        forking.disown(self.conn)
+        self.conn = None
 
     def _listen(self, channel: str) -> None:
         self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

@@ -1,5 +1,10 @@
 """Pipelined publishing: messages sent without waiting for each reply.
 
+(Longer than ~400 lines on purpose: one class, :class:`Pipeline`, over one
+connection, whose every use holds one lock while its confirmer thread waits
+for replies without it; that discipline is easier to check in one file than
+across several. An eighth of the file is this docstring.)
+
 A durable publish normally returns after its commit: one round trip plus a
 WAL flush per message. Two kinds of publish don't wait for theirs:
 
@@ -66,8 +71,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
-import re
 import select
 import threading
 import weakref
@@ -79,10 +82,11 @@ import psycopg
 from kombu.exceptions import ChannelError
 from psycopg import pq
 
-from pg_broker.masking import redacting
+from pg_broker import forking
+from pg_broker.masking import first_line, redacting
 
-from . import deadline
-from .connections import close_quietly, disown, first_line
+from .connections import close_quietly
+from .store import OK, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +112,8 @@ REFUSED_CLASSES = ("22", "23")
 # At most this many refused messages are named in one error.
 REFUSALS_NAMED = 5
 
-_OK = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
-
 # One pipeline per process and database (see shared()); every one, for the
-# confirms at exit and the fork handler.
+# confirms at exit.
 _pipelines: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 _shared: dict[tuple, Pipeline] = {}
 _shared_lock = threading.Lock()
@@ -127,74 +129,6 @@ def shared(conninfo: str, connect_kwargs: dict, statement: Prepared) -> Pipeline
         if pipeline is None or pipeline.closed:
             pipeline = _shared[key] = Pipeline(conninfo, connect_kwargs, statement)
         return pipeline
-
-
-def positional(query: str) -> tuple[str, list[str]]:
-    """``%(name)s`` placeholders as ``$n``; returns the query and the names in order."""
-    names: list[str] = []
-
-    def number(match: re.Match) -> str:
-        if match.group(0) == "%%":
-            return "%"
-        name = match.group(1)
-        if name not in names:
-            names.append(name)
-        return f"${names.index(name) + 1}"
-
-    return re.sub(r"%%|%\((\w+)\)s", number, query), names
-
-
-def text_value(value: object) -> bytes | None:
-    """A parameter in PostgreSQL's text format (the statement casts each one)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return b"true" if value else b"false"
-    if hasattr(value, "total_seconds"):  # a timedelta, for an interval
-        return f"{value.total_seconds()} seconds".encode()
-    return str(value).encode()
-
-
-class Prepared:
-    """A named statement of queries.sql run through libpq directly: no cursor,
-    no adaptation (every parameter is text the statement casts), a fraction
-    of psycopg's per-call cost on the hottest path, the publish."""
-
-    def __init__(self, name: str, query: str) -> None:
-        self.name = name.encode()
-        text, names = positional(query)
-        self.text = text.encode()
-        self.names = tuple(names)
-        self._prepared_on: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
-
-    def values(self, params: dict) -> list[bytes | None]:
-        return [text_value(params[name]) for name in self.names]
-
-    def prepare(self, pgconn: pq.abc.PGconn) -> None:
-        """Prepare on a connection not in pipeline mode (blocks)."""
-        check(pgconn, pgconn.prepare(self.name, self.text))
-
-    def execute(self, conn: psycopg.Connection, params: dict) -> pq.abc.PGresult:
-        """Run on ``conn`` (idle in autocommit, or in an open transaction) and
-        wait; prepares the statement once per connection."""
-        values = self.values(params)
-        with conn.lock, deadline.waiting(conn):
-            pgconn = conn.pgconn
-            if conn not in self._prepared_on:
-                self.prepare(pgconn)
-                self._prepared_on.add(conn)
-            return check(pgconn, pgconn.exec_prepared(self.name, values))
-
-
-def check(pgconn: pq.abc.PGconn, result: pq.abc.PGresult | None) -> pq.abc.PGresult:
-    """``result`` if it succeeded; else the psycopg exception it means
-    (OperationalError when the connection is gone)."""
-    if result is not None and result.status in _OK:
-        return result
-    message = (result.error_message if result is not None else pgconn.error_message)
-    if pgconn.status == pq.ConnStatus.BAD or result is None:
-        raise psycopg.OperationalError(message.decode(errors="replace").strip())
-    raise psycopg.errors.error_from_result(result)
 
 
 @dataclass(slots=True)
@@ -235,6 +169,7 @@ class Pipeline:
         self._refusals: list[tuple[str, str, str]] = []
         self._thread: threading.Thread | None = None
         _pipelines.add(self)
+        forking.forget_in_child(self)
 
     @property
     def closed(self) -> bool:
@@ -403,7 +338,7 @@ class Pipeline:
             self._in_flight.popleft()
             if entry.error is not None:
                 self._turned_down(entry)
-        elif status not in _OK and entry.error is None:
+        elif status not in OK and entry.error is None:
             state = result.error_field(pq.DiagnosticField.SQLSTATE) or b""
             # The primary message only: the DETAIL may quote the row, payload and all.
             primary = (result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY)
@@ -563,9 +498,9 @@ class Pipeline:
             self._in_flight.clear()
 
     def forget_after_fork(self) -> None:
-        """In a forked child (the at-fork hook below calls it for every
-        pipeline): the parent's connection and messages are the parent's."""
-        disown(self._conn)
+        """In a forked child: the parent's connection and messages are the
+        parent's (see :mod:`pg_broker.forking`)."""
+        forking.disown(self._conn)
         self._conn = None
         self._unsent.clear()
         self._in_flight.clear()
@@ -610,10 +545,10 @@ def _confirm_at_exit() -> None:
         pipeline.close()
 
 
-def _after_fork_in_child() -> None:
+@forking.on_fork
+def _forget_shared() -> None:
+    """In a forked child: the shared pipelines are the parent's; a lock
+    another thread held at the fork stays taken in the child."""
+    global _shared_lock
     _shared.clear()
-    for pipeline in list(_pipelines):
-        pipeline.forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+    _shared_lock = threading.Lock()

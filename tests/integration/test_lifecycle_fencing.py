@@ -17,7 +17,7 @@ from celery import Celery, signals
 from taskrows import ack_and_claim, add_job, add_tasks, task
 
 from pg_broker.jobs import cancel_job
-from pg_broker.transport.transport import delivery_tag
+from pg_broker.transport.messages import delivery_tag
 from tasks.lifecycle import job_to_work_on
 
 app = Celery("fencing")

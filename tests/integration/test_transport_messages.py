@@ -118,7 +118,7 @@ def test_ack_after_the_lease_was_lost_is_refused_and_logged(connection, db, capl
         # The lease expired and another worker claimed the row.
         db.execute("UPDATE job_tasks SET lease_token = gen_random_uuid() WHERE queue = %s",
                    (simple.queue.name,))
-        with caplog.at_level(logging.WARNING, logger="pg_broker.transport.transport"):
+        with caplog.at_level(logging.WARNING, logger="pg_broker.transport"):
             message.ack()
         assert rows(db, simple.queue.name) == [("claimed", 1, True)]
         assert "lease lost" in caplog.text

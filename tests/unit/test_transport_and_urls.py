@@ -12,15 +12,15 @@ import kombu
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from pg_broker.transport.transport import (
+from pg_broker.transport.connections import conninfo
+from pg_broker.transport.messages import (
     _JSON_NUL,
     TRANSIENT_TAG_PREFIX,
-    _conninfo,
-    _flag,
-    _milliseconds,
     delivery_tag,
     held_row,
+    milliseconds,
 )
+from pg_broker.transport.options import _flag
 from pg_broker.urls import broker_url, libpq_url, masked_url, result_backend_url
 
 
@@ -53,7 +53,7 @@ def test_tags_that_hold_no_row_parse_to_none(tag: object) -> None:
     ([1], None),
 ])
 def test_ttl_arguments_in_milliseconds(value: object, expected: timedelta | None) -> None:
-    assert _milliseconds(value) == expected
+    assert milliseconds(value) == expected
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -99,7 +99,7 @@ def test_a_broker_url_is_shown_under_its_scheme_without_the_password() -> None:
 def test_a_connection_given_as_fields_keeps_a_password_with_url_characters() -> None:
     with kombu.Connection(hostname="db.example", userid="app", password="p@ss:w/rd",
                           port=5433, virtual_host="/jobs", transport="pgbroker") as connection:
-        params = conninfo_to_dict(_conninfo(connection))
+        params = conninfo_to_dict(conninfo(connection))
     assert params == {"host": "db.example", "port": "5433", "user": "app",
                       "password": "p@ss:w/rd", "dbname": "jobs"}
 

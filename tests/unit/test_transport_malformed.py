@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from poison_support import json_values, near_misses
 
-from pg_broker.transport.transport import _reason, malformed
+from pg_broker.transport.messages import failure_reason, malformed
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,12 @@ def test_the_reason_of_a_chained_exception_names_each_and_is_bounded():
         except SystemExit:
             raise TypeError("cannot unpack\nDETAIL: Failing row contains (secret)") from None
     except TypeError as exc:
-        assert _reason(exc) == "TypeError: cannot unpack"
+        assert failure_reason(exc) == "TypeError: cannot unpack"
     try:
         try:
             raise SystemExit(3)
         except SystemExit as inner:
             raise ValueError("x" * 1000) from inner
     except ValueError as exc:
-        reason = _reason(exc)
+        reason = failure_reason(exc)
     assert reason.endswith("…") and len(reason) == 500

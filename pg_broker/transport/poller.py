@@ -1,0 +1,203 @@
+"""Waiting for messages: the worker's hub, and ``drain_events`` for clients.
+
+With ``asynchronous=True`` a Celery worker runs kombu's hub and never calls
+``drain_events``; clients (``celery inspect``, Flower's event thread, plain
+kombu consumers) always call ``drain_events``. :class:`Poller` serves both,
+as kombu's Redis transport has its ``MultiChannelPoller``:
+
+- under the hub, three things make it deliver: the LISTEN connection turning
+  readable (a NOTIFY), a kick (a byte on a pipe of its own, written from any
+  thread: room in the prefetch window, an ack waiting for a claim, a buffer
+  not yet empty) and the safety poll every ``polling_interval``, which also
+  sends acks left waiting. Acks wait ``ACK_WAIT`` for a claim to carry them
+  when the hub is idle, then go on their own;
+- ``drain_events`` waits on the LISTEN connection (or the polling interval)
+  and delivers what is ready.
+
+A lost LISTEN session is replaced on the spot and every queue polled
+(notifications sent meanwhile are lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from time import monotonic
+
+from pg_broker import forking
+
+from .connections import CONNECTION_ERRORS
+from .delivery import Delivery
+from .listener import Listener
+from .settlement import ACK_WAIT, Settlements
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Poller:
+    """The hub's readers, kick, timers and safety poll; and the client's wait."""
+
+    def __init__(self, listener: Listener, delivery: Delivery, settlements: Settlements,
+                 store: Store, polling_interval: float) -> None:
+        self._listener = listener
+        self._delivery = delivery
+        self._settlements = settlements
+        self._store = store
+        self.polling_interval = polling_interval
+        self.loop = None
+        self._poll_timer = None
+        self._listen_fd: int | None = None
+        self._wake_fds: tuple[int, int] | None = None
+        self._kicked = False
+        self._ack_timer = None
+        forking.forget_in_child(self)
+
+    # The worker's event loop ----------------------------------------------------
+
+    def register(self, loop) -> None:
+        """Deliver from the hub: woken by NOTIFY, by a kick, or by the safety poll.
+
+        Messages are only delivered from reader callbacks: Celery schedules
+        work with ``call_soon`` while it receives a message, and the hub runs
+        that work right after its reader callbacks, but only after its next
+        poll when the message was delivered from a tick or a timer.
+        """
+        self.loop = loop
+        self._delivery.attach(loop, self.kick)
+        self._listener.connect()
+        if self._wake_fds is None:
+            self._wake_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._settlements.attach(self.kick)
+        self._listen_fd = self._listener.fileno()
+        loop.add_reader(self._listen_fd, self._on_readable)
+        loop.add_reader(self._wake_fds[0], self._on_kick)
+        loop.on_tick.add(self._on_tick)
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+        self._poll_timer = loop.call_repeatedly(self.polling_interval, self._safety_poll)
+        self._delivery.ready |= set(self._delivery.consumers)
+        self.kick()
+
+    def unregister(self) -> None:
+        loop = self.loop
+        if loop is None:
+            return
+        loop.on_tick.discard(self._on_tick)
+        for timer in (self._poll_timer, self._ack_timer):
+            if timer is not None:
+                timer.cancel()
+        self._poll_timer = self._ack_timer = None
+        if self._listen_fd is not None:
+            loop.remove_reader(self._listen_fd)
+            self._listen_fd = None
+        if self._wake_fds is not None:
+            self._settlements.detach()
+            loop.remove_reader(self._wake_fds[0])
+            for fd in self._wake_fds:
+                os.close(fd)
+            self._wake_fds = None
+        self._delivery.detach()
+        self.loop = None
+
+    def kick(self) -> None:
+        """Make the hub deliver the ready queues soon (any thread may call it)."""
+        fds = self._wake_fds
+        if fds is None or self._kicked:
+            return
+        self._kicked = True
+        try:
+            os.write(fds[1], b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _on_kick(self) -> None:
+        try:
+            os.read(self._wake_fds[0], 4096)
+        except (BlockingIOError, OSError):
+            pass
+        self._kicked = False
+        self._deliver_one()
+
+    def _on_readable(self) -> None:
+        try:
+            self._delivery.ready |= self._listener.read()
+        except CONNECTION_ERRORS:
+            self.relisten()
+        self._deliver_one()
+
+    def relisten(self) -> None:
+        """The LISTEN session was lost: a fresh one, and every queue polled
+        (notifications sent meanwhile are lost). Raises when the database
+        cannot be reached: the consumer then restarts."""
+        loop = self.loop
+        if loop is not None and self._listen_fd is not None:
+            loop.remove_reader(self._listen_fd)
+            self._listen_fd = None
+        self._listener.close()
+        self._listener.connect()
+        if loop is not None:
+            self._listen_fd = self._listener.fileno()
+            loop.add_reader(self._listen_fd, self._on_readable)
+        self._delivery.ready |= set(self._delivery.consumers)
+        log.info("listening again after a lost connection")
+
+    def _deliver_one(self) -> None:
+        # One message per hub iteration: between two, Celery sees a shutdown
+        # request and runs what the last message scheduled.
+        self._delivery.deliver_ready(most=1)
+        if self._delivery.buffers:
+            self.kick()
+        elif self._settlements.acks_waiting and self._ack_timer is None:
+            # Idle for now: the acks wait a moment for the next claim to take them.
+            self._ack_timer = self.loop.call_later(ACK_WAIT, self._flush_acks_later)
+
+    def _flush_acks_later(self) -> None:
+        self._ack_timer = None
+        self._settlements.flush_acks()
+
+    def _on_tick(self) -> None:
+        if self._delivery.ready and not self._kicked and self._delivery.deliverable():
+            self.kick()
+
+    def _safety_poll(self) -> None:
+        self._settlements.flush_acks()
+        ready = self._delivery.ready
+        idle = [queue for queue in self._delivery.consumers if queue not in ready]
+        if idle:
+            ready.update(self._store.probe(idle))
+
+    # The client path --------------------------------------------------------------
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Deliver what is ready, waiting up to ``timeout`` for something to
+        be (``TimeoutError`` then)."""
+        delivery = self._delivery
+        deadline = None if timeout is None else monotonic() + timeout
+        self._listener.connect()
+        while True:
+            if (delivery.ready or delivery.buffers) and delivery.deliver_ready():
+                return
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError()
+            wait = self.polling_interval if remaining is None else min(remaining, self.polling_interval)
+            try:
+                notified = self._listener.wait(wait)
+            except CONNECTION_ERRORS:
+                self.relisten()
+                notified = set()
+            if notified:
+                delivery.ready |= notified
+            else:
+                delivery.ready |= set(delivery.consumers)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the hub, its pipe and its timers are the parent's
+        (see :mod:`pg_broker.forking`)."""
+        self.loop = None
+        self._poll_timer = None
+        self._listen_fd = None
+        self._ack_timer = None
+        self._wake_fds = None
+        self._kicked = False

@@ -1,0 +1,321 @@
+"""The transport's store: the only code that runs its statements.
+
+Every statement is a named one of ``pg_broker/sql/queries.sql``
+(``transport_*``); each method here runs one and returns what it returned as
+named rows (the ``NamedTuple`` types below) or plain values. The channel,
+the delivery and settlement code and the lease thread (:mod:`.leases`) call
+it; the publish pipeline (:mod:`.pipeline`) sends the store's prepared
+publish statement, :data:`PUBLISH`.
+
+Statements run on the transport's work connection
+(:class:`.connections.WorkConnection`), retried once on a fresh session
+when the old one turned out to be gone — except the publish and the purge,
+which must never run twice.
+
+The publish is the hottest statement: :class:`Prepared` runs it through
+libpq directly, without a cursor or psycopg's adaptation (every parameter is
+text the statement casts), a fraction of psycopg's per-call cost.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+import weakref
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import NamedTuple
+
+import psycopg
+from psycopg import pq
+from psycopg.rows import scalar_row
+from psycopg.types.json import Jsonb
+
+from pg_broker.queries import queries
+
+from . import deadline
+from .connections import WorkConnection
+from .messages import dumps
+
+OK = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
+
+Held = tuple[int, uuid.UUID]  # a held row: (job_tasks id, lease token)
+
+
+# Rows --------------------------------------------------------------------------
+
+
+class Claimed(NamedTuple):
+    """A row of ``transport_claim``: a row claimed (``claimed``) or one acked."""
+
+    claimed: bool
+    id: int
+    payload: object  # the Kombu message (decoded by kombu's JSON); None for an acked row
+    attempts: int | None
+    priority: int | None
+    sequence: int | None
+
+
+class Transient(NamedTuple):
+    """A message taken from a non-durable queue (``transport_take_transient``)."""
+
+    id: int
+    payload: object
+    priority: int
+
+
+class Binding(NamedTuple):
+    """A row of an exchange's binding table, as kombu's exchange types read it."""
+
+    routing_key: str
+    pattern: str
+    queue: str
+
+
+class Failed(NamedTuple):
+    """A row ``transport_fail`` rejected: its status after, None when its lease was lost."""
+
+    id: int
+    status: str | None
+
+
+class Maintenance(NamedTuple):
+    """What a run of ``transport_maintain`` did."""
+
+    reclaimed: int
+    dropped: int
+
+
+def _rows(row_type: type[NamedTuple]):
+    """A psycopg row factory making ``row_type`` rows (by position)."""
+    make = row_type._make
+    return lambda cursor: make
+
+
+CLAIMED_ROWS = _rows(Claimed)
+TRANSIENT_ROWS = _rows(Transient)
+BINDING_ROWS = _rows(Binding)
+FAILED_ROWS = _rows(Failed)
+MAINTENANCE_ROWS = _rows(Maintenance)
+
+
+# Statements run through libpq directly -------------------------------------------
+
+
+def positional(query: str) -> tuple[str, list[str]]:
+    """``%(name)s`` placeholders as ``$n``; returns the query and the names in order."""
+    names: list[str] = []
+
+    def number(match: re.Match) -> str:
+        if match.group(0) == "%%":
+            return "%"
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return re.sub(r"%%|%\((\w+)\)s", number, query), names
+
+
+def text_value(value: object) -> bytes | None:
+    """A parameter in PostgreSQL's text format (the statement casts each one)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return b"true" if value else b"false"
+    if hasattr(value, "total_seconds"):  # a timedelta, for an interval
+        return f"{value.total_seconds()} seconds".encode()
+    return str(value).encode()
+
+
+class Prepared:
+    """A named statement of queries.sql run through libpq directly: no cursor,
+    no adaptation (every parameter is text the statement casts), a fraction
+    of psycopg's per-call cost on the hottest path, the publish."""
+
+    def __init__(self, name: str, query: str) -> None:
+        self.name = name.encode()
+        text, names = positional(query)
+        self.text = text.encode()
+        self.names = tuple(names)
+        self._prepared_on: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
+
+    def values(self, params: dict) -> list[bytes | None]:
+        return [text_value(params[name]) for name in self.names]
+
+    def prepare(self, pgconn: pq.abc.PGconn) -> None:
+        """Prepare on a connection not in pipeline mode (blocks)."""
+        check(pgconn, pgconn.prepare(self.name, self.text))
+
+    def execute(self, conn: psycopg.Connection, params: dict) -> pq.abc.PGresult:
+        """Run on ``conn`` (idle in autocommit, or in an open transaction) and
+        wait; prepares the statement once per connection."""
+        values = self.values(params)
+        with conn.lock, deadline.waiting(conn):
+            pgconn = conn.pgconn
+            if conn not in self._prepared_on:
+                self.prepare(pgconn)
+                self._prepared_on.add(conn)
+            return check(pgconn, pgconn.exec_prepared(self.name, values))
+
+
+def check(pgconn: pq.abc.PGconn, result: pq.abc.PGresult | None) -> pq.abc.PGresult:
+    """``result`` if it succeeded; else the psycopg exception it means
+    (OperationalError when the connection is gone)."""
+    if result is not None and result.status in OK:
+        return result
+    message = (result.error_message if result is not None else pgconn.error_message)
+    if pgconn.status == pq.ConnStatus.BAD or result is None:
+        raise psycopg.OperationalError(message.decode(errors="replace").strip())
+    raise psycopg.errors.error_from_result(result)
+
+
+PUBLISH = Prepared("pg_broker_publish", queries["transport_publish"])
+
+
+def _held(held: Iterable[Held]) -> dict:
+    held = list(held)
+    return {"ids": [row_id for row_id, _ in held], "tokens": [token for _, token in held]}
+
+
+class Store:
+    """The transport's statements, on its work connection."""
+
+    def __init__(self, work: WorkConnection) -> None:
+        self.work = work
+
+    # Publishing ---------------------------------------------------------------
+
+    def publish(self, params: dict) -> None:
+        """Store and notify one message (``transport_publish``) in a
+        transaction of its own; returns after the commit."""
+        PUBLISH.execute(self.work.conn, params)
+
+    @staticmethod
+    def publish_in(conn: psycopg.Connection, params: dict) -> None:
+        """Store one message in the caller's transaction on ``conn`` (see
+        :func:`.channel.enqueue_in`): visible, and notified, at its commit."""
+        if (conn.pgconn.transaction_status == pq.TransactionStatus.INTRANS
+                and not conn.pgconn.pipeline_status):
+            PUBLISH.execute(conn, params)  # the caller's open transaction
+        else:  # psycopg opens the caller's transaction, or runs its pipeline
+            conn.execute(queries["transport_publish"], params)
+
+    # Queues, exchanges, bindings ---------------------------------------------
+
+    def declare_queue(self, name: str, durable: bool, exclusive: bool, auto_delete: bool,
+                      message_ttl: timedelta | None, expires: timedelta | None,
+                      max_priority: object, arguments: dict) -> bool:
+        """Declare (or re-declare) a queue; whether it is durable."""
+        return self.work.execute(queries["transport_declare_queue"], {
+            "name": name,
+            "durable": durable,
+            "exclusive": exclusive,
+            "auto_delete": auto_delete,
+            "message_ttl": message_ttl,
+            "expires": expires,
+            "max_priority": max_priority,
+            "arguments": Jsonb(arguments, dumps=dumps),
+        }, scalar_row).fetchone()
+
+    def queue_durable(self, name: str) -> bool | None:
+        """Whether a declared queue is durable; None if it was never declared."""
+        return self.work.execute(
+            queries["transport_queue_durable"], {"name": name}, scalar_row).fetchone()
+
+    def queue_size(self, name: str) -> int:
+        return self.work.execute(
+            queries["transport_queue_size"], {"name": name}, scalar_row).fetchone()
+
+    def purge(self, name: str) -> int:
+        """Remove a queue's ready messages; how many. Never run twice: no retry."""
+        return self.work.conn.cursor(row_factory=scalar_row).execute(
+            queries["transport_purge"], {"name": name}).fetchone()
+
+    def delete_queue(self, name: str) -> int:
+        """Drop a queue, its bindings and its ready messages; how many messages went."""
+        purged = self.purge(name)
+        self.work.execute(queries["transport_delete_queue"], {"name": name})
+        return purged
+
+    def bind(self, exchange: str, exchange_type: str, routing_key: str, pattern: str,
+             queue: str) -> None:
+        self.work.execute(queries["transport_bind"], {
+            "exchange": exchange, "exchange_type": exchange_type,
+            "routing_key": routing_key, "pattern": pattern, "queue": queue,
+        })
+
+    def unbind(self, exchange: str, routing_key: str, queue: str) -> None:
+        self.work.execute(queries["transport_unbind"], {
+            "exchange": exchange, "routing_key": routing_key, "queue": queue,
+        })
+
+    def delete_exchange(self, exchange: str) -> None:
+        self.work.execute(queries["transport_exchange_delete"], {"exchange": exchange})
+
+    def bindings(self, exchange: str) -> list[Binding]:
+        return self.work.execute(
+            queries["transport_bindings"], {"exchange": exchange}, BINDING_ROWS).fetchall()
+
+    def exchange_type(self, exchange: str) -> str | None:
+        """The type an exchange was bound with; None if it has no binding."""
+        return self.work.execute(
+            queries["transport_exchange_type"], {"exchange": exchange}, scalar_row).fetchone()
+
+    # Consuming ----------------------------------------------------------------
+
+    def ack_and_claim(self, acks: list[Held], worker_id: str, lease_token: uuid.UUID,
+                      lease: timedelta, queue: str, limit: int) -> list[Claimed]:
+        """Ack held rows and claim up to ``limit`` rows of ``queue`` under
+        ``lease_token``: one statement. Claimed rows first, then the acked ones."""
+        return self.work.execute(queries["transport_claim"], {
+            "ack_ids": [row_id for row_id, _ in acks],
+            "ack_tokens": [lease for _, lease in acks],
+            "worker_id": worker_id,
+            "lease_token": lease_token,
+            "lease": lease,
+            "queue": queue,
+            "limit": limit,
+        }, CLAIMED_ROWS).fetchall()
+
+    def take_transient(self, queue: str, limit: int) -> list[Transient]:
+        """Take (delete and return) up to ``limit`` messages of a non-durable queue."""
+        return self.work.execute(queries["transport_take_transient"],
+                                 {"queue": queue, "limit": limit}, TRANSIENT_ROWS).fetchall()
+
+    def probe(self, queues: list[str]) -> list[str]:
+        """Which of ``queues`` have a message ready now (the safety poll)."""
+        return self.work.execute(
+            queries["transport_probe"], {"queues": queues}, scalar_row).fetchall()
+
+    # Settling held rows (each fenced by its lease token) -----------------------
+
+    def requeue(self, held: list[Held], refund: int, error: str | None) -> list[int]:
+        """Back to pending (dead after max_attempts); the ids requeued."""
+        return self.work.execute(queries["transport_requeue"],
+                                 {**_held(held), "refund": refund, "error": error},
+                                 scalar_row).fetchall()
+
+    def fail(self, held: list[Held], backoff: timedelta) -> list[Failed]:
+        """Rejected without requeue: retried with backoff, or failed (``fail_task``)."""
+        return self.work.execute(queries["transport_fail"],
+                                 {**_held(held), "backoff": backoff}, FAILED_ROWS).fetchall()
+
+    def bury(self, held: list[Held], error: str) -> list[int]:
+        """Dead at once, with ``error`` (no Kombu message); the ids buried."""
+        return self.work.execute(queries["transport_bury"], {**_held(held), "error": error},
+                                 scalar_row).fetchall()
+
+    # The lease thread ---------------------------------------------------------
+
+    def renew_leases(self, held: dict[int, uuid.UUID], lease: timedelta) -> list[int]:
+        """Extend the leases of held rows; the ids still held."""
+        return self.work.execute(queries["transport_renew_leases"],
+                                 {**_held(held.items()), "lease": lease}, scalar_row).fetchall()
+
+    def touch_queues(self, queues: list[str]) -> None:
+        self.work.execute(queries["transport_touch_queues"], {"queues": queues})
+
+    def maintain(self) -> Maintenance:
+        return self.work.execute(queries["transport_maintain"], None,
+                                 MAINTENANCE_ROWS).fetchone()
