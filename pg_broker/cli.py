@@ -80,25 +80,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pg_broker.demo import run_demo
-
-    return run_demo(chapters=args.chapters, pool=args.pool, concurrency=args.concurrency,
-                    timeout=args.timeout)
+    demo = _app_module("tasks.demo", "demo")
+    return demo.run_demo(chapters=args.chapters, pool=args.pool, concurrency=args.concurrency,
+                         timeout=args.timeout)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pg_broker.demo import demo_chapters, progress_bar, wait_for_job
-    from pg_broker.jobs import submit_package
-    from pg_broker.pdf import Chapter
-
-    chapters = [Chapter(Path(f).stem, Path(f).read_text(encoding="utf-8")) for f in args.files]
+    demo = _app_module("tasks.demo", "submit")
+    package = _app_module("tasks.package", "submit")
+    chapters = [package.Chapter(Path(f).stem, Path(f).read_text(encoding="utf-8"))
+                for f in args.files]
     url = database_url()
     ensure_migrated(url)
     with connect(url, autocommit=True) as conn:
         try:
-            job_id = submit_package(conn, user_id=args.user, title=args.title,
-                                    chapters=chapters or demo_chapters(), voice=args.voice,
-                                    rate_wpm=args.speed)
+            job_id = package.submit_package(conn, user_id=args.user, title=args.title,
+                                            chapters=chapters or demo.demo_chapters(),
+                                            voice=args.voice, rate_wpm=args.speed)
         except ValueError as exc:
             print(f"pg-broker submit: {exc}", file=sys.stderr)
             return 2
@@ -108,15 +106,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
             def show(job) -> None:
                 if draw:
-                    print("\r" + progress_bar(job), end="", flush=True)
+                    print("\r" + demo.progress_bar(job), end="", flush=True)
 
             try:
-                job = wait_for_job(conn, job_id, timeout=args.wait, on_progress=show)
+                job = demo.wait_for_job(conn, job_id, timeout=args.wait, on_progress=show)
             except TimeoutError as exc:
                 print(f"\npg-broker submit: {exc}; is a worker running (celery -A tasks worker)?",
                       file=sys.stderr)
                 return 1
-            print(("\n" if draw else "") + progress_bar(job))
+            print(("\n" if draw else "") + demo.progress_bar(job))
             return 0 if job.status == "completed" else 1
     return 0
 
@@ -124,10 +122,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_job(args: argparse.Namespace) -> int:
     from pg_broker.jobs import get_job
 
+    storage = _app_module("tasks.storage", "job")  # the artifacts' URLs are the app's
     url = database_url()
     ensure_migrated(url)
     with connect(url, autocommit=True) as conn:
-        job = get_job(conn, args.job_id)
+        job = get_job(conn, args.job_id, artifact_url=storage.artifact_url)
     if job is None:
         print(f"no job {args.job_id}", file=sys.stderr)
         return 1
@@ -186,16 +185,17 @@ class AppMissing(RuntimeError):
 
 
 def _app_module(name: str, command: str):
-    """A module of the app (tasks/), imported only when a command needs it:
-    the library never imports its app at import time."""
+    """A module of the worker app (tasks/), imported only when one of its
+    commands runs: the library never imports its app at import time."""
     import importlib
 
     try:
         return importlib.import_module(name)
     except ImportError as exc:
         raise AppMissing(
-            f"pg-broker {command} needs the app's HTTP API ({name}), which did not import "
-            f"({exc}); install it with: pip install 'pg_broker[app]'") from exc
+            f"pg-broker {command} needs the worker app ({name}), which did not import "
+            f"({exc}); install it with: pip install 'pg_broker[app]' "
+            "(in a checkout: pip install -e '.[app]')") from exc
 
 
 def cmd_api(args: argparse.Namespace) -> int:

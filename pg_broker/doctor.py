@@ -9,6 +9,7 @@ when an earlier one found it unreachable.
 
 from __future__ import annotations
 
+import importlib
 import os
 import secrets
 import time
@@ -146,7 +147,11 @@ def check_supabase_layer(ctx: Context) -> Result:
 
 def check_storage(ctx: Context) -> Result:
     """Where artifacts go: Supabase Storage's private bucket, or a writable directory."""
-    from pg_broker import storage  # only now: it pulls in the storage backends
+    try:  # the worker app's storage backends (tasks/storage.py), looked up only now
+        storage = importlib.import_module("tasks.storage")
+    except ImportError as exc:
+        return Result(SKIP, f"no artifact storage: the worker app is not installed ({exc})",
+                      "pip install 'pg_broker[app]'")
 
     url = os.environ.get("SUPABASE_URL", "").strip()
     key = os.environ.get("SUPABASE_SERVICE_ROLE_KEY", "").strip()

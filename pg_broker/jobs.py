@@ -1,19 +1,22 @@
 """Jobs: one user request as one job of many tasks, and how to read and stop it.
 
-A *package* job turns N chapters of text into N MP3 files and one PDF: N
-``tasks.audio.synthesize_chapter`` tasks and one
-``tasks.documents.render_package_pdf`` task. :func:`submit_job` writes the job
-row and every task message in ONE transaction of the caller's connection (the
-transport's :func:`~pg_broker.transport.enqueue_in`): if it rolls back, nothing
-was ever queued; once it commits, workers wake and each task runs.
+The generic job API of the library: which tasks make up a job, and what
+their artifacts are, is the calling app's business (the package job of the
+worker app in ``tasks/`` is one). :func:`submit_job` writes the job row and
+every task message of the caller's Celery app in ONE transaction of the
+caller's connection (the transport's :func:`~pg_broker.transport.enqueue_in`):
+if it rolls back, nothing was ever queued; once it commits, workers wake and
+each task runs.
 
 Job tasks take the job id as their first argument and carry the Celery headers
 ``job_id`` and ``user_id``, which the transport copies into ``job_tasks``; the
-triggers of ``migrations/core/100_broker_schema.sql`` keep the job's status,
-counters and progress true from there.
+triggers of the core schema (``migrations/core/``) keep the job's status,
+counters and progress true from there. A task that stores a file records it
+with :func:`record_artifact`.
 
-Reading goes through :func:`get_job`; a user-facing API reads inside
-:func:`user_session`, where row-level security shows a user only their own jobs.
+Reading goes through :func:`get_job`; with the Supabase layer installed, a
+user-facing API reads inside :func:`user_session`, where row-level security
+shows a user only their own jobs.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,22 +36,9 @@ from celery import Celery
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from pg_broker.pdf import Chapter
 from pg_broker.queries import queries
-from pg_broker.speech import (
-    DEFAULT_RATE_WPM,
-    DEFAULT_VOICE,
-    MAX_RATE_WPM,
-    MIN_RATE_WPM,
-    check_voice,
-)
-from pg_broker.storage import Artifact, StorageError, get_storage
 
 log = logging.getLogger(__name__)
-
-AUDIO_TASK = "tasks.audio.synthesize_chapter"
-PDF_TASK = "tasks.documents.render_package_pdf"
-PACKAGE = "package"
 
 
 @dataclass(frozen=True)
@@ -69,8 +59,30 @@ class TaskInfo:
 
 
 @dataclass(frozen=True)
+class Artifact:
+    """A row of ``job_artifacts``: a file a task stored (never its bytes)."""
+
+    id: uuid.UUID
+    job_id: uuid.UUID
+    task_id: str
+    kind: str
+    storage_backend: str
+    storage_path: str
+    content_type: str
+    bytes: int
+    sha256: str
+    duration_seconds: Decimal | None
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Artifact:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
 class ArtifactLink:
-    """An artifact and where its owner can fetch it (signed URL or local file)."""
+    """An artifact and where its owner can fetch it: the URL the reader's
+    ``artifact_url`` (see :func:`get_job`) made, or None."""
 
     artifact: Artifact
     url: str | None
@@ -102,12 +114,6 @@ class Job:
         return self.status in ("completed", "failed", "cancelled")
 
 
-def _default_app() -> Celery:
-    from tasks import app
-
-    return app
-
-
 def submit_job(
     conn: psycopg.Connection,
     *,
@@ -116,19 +122,19 @@ def submit_job(
     title: str,
     params: dict[str, Any],
     tasks: Sequence[tuple[str, tuple]],
-    app: Celery | None = None,
+    app: Celery,
 ) -> uuid.UUID:
     """Insert a job and publish its tasks in one transaction; return the job id.
 
-    ``tasks`` lists ``(task name, extra args)``; each task is sent with the job
-    id as its first argument. Runs inside the caller's transaction if one is
-    open (as a savepoint), else in a transaction of its own.
+    ``tasks`` lists ``(task name, extra args)``, sent by ``app`` by name (the
+    producer need not import them); each task gets the job id as its first
+    argument. Runs inside the caller's transaction if one is open (as a
+    savepoint), else in a transaction of its own.
     """
     from pg_broker.transport import enqueue_in
 
     if not tasks:
         raise ValueError("a job needs at least one task")
-    app = app or _default_app()
     scheme = (app.conf.broker_url or "").split("://", 1)[0]
     if scheme != "pgbroker":
         raise RuntimeError(
@@ -147,53 +153,17 @@ def submit_job(
     return job_id
 
 
-def submit_package(
-    conn: psycopg.Connection,
-    *,
-    user_id: uuid.UUID | str,
-    title: str,
-    chapters: Sequence[Chapter],
-    voice: str = DEFAULT_VOICE,
-    rate_wpm: int = DEFAULT_RATE_WPM,
-    app: Celery | None = None,
-) -> uuid.UUID:
-    """A package job: one audio task per chapter and one PDF of the whole package.
-
-    The text lives once, in ``jobs.params``; messages name the chapter by index.
-    """
-    if not chapters:
-        raise ValueError("a package needs at least one chapter")
-    for number, chapter in enumerate(chapters, start=1):
-        if not chapter.text.strip():
-            raise ValueError(f"chapter {number} ({chapter.title!r}) has no text")
-    if not MIN_RATE_WPM <= rate_wpm <= MAX_RATE_WPM:
-        raise ValueError(f"speed {rate_wpm} wpm is outside {MIN_RATE_WPM}–{MAX_RATE_WPM}")
-    check_voice(voice)
-    params = {
-        "voice": voice,
-        "rate_wpm": rate_wpm,
-        "chapters": [{"title": c.title, "text": c.text} for c in chapters],
-    }
-    tasks = [(AUDIO_TASK, (index,)) for index in range(len(chapters))] + [(PDF_TASK, ())]
-    return submit_job(conn, user_id=user_id, job_type=PACKAGE, title=title, params=params,
-                      tasks=tasks, app=app)
-
-
-def package_chapters(params: dict[str, Any]) -> list[Chapter]:
-    """The chapters of a package job, from its ``params``."""
-    return [Chapter(c["title"], c["text"]) for c in params["chapters"]]
-
-
 def get_job(
     conn: psycopg.Connection,
     job_id: uuid.UUID | str,
     *,
     details: bool = True,
-    with_urls: bool = True,
+    artifact_url: Callable[[Artifact], str | None] | None = None,
 ) -> Job | None:
     """The job with its tasks and artifacts (the row alone when not
     ``details``), or None if it does not exist or the caller's row-level
-    security hides it. Artifacts carry a URL unless ``with_urls`` is false."""
+    security hides it. Each artifact carries ``artifact_url(artifact)``, the
+    app's URL for it, when the caller gives that function."""
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(queries["job_by_id"], {"job_id": job_id}).fetchone()
         if row is None or not details:
@@ -201,16 +171,35 @@ def get_job(
         tasks = [TaskInfo(**r) for r in cur.execute(queries["tasks_of_job"], {"job_id": job_id})]
         artifacts = [Artifact.from_row(r)
                      for r in cur.execute(queries["artifacts_of_job"], {"job_id": job_id})]
-    links = [ArtifactLink(a, _url(a) if with_urls else None) for a in artifacts]
+    links = [ArtifactLink(a, artifact_url(a) if artifact_url else None) for a in artifacts]
     return Job(**row, tasks=tasks, artifacts=links)
 
 
-def _url(artifact: Artifact) -> str | None:
-    try:
-        return get_storage(artifact.storage_backend).url(artifact.storage_path)
-    except StorageError as exc:
-        log.warning("no URL for %s: %s", artifact.storage_path, exc)
-        return None
+def record_artifact(
+    conn: psycopg.Connection,
+    *,
+    job_id: uuid.UUID | str,
+    task_id: str,
+    user_id: uuid.UUID | str | None,
+    kind: str,
+    storage_backend: str,
+    storage_path: str,
+    content_type: str,
+    size: int,
+    sha256: str,
+    duration_seconds: float | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Artifact:
+    """Record a file a task of the job stored (``kind`` is the app's label);
+    a re-run task, storing at the same backend and path, updates its one row."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(queries["upsert_artifact"], {
+            "job_id": job_id, "task_id": task_id, "user_id": user_id, "kind": kind,
+            "storage_backend": storage_backend, "storage_path": storage_path,
+            "content_type": content_type, "bytes": size, "sha256": sha256,
+            "duration_seconds": duration_seconds, "metadata": Jsonb(metadata or {}),
+        })
+        return Artifact.from_row(cur.fetchone())
 
 
 def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> int | None:

@@ -6,11 +6,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pg_broker import speech
-from pg_broker.jobs import AUDIO_TASK
-from pg_broker.storage import get_storage, store_artifact
-from tasks import app
+from tasks import app, speech
 from tasks.lifecycle import connection, job_to_work_on
+from tasks.package import AUDIO_TASK
+from tasks.storage import get_storage, store_artifact
 
 
 @app.task(name=AUDIO_TASK, bind=True)

@@ -6,11 +6,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pg_broker import pdf
-from pg_broker.jobs import PDF_TASK, package_chapters
-from pg_broker.storage import get_storage, store_artifact
-from tasks import app
+from tasks import app, pdf
 from tasks.lifecycle import connection, job_to_work_on
+from tasks.package import PDF_TASK, package_chapters
+from tasks.storage import get_storage, store_artifact
 
 
 @app.task(name=PDF_TASK, bind=True)

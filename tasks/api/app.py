@@ -43,18 +43,18 @@ from pg_broker.database import database_url
 from pg_broker.jobs import Job, cancel_job, get_job, user_session
 from pg_broker.maintenance import retry_dead_tasks
 from pg_broker.migrate import migrate
-from pg_broker.speech import (
+from tasks.api.auth import AuthError, Verifier
+from tasks.api.events import JobEvents
+from tasks.api.files import FileSigner, content_type
+from tasks.api.sql import statements
+from tasks.speech import (
     DEFAULT_RATE_WPM,
     DEFAULT_VOICE,
     MAX_RATE_WPM,
     MIN_RATE_WPM,
     check_voice,
 )
-from pg_broker.storage import StorageError, get_storage
-from tasks.api.auth import AuthError, Verifier
-from tasks.api.events import JobEvents
-from tasks.api.files import FileSigner, content_type
-from tasks.api.sql import statements
+from tasks.storage import StorageError, get_storage
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class Api:
     def detail(self, user: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any] | None:
         with self.session(user) as conn, conn.cursor(row_factory=dict_row) as cur:
             summary = cur.execute(statements["job_summary"], {"job_id": job_id}).fetchone()
-            job = get_job(conn, job_id, with_urls=False) if summary else None
+            job = get_job(conn, job_id) if summary else None
         if job is None:
             return None
         return {**_summary_out(summary), **self._contents(job)}
@@ -436,7 +436,7 @@ def create_app(api: Api | None = None, *, dev: bool = False) -> FastAPI:
     def retry(job_id: uuid.UUID, user: User) -> dict:
         """Run a job's failed and dead tasks again, with fresh attempts."""
         with api.session(user) as conn:
-            job = get_job(conn, job_id, with_urls=False)
+            job = get_job(conn, job_id)
         if job is None:
             raise not_found(job_id)
         if job.status == "cancelled":

@@ -20,7 +20,7 @@ import time
 from pathlib import PurePosixPath
 from urllib.parse import quote, urlencode
 
-from pg_broker.storage import SIGNED_URL_SECONDS
+from tasks.storage import SIGNED_URL_SECONDS
 
 KEY_VARIABLE = "PG_BROKER_FILE_URL_KEY"
 CONTENT_TYPES = {".mp3": "audio/mpeg", ".pdf": "application/pdf"}

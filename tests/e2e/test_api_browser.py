@@ -18,8 +18,8 @@ import pytest
 from api_support import free_port
 from celery_workers import REPO_ROOT, process, wait_for
 
-from pg_broker.demo import start_worker
 from tasks.api.auth import DEV_SECRET, mint_token
+from tasks.demo import start_worker
 
 pytestmark = pytest.mark.slow
 

@@ -19,20 +19,13 @@ import pytest
 from celery.exceptions import TimeoutError
 from celery_workers import wait_for
 
-from pg_broker.demo import start_worker, wait_for_job
-from pg_broker.jobs import (
-    AUDIO_TASK,
-    PDF_TASK,
-    Job,
-    cancel_job,
-    get_job,
-    submit_job,
-    submit_package,
-    user_session,
-)
-from pg_broker.pdf import Chapter
-from pg_broker.storage import LocalStorage
+from pg_broker.jobs import Job, cancel_job, get_job, submit_job, user_session
 from pg_broker.transport import enqueue_in
+from tasks import app as worker_app
+from tasks.demo import start_worker, wait_for_job
+from tasks.package import AUDIO_TASK, PDF_TASK, submit_package
+from tasks.pdf import Chapter
+from tasks.storage import LocalStorage
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +143,7 @@ def test_a_failing_chapter_is_retried_with_backoff_then_fails_its_job(
     job_id = submit_job(conn, user_id=OWNER, job_type="package", title="broken",
                         params={"voice": "en-us", "rate_wpm": 175,
                                 "chapters": [{"title": "Only", "text": "Just one chapter."}]},
-                        tasks=[(AUDIO_TASK, (0,)), (AUDIO_TASK, (7,))])
+                        tasks=[(AUDIO_TASK, (0,)), (AUDIO_TASK, (7,))], app=worker_app)
     job = _finished(conn, job_id, worker)
     good, bad = job.tasks
     assert (good.status, good.attempts) == ("completed", 1)

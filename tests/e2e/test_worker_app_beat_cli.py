@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pg_broker.demo import start_worker
+from tasks.demo import start_worker
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from supabase_fake import KEY, PREFIX, serve_fake_supabase
 
-from pg_broker.demo import start_worker, wait_for_job
-from pg_broker.jobs import submit_package
-from pg_broker.pdf import Chapter
+from tasks.demo import start_worker, wait_for_job
+from tasks.package import submit_package
+from tasks.pdf import Chapter
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def test_a_worker_stores_artifacts_in_supabase_and_the_job_hands_out_signed_urls
         # This process submits and reads too: the same database and storage.
         for name, value in {**supabase, "PG_BROKER_URL": broker_env["PG_BROKER_URL"]}.items():
             monkeypatch.setenv(name, value)
-        monkeypatch.setattr("pg_broker.storage._stores", {})
+        monkeypatch.setattr("tasks.storage._stores", {})
         log_file = tmp_path / "worker.log"
         worker = start_worker({**broker_env, **supabase}, f"supa-{uuid.uuid4().hex[:8]}@%h",
                               pool="solo", log_file=log_file)

@@ -21,7 +21,7 @@ from api_support import SECRET, Jwks, bearer, running_api, token
 from celery_workers import wait_for
 from supabase_fake import KEY, serve_fake_supabase
 
-import pg_broker.storage
+import tasks.storage
 from tasks.api.auth import JWKS_PATH, Verifier
 from tasks.api.events import APPLICATION_NAME
 from tasks.api.files import FileSigner
@@ -44,12 +44,12 @@ def jwks() -> Iterator[tuple[Jwks, str]]:
 def storage_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Local artifact storage shared by the test and the API (same process)."""
     root = tmp_path_factory.mktemp("api-artifacts")
-    saved = pg_broker.storage._stores.copy()
-    pg_broker.storage._stores.clear()
-    pg_broker.storage._stores["local"] = pg_broker.storage.LocalStorage(root)
+    saved = tasks.storage._stores.copy()
+    tasks.storage._stores.clear()
+    tasks.storage._stores["local"] = tasks.storage.LocalStorage(root)
     yield root
-    pg_broker.storage._stores.clear()
-    pg_broker.storage._stores.update(saved)
+    tasks.storage._stores.clear()
+    tasks.storage._stores.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -326,11 +326,11 @@ def test_artifacts_in_supabase_storage_get_its_signed_urls(
     job_id = _submit(client).json()["id"]
     path = f"{ALICE}/{job_id}/pdf/t9.pdf"
     with serve_fake_supabase() as (url, state):
-        store = pg_broker.storage.SupabaseStorage(url, KEY)
+        store = tasks.storage.SupabaseStorage(url, KEY)
         source = tmp_path / "p.pdf"
         source.write_bytes(b"%PDF-1.7 bytes")
         store.put(path, source, "application/pdf")
-        pg_broker.storage._stores["supabase"] = store
+        tasks.storage._stores["supabase"] = store
         try:
             db.execute("INSERT INTO job_artifacts (job_id, task_id, user_id, kind, storage_backend,"
                        " storage_path, content_type, bytes, sha256)"
@@ -343,7 +343,7 @@ def test_artifacts_in_supabase_storage_get_its_signed_urls(
                     and r["method"] == "POST"]
             assert json.loads(sign[-1]["body"]) == {"expiresIn": "3600"}
         finally:
-            del pg_broker.storage._stores["supabase"]
+            del tasks.storage._stores["supabase"]
 
 
 def _events(lines: Iterator[str]) -> Iterator[dict]:

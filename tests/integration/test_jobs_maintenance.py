@@ -10,11 +10,12 @@ import pytest
 from psycopg import sql
 from taskrows import ack_and_claim
 
-from pg_broker.jobs import cancel_held_task, cancel_job, get_job, submit_package, user_session
+from pg_broker.jobs import cancel_held_task, cancel_job, get_job, user_session
 from pg_broker.maintenance import Retention, Watchdog, dead_tasks, retry_dead_tasks
-from pg_broker.pdf import Chapter
 from pg_broker.queries import queries
 from pg_broker.transport.listener import channel_name
+from tasks.package import submit_package
+from tasks.pdf import Chapter
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-00000000000a")
 STRANGER = uuid.UUID("00000000-0000-4000-8000-00000000000b")

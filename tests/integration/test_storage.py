@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pg_broker.storage import LocalStorage, artifact_path, get_storage, store_artifact
+from tasks.storage import LocalStorage, artifact_path, get_storage, store_artifact
 
 USER = uuid.UUID("00000000-0000-4000-8000-000000000001")
 

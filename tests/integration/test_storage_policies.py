@@ -18,7 +18,7 @@ from supabase_fake import KEY, serve_fake_supabase
 
 from pg_broker.jobs import user_session
 from pg_broker.migrate import migrate
-from pg_broker.storage import SupabaseStorage
+from tasks.storage import SupabaseStorage
 
 USER_A = uuid.UUID("00000000-0000-4000-8000-0000000005a1")
 USER_B = uuid.UUID("00000000-0000-4000-8000-0000000005b2")

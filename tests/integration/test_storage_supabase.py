@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from supabase_fake import KEY, PREFIX, FakeStorage, serve_fake_supabase
 
-from pg_broker.storage import SupabaseStorage, get_storage, store_artifact
+from tasks.storage import SupabaseStorage, get_storage, store_artifact
 
 USER = uuid.UUID("00000000-0000-4000-8000-000000000002")
 
@@ -76,7 +76,7 @@ def test_supabase_is_chosen_by_environment_and_artifact_rows_name_it(
     url, state = fake_supabase
     monkeypatch.setenv("SUPABASE_URL", url)
     monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", KEY)
-    monkeypatch.setattr("pg_broker.storage._stores", {})
+    monkeypatch.setattr("tasks.storage._stores", {})
     store = get_storage()
     assert isinstance(store, SupabaseStorage)
     (job_id,) = db.execute("INSERT INTO jobs (user_id) VALUES (%s) RETURNING id", (USER,)).fetchone()

@@ -58,13 +58,13 @@ def test_submit_job_creates_the_job_and_its_task_messages_for_the_signed_in_user
         ("documents", "tasks.documents.render_package_pdf", USER, "pending", f'["{job_id}"]',
          str(USER)),
     ]
-    job = get_job(db, job_id, with_urls=False)
+    job = get_job(db, job_id)
     assert (job.user_id, job.status, job.total_tasks, job.title) == (USER, "pending", 3, "A title")
     assert job.params["chapters"] == CHAPTERS
     with user_session(db, USER):
-        assert get_job(db, job_id, with_urls=False) is not None
+        assert get_job(db, job_id) is not None
     with user_session(db, OTHER):
-        assert get_job(db, job_id, with_urls=False) is None
+        assert get_job(db, job_id) is None
 
 
 def test_without_a_signed_in_user_nothing_is_created(db: psycopg.Connection) -> None:

@@ -7,8 +7,8 @@ import io
 import pypdf
 import pytest
 
-from pg_broker import pdf
-from pg_broker.pdf import Chapter, render_package
+from tasks import pdf
+from tasks.pdf import Chapter, render_package
 
 CHAPTERS = [
     Chapter("Chapter 1 \u2013 Émile", "Hello wörld, “quoted” text.\n\nA second paragraph."),

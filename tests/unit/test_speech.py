@@ -8,7 +8,7 @@ import threading
 import mutagen.mp3
 import pytest
 
-from pg_broker.speech import SAMPLE_RATE, synthesize_mp3
+from tasks.speech import SAMPLE_RATE, synthesize_mp3
 
 PASSAGE = (
     "It was the best of times, it was the worst of times, it was the age of "

@@ -4,7 +4,8 @@ Starts ``celery -A tasks worker`` as a subprocess on the same database (the
 embedded one unless PG_BROKER_URL is set), submits a 16-chapter package of
 public-domain text, draws a progress bar from the job row while the worker
 speaks the chapters to MP3 and renders the PDF, prints where the files are,
-and stops the worker. The worker helpers here serve the tests too.
+and stops the worker. :func:`start_worker` and :func:`wait_for_job` serve the
+app's tests too.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from pathlib import Path
 import platformdirs
 import psycopg
 
+from pg_broker.database import connect, database_url, mask_url
 from pg_broker.jobs import Job, get_job
-from pg_broker.pdf import Chapter
+from pg_broker.migrate import ensure_migrated
 from pg_broker.processes import Supervised, worker_command
+from tasks.package import submit_package
+from tasks.pdf import Chapter
+from tasks.storage import artifact_url, get_storage
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +107,16 @@ def wait_for_job(
     worker: Supervised | None = None,
     interval: float = 0.2,
 ) -> Job:
-    """Poll the job row until it finished; raise TimeoutError, or RuntimeError
-    if the worker process exits first."""
+    """Poll the job row until it finished (then the whole job, its artifacts
+    with their URLs); raise TimeoutError, or RuntimeError if the worker
+    process exits first."""
     deadline = time.monotonic() + timeout
     while True:
         job = get_job(conn, job_id, details=False)
         if on_progress:
             on_progress(job)
         if job.finished:
-            return get_job(conn, job_id)
+            return get_job(conn, job_id, artifact_url=artifact_url)
         if worker is not None and not worker.alive:
             raise RuntimeError(f"the worker exited with status {worker.returncode} before the job finished")
         if time.monotonic() > deadline:
@@ -140,11 +146,6 @@ def run_demo(
     out=sys.stdout,
 ) -> int:
     """The whole demo; writes its report to ``out``. Returns an exit status."""
-    from pg_broker.database import connect, database_url, mask_url
-    from pg_broker.jobs import submit_package
-    from pg_broker.migrate import ensure_migrated
-    from pg_broker.storage import get_storage
-
     def say(text: str = "", end: str = "\n") -> None:
         out.write(text + end)
         out.flush()

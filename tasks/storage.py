@@ -22,17 +22,13 @@ import os
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import platformdirs
 import psycopg
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
-from pg_broker.queries import queries
+from pg_broker.jobs import Artifact, record_artifact
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +128,7 @@ class SupabaseStorage(Storage):
         except ImportError as exc:
             raise StorageError(
                 "SUPABASE_URL is set but the Supabase client is not installed; "
-                "pip install 'pg_broker[supabase]'"
+                "pip install 'pg_broker[app,supabase]'"
             ) from exc
         self.bucket = bucket or os.environ.get(BUCKET_VARIABLE, "").strip() or DEFAULT_BUCKET
         self.client = SyncStorageClient(
@@ -209,25 +205,6 @@ def get_storage(backend: str | None = None) -> Storage:
     return _stores[backend]
 
 
-@dataclass(frozen=True)
-class Artifact:
-    id: uuid.UUID
-    job_id: uuid.UUID
-    task_id: str
-    kind: str
-    storage_backend: str
-    storage_path: str
-    content_type: str
-    bytes: int
-    sha256: str
-    duration_seconds: Decimal | None
-    metadata: dict[str, Any]
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Artifact:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
-
-
 def file_digest(source: Path) -> tuple[int, str]:
     """(size in bytes, sha256 hex) of a file, read in chunks."""
     digest = hashlib.sha256()
@@ -256,13 +233,21 @@ def store_artifact(
     path = artifact_path(user_id, job_id, kind, task_id)
     size, sha256 = file_digest(source)
     storage.put(path, source, content_type)
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(queries["upsert_artifact"], {
-            "job_id": job_id, "task_id": task_id, "user_id": user_id, "kind": kind,
-            "storage_backend": storage.backend, "storage_path": path,
-            "content_type": content_type, "bytes": size, "sha256": sha256,
-            "duration_seconds": duration_seconds, "metadata": Jsonb(metadata or {}),
-        })
-        row = cur.fetchone()
+    artifact = record_artifact(
+        conn, job_id=job_id, task_id=task_id, user_id=user_id, kind=kind,
+        storage_backend=storage.backend, storage_path=path, content_type=content_type,
+        size=size, sha256=sha256, duration_seconds=duration_seconds, metadata=metadata,
+    )
     log.info("stored %s artifact %s (%d bytes) in %s", kind, path, size, storage.backend)
-    return Artifact.from_row(row)
+    return artifact
+
+
+def artifact_url(artifact: Artifact) -> str | None:
+    """Where the artifact's owner can fetch it (a signed URL, or a file://
+    path), or None when its store cannot say: the ``artifact_url`` of
+    :func:`pg_broker.jobs.get_job`."""
+    try:
+        return get_storage(artifact.storage_backend).url(artifact.storage_path)
+    except StorageError as exc:
+        log.warning("no URL for %s: %s", artifact.storage_path, exc)
+        return None
