@@ -56,13 +56,6 @@ class ResultConsumer(BaseResultConsumer):
     :class:`~.waiting.ResultListener` what it waits for, and takes the results
     it hands out."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._connection_errors = self.backend.connection_errors
-
-    def start(self, initial_task_id, **kwargs) -> None:
-        self.consume_from(initial_task_id)
-
     def consume_from(self, task_id) -> None:
         self.backend.listener.want(self, [self.backend.task_key(task_id)])
 

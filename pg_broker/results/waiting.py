@@ -115,8 +115,9 @@ class ResultListener:
     # Reads ---------------------------------------------------------------
 
     def check(self, consumer: Consumer, keys: Iterable[str]) -> None:
-        """Before waiting: ``consumer`` waits for ``keys``; LISTEN, then read
-        them once (and, after a reconnect, every result waited for)."""
+        """Before waiting: ``consumer`` waits for ``keys``; read them, LISTEN
+        for those still awaited and read those once more (after a reconnect,
+        every result waited for)."""
         keys = set(keys)
         self.want(consumer, keys)
         self._read(keys)
