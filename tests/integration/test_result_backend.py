@@ -32,7 +32,7 @@ from pg_broker.maintenance import ResultExpiry
 from pg_broker.queries import queries
 from pg_broker.results import PgBrokerBackend
 from pg_broker.results.store import shared_store
-from pg_broker.results.waiting import listener_of
+from pg_broker.results.waiting import channel_name, listener_of
 
 RESULTS_APP = "pg_broker results"
 
@@ -277,6 +277,38 @@ def test_a_thousand_waiters_in_twenty_threads_share_one_connection(app, database
         assert outcome == [[n * 100 + m for m in range(50)]]
     assert len(results_sessions(db)) == 1
     assert listener.waiting_for() == set()
+
+
+def _listening(store) -> set[str]:
+    with store.connection() as conn:
+        return {row[0] for row in conn.execute("SELECT pg_listening_channels()")}
+
+
+def test_a_result_got_or_forgotten_is_unlistened_with_the_next_batch(app, database_url):
+    # Celery's own suite checks this of Redis's pub/sub (test_asyncresult_get_
+    # cancels_subscription, ..._forget_...); it skips them on other backends.
+    backend, store = app.backend, app.backend.store
+    got, forgotten, third = (str(uuid.uuid4()) for _ in range(3))
+    waiter, outcome = in_thread(lambda: AsyncResult(got, app=app).get(timeout=60))
+    wait_for(lambda: channel_name(backend.task_key(got)) in _listening(store), 10,
+             "the waiter to LISTEN")
+    write_from_elsewhere(database_url, backend, got, "got")
+    waiter.join(30)
+    assert outcome == ["got"]
+
+    result = AsyncResult(forgotten, app=app)
+    result.then(lambda r: None)  # waits for it (a callback), without a get()
+    backend.listener.drain(0)  # that wait's LISTEN goes out with the next batch
+    assert channel_name(backend.task_key(forgotten)) in _listening(store)
+    result.forget()
+    waiter, outcome = in_thread(lambda: AsyncResult(third, app=app).get(timeout=60))
+    wait_for(lambda: channel_name(backend.task_key(third)) in _listening(store), 10,
+             "the third waiter to LISTEN")
+
+    assert _listening(store) == {channel_name(backend.task_key(third))}
+    write_from_elsewhere(database_url, backend, third, "third")
+    waiter.join(30)
+    assert outcome == ["third"]
 
 
 def test_a_result_written_while_the_connection_was_down_still_wakes_its_waiter(
