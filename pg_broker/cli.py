@@ -10,7 +10,16 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pg_broker.database import DatabaseUnavailable, connect, database_url
+from pg_broker.database import (
+    DatabaseUnavailable,
+    configured_url,
+    connect,
+    database_url,
+    default_data_dir,
+    embedded_pid,
+    embedded_url,
+    stop_embedded,
+)
 from pg_broker.masking import mask_url, url_problem
 from pg_broker.migrate import MigrationFailed, ensure_migrated, layer_installed, migrate
 from pg_broker.queries import queries
@@ -71,6 +80,42 @@ def cmd_reclaim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    """The embedded server outlives the command that started it, so that the
+    next command, worker or producer finds it running; this starts, stops
+    and shows it."""
+    data_dir = default_data_dir()
+    if configured_url():
+        print(f"note: PG_BROKER_URL/DATABASE_URL is set, so pg-broker and workers use "
+              f"{mask_url(configured_url())}, not the embedded server", file=sys.stderr)
+    if args.action == "start":
+        url = embedded_url()
+        print(f"embedded PostgreSQL running (pid {embedded_pid(data_dir)}), data in {data_dir}")
+        print(f"url: {url}")
+        return 0
+    pid = embedded_pid(data_dir)
+    if args.action == "status":
+        if pid is None:
+            print(f"embedded PostgreSQL not running (data in {data_dir})")
+            return 3
+        print(f"embedded PostgreSQL running (pid {pid}), data in {data_dir}")
+        url = embedded_url()
+        with connect(url, autocommit=True) as conn:
+            (sessions,) = conn.execute(queries["client_sessions"]).fetchone()
+        print(f"url: {url}")
+        print(f"client sessions: {sessions} (workers hold 2 or more each)")
+        return 0
+    if pid is None:
+        print(f"embedded PostgreSQL not running (data in {data_dir})")
+        return 0
+    with connect(embedded_url(), autocommit=True) as conn:
+        (sessions,) = conn.execute(queries["client_sessions"]).fetchone()
+    stop_embedded(data_dir)
+    print(f"embedded PostgreSQL stopped (pid {pid}); {sessions} client session(s) ended, "
+          f"data kept in {data_dir}")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from pg_broker import doctor
 
@@ -102,19 +147,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return 2
         print(job_id)
         if args.wait:
-            draw = sys.stdout.isatty()
-
-            def show(job) -> None:
-                if draw:
-                    print("\r" + demo.progress_bar(job), end="", flush=True)
-
             try:
-                job = demo.wait_for_job(conn, job_id, timeout=args.wait, on_progress=show)
+                with demo.JobProgress(sys.stdout) as progress:
+                    job = demo.wait_for_job(conn, job_id, timeout=args.wait,
+                                            on_progress=progress.update)
             except TimeoutError as exc:
-                print(f"\npg-broker submit: {exc}; is a worker running (celery -A tasks worker)?",
+                print(f"pg-broker submit: {exc}; is a worker running (celery -A tasks worker)?",
                       file=sys.stderr)
                 return 1
-            print(("\n" if draw else "") + demo.progress_bar(job))
             return 0 if job.status == "completed" else 1
     return 0
 
@@ -261,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("url", cmd_url, "print the database URL in use (password masked)")
     add("status", cmd_status, "jobs by status, task backlog, worker health and stale tasks")
     add("reclaim", cmd_reclaim, "return tasks with expired leases to pending (or dead)")
+    server = add("server", cmd_server, "the embedded PostgreSQL (used when PG_BROKER_URL and "
+                 "DATABASE_URL are unset): start it, stop it, or show whether it runs "
+                 "(status exits 3 when it does not)")
+    server.add_argument("action", choices=("start", "stop", "status"))
     add("doctor", cmd_doctor, "check the set-up: configuration, database, migrations, the "
         "Supabase layer, storage, LISTEN/NOTIFY, clock skew; each problem with its fix")
 

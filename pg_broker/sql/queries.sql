@@ -14,6 +14,11 @@ SELECT task_type, status, COUNT(*) FROM job_tasks GROUP BY task_type, status;
 SELECT worker_id, COUNT(*) AS active_tasks, MAX(last_heartbeat) AS last_seen
   FROM job_tasks WHERE status IN ('claimed', 'processing') GROUP BY worker_id;
 
+-- name: client_sessions
+-- Sessions of clients (workers, producers, psql) other than the asking one.
+SELECT count(*) FROM pg_stat_activity
+ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid();
+
 -- name: stale_tasks
 -- Stale tasks: held tasks with no heartbeat for ten minutes.
 SELECT COUNT(*) FROM job_tasks WHERE status IN ('claimed', 'processing')

@@ -5,14 +5,18 @@ test database named by PG_BROKER_URL."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
 import pytest
 from taskrows import add_job, add_tasks, claim, task
 
 from pg_broker.cli import build_parser, main
+from pg_broker.database import embedded_pid, embedded_url
 
 
 def _subcommands() -> list[str]:
@@ -102,3 +106,34 @@ def test_an_unreachable_database_is_one_line_on_stderr_not_a_traceback(
     assert result.stderr.startswith(
         "pg-broker: no database reachable at postgresql://broker:***@127.0.0.1:1/broker")
     assert "s3cret" not in result.stderr
+
+
+def test_server_starts_shows_and_stops_the_embedded_postgresql_that_outlives_commands(
+    new_data_dir: Callable[[], Path],
+) -> None:
+    data_dir = new_data_dir()
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PG_BROKER_URL", "DATABASE_URL")}
+    env["PG_BROKER_DATA_DIR"] = str(data_dir)
+
+    assert pg_broker("server", "status", env=env).returncode == 3
+    # Any command starts it, and it is still running after that command exited.
+    assert pg_broker("migrate", env=env).returncode == 0
+    status = pg_broker("server", "status", env=env)
+    assert status.returncode == 0, status.stderr
+    assert f"running (pid {embedded_pid(data_dir)}), data in {data_dir}" in status.stdout
+    with psycopg.connect(embedded_url(data_dir)) as held:
+        stopped = pg_broker("server", "stop", env=env)
+        assert stopped.returncode == 0, stopped.stderr
+        assert "1 client session(s) ended" in stopped.stdout
+        with pytest.raises(psycopg.OperationalError):
+            held.execute("SELECT 1")
+    assert embedded_pid(data_dir) is None
+    assert pg_broker("server", "status", env=env).returncode == 3
+    assert "not running" in pg_broker("server", "stop", env=env).stdout
+
+    started = pg_broker("server", "start", env=env)
+    assert started.returncode == 0, started.stderr
+    assert embedded_pid(data_dir) is not None
+    noted = pg_broker("server", "status", env={**env, "PG_BROKER_URL": "postgresql://x@h/db"})
+    assert "PG_BROKER_URL/DATABASE_URL is set" in noted.stderr and noted.returncode == 0
