@@ -1,7 +1,8 @@
 """Applies the schema's migrations: two tracks, each file once, in the order
-of their numbers, each in its own transaction, under an advisory lock so that
+of their numbers, each in its own transaction, under a transaction-scoped advisory lock so that
 processes starting together (worker, beat, Flower, a producer) migrate one at
-a time.
+a time; a database with nothing pending is checked without any lock (see
+:func:`migrate`: safe behind a transaction-mode pooler).
 
 ``migrations/core/`` is the broker's schema, which any role that may create
 tables in its schema can install; ``migrations/supabase/`` is the
@@ -28,7 +29,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,48 +137,93 @@ def migrate(url: str, directory: Path | None = None, *, supabase: bool | None = 
     it where it was applied before or the database looks like Supabase.
     Raises :class:`MigrationFailed` (and :class:`LayerFailed` when only the
     layer failed, after the core files that follow it were applied).
+
+    Safe behind a transaction-mode pooler (PgBouncer, Supavisor on 6543),
+    where consecutive transactions may run on different server sessions: the
+    applied versions are read first, and a database with nothing pending is
+    left without taking any lock; each change runs in a transaction of its
+    own under a transaction-scoped advisory lock, and checks again under it
+    whether another process made it meanwhile. (A session-level lock taken
+    and released in different transactions stayed held by an idle pooled
+    session, and the next process waited for it for ever.)
     """
     directory = directory or migrations_dir()
-    applied_now: list[Migration] = []
+    tracks = discover(directory)
     with connect(url, autocommit=True) as conn:
-        conn.execute(queries["migrations_lock"], {"key": ADVISORY_LOCK_KEY})
-        try:
+        applied = _applied(conn)
+        layer = _layer(conn, supabase, applied or {})
+        if applied is not None and not _pending(tracks, applied, layer):
+            for migration in tracks:
+                if (migration.track, migration.version) in applied:
+                    _warn_if_changed(migration, applied[(migration.track, migration.version)])
+            _migrated_urls.add(url)
+            return []
+        with _locked(conn):
             conn.execute(queries["migrations_table"])
-            applied = {(track, version): checksum for track, version, checksum
-                       in conn.execute(queries["migrations_applied"])}
-            tracks = discover(directory)
-            if {t for t, _ in applied} == {LEGACY}:
-                applied_now += _complete_legacy(conn, directory, applied)
-                for migration in tracks:
-                    if migration.legacy_versions:
+        applied_now = _apply_pending(conn, directory, tracks, layer)
+    _migrated_urls.add(url)
+    return applied_now
+
+
+def _apply_pending(conn: psycopg.Connection, directory: Path, tracks: list[Migration],
+                   layer: bool) -> list[Migration]:
+    """Apply what is pending, each change under the lock (see :func:`migrate`)."""
+    applied_now: list[Migration] = []
+    if {t for t, _ in _applied(conn)} == {LEGACY}:
+        applied_now += _complete_legacy(conn, directory)
+        for migration in tracks:
+            if migration.legacy_versions:
+                with _locked(conn):
+                    if (migration.track, migration.version) not in _applied(conn):
                         _record(conn, migration)
-                        applied[(migration.track, migration.version)] = migration.checksum
                         log.info("recorded %s as applied: legacy %s built it", migration.label,
                                  " ".join(f"{v:03d}" for v in migration.legacy_versions))
-            layer = bool(supabase or any(t == SUPABASE for t, _ in applied)
-                         or conn.execute(queries["supabase_detected"]).fetchone()[0])
-            layer_failure: MigrationFailed | None = None
-            for migration in tracks:
-                key = (migration.track, migration.version)
-                if key in applied:
-                    _warn_if_changed(migration, applied[key])
-                elif migration.track == CORE:
-                    _apply(conn, migration)
-                    applied_now.append(migration)
-                elif layer and layer_failure is None:
-                    try:
-                        _apply(conn, migration)
-                    except MigrationFailed as exc:
-                        layer_failure = exc
-                    else:
-                        applied_now.append(migration)
-        finally:
-            conn.execute(queries["migrations_unlock"], {"key": ADVISORY_LOCK_KEY})
+    layer_failure: MigrationFailed | None = None
+    for migration in tracks:
+        if migration.track != CORE and (not layer or layer_failure is not None):
+            continue
+        try:
+            if _apply_once(conn, migration):
+                applied_now.append(migration)
+        except MigrationFailed as exc:
+            if migration.track == CORE:
+                raise
+            layer_failure = exc
     if layer_failure is not None:
         raise LayerFailed(f"{layer_failure}. The core schema is complete: the broker works "
                           "without the Supabase layer") from layer_failure
-    _migrated_urls.add(url)
     return applied_now
+
+
+@contextmanager
+def _locked(conn: psycopg.Connection) -> Iterator[None]:
+    """A transaction holding the migrations' advisory lock, released at its end."""
+    with conn.transaction():
+        conn.execute(queries["migrations_lock"], {"key": ADVISORY_LOCK_KEY})
+        yield
+
+
+def _applied(conn: psycopg.Connection) -> dict[tuple[str, int], str] | None:
+    """(track, version) -> checksum of every migration recorded; None when the
+    record is missing or predates the tracks (a migration is pending)."""
+    try:
+        return {(track, version): checksum for track, version, checksum
+                in conn.execute(queries["migrations_applied"])}
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+        return None
+
+
+def _layer(conn: psycopg.Connection, supabase: bool | None,
+           applied: dict[tuple[str, int], str]) -> bool:
+    """Whether the Supabase layer is wanted: asked for, applied before, or Supabase detected."""
+    return bool(supabase or any(t == SUPABASE for t, _ in applied)
+                or conn.execute(queries["supabase_detected"]).fetchone()[0])
+
+
+def _pending(tracks: list[Migration], applied: dict[tuple[str, int], str], layer: bool) -> bool:
+    """Whether a file of the tracks wanted is not applied yet."""
+    return any((m.track, m.version) not in applied for m in tracks
+               if m.track == CORE or layer)
 
 
 def ensure_migrated(url: str) -> None:
@@ -202,19 +249,10 @@ def layer_installed(conn: psycopg.Connection) -> bool:
     return any(track == SUPABASE for track, _, _ in conn.execute(queries["migrations_applied"]))
 
 
-def _complete_legacy(conn: psycopg.Connection, directory: Path,
-                     applied: dict[tuple[str, int], str]) -> list[Migration]:
+def _complete_legacy(conn: psycopg.Connection, directory: Path) -> list[Migration]:
     """Run the legacy files a single-track database lacks, as its runner would have."""
-    ran = []
-    for migration in discover(directory, (LEGACY,)):
-        key = (LEGACY, migration.version)
-        if key in applied:
-            _warn_if_changed(migration, applied[key])
-            continue
-        _apply(conn, migration)
-        applied[key] = migration.checksum
-        ran.append(migration)
-    return ran
+    return [migration for migration in discover(directory, (LEGACY,))
+            if _apply_once(conn, migration)]
 
 
 def _warn_if_changed(migration: Migration, checksum: str) -> None:
@@ -230,12 +268,21 @@ def _record(conn: psycopg.Connection, migration: Migration) -> None:
     })
 
 
-def _apply(conn: psycopg.Connection, migration: Migration) -> None:
-    log.info("applying migration %s", migration.label)
+def _apply_once(conn: psycopg.Connection, migration: Migration) -> bool:
+    """Apply ``migration`` in a transaction of its own under the lock, unless
+    it is applied already (by another process meanwhile, perhaps); whether
+    it was applied now."""
     try:
-        with conn.transaction():
+        with _locked(conn):
+            checksum = conn.execute(queries["migration_checksum"], {
+                "track": migration.track, "version": migration.version}).fetchone()
+            if checksum is not None:
+                _warn_if_changed(migration, checksum[0])
+                return False
+            log.info("applying migration %s", migration.label)
             conn.execute(migration.sql)
             _record(conn, migration)
+            return True
     except psycopg.Error as exc:
         diag = exc.diag
         reason = diag.message_primary or str(exc).strip().splitlines()[0]

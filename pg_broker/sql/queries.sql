@@ -542,12 +542,8 @@ SELECT q.name,
 -- the track column came with the two tracks (migrations/README.md).
 
 -- name: migrations_lock
--- Waits for the advisory lock that lets one process at a time migrate.
-SELECT pg_advisory_lock(%(key)s)
-
--- name: migrations_unlock
--- Releases the migrations advisory lock.
-SELECT pg_advisory_unlock(%(key)s)
+-- Waits for the advisory lock that lets one process at a time migrate; held until the transaction ends (a session-level lock would outlive its transaction on a pooled server session).
+SELECT pg_advisory_xact_lock(%(key)s)
 
 -- name: migrations_table
 -- Creates the record of applied migrations; one of the single-track runner gets its track column, its rows marked 'legacy'.
@@ -576,6 +572,10 @@ SELECT track, version, checksum FROM pg_broker_migrations
 -- name: migrations_applied_in_order
 -- The track files applied (legacy rows aside): version and name, in order.
 SELECT version, name FROM pg_broker_migrations WHERE track <> 'legacy' ORDER BY version
+
+-- name: migration_checksum
+-- The checksum of one migration if it is recorded as applied (checked again under the lock).
+SELECT checksum FROM pg_broker_migrations WHERE track = %(track)s AND version = %(version)s
 
 -- name: migration_record
 -- Records one migration as applied.

@@ -58,6 +58,12 @@ class Options:
     ``retry_backoff`` (10)
         Seconds before a rejected (failed) message is delivered again; doubles
         with each attempt (SQL ``fail_task``), at most one hour.
+    ``migrate`` (True)
+        Whether the transport applies pending migrations when it connects
+        (checking costs one read and takes no lock when nothing is pending).
+        False: it never does, for producers whose role may not change the
+        schema or that should start with no DDL at all; run ``pg-broker
+        migrate`` at deployment instead.
     ``response_timeout`` (20)
         Seconds a statement may wait for the database's reply before its
         connection is dropped and opened again (:mod:`.deadline`): a path that
@@ -73,6 +79,7 @@ class Options:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     retry_backoff: timedelta = timedelta(seconds=DEFAULT_RETRY_BACKOFF_SECONDS)
     response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
+    migrate: bool = True
 
 
 def from_transport_options(options: Mapping[str, object]) -> Options:
@@ -90,6 +97,7 @@ def from_transport_options(options: Mapping[str, object]) -> Options:
         retry_backoff=timedelta(
             seconds=float(options.get("retry_backoff", DEFAULT_RETRY_BACKOFF_SECONDS))),
         response_timeout=float(options.get("response_timeout", DEFAULT_RESPONSE_TIMEOUT)),
+        migrate=_flag(options.get("migrate", True)),
     )
 
 

@@ -66,7 +66,8 @@ class Transport(virtual.Transport):
     Transport options (``broker_transport_options``): see
     :class:`.options.Options` (lease_seconds, polling_interval,
     maintenance_interval, claim_batch_max, confirm_publish,
-    synchronous_commit, max_message_size, retry_backoff, response_timeout).
+    synchronous_commit, max_message_size, retry_backoff, response_timeout,
+    migrate).
     """
 
     Channel = Channel
@@ -130,7 +131,8 @@ class Transport(virtual.Transport):
 
     def establish_connection(self):
         self.settlements.closed = False
-        ensure_migrated(self.conninfo)
+        if self.options.migrate:
+            ensure_migrated(self.conninfo)
         self.work.conn  # noqa: B018 - connect now, so an unreachable database fails here
         return super().establish_connection()
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 
-from pg_broker.migrate import MigrationFailed, applied_versions, discover, migrate
+from pg_broker.migrate import (
+    ADVISORY_LOCK_KEY,
+    MigrationFailed,
+    applied_versions,
+    discover,
+    migrate,
+)
 
 
 def test_every_migration_is_recorded_once(database_url: str) -> None:
@@ -68,3 +75,39 @@ def test_the_files_also_run_by_hand_in_order(empty_database: str) -> None:
                 conn.execute(migration.sql)
         assert conn.execute("SELECT to_regclass('pg_broker_migrations')").fetchone() == (None,)
         assert conn.execute("SELECT count(*) FROM claim_tasks('w', ARRAY['q'])").fetchone() == (0,)
+
+
+def _hold_migrations_lock(url: str) -> psycopg.Connection:
+    """A session holding the migrations' advisory lock, as a pooled server
+    session left holding it (issue 16) did."""
+    holder = psycopg.connect(url, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+    return holder
+
+
+def test_a_migrated_database_is_checked_without_waiting_for_the_lock(database_url: str) -> None:
+    with _hold_migrations_lock(database_url), ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(migrate, database_url)
+        # Generous: the check is one read; waiting for the lock would never end.
+        assert checked.result(timeout=30) == []
+
+
+def test_a_pending_migration_waits_for_the_lock_and_releases_it_at_commit(
+        empty_database: str, tmp_path) -> None:
+    for migration in discover():
+        (tmp_path / migration.track).mkdir(exist_ok=True)
+        shutil.copy(migration.path, tmp_path / migration.track)
+    migrate(empty_database, tmp_path, supabase=True)
+    (tmp_path / "core" / "999_later.sql").write_text("CREATE TABLE later (id int);\n")
+
+    with ThreadPoolExecutor(1) as pool:
+        with _hold_migrations_lock(empty_database):
+            pending = pool.submit(migrate, empty_database, tmp_path)
+            with pytest.raises(TimeoutError):
+                pending.result(timeout=1)
+        assert [m.version for m in pending.result(timeout=30)] == [999]
+    with psycopg.connect(empty_database) as conn:
+        held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+                            ).fetchone()
+    assert held == (0,)
