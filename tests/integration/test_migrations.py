@@ -6,6 +6,7 @@ import multiprocessing
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
+import kombu
 import psycopg
 import pytest
 
@@ -16,6 +17,7 @@ from pg_broker.migrate import (
     discover,
     migrate,
 )
+from pg_broker.urls import broker_url
 
 
 def test_every_migration_is_recorded_once(database_url: str) -> None:
@@ -111,3 +113,13 @@ def test_a_pending_migration_waits_for_the_lock_and_releases_it_at_commit(
                             "(SELECT oid FROM pg_database WHERE datname = current_database())"
                             ).fetchone()
     assert held == (0,)
+
+
+def test_a_transport_told_not_to_migrate_connects_without_touching_the_schema(
+        empty_database: str) -> None:
+    with kombu.Connection(broker_url(empty_database),
+                          transport_options={"migrate": "false"}) as connection:
+        connection.connect()
+        assert connection.connected
+    with psycopg.connect(empty_database) as conn:
+        assert conn.execute("SELECT to_regclass('pg_broker_migrations')").fetchone() == (None,)
