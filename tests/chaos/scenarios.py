@@ -20,7 +20,7 @@ from .harness import Cluster, Figures, Ledger
 # Celery logs this when a worker notices that its broker connection is gone.
 LOST_CONNECTION = re.compile(
     r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/MainProcess\] "
-    r"(?:consumer: )?(?:Connection to broker lost|Cannot connect to)"
+    r"(?:consumer: )?(?:Connection to broker lost|Cannot connect to|no reply from the database)"
 )
 
 
