@@ -37,10 +37,18 @@ def terminate_sessions(db, application_name: str = "pg_broker") -> int:
 
 def test_held_message_keeps_its_lease_past_the_lease_length(database_url, db):
     queue = queue_named("lease")
-    for conn in open_connection(database_url, lease_seconds=0.6):
+    lease = 2.0
+    for conn in open_connection(database_url, lease_seconds=lease):
         publish(conn, queue, "long task")
         message = queue(conn.default_channel).get()
-        time.sleep(1.5)  # more than two lease lengths
+        # Held for more than two lease lengths, and renewed since (a lease of
+        # more than half its length left): a condition, not a sleep racing
+        # the renewal thread on a loaded machine.
+        wait_for(lambda: db.execute(
+            "SELECT now() > claimed_at + 2 * %(lease)s * interval '1 second'"
+            " AND lease_expires_at > now() + %(lease)s / 2 * interval '1 second'"
+            " FROM job_tasks WHERE queue = %(queue)s", {"lease": lease, "queue": queue.name},
+        ).fetchone()[0], 30, "the lease to be renewed past two lease lengths")
         assert db.execute("SELECT reclaim_stale_tasks()").fetchone()[0] == 0
         for other in open_connection(database_url):
             assert queue(other.default_channel).get() is None
