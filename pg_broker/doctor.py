@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import os
 import secrets
+import site
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -222,6 +224,23 @@ def check_clock(ctx: Context) -> Result:
     return Result(OK, text)
 
 
+def check_scheme(ctx: Context) -> Result:
+    """A Celery app that does not ``import pg_broker`` finds ``pgbroker://``
+    (the installed pg_broker.pth registers it; see :mod:`pg_broker.scheme`)."""
+    fix = ("reinstall pg_broker with pip (its wheel, and pip install -e, put pg_broker.pth into "
+           "site-packages), or `import pg_broker` before the Celery app is created")
+    if sys.flags.no_site:
+        return Result(WARN, "this interpreter runs without site (-S): pg_broker.pth is not read",
+                      fix)
+    directories = [*site.getsitepackages(), site.getusersitepackages()]
+    found = [d for d in directories if os.path.exists(os.path.join(d, "pg_broker.pth"))]
+    if not found:
+        return Result(WARN, f"no pg_broker.pth in {', '.join(directories)}: an app that does not "
+                      "import pg_broker fails with \"KeyError: No such transport: pgbroker\"", fix)
+    return Result(OK, f"pgbroker:// known to every Celery app of {sys.prefix} "
+                  f"({os.path.join(found[0], 'pg_broker.pth')})")
+
+
 CHECKS: list[tuple[str, Callable[[Context], Result]]] = [
     ("configuration", check_configuration),
     ("database", check_database),
@@ -230,6 +249,7 @@ CHECKS: list[tuple[str, Callable[[Context], Result]]] = [
     ("storage", check_storage),
     ("listen/notify", check_listen),
     ("clock", check_clock),
+    ("pgbroker:// scheme", check_scheme),
 ]
 
 

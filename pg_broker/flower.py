@@ -6,9 +6,9 @@ other scheme the Broker page stays empty and the API answers 404.
 :func:`install` teaches that factory the ``pgbroker`` scheme, answering from
 ``job_tasks`` and ``broker_transient_messages``.
 
-It runs by itself when a Celery app that imports ``pg_broker`` is loaded by
-``celery -A app flower`` (the celery command imports Flower before the app).
-Started any other way, put this in ``flowerconfig.py``::
+It runs by itself when Flower is imported in an environment where pg_broker
+is installed (``pg_broker.pth``; see :mod:`pg_broker.scheme`), or imported
+before it. Where that file is not read, put this in ``flowerconfig.py``::
 
     import pg_broker.flower
     pg_broker.flower.install()
@@ -25,6 +25,7 @@ from psycopg.rows import dict_row
 
 from pg_broker.masking import redacting
 from pg_broker.queries import queries
+from pg_broker.urls import libpq_url
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,6 @@ class PgBroker:
     """Queue lengths for Flower, read from the broker database."""
 
     def __init__(self, broker_url: str, *_: Any, **__: Any) -> None:
-        # Imported here: pg_broker's __init__ imports this module early.
-        from pg_broker.urls import libpq_url
-
         self.url = libpq_url(broker_url)
 
     async def queues(self, names: Iterable[str]) -> list[dict[str, Any]]:

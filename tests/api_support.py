@@ -5,7 +5,6 @@ over real HTTP for asymmetric tokens."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import uuid
@@ -15,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 import uvicorn
-from celery_workers import wait_for
+from celery_workers import free_port, wait_for
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tasks.api import Api, create_app
@@ -23,12 +22,6 @@ from tasks.api.auth import AUDIENCE, JWKS_PATH, Verifier, mint_token
 
 SECRET = "a-test-secret-of-at-least-32-bytes-0123456789"
 KEY_ID = "test-es256-key"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def token(user: uuid.UUID, expires_in: int = 3600, secret: str = SECRET) -> str:

@@ -12,6 +12,8 @@ import os
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -42,6 +44,30 @@ def wait_for(
                 f"{describe() if callable(describe) else describe}"
             )
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fetch(url: str) -> tuple[int, str]:
+    """GET ``url``: (status, body), (0, the error) when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=20) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+    except OSError as error:
+        return 0, str(error)
+
+
+def get_json(url: str):
+    """The JSON body of a 200 answer to GET ``url``, else None."""
+    status, body = fetch(url)
+    return json.loads(body) if status == 200 else None
 
 
 def process_environment(database_url: str, **extra: str) -> dict[str, str]:

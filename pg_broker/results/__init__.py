@@ -3,8 +3,8 @@
 ``result_backend = "pgbroker://"`` (the broker's database: ``PG_BROKER_URL``,
 ``DATABASE_URL`` or the embedded server) or
 ``"pgbroker://user:pass@host/db?sslmode=require"`` (libpq parameters pass
-through). ``import pg_broker`` registers the scheme with Celery, and so does
-the ``celery.result_backends`` entry point. :mod:`.backend` holds the Celery
+through). The ``celery.result_backends`` entry point registers the scheme
+with Celery, and so does ``import pg_broker`` (see :mod:`pg_broker.scheme`). :mod:`.backend` holds the Celery
 classes, :mod:`.store` the SQL, :mod:`.waiting` the wake-ups.
 
 Why it is built this way (measured on this project's 2-core machine,

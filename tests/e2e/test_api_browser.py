@@ -15,8 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_support import free_port
-from celery_workers import REPO_ROOT, process, wait_for
+from celery_workers import REPO_ROOT, free_port, process, wait_for
 
 from tasks.api.auth import DEV_SECRET, mint_token
 from tasks.demo import start_worker

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -23,6 +21,9 @@ import pytest
 from celery_workers import (
     Worker,
     celery_command,
+    fetch,
+    free_port,
+    get_json,
     process,
     process_environment,
     wait_for,
@@ -38,22 +39,6 @@ pytest_plugins = ["celery_session"]
 
 RESULT_TIMEOUT = 90
 QUEUE = f"flower.{uuid.uuid4().hex[:8]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def fetch(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=20) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode(errors="replace")
-    except OSError as error:
-        return 0, str(error)
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +80,6 @@ def flower(worker, env, tmp_path_factory) -> Iterator[str]:
         yield base
     finally:
         server.kill()
-
-
-def get_json(url: str):
-    status, body = fetch(url)
-    return json.loads(body) if status == 200 else None
 
 
 def test_api_workers_lists_the_worker(flower, worker):

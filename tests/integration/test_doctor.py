@@ -92,6 +92,20 @@ def test_a_lost_notification_fails_the_listen_check_with_the_pooler_fix(
     assert "did not reach another" in result.message and "session mode" in result.fix
 
 
+def test_without_pg_broker_pth_the_scheme_check_warns_what_a_celery_app_will_meet(
+    tmp_path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert doctor.check_scheme(doctor.Context()).status == doctor.OK  # this environment's
+    monkeypatch.setattr(doctor.site, "getsitepackages", lambda: [str(tmp_path)])
+    monkeypatch.setattr(doctor.site, "getusersitepackages", lambda: str(tmp_path / "user"))
+
+    result = doctor.check_scheme(doctor.Context())
+
+    assert result.status == doctor.WARN
+    assert "No such transport: pgbroker" in result.message
+    assert "import pg_broker" in result.fix
+
+
 def test_clock_skew_warns_past_a_second_and_fails_past_thirty(env: str) -> None:
     for offset, expected in ((0.0, "ok"), (5.0, "warn"), (-120.0, "FAIL")):
         ctx = doctor.Context(clock=lambda offset=offset: time.time() + offset)

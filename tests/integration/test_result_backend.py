@@ -5,6 +5,9 @@ is pushed (LISTEN/NOTIFY on one connection per process), reconnect included.
 A worker's writes are played by the backend API itself or, where the test is
 about the wake-up, by another session running the backend's own statement
 (``result_set``), as a worker process would.
+
+(Past ~400 lines on purpose: one suite of one backend, whose fixtures every
+test shares; a reader looking for "does the backend do X" finds it here.)
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import site
 import subprocess
 import sys
 import threading
@@ -26,7 +30,7 @@ from celery import Celery, states
 from celery.app.task import Context
 from celery.exceptions import TaskRevokedError
 from celery.result import AsyncResult, GroupResult, ResultSet
-from celery_workers import pgbroker_url, wait_for
+from celery_workers import REPO_ROOT, pgbroker_url, wait_for
 
 from pg_broker.maintenance import ResultExpiry
 from pg_broker.queries import queries
@@ -483,14 +487,18 @@ def test_a_chord_whose_parts_return_twice_sends_its_callback_once(app, db):
 
 
 def test_the_scheme_resolves_through_the_entry_point_without_importing_pg_broker(database_url):
+    # -S: site-packages on the path, but its .pth files unread (pg_broker.pth
+    # would import pg_broker); the repository, the cwd, stands in for the
+    # editable install's path hook.
     code = (
-        "import sys; from celery import Celery\n"
+        f"import sys; sys.path += {site.getsitepackages()!r}; from celery import Celery\n"
         f"app = Celery(backend={pgbroker_url(database_url)!r})\n"
         "assert 'pg_broker' not in sys.modules\n"
         "backend = app.backend  # Celery finds it through the entry point\n"
         "print(type(backend).__module__, type(backend).__name__)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["pg_broker.results.backend", "PgBrokerBackend"]
 
