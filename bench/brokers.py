@@ -1,5 +1,9 @@
 """The brokers under comparison: how to reach each, reset it and read its state.
 
+(Past ~400 lines on purpose: the :class:`Broker` that every measurement
+reads, and one short constructor per broker compared, ten of them, which are
+easier to compare side by side than across files.)
+
 Each broker with a result backend of its own kind (Redis + Redis, RabbitMQ +
 ``rpc://``, pg_broker + ``pgbroker://``) is measured with it too; the
 ``pgbroker-sqlaresults`` entry is pg_broker with Celery's SQLAlchemy result
@@ -27,6 +31,9 @@ import psutil
 import psycopg
 from kombu import Connection, Exchange, Queue
 from psycopg import sql
+
+from pg_broker.database import with_database
+from pg_broker.urls import broker_url, with_scheme
 
 log = logging.getLogger(__name__)
 
@@ -252,17 +259,6 @@ def _qualified(table: str) -> sql.Composable:
     return sql.Identifier(*table.split("."))
 
 
-def libpq_to_broker(url: str, scheme: str) -> str:
-    """postgresql://u@h/db?x=y -> <scheme>://u@h/db?x=y"""
-    return scheme + "://" + url.split("://", 1)[1]
-
-
-def with_database(url: str, dbname: str) -> str:
-    from pg_broker.database import with_database as replace
-
-    return replace(url, dbname)
-
-
 def ensure_database(admin_url: str, dbname: str) -> None:
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
@@ -344,7 +340,7 @@ def _sqla(pg_server: str) -> Broker:
     ensure_database(pg_server, SQLA_DATABASE)
     database_url = with_database(pg_server, SQLA_DATABASE)
     return Broker(
-        "sqla", libpq_to_broker(database_url, "sqla+postgresql+psycopg"),
+        "sqla", with_scheme(database_url, "sqla+postgresql+psycopg"),
         "kombu's SQLAlchemy transport on the same PostgreSQL",
         database_url=database_url, admin_url=pg_server,
         tables=("kombu_message",), version=server_version(pg_server),
@@ -374,7 +370,7 @@ def _pgmq(pg_server: str) -> Broker:
         ).fetchone()
     version = pgmq_version[0] if pgmq_version else f"{get_embedded_sql_version()} (SQL-only)"
     return Broker(
-        "pgmq", libpq_to_broker(database_url, "pgmq"),
+        "pgmq", with_scheme(database_url, "pgmq"),
         "kombu 5.7's PGMQ transport on the same PostgreSQL",
         transport_options={"init_extension": False},
         database_url=database_url, admin_url=pg_server, delete_to_empty=True,
@@ -386,7 +382,6 @@ def _pgmq(pg_server: str) -> Broker:
 
 def _pgbroker_common(name: str, url: str, description: str, database_url: str,
                      env_changes: dict, has_statements: bool = False) -> Broker:
-    import pg_broker.transport  # noqa: F401  (skip cleanly until the transport exists)
     from pg_broker.migrate import migrate
 
     migrate(database_url)
@@ -397,8 +392,7 @@ def _pgbroker_common(name: str, url: str, description: str, database_url: str,
         name, url, description, env_changes=env_changes,
         database_url=database_url, admin_url=with_database(database_url, "postgres"),
         tables=("job_tasks", "broker_transient_messages"),
-        result_backend=libpq_to_broker(database_url, "pgbroker") if url != "pgbroker://"
-        else url,
+        result_backend=broker_url(database_url) if url != "pgbroker://" else url,
         result_tables=("task_results", "task_result_chords", "task_result_chord_parts"),
         version=server_version(database_url), has_statements=has_statements,
     )
@@ -409,7 +403,7 @@ def _pgbroker(pg_server: str, database_url: str | None) -> Broker:
         recreate_database(pg_server, PGBROKER_DATABASE)
         database_url = with_database(pg_server, PGBROKER_DATABASE)
     return _pgbroker_common(
-        "pgbroker", libpq_to_broker(database_url, "pgbroker"),
+        "pgbroker", broker_url(database_url),
         "pg_broker on the PostgreSQL server", database_url,
         {"PG_BROKER_URL": None, "DATABASE_URL": None},
     )
@@ -421,7 +415,7 @@ def _pgbroker_variant(pg_server: str, name: str, dbname: str, options: dict) -> 
     database_url = with_database(pg_server, dbname)
     described = ", ".join(f"{key}={value}" for key, value in options.items())
     broker = _pgbroker_common(
-        name, libpq_to_broker(database_url, "pgbroker"),
+        name, broker_url(database_url),
         f"pg_broker on the PostgreSQL server, transport option {described}",
         database_url, {"PG_BROKER_URL": None, "DATABASE_URL": None},
     )
@@ -434,7 +428,7 @@ def _pgbroker_sqla_results(pg_server: str) -> Broker:
     broker = _pgbroker_variant(pg_server, "pgbroker-sqlaresults", SQLA_RESULTS_DATABASE, {})
     broker.description = ("pg_broker on the PostgreSQL server, results in Celery's SQLAlchemy "
                           "backend on the same database (result figures only)")
-    broker.result_backend = libpq_to_broker(broker.database_url, "db+postgresql+psycopg")
+    broker.result_backend = with_scheme(broker.database_url, "db+postgresql+psycopg")
     broker.result_tables = ("celery_taskmeta", "celery_tasksetmeta")
     broker.results_only = True
     return broker

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from urllib.parse import quote, urlencode
 
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pg_broker.database import DatabaseUnavailable, database_url
 from pg_broker.masking import mask_url, url_problem
@@ -25,12 +25,20 @@ def _after_scheme(url: str) -> str:
     return url.split("://", 1)[1] if "://" in url else url
 
 
-def broker_url(conninfo: str) -> str:
+def with_scheme(url: str, scheme: str) -> str:
+    """``url`` under another scheme, the rest as written:
+    ``postgresql://u@h/db?x=y`` -> ``<scheme>://u@h/db?x=y``."""
+    return f"{scheme}://{_after_scheme(url)}"
+
+
+def broker_url(conninfo: str, **params: str) -> str:
     """The ``pgbroker://`` URL of a database given as a libpq URL or as
     ``key=value`` pairs (those become query parameters, which libpq reads
-    the same)."""
+    the same), with ``params`` as more libpq parameters."""
+    if params:
+        conninfo = make_conninfo(conninfo, **params)
     if "://" in conninfo:
-        return f"{SCHEME}://{_after_scheme(conninfo)}"
+        return with_scheme(conninfo, SCHEME)
     # libpq decodes %XX only: a space must not become "+".
     return f"{SCHEME}://?{urlencode(conninfo_to_dict(conninfo), quote_via=quote)}"
 
@@ -41,13 +49,13 @@ def libpq_url(broker_url: str) -> str:
     rest = _after_scheme(broker_url)
     if not rest.strip("/"):
         return database_url()
-    return f"postgresql://{rest}"
+    return with_scheme(rest, "postgresql")
 
 
 def masked_url(url: str, mask: str = "**", scheme: str = SCHEME) -> str:
     """``url`` under ``scheme`` with its passwords masked (see
     :func:`pg_broker.masking.mask_url`)."""
-    return f"{scheme}://{_after_scheme(mask_url(url, mask))}"
+    return with_scheme(mask_url(url, mask), scheme)
 
 
 def result_backend_url(conninfo: str) -> str:

@@ -9,15 +9,9 @@ from collections.abc import Iterator
 import kombu
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 import pg_broker  # noqa: F401  (registers pgbroker://)
-from pg_broker import urls
-
-
-def pgbroker_url(database_url: str, **params: str) -> str:
-    """The broker URL of the test database, with more libpq parameters."""
-    return urls.broker_url(make_conninfo(database_url, **params) if params else database_url)
+from pg_broker.urls import broker_url as pgbroker_url
 
 
 def unique(prefix: str) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import psycopg
 
 from pg_broker.processes import Supervised, worker_command
+from pg_broker.urls import broker_url
 
 from .app import LEDGER_TABLE, QUEUE, make_app
 from .proxy import Proxy
@@ -191,7 +192,7 @@ class Cluster:
 
     def _url(self, port: int | None) -> str:
         if self.kind == "pgbroker":
-            return "pgbroker://" + self.pg.url("broker", port).split("://", 1)[1]
+            return broker_url(self.pg.url("broker", port))
         return self.redis.url(port)
 
     # Workers -----------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .servers import free_port
 
@@ -42,7 +42,7 @@ class Proxy:
         params = conninfo_to_dict(database_url)
         host, port = params.get("host", ""), int(params.get("port") or 5432)
         proxy = cls(f"{host}/.s.PGSQL.{port}" if host.startswith("/") else port).start()
-        return proxy, f"postgresql://{params['user']}@127.0.0.1:{proxy.port}/{params['dbname']}"
+        return proxy, make_conninfo(database_url, host="127.0.0.1", port=proxy.port)
 
     def start(self) -> Proxy:
         self._thread.start()
