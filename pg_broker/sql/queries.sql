@@ -1,5 +1,7 @@
 -- Every statement pg_broker runs at run time, by name. Schema and functions
 -- live in migrations/; these are the statements that call them.
+-- (One file on purpose, however long: STYLE.md, the one place to look for
+-- the SQL the code runs; each statement is short and named.)
 
 -- name: jobs_by_status
 -- Active jobs: how many jobs are in each status.

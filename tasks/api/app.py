@@ -37,7 +37,6 @@ from fastapi.staticfiles import StaticFiles
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pg_broker.database import database_url
 from pg_broker.jobs import Job, cancel_job, get_job, user_session
@@ -46,14 +45,8 @@ from pg_broker.migrate import migrate
 from tasks.api.auth import AuthError, Verifier
 from tasks.api.events import JobEvents
 from tasks.api.files import FileSigner, content_type
+from tasks.api.models import ErrorOut, JobDetailOut, JobPageOut, PackageIn, TaskOut
 from tasks.api.sql import statements
-from tasks.speech import (
-    DEFAULT_RATE_WPM,
-    DEFAULT_VOICE,
-    MAX_RATE_WPM,
-    MIN_RATE_WPM,
-    check_voice,
-)
 from tasks.storage import StorageError, get_storage
 
 log = logging.getLogger(__name__)
@@ -80,98 +73,6 @@ class ApiError(Exception):
     def __init__(self, status: int, error: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status, self.error, self.message, self.field = status, error, message, field
-
-
-# Bodies -------------------------------------------------------------------
-
-
-class ChapterIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    title: str = Field(min_length=1, max_length=500)
-    text: str = Field(min_length=1, description="the chapter's text, spoken as one MP3")
-
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, text: str) -> str:
-        if not text.strip():
-            raise ValueError("the text is empty")
-        return text
-
-
-class PackageIn(BaseModel):
-    """A package job: one MP3 per chapter and one PDF of them all."""
-
-    model_config = ConfigDict(extra="forbid")
-    title: str = Field(min_length=1, max_length=500)
-    chapters: list[ChapterIn] = Field(min_length=1, max_length=1000)
-    voice: str = Field(DEFAULT_VOICE, description="an eSpeak NG voice: en-us, en-gb, de, fr …")
-    rate_wpm: int = Field(DEFAULT_RATE_WPM, ge=MIN_RATE_WPM, le=MAX_RATE_WPM,
-                          description="speed in words per minute")
-
-    @field_validator("voice")
-    @classmethod
-    def _known_voice(cls, voice: str) -> str:
-        check_voice(voice)  # ValueError names the voice and some that exist
-        return voice
-
-
-class JobOut(BaseModel):
-    id: uuid.UUID
-    job_type: str
-    title: str | None
-    status: Literal["pending", "processing", "completed", "failed", "cancelled"]
-    progress: float = Field(description="percent of the job's tasks finished")
-    total_tasks: int
-    completed_tasks: int
-    failed_tasks: int
-    cancelled_tasks: int
-    error: str | None
-    version: int = Field(description="grows with every change; the event id of the stream")
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    completed_at: datetime | None
-
-
-class TaskOut(BaseModel):
-    task_id: str | None
-    task_type: str | None
-    status: str
-    attempts: int
-    max_attempts: int
-    error: str | None
-    started_at: datetime | None
-    completed_at: datetime | None
-
-
-class ArtifactOut(BaseModel):
-    kind: str
-    content_type: str
-    bytes: int
-    duration_seconds: float | None
-    chapter: int | None
-    title: str | None
-    url: str | None = Field(description="signed: valid for one hour, needs no token")
-
-
-class JobDetailOut(JobOut):
-    voice: str | None
-    rate_wpm: int | None
-    chapters: list[str] = Field(description="the chapter titles")
-    tasks: list[TaskOut]
-    artifacts: list[ArtifactOut]
-
-
-class JobPageOut(BaseModel):
-    jobs: list[JobOut]
-    next_cursor: str | None = Field(description="pass as ?cursor= for the next page")
-
-
-class ErrorOut(BaseModel):
-    error: str
-    message: str
-    field: str | None = None
-    fields: list[dict[str, str]] | None = None
 
 
 # The application ------------------------------------------------------------

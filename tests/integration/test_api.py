@@ -1,7 +1,10 @@
 """The HTTP API (tasks/api) over real HTTP on real PostgreSQL: submitting,
 idempotency, limits, bad input, auth (HS256 and a JWKS served over HTTP),
 row-level security, cancel and retry, signed file URLs, and the
-Server-Sent Events stream pushed by the database."""
+Server-Sent Events stream pushed by the database.
+
+(Past ~400 lines on purpose: one running API and one database serve every
+test; each section is one endpoint.)"""
 
 from __future__ import annotations
 

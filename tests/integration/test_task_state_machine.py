@@ -1,5 +1,8 @@
 """The task life cycle as a state machine, driven by Hypothesis on real PostgreSQL.
 
+(Past ~400 lines on purpose: one Hypothesis machine, whose rules and
+invariants check one another and must be read together.)
+
 Three simulated workers, each on a connection of its own, claim rows of two
 queues (tasks of a few jobs, and plain messages), renew, start, complete,
 fail and requeue them through the SQL functions of migrations/ and the
