@@ -23,6 +23,7 @@ from pg_broker.database import (
 from pg_broker.masking import mask_url, url_problem
 from pg_broker.migrate import MigrationFailed, ensure_migrated, layer_installed, migrate
 from pg_broker.queries import queries
+from pg_broker.states import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 print(f"pg-broker submit: {exc}; is a worker running (celery -A tasks worker)?",
                       file=sys.stderr)
                 return 1
-            return 0 if job.status == "completed" else 1
+            return 0 if job.status == JobStatus.COMPLETED else 1
     return 0
 
 

@@ -37,6 +37,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pg_broker.queries import queries
+from pg_broker.states import FINAL_JOB_STATES
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.status in ("completed", "failed", "cancelled")
+        return self.status in FINAL_JOB_STATES
 
 
 def submit_job(

@@ -24,9 +24,20 @@ FINAL_TASK_STATES = frozenset(
 HELD_TASK_STATES = frozenset({TaskStatus.CLAIMED, TaskStatus.PROCESSING})
 
 
+# What pg-broker dead lists and retries: tasks that failed or died for good.
+DEAD_LETTER_STATES = frozenset({TaskStatus.FAILED, TaskStatus.DEAD})
+
+
 class JobStatus(StrEnum):
     PENDING = "pending"
     PROCESSING = "processing"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_JOB_STATES
+
+
+FINAL_JOB_STATES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})

@@ -35,6 +35,7 @@ from pg_broker.database import connect, database_url, mask_url
 from pg_broker.jobs import Job, get_job
 from pg_broker.migrate import ensure_migrated
 from pg_broker.processes import Supervised, worker_command
+from pg_broker.states import JobStatus
 from tasks.package import submit_package
 from tasks.pdf import Chapter
 from tasks.storage import artifact_url, get_storage
@@ -245,4 +246,4 @@ def run_demo(
     for link in pdfs:
         say(f"PDF:  {link.url}")
     say(f"details: pg-broker job {job.id}")
-    return 0 if job.status == "completed" else 1
+    return 0 if job.status == JobStatus.COMPLETED else 1

@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 import psycopg
@@ -42,6 +42,7 @@ from pg_broker.database import database_url
 from pg_broker.jobs import Job, cancel_job, get_job, user_session
 from pg_broker.maintenance import retry_dead_tasks
 from pg_broker.migrate import migrate
+from pg_broker.states import DEAD_LETTER_STATES, FINAL_JOB_STATES, JobStatus
 from tasks.api.auth import AuthError, Verifier
 from tasks.api.events import JobEvents
 from tasks.api.files import FileSigner, content_type
@@ -56,7 +57,6 @@ HEARTBEAT_SECONDS = 15.0
 # Bodies past this are refused unread; the per-user limit (job_limits, in the
 # database) is what normally answers 413.
 MAX_BODY_BYTES = 32 * 1024 * 1024
-FINISHED = ("completed", "failed", "cancelled")
 # How long a request waits for a database connection before it is answered 503.
 POOL_WAIT_SECONDS = 10.0
 # SQLSTATEs submit_job raises (migrations/supabase/106) -> HTTP status and error code.
@@ -284,8 +284,7 @@ def create_app(api: Api | None = None, *, dev: bool = False) -> FastAPI:
 
     @app.get("/v1/jobs", response_model=JobPageOut)
     def list_jobs(user: User,
-                  status: Annotated[Literal["pending", "processing", "completed", "failed",
-                                            "cancelled"] | None, Query()] = None,
+                  status: Annotated[JobStatus | None, Query()] = None,
                   limit: Annotated[int, Query(ge=1, le=100)] = 20,
                   cursor: Annotated[str | None, Query()] = None) -> dict:
         """Your jobs, newest first; ``next_cursor`` fetches the next page."""
@@ -340,9 +339,9 @@ def create_app(api: Api | None = None, *, dev: bool = False) -> FastAPI:
             job = get_job(conn, job_id)
         if job is None:
             raise not_found(job_id)
-        if job.status == "cancelled":
+        if job.status == JobStatus.CANCELLED:
             raise ApiError(409, "cancelled", f"job {job_id} was cancelled; submit it again")
-        failed = [t.task_id for t in job.tasks if t.status in ("failed", "dead") and t.task_id]
+        failed = [t.task_id for t in job.tasks if t.status in DEAD_LETTER_STATES and t.task_id]
         if not failed:
             raise ApiError(409, "nothing_to_retry", f"job {job_id} has no failed or dead tasks")
         with api.service() as conn:
@@ -408,7 +407,7 @@ async def _stream(api: Api, user: uuid.UUID, job_id: uuid.UUID,
                 seen = state["version"]
                 data = json.dumps(_summary_out(state), default=_json, separators=(",", ":"))
                 yield f"id: {seen}\nevent: job\ndata: {data}\n\n"
-            if state["status"] in FINISHED:
+            if state["status"] in FINAL_JOB_STATES:
                 return
             try:
                 await asyncio.wait_for(changed.wait(), api.heartbeat)

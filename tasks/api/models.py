@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pg_broker.states import JobStatus
 from tasks.speech import (
     DEFAULT_RATE_WPM,
     DEFAULT_VOICE,
@@ -52,7 +52,7 @@ class JobOut(BaseModel):
     id: uuid.UUID
     job_type: str
     title: str | None
-    status: Literal["pending", "processing", "completed", "failed", "cancelled"]
+    status: JobStatus
     progress: float = Field(description="percent of the job's tasks finished")
     total_tasks: int
     completed_tasks: int
