@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pg_broker import metrics
 from pg_broker.database import (
     DatabaseUnavailable,
     configured_url,
@@ -207,6 +208,17 @@ def cmd_dead(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    url = database_url()
+    ensure_migrated(url)
+    if args.serve:
+        metrics.serve(url, args.host, args.port)
+        return 0
+    with connect(url, autocommit=True) as conn:
+        print(metrics.exposition(conn), end="")
+    return 0
+
+
 def cmd_retention(args: argparse.Namespace) -> int:
     from pg_broker.maintenance import ResultExpiry, Retention
 
@@ -349,6 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--expires-in", type=int, default=3600, metavar="SECONDS",
                        help="lifetime (default 3600)")
     token.add_argument("--dev", action="store_true", help="sign with the development secret")
+
+    metrics_command = add("metrics", cmd_metrics, "per queue: ready, delayed, oldest ready message's age, "
+                  "held leases, renewals, dead letters, in Prometheus's text format; --serve "
+                  "serves them at /metrics")
+    metrics_command.add_argument("--serve", action="store_true",
+                                 help="serve http://HOST:PORT/metrics")
+    metrics_command.add_argument("--host", default="127.0.0.1",
+                                 help="address to listen on (default 127.0.0.1)")
+    metrics_command.add_argument("--port", type=int, default=metrics.DEFAULT_PORT,
+                                 help=f"port (default {metrics.DEFAULT_PORT})")
 
     retention = add("retention", cmd_retention, "delete finished task rows older than an age, "
                     "and results past their result_expires")

@@ -538,6 +538,59 @@ SELECT q.name,
        ) t ON true;
 
 -- ---------------------------------------------------------------------------
+-- Metrics and autoscaling (pg_broker.metrics: pg-broker metrics and its
+-- Prometheus endpoint). Each part reads one partial index of job_tasks: the
+-- backlog (job_tasks_claim_idx), the held rows (job_tasks_lease_idx), the
+-- dead letters (job_tasks_dead_letters_idx), never the finished rows.
+
+-- name: queue_backlog
+-- One queue's backlog, always one row (KEDA's PostgreSQL scaler, any autoscaler): messages ready now, delayed (ETA, countdown, retry backoff), and the seconds its oldest ready message has waited.
+-- A message counts as waiting from its visible_at: a countdown of an hour
+-- is not an hour late when it falls due.
+SELECT count(*) FILTER (WHERE visible_at <= now()) AS ready,
+       count(*) FILTER (WHERE visible_at > now()) AS delayed,
+       coalesce(extract(epoch FROM now() - min(visible_at) FILTER (WHERE visible_at <= now())),
+                0)::float8 AS oldest_ready_age
+  FROM job_tasks
+ WHERE queue = %(queue)s AND status = 'pending' AND (expires_at IS NULL OR expires_at > now());
+
+-- name: metrics_queues
+-- Per queue (those with messages, dead letters, or declared durable): ready, delayed, oldest ready age (s), held leases, renewed at least once, expired and not yet reclaimed, seconds since the stalest renewal, dead letters (dead and failed).
+WITH backlog AS (
+    SELECT queue,
+           count(*) FILTER (WHERE visible_at <= now()) AS ready,
+           count(*) FILTER (WHERE visible_at > now()) AS delayed,
+           extract(epoch FROM now() - min(visible_at) FILTER (WHERE visible_at <= now()))
+               AS oldest_ready_age
+      FROM job_tasks
+     WHERE status = 'pending' AND (expires_at IS NULL OR expires_at > now())
+     GROUP BY queue
+), held AS (
+    SELECT queue, count(*) AS held,
+           count(*) FILTER (WHERE last_heartbeat > claimed_at) AS renewed,
+           count(*) FILTER (WHERE lease_expires_at < now()) AS expired,
+           extract(epoch FROM now() - min(last_heartbeat)) AS renewal_age
+      FROM job_tasks
+     WHERE status IN ('claimed', 'processing')
+     GROUP BY queue
+), dead AS (
+    SELECT queue, count(*) AS dead
+      FROM job_tasks
+     WHERE status IN ('dead', 'failed')
+     GROUP BY queue
+), declared AS (
+    SELECT name AS queue FROM broker_queues WHERE durable
+)
+SELECT queue, coalesce(ready, 0), coalesce(delayed, 0), coalesce(oldest_ready_age, 0)::float8,
+       coalesce(held, 0), coalesce(renewed, 0), coalesce(expired, 0),
+       coalesce(renewal_age, 0)::float8, coalesce(dead, 0)
+  FROM declared
+  FULL JOIN backlog USING (queue)
+  FULL JOIN held USING (queue)
+  FULL JOIN dead USING (queue)
+ ORDER BY queue;
+
+-- ---------------------------------------------------------------------------
 -- The migrations runner (pg_broker.migrate). pg_broker_migrations keeps its
 -- columns version (still the key: legacy files are numbered below 100, the
 -- tracks from 100), name, checksum, applied_at for anything that reads them;
