@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import kombu
 import psycopg
 import pytest
+from kombu.asynchronous import Hub
 
 import pg_broker  # noqa: F401  (registers pgbroker://)
 from pg_broker.urls import broker_url as pgbroker_url
@@ -57,3 +60,26 @@ def broker_url(database_url):
 @pytest.fixture
 def connection(database_url, db):
     yield from open_connection(database_url)
+
+
+@contextmanager
+def event_loop(connection: kombu.Connection) -> Iterator[Callable[..., None]]:
+    """Run ``connection``'s transport under a kombu Hub, as a Celery worker
+    does (it then never calls drain_events). Yields ``run_until(predicate,
+    describe, timeout=30)``, which turns the loop until ``predicate()`` holds."""
+    hub = Hub()
+    transport = connection.transport
+    transport.register_with_event_loop(connection.connection, hub)
+    loop = hub.create_loop()
+
+    def run_until(predicate: Callable[[], object], describe: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {describe}"
+            next(loop)
+
+    try:
+        yield run_until
+    finally:
+        transport.unregister_from_event_loop(connection.connection, hub)
+        hub.close()

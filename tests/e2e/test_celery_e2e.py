@@ -184,7 +184,9 @@ def test_warm_shutdown_returns_prefetched_messages_to_pending(
     assert worker.wait(60) == 0, worker.describe("warm shutdown")
     assert long_task.get(timeout=RESULT_TIMEOUT) == "slept"
     rows = [task_row(dbconn, task_id) for task_id in prefetched]
-    assert [(row["status"], row["lease_token"]) for row in rows] == [("pending", None)] * len(rows)
+    # Back at once, and uncounted: none of them started.
+    assert [(row["status"], row["lease_token"], row["attempts"]) for row in rows] == [
+        ("pending", None, 0)] * len(rows)
 
 
 def test_a_solo_worker_busy_past_its_control_queue_expiry_still_answers_ping(
@@ -321,16 +323,24 @@ def test_celery_events_dump_shows_task_events_of_another_process(request, app, w
     )
 
 
-def test_event_and_remote_control_traffic_stays_off_the_durable_path(app, worker, dbconn):
-    # Run after the inspect, control and event tests above: their pidbox,
-    # reply and event queues must have left no job_tasks rows, and the reply
-    # queues of clients that are gone must have been deleted with them.
+def test_event_and_remote_control_traffic_stays_off_the_durable_path(app, worker, env, dbconn):
+    # Remote control from another process and from this one, and an event
+    # monitor: their pidbox, reply and event queues must leave no job_tasks
+    # rows, and the reply queues of clients that are gone must be deleted.
+    node = worker.nodename
+    assert run_celery_json(env, "inspect", "ping", "-d", node, "-t", "20") == {
+        node: {"ok": "pong"}}
+    assert app.control.ping(destination=[node], timeout=20) == [{node: {"ok": "pong"}}]
+    events: list[dict] = []
+    with app.connection_for_read() as connection:
+        receiver = EventReceiver(connection, handlers={"*": events.append}, app=app)
+        # wakeup=True asks the workers for a heartbeat: one event at least.
+        receiver.capture(limit=1, timeout=30, wakeup=True)
+    assert events
     celery_app.add.delay(1, 1).get(timeout=RESULT_TIMEOUT)
-    assert app.control.ping(destination=[worker.nodename], timeout=20) == [
-        {worker.nodename: {"ok": "pong"}}
-    ]
 
     durable_queues = {row[0] for row in dbconn.execute("SELECT DISTINCT queue FROM job_tasks")}
+    assert "e2e" in durable_queues  # the task's row: what is absent below is meaningful
     assert not {q for q in durable_queues if q.endswith(".pidbox") or q.startswith("celeryev")}
     wait_for(
         lambda: not dbconn.execute(

@@ -1,5 +1,5 @@
 """The `pg-broker` console script: help for every subcommand, and migrate,
-status, reclaim and url run as a user runs them, in a subprocess against the
+status, reclaim, dead list and url run as a user runs them, in a subprocess against the
 test database named by PG_BROKER_URL."""
 
 from __future__ import annotations
@@ -87,6 +87,30 @@ def test_reclaim_returns_expired_leases_and_says_how_many(
     assert result.returncode == 0, result.stderr
     assert "reclaimed 1 task(s)" in result.stdout
     assert task(db, task_id)["status"] == "pending"
+
+
+def test_dead_list_shows_failed_and_dead_tasks_newest_first(
+    db: psycopg.Connection, broker_env: dict[str, str]
+) -> None:
+    rows = {}
+    for status, error, age in [("failed", "ValueError: boom", "2 minutes"),
+                               ("dead", "lease expired on worker w1", "1 minute"),
+                               ("completed", None, "30 seconds"), ("pending", None, None)]:
+        (rows[status],) = add_tasks(db, task_type=f"app.{status}_task", status=status,
+                                    error=error, attempts=3)
+        if age:
+            db.execute("UPDATE job_tasks SET completed_at = now() - %s::interval WHERE id = %s",
+                       (age, rows[status]))
+
+    result = pg_broker("dead", "list", env=broker_env)
+
+    assert result.returncode == 0, result.stderr
+    listed = [line.split() for line in result.stdout.splitlines()
+              if line.split()[:1] in ([str(row_id)] for row_id in rows.values())]
+    assert [line[0] for line in listed] == [str(rows["dead"]), str(rows["failed"])]
+    assert "app.dead_task" in result.stdout and "lease expired on worker w1" in result.stdout
+    assert "app.failed_task" in result.stdout and "ValueError: boom" in result.stdout
+    assert "app.completed_task" not in result.stdout and "app.pending_task" not in result.stdout
 
 
 def test_url_prints_the_configured_database(broker_env: dict[str, str]) -> None:

@@ -10,6 +10,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import mutagen.mp3
@@ -32,6 +33,9 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OWNER = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
 STRANGER = uuid.UUID("00000000-0000-4000-8000-0000000000b2")
+# Seconds before a failed task's first retry (doubling after): longer than the
+# workers' safety poll (1 s), so that the delays show in when attempts ran.
+RETRY_BACKOFF = 2.0
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 
 
@@ -53,7 +57,7 @@ def worker(database_url: str, storage_dir: Path, tmp_path_factory: pytest.TempPa
     """One worker for the module; yields its log file. The test process sees
     the same database and storage through the same environment variables."""
     env = {"PG_BROKER_URL": database_url, "PG_BROKER_STORAGE_DIR": str(storage_dir),
-           "PG_BROKER_RETRY_BACKOFF": "0.3"}
+           "PG_BROKER_RETRY_BACKOFF": str(RETRY_BACKOFF)}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     log_file = tmp_path_factory.mktemp("worker") / "worker.log"
@@ -149,6 +153,14 @@ def test_a_failing_chapter_is_retried_with_backoff_then_fails_its_job(
     assert (good.status, good.attempts) == ("completed", 1)
     assert (bad.status, bad.attempts) == ("failed", 3)
     assert bad.error.startswith("IndexError")
+    # When each attempt failed (the worker's log): a backoff, then twice that,
+    # apart (less a little: the log line may follow the reject).
+    failed_at = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+                 for line in worker.read_text().splitlines()
+                 if f"[{bad.task_id}] raised unexpected" in line]
+    assert len(failed_at) == 3, worker.read_text()[-4000:]
+    gaps = [(failed_at[n + 1] - failed_at[n]).total_seconds() for n in range(2)]
+    assert gaps[0] > RETRY_BACKOFF - 0.5 and gaps[1] > 2 * RETRY_BACKOFF - 0.5, gaps
     assert (job.status, job.completed_tasks, job.failed_tasks) == ("failed", 1, 1)
     assert job.error == bad.error
     assert len(job.artifacts) == 1

@@ -1,5 +1,6 @@
-"""The six SQL statements of the product description, run verbatim on rows set
-up for the purpose: each returns what it says it does."""
+"""The monitoring statements `pg-broker status` and `reclaim` run (named in
+pg_broker/sql/queries.sql), run on rows set up for the purpose: each returns
+what it says it does, and each is the statement of the product description."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from taskrows import add_job, add_tasks, claim
 
 from pg_broker.queries import queries
 
+# The product description's statements, verbatim: the named ones must say the same.
 ACTIVE_JOBS = "SELECT status, COUNT(*) FROM jobs GROUP BY status;"
 TASK_BACKLOG = "SELECT task_type, status, COUNT(*) FROM job_tasks GROUP BY task_type, status;"
 WORKER_HEALTH = """SELECT worker_id, COUNT(*) AS active_tasks, MAX(last_heartbeat) AS last_seen
@@ -17,6 +19,8 @@ WORKER_HEALTH = """SELECT worker_id, COUNT(*) AS active_tasks, MAX(last_heartbea
 STALE_TASKS = """SELECT COUNT(*) FROM job_tasks WHERE status IN ('claimed', 'processing')
   AND last_heartbeat < (now() - INTERVAL '10 minutes');"""
 RECLAIM = "SELECT reclaim_stale_tasks();"
+# The product's way to peek at the next tasks; no code of ours runs it (the
+# transport claims with transport_claim), so it is checked as written here.
 NEXT_PENDING = ("SELECT * FROM job_tasks WHERE status = 'pending' ORDER BY sequence LIMIT 5"
                 " FOR UPDATE SKIP LOCKED;")
 
@@ -36,7 +40,7 @@ def test_active_jobs_counts_jobs_by_status(db: psycopg.Connection) -> None:
     add_tasks(db, 1, queue="done", job_id=done)
     _finish_one(db, "done")
 
-    assert dict(db.execute(ACTIVE_JOBS).fetchall()) == {
+    assert dict(db.execute(queries["jobs_by_status"]).fetchall()) == {
         "pending": 2, "processing": 1, "completed": 1}
 
 
@@ -46,7 +50,7 @@ def test_task_backlog_counts_tasks_by_type_and_status(db: psycopg.Connection) ->
     _finish_one(db)  # the first audio task
     claim(db)        # the second one
 
-    assert sorted(db.execute(TASK_BACKLOG).fetchall()) == [
+    assert sorted(db.execute(queries["backlog_by_task_type"]).fetchall()) == [
         ("tasks.audio.synthesize_chapter", "claimed", 1),
         ("tasks.audio.synthesize_chapter", "completed", 1),
         ("tasks.audio.synthesize_chapter", "pending", 1),
@@ -68,7 +72,7 @@ def test_worker_health_lists_what_each_worker_holds_and_its_last_heartbeat(
                            ).fetchone()
     assert a_beat == 1
 
-    health = {w: (n, seen) for w, n, seen in db.execute(WORKER_HEALTH)}
+    health = {w: (n, seen) for w, n, seen in db.execute(queries["worker_health"])}
     assert {w: n for w, (n, _) in health.items()} == {"worker-a": 2, "worker-b": 1}
     (now,) = db.execute("SELECT now()").fetchone()
     assert now - health["worker-a"][1] < timedelta(minutes=1), "MAX takes the latest heartbeat"
@@ -85,7 +89,7 @@ def test_stale_tasks_counts_held_tasks_silent_for_ten_minutes(db: psycopg.Connec
     db.execute("UPDATE job_tasks SET last_heartbeat = now() - interval '1 hour'"
                " WHERE status = 'pending'")
 
-    assert db.execute(STALE_TASKS).fetchone() == (2,)
+    assert db.execute(queries["stale_tasks"]).fetchone() == (2,)
 
 
 def test_reclaim_stale_tasks_returns_how_many_leases_it_took_back(db: psycopg.Connection) -> None:
@@ -94,9 +98,9 @@ def test_reclaim_stale_tasks_returns_how_many_leases_it_took_back(db: psycopg.Co
     db.execute("UPDATE job_tasks SET lease_expires_at = now() - interval '1 minute'"
                " WHERE worker_id = 'gone'")
 
-    assert db.execute(RECLAIM).fetchone() == (2,)
+    assert db.execute(queries["reclaim_stale_tasks"]).fetchone() == (2,)
     assert db.execute("SELECT count(*) FROM job_tasks WHERE status = 'pending'").fetchone() == (3,)
-    assert db.execute(RECLAIM).fetchone() == (0,)
+    assert db.execute(queries["reclaim_stale_tasks"]).fetchone() == (0,)
 
 
 def test_next_pending_tasks_are_locked_so_two_readers_get_different_ones(
@@ -113,7 +117,7 @@ def test_next_pending_tasks_are_locked_so_two_readers_get_different_ones(
     assert theirs == ids[6:11]
 
 
-def test_the_cli_runs_the_same_statements() -> None:
+def test_the_named_statements_are_the_product_descriptions() -> None:
     def normalized(text: str) -> str:
         return " ".join(text.replace(";", "").split())
 

@@ -170,11 +170,11 @@ def test_on_a_supabase_like_database_its_auth_uid_is_kept_and_grants_are_tighten
     with psycopg.connect(supabase_like_url, autocommit=True) as conn:
         assert conn.execute(uid_source).fetchone() == (before,)
         mine, theirs = add_job(conn, USER_A), add_job(conn, USER_B)
+        assert {r[0] for r in conn.execute("SELECT id::text FROM jobs")} == {mine, theirs}
         with conn.transaction(force_rollback=True):
             conn.execute("SET LOCAL ROLE authenticated")
             conn.execute("SELECT set_config('request.jwt.claim.sub', %s, true)", (USER_A,))
             assert {r[0] for r in conn.execute("SELECT id::text FROM jobs")} == {mine}
-        assert theirs
 
         refused = [
             ("anon", "SELECT * FROM jobs"),

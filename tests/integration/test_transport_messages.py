@@ -6,19 +6,24 @@ import datetime
 import decimal
 import logging
 import socket
+import time
 import uuid
+from collections.abc import Callable, Iterator
 
 import kombu
 import psycopg
 import pytest
 from kombu.exceptions import ChannelError
+from taskrows import ack_and_claim, task
 from transport_support import (
+    open_connection,
     publish,
     queue_named,
     rows,
     unique,
 )
 
+from pg_broker.queries import queries
 from pg_broker.transport import Transport
 
 pytest_plugins = ["transport_support"]
@@ -91,17 +96,29 @@ def test_requeue_after_the_last_attempt_buries_the_row(connection, db):
             simple.get_nowait()
 
 
-def test_reject_without_requeue_retries_later_with_backoff(connection, db):
-    with connection.SimpleQueue(unique("reject")) as simple:
-        simple.put("a")
-        simple.get(timeout=2).reject(requeue=False)
-        status, visible_later = db.execute(
-            "SELECT status, visible_at > now() FROM job_tasks WHERE queue = %s",
-            (simple.queue.name,),
-        ).fetchone()
-        assert (status, visible_later) == ("pending", True)
-        with pytest.raises(simple.Empty):
-            simple.get_nowait()
+def test_reject_without_requeue_retries_after_a_backoff_that_doubles_per_attempt(
+    database_url, db,
+):
+    queue = queue_named("reject")
+    delays = []
+    for conn in open_connection(database_url, retry_backoff=1000):
+        with conn.SimpleQueue(queue) as simple:
+            simple.put("a", headers={"max_attempts": 3})
+            for _ in range(2):
+                simple.get(timeout=10).reject(requeue=False)
+                status, delay = db.execute(
+                    "SELECT status, extract(epoch FROM visible_at - now())::float8"
+                    " FROM job_tasks WHERE queue = %s", (queue.name,),
+                ).fetchone()
+                assert status == "pending"
+                delays.append(delay)
+                with pytest.raises(simple.Empty):
+                    simple.get_nowait()
+                # The backoff has passed.
+                db.execute("UPDATE job_tasks SET visible_at = now() WHERE queue = %s",
+                           (queue.name,))
+    # retry_backoff, then twice that (less the moment between reject and check).
+    assert 900 < delays[0] <= 1000 and 1900 < delays[1] <= 2000, delays
 
 
 def test_reject_on_the_last_attempt_fails_the_row(connection, db):
@@ -111,17 +128,49 @@ def test_reject_on_the_last_attempt_fails_the_row(connection, db):
         assert rows(db, simple.queue.name) == [("failed", 1, False)]
 
 
-def test_ack_after_the_lease_was_lost_is_refused_and_logged(connection, db, caplog):
-    with connection.SimpleQueue(unique("fenced")) as simple:
-        simple.put("a")
-        message = simple.get(timeout=2)
-        # The lease expired and another worker claimed the row.
-        db.execute("UPDATE job_tasks SET lease_token = gen_random_uuid() WHERE queue = %s",
-                   (simple.queue.name,))
-        with caplog.at_level(logging.WARNING, logger="pg_broker.transport"):
-            message.ack()
-        assert rows(db, simple.queue.name) == [("claimed", 1, True)]
-        assert "lease lost" in caplog.text
+def _lease_lost_to_a_second_worker(db, queue: kombu.Queue) -> tuple[int, uuid.UUID]:
+    """The lease of the queue's one held row expired, the watchdog took it back
+    and a second worker claimed it: (row id, the second worker's lease token)."""
+    with db.transaction():  # the lease thread cannot renew in between
+        db.execute("UPDATE job_tasks SET lease_expires_at = now() - interval '1 second'"
+                   " WHERE queue = %s", (queue.name,))
+        assert db.execute("SELECT reclaim_stale_tasks()").fetchone() == (1,)
+    (row_id,), _, token = ack_and_claim(db, [], queue.name, limit=1, worker="worker-2")
+    return row_id, token
+
+
+@pytest.mark.parametrize("settle", ["ack", "requeue", "reject", "renew"])
+def test_a_settlement_after_the_lease_was_lost_changes_nothing_and_is_logged(
+    connection, db, caplog, settle,
+):
+    queue = queue_named("fenced")
+    publish(connection, queue, "x")
+    message = queue(connection.default_channel).get()
+    row_id, _ = _lease_lost_to_a_second_worker(db, queue)
+    before = task(db, row_id)
+    with caplog.at_level(logging.WARNING, logger="pg_broker.transport"):
+        if settle == "renew":
+            assert connection.transport.leases.renew() == 0
+        elif settle == "reject":
+            message.reject(requeue=False)
+        else:
+            getattr(message, settle)()
+    assert task(db, row_id) == before  # the second worker's row, untouched
+    assert "lease lost" in caplog.text
+
+
+def test_burying_a_malformed_row_is_fenced_by_its_lease_token(connection, db):
+    queue = queue_named("bury")
+    publish(connection, queue, "x")
+    queue(connection.default_channel).get()
+    row_id, live = _lease_lost_to_a_second_worker(db, queue)
+    stale = task(db, row_id)
+    assert db.execute(queries["transport_bury"], {
+        "ids": [row_id], "tokens": [uuid.uuid4()], "error": "malformed"}).fetchall() == []
+    assert task(db, row_id) == stale
+    assert db.execute(queries["transport_bury"], {
+        "ids": [row_id], "tokens": [live], "error": "malformed"}).fetchall() == [(row_id,)]
+    assert task(db, row_id)["status"] == "dead"
 
 
 def test_closing_the_channel_returns_unacked_messages_without_counting_them(broker_url, db):
@@ -160,6 +209,39 @@ def test_higher_priority_is_delivered_first_then_fifo(connection, db):
     assert bodies == ["high", "mid", "low-1", "low-2"]
 
 
+def test_priority_order_holds_across_claims_when_the_backlog_exceeds_the_prefetch_window(
+    connection, db,
+):
+    # Claims of two at a time: the order comes from the claim statement
+    # (highest priority, then FIFO), not from sorting one claimed batch.
+    queue = queue_named("priority-backlog")
+    sent = ([(f"low-{n}", 1) for n in range(4)] + [(f"high-{n}", 9) for n in range(4)]
+            + [(f"mid-{n}", 5) for n in range(4)])
+    for body, priority in sent:
+        publish(connection, queue, body, priority=priority)
+    received = []
+    with connection.Consumer([queue], prefetch_count=2,
+                             callbacks=[lambda body, m: (received.append(body), m.ack())]):
+        deadline = time.monotonic() + 30
+        while len(received) < len(sent) and time.monotonic() < deadline:
+            connection.drain_events(timeout=10)
+    assert received == [f"{level}-{n}" for level in ("high", "mid", "low") for n in range(4)]
+
+
+def test_an_unlimited_prefetch_window_claims_at_most_claim_batch_max(database_url, db):
+    queue = queue_named("batch-max")
+    received = []
+    for conn in open_connection(database_url, claim_batch_max=5):
+        for n in range(12):
+            publish(conn, queue, n)
+        # No prefetch_count: the window is unlimited, claim_batch_max bounds a claim.
+        with conn.Consumer([queue], callbacks=[lambda body, m: received.append(body)]):
+            conn.drain_events(timeout=10)  # delivers what one claim took
+            assert received == [0, 1, 2, 3, 4]
+            assert [status for status, _, _ in rows(db, queue.name)] == (
+                ["claimed"] * 5 + ["pending"] * 7)
+
+
 def test_expired_message_is_never_delivered(connection, db):
     with connection.SimpleQueue(unique("ttl")) as simple:
         simple.put("stale", expiration=0.05)
@@ -189,6 +271,37 @@ def test_purge_removes_ready_messages_only_and_returns_their_count(connection, d
     assert [status for status, _, _ in rows(db, queue.name)] == ["claimed"]
     held.ack()
     channel.close()
+
+
+def declared(db, queue: str) -> int:
+    """The queue's declaration and bindings still stored."""
+    return db.execute(
+        "SELECT (SELECT count(*) FROM broker_queues WHERE name = %(q)s)"
+        " + (SELECT count(*) FROM broker_bindings WHERE queue = %(q)s)", {"q": queue},
+    ).fetchone()[0]
+
+
+def test_an_exclusive_queue_goes_away_when_its_consumer_cancels(connection, db):
+    name = unique("exclusive")
+    queue = kombu.Queue(name, kombu.Exchange(unique("direct"), type="direct"), routing_key=name,
+                        exclusive=True)
+    consumer = connection.Consumer([queue], callbacks=[lambda body, m: None])
+    consumer.consume()
+    assert declared(db, queue.name) == 2
+    consumer.cancel()
+    assert declared(db, queue.name) == 0
+
+
+def test_an_exclusive_queue_goes_away_with_its_channel(connection, db):
+    # Declared as the AMQP method does it (kombu's Queue would also mark it
+    # auto-delete): exclusive alone is enough.
+    channel = connection.channel()
+    name = unique("exclusive")
+    channel.queue_declare(name, exclusive=True, auto_delete=False)
+    channel.queue_bind(name, "amq.direct", name)
+    assert declared(db, name) == 2
+    channel.close()
+    assert declared(db, name) == 0
 
 
 def test_passive_declare_counts_messages_and_refuses_unknown_queues(connection, db):
@@ -285,3 +398,50 @@ def test_header_values_json_cannot_carry_natively_survive_the_round_trip(connect
         message = simple.get(timeout=2)
         assert {key: message.headers[key] for key in sent} == sent
         message.ack()
+
+
+@pytest.fixture
+def commit_settings(db) -> Iterator[Callable[[], list[tuple[str, str]]]]:
+    """synchronous_commit as each insert or update of a job_tasks row saw it
+    (a trigger records it), in order; the trigger goes after the test."""
+    db.execute("CREATE TABLE test_commit_settings (id serial, op text, setting text)")
+    db.execute("""CREATE FUNCTION test_record_commit_setting() RETURNS trigger
+                  LANGUAGE plpgsql AS $$
+                  BEGIN
+                      INSERT INTO test_commit_settings (op, setting)
+                      VALUES (TG_OP, current_setting('synchronous_commit'));
+                      RETURN NEW;
+                  END $$""")
+    db.execute("CREATE TRIGGER test_record_commit_setting BEFORE INSERT OR UPDATE ON job_tasks"
+               " FOR EACH ROW EXECUTE FUNCTION test_record_commit_setting()")
+    try:
+        yield lambda: db.execute(
+            "SELECT op, setting FROM test_commit_settings ORDER BY id").fetchall()
+    finally:
+        db.execute("DROP TRIGGER test_record_commit_setting ON job_tasks")
+        db.execute("DROP FUNCTION test_record_commit_setting()")
+        db.execute("DROP TABLE test_commit_settings")
+
+
+def test_the_synchronous_commit_option_applies_to_publishes(database_url, db, commit_settings):
+    (default,) = db.execute("SHOW synchronous_commit").fetchone()
+    assert default != "off", "the server's default must differ from the option tested"
+    for options in ({}, {"synchronous_commit": "off"}):
+        for conn in open_connection(database_url, **options):
+            publish(conn, queue_named("commit"), "x")
+    assert commit_settings() == [("INSERT", default), ("INSERT", "off")]
+
+
+def test_claims_settlements_and_renewals_commit_asynchronously(connection, db, commit_settings):
+    queue = queue_named("async")
+    publish(connection, queue, "x")
+    bound = queue(connection.default_channel)
+    bound.get().requeue()
+    message = bound.get()
+    assert connection.transport.leases.renew() == 1
+    message.reject(requeue=False)
+    db.execute("UPDATE job_tasks SET visible_at = now() WHERE queue = %s", (queue.name,))
+    bound.get().ack()
+    # claim, requeue, claim, renewal, fail, claim, ack (the test's own update aside)
+    updates = [setting for op, setting in commit_settings() if op == "UPDATE"]
+    assert len(updates) == 8 and updates[:5] + updates[6:] == ["off"] * 7, updates

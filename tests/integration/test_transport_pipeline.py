@@ -67,21 +67,60 @@ def test_consumer_receives_pipelined_messages(database_url, db):
     assert {status for status, _, _ in rows(db, queue.name)} == {"completed"}
 
 
+def _publishing_while_locked(conn, queue, bodies: list, table: str, **options):
+    """Publish ``bodies`` from a thread while ``table`` is locked against
+    inserts; returns (the thread, the connection holding the lock: roll it
+    back to let the inserts through)."""
+    locker = psycopg.connect(conn.transport.conninfo)
+    locker.execute(f"LOCK TABLE {table} IN SHARE MODE")
+    sender = threading.Thread(target=lambda: [publish(conn, queue, body, **options)
+                                              for body in bodies])
+    sender.start()
+    return sender, locker
+
+
+def _stored_transient(db, queue: kombu.Queue) -> int:
+    return db.execute("SELECT count(*) FROM broker_transient_messages WHERE queue = %s",
+                      (queue.name,)).fetchone()[0]
+
+
 def test_transient_messages_are_pipelined_even_with_confirms_on(database_url, db):
     queue = queue_named("events", durable=False, auto_delete=True)
+    durable = queue_named("confirmed")
     for conn in open_connection(database_url):
-        with conn.Consumer([queue], no_ack=True, callbacks=[]):
-            for n in range(50):
-                publish(conn, queue, n, delivery_mode="transient")
-            assert conn.transport._pipeline is not None
-            assert confirm_publishes(10)
-            stored = db.execute(
-                "SELECT count(*) FROM broker_transient_messages WHERE queue = %s",
-                (queue.name,),
-            ).fetchone()[0]
-            assert stored == 50
-        durable = queue_named("confirmed")
-        publish(conn, durable, "waits for its commit")
+        for declared in (queue, durable):
+            declared(conn.default_channel).declare()
+        # The pipeline's connection is open and its statement prepared.
+        publish(conn, queue, "first", delivery_mode="transient")
+        assert confirm_publishes(10)
+
+        # While no message can be stored, transient publishes return: they
+        # do not wait for their commit.
+        sender, locker = _publishing_while_locked(
+            conn, queue, list(range(50)), "broker_transient_messages",
+            delivery_mode="transient")
+        try:
+            sender.join(15)
+            assert not sender.is_alive(), "a transient publish waited for its commit"
+            assert _stored_transient(db, queue) == 1
+        finally:
+            locker.close()  # the inserts go through
+            sender.join(30)
+        assert confirm_publishes(10)
+        assert _stored_transient(db, queue) == 51
+
+        # A durable publish with confirms on returns only once committed.
+        sender, locker = _publishing_while_locked(conn, durable, ["waits"], "job_tasks")
+        try:
+            wait_for(lambda: db.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND application_name = 'pg_broker'"
+            ).fetchone()[0], 30, "the durable publish to wait for the lock")
+            assert sender.is_alive() and rows(db, durable.name) == []
+        finally:
+            locker.close()
+            sender.join(30)
+        assert not sender.is_alive()
         assert conn.transport._pipeline.unconfirmed == 0
     assert len(rows(db, durable.name)) == 1
 
