@@ -43,16 +43,18 @@ PG_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PGBROKER_DATABASE = "pg_broker_bench"
 PGBROKER_ASYNC_DATABASE = "pg_broker_bench_async"
 PGBROKER_PIPELINED_DATABASE = "pg_broker_bench_pipelined"
+PGBROKER_UNPREPARED_DATABASE = "pg_broker_bench_unprepared"
 SQLA_DATABASE = "pg_broker_bench_sqla"
 PGMQ_DATABASE = "pg_broker_bench_pgmq"
 SQLA_RESULTS_DATABASE = "pg_broker_bench_sqlaresults"
 EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / ".pgdata"
 
 # The default set; pg_broker with one of its documented transport options
-# (pgbroker-async, pgbroker-pipelined) is there when asked for.
+# (pgbroker-async, pgbroker-pipelined, pgbroker-unprepared: what a
+# transaction-mode pooler needs) is there when asked for.
 DEFAULT_BROKERS = ("redis", "rabbitmq", "sqla", "pgmq", "pgbroker", "pgbroker-embedded",
                    "pgbroker-sqlaresults")
-ALL_BROKERS = DEFAULT_BROKERS + ("pgbroker-async", "pgbroker-pipelined")
+ALL_BROKERS = DEFAULT_BROKERS + ("pgbroker-async", "pgbroker-pipelined", "pgbroker-unprepared")
 
 
 @dataclass
@@ -297,6 +299,9 @@ def prepare(names: list[str], pg_server: str, pgbroker_database: str | None) -> 
         "pgbroker-pipelined": lambda: _pgbroker_variant(
             pg_server, "pgbroker-pipelined", PGBROKER_PIPELINED_DATABASE,
             {"confirm_publish": False}),
+        "pgbroker-unprepared": lambda: _pgbroker_variant(
+            pg_server, "pgbroker-unprepared", PGBROKER_UNPREPARED_DATABASE,
+            {"prepared_statements": False}),
         "pgbroker-embedded": _pgbroker_embedded,
         "pgbroker-sqlaresults": lambda: _pgbroker_sqla_results(pg_server),
     }

@@ -149,7 +149,9 @@ def migrate(url: str, directory: Path | None = None, *, supabase: bool | None = 
     """
     directory = directory or migrations_dir()
     tracks = discover(directory)
-    with connect(url, autocommit=True) as conn:
+    # No prepared statements: behind a transaction-mode pooler they would not
+    # stay with this client, and a start-up check gains nothing from them.
+    with connect(url, autocommit=True, prepare_threshold=None) as conn:
         applied = _applied(conn)
         layer = _layer(conn, supabase, applied or {})
         if applied is not None and not _pending(tracks, applied, layer):

@@ -52,6 +52,37 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = virtual.Transport.connectio
 )
 
 
+# A named prepared statement missing from the session, or one already there:
+# a transaction-mode pooler (PgBouncer before 1.21 or without
+# max_prepared_statements, Supavisor on port 6543) ran the statement on
+# another server session than the one it was prepared on. Neither ran it.
+STATEMENT_ELSEWHERE: tuple[type[psycopg.Error], ...] = (
+    psycopg.errors.InvalidSqlStatementName,
+    psycopg.errors.DuplicatePreparedStatement,
+)
+
+_warned_unprepared: set[str] = set()
+
+
+def prepares(conn: psycopg.Connection) -> bool:
+    """Whether statements on ``conn`` may be named prepared statements
+    (the ``prepared_statements`` transport option, unless a pooler showed
+    that they do not survive there: :func:`forgo_prepared`)."""
+    return conn.prepare_threshold is not None
+
+
+def forgo_prepared(conn: psycopg.Connection, conninfo: str) -> None:
+    """After a :data:`STATEMENT_ELSEWHERE` error: no named prepared statement
+    on ``conn`` from now on (psycopg's nor the publish's), said once per
+    process and database."""
+    conn.prepare_threshold = None
+    if conninfo not in _warned_unprepared:
+        _warned_unprepared.add(conninfo)
+        log.warning("prepared statements do not survive on this connection: a transaction-mode "
+                    "pooler sits in front of the database. Statements go unprepared from now on; "
+                    "set the transport option prepared_statements=False to start that way")
+
+
 def conninfo(client) -> str:
     """The libpq connection string for a kombu Connection (URL form, or separate fields)."""
     hostname = client.hostname or ""
@@ -114,6 +145,8 @@ class WorkConnection:
         conn = self.conn
         try:
             return conn.cursor(row_factory=row_factory).execute(query, params)
+        except STATEMENT_ELSEWHERE:
+            forgo_prepared(conn, self.conninfo)
         except CONNECTION_ERRORS:
             if not conn.closed or getattr(conn, "cut_after", None) is not None:
                 raise

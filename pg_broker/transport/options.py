@@ -58,6 +58,14 @@ class Options:
     ``retry_backoff`` (10)
         Seconds before a rejected (failed) message is delivered again; doubles
         with each attempt (SQL ``fail_task``), at most one hour.
+    ``prepared_statements`` (True)
+        Whether the transport's connections use named prepared statements
+        (the publish's, and psycopg's for statements run five times). False
+        for a transaction-mode pooler that does not keep them per client
+        (PgBouncer before 1.21 or without ``max_prepared_statements``,
+        Supavisor on port 6543): every statement is then an unnamed one,
+        parsed and planned each time. Without it, the first statement such
+        a pooler loses turns them off for that connection, with a warning.
     ``migrate`` (True)
         Whether the transport applies pending migrations when it connects
         (checking costs one read and takes no lock when nothing is pending).
@@ -80,6 +88,7 @@ class Options:
     retry_backoff: timedelta = timedelta(seconds=DEFAULT_RETRY_BACKOFF_SECONDS)
     response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
     migrate: bool = True
+    prepared_statements: bool = True
 
 
 def from_transport_options(options: Mapping[str, object]) -> Options:
@@ -98,6 +107,7 @@ def from_transport_options(options: Mapping[str, object]) -> Options:
             seconds=float(options.get("retry_backoff", DEFAULT_RETRY_BACKOFF_SECONDS))),
         response_timeout=float(options.get("response_timeout", DEFAULT_RESPONSE_TIMEOUT)),
         migrate=_flag(options.get("migrate", True)),
+        prepared_statements=_flag(options.get("prepared_statements", True)),
     )
 
 

@@ -85,7 +85,7 @@ from psycopg import pq
 from pg_broker import forking
 from pg_broker.masking import first_line, redacting
 
-from .connections import close_quietly
+from .connections import STATEMENT_ELSEWHERE, close_quietly, forgo_prepared, prepares
 from .store import OK, Prepared
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ MAX_UNCONFIRMED = 2000
 MAX_SENDS = 10
 # SQLSTATE classes meaning "this message can never be stored".
 REFUSED_CLASSES = ("22", "23")
+# SQLSTATEs of STATEMENT_ELSEWHERE, as a pipelined result reports them.
+STATEMENT_ELSEWHERE_STATES = tuple(error.sqlstate for error in STATEMENT_ELSEWHERE)
 # At most this many refused messages are named in one error.
 REFUSALS_NAMED = 5
 
@@ -141,7 +143,9 @@ class _Sent:
 
 
 class Pipeline:
-    """One connection in pipeline mode publishing one prepared statement.
+    """One connection in pipeline mode publishing one statement (prepared,
+    unless the connection takes no prepared statements: see
+    :meth:`.store.Prepared.execute`).
 
     Thread-safe: every use of the connection holds ``_lock``; the confirmer
     thread waits for replies without it.
@@ -281,7 +285,7 @@ class Pipeline:
             entry = self._unsent.popleft()
             entry.sends += 1
             entry.error = None
-            pgconn.send_query_prepared(self.statement.name, entry.values)
+            self.statement.send(pgconn, entry.values, prepares(self._conn))
             pgconn.pipeline_sync()
             self._in_flight.append(entry)
         self._flush()
@@ -340,6 +344,8 @@ class Pipeline:
                 self._turned_down(entry)
         elif status not in OK and entry.error is None:
             state = result.error_field(pq.DiagnosticField.SQLSTATE) or b""
+            if state.decode() in STATEMENT_ELSEWHERE_STATES:  # sent again, unprepared
+                forgo_prepared(self._conn, self._conninfo)
             # The primary message only: the DETAIL may quote the row, payload and all.
             primary = (result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY)
                        or result.error_message.split(b"\n", 1)[0])
@@ -467,7 +473,10 @@ class Pipeline:
             conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
         pgconn = conn.pgconn
         try:
-            self.statement.prepare(pgconn)
+            if prepares(conn):
+                self.statement.prepare(pgconn)
+        except STATEMENT_ELSEWHERE:
+            forgo_prepared(conn, self._conninfo)
         except psycopg.Error:
             conn.close()
             raise

@@ -34,7 +34,7 @@ from psycopg.types.json import Jsonb
 from pg_broker.queries import queries
 
 from . import deadline
-from .connections import WorkConnection
+from .connections import STATEMENT_ELSEWHERE, WorkConnection, forgo_prepared, prepares
 from .messages import dumps
 
 OK = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
@@ -147,12 +147,25 @@ class Prepared:
         """Prepare on a connection not in pipeline mode (blocks)."""
         check(pgconn, pgconn.prepare(self.name, self.text))
 
+    def send(self, pgconn: pq.abc.PGconn, values: list[bytes | None], prepared: bool) -> None:
+        """Send it in pipeline mode: by name (prepared on the connection), or
+        as an unnamed statement."""
+        if prepared:
+            pgconn.send_query_prepared(self.name, values)
+        else:
+            pgconn.send_query_params(self.text, values)
+
     def execute(self, conn: psycopg.Connection, params: dict) -> pq.abc.PGresult:
         """Run on ``conn`` (idle in autocommit, or in an open transaction) and
-        wait; prepares the statement once per connection."""
+        wait; prepares the statement once per connection, unless the
+        connection takes no prepared statements (``prepare_threshold`` None:
+        the ``prepared_statements`` option, or a transaction-mode pooler
+        found out; then it is one unnamed statement, parsed each time)."""
         values = self.values(params)
         with conn.lock, deadline.waiting(conn):
             pgconn = conn.pgconn
+            if not prepares(conn):
+                return check(pgconn, pgconn.exec_params(self.text, values))
             if conn not in self._prepared_on:
                 self.prepare(pgconn)
                 self._prepared_on.add(conn)
@@ -188,8 +201,14 @@ class Store:
 
     def publish(self, params: dict) -> None:
         """Store and notify one message (``transport_publish``) in a
-        transaction of its own; returns after the commit."""
-        PUBLISH.execute(self.work.conn, params)
+        transaction of its own; returns after the commit. A prepared
+        statement a pooler lost ran nothing: the publish goes again unprepared."""
+        conn = self.work.conn
+        try:
+            PUBLISH.execute(conn, params)
+        except STATEMENT_ELSEWHERE:
+            forgo_prepared(conn, self.work.conninfo)
+            PUBLISH.execute(conn, params)
 
     @staticmethod
     def publish_in(conn: psycopg.Connection, params: dict) -> None:

@@ -67,7 +67,7 @@ class Transport(virtual.Transport):
     :class:`.options.Options` (lease_seconds, polling_interval,
     maintenance_interval, claim_batch_max, confirm_publish,
     synchronous_commit, max_message_size, retry_backoff, response_timeout,
-    migrate).
+    migrate, prepared_statements).
     """
 
     Channel = Channel
@@ -100,6 +100,8 @@ class Transport(virtual.Transport):
         self.options = options = from_transport_options(client.transport_options)
         self.polling_interval = options.polling_interval
         self.connect_kwargs = session_defaults(self.conninfo, CONNECT_DEFAULTS)
+        if not options.prepared_statements:
+            self.connect_kwargs["prepare_threshold"] = None  # psycopg's, and the publish's
         self.work = WorkConnection(self.conninfo, self.connect_kwargs, options.response_timeout)
         self.store = Store(self.work)
         self.settlements = Settlements(self.store, options, finished=self._finished_settling,
