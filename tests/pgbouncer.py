@@ -1,7 +1,9 @@
 """A PgBouncer of the test's own: Debian's ``pgbouncer`` binary started on a
 free port with a temporary configuration, in front of the test server, in
 session or transaction mode (issue 16). Tests that need one skip, saying
-why, where the binary is absent (``.ci/run`` installs it)."""
+why, where the binary is absent (``.ci/run`` installs it). Also a fixture
+plugin (``pytest_plugins = ["pgbouncer"]``): ``transaction_pooler`` and
+``session_pooler``, one per test module."""
 
 from __future__ import annotations
 
@@ -17,13 +19,40 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+import pytest
 from chaos.servers import free_port
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pg_broker.database import with_database
 
 BINARY = "pgbouncer"
 MISSING = "Debian's pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)"
 # How long a starting PgBouncer may take to accept connections.
 START_TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def transaction_pooler(server_url: str) -> Iterator[str]:
+    """PgBouncer in transaction mode; a small pool, so that clients share
+    server sessions as they would in production."""
+    if not available():
+        pytest.skip(MISSING)
+    with pgbouncer(server_url, "transaction", pool_size=4) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def session_pooler(server_url: str) -> Iterator[str]:
+    """PgBouncer in session mode."""
+    if not available():
+        pytest.skip(MISSING)
+    with pgbouncer(server_url, "session") as url:
+        yield url
+
+
+def through(pooler_url: str, database_url: str) -> str:
+    """``database_url``'s database, reached through the pooler."""
+    return with_database(pooler_url, conninfo_to_dict(database_url)["dbname"])
 
 
 def available() -> bool:

@@ -168,6 +168,10 @@ UPDATE job_tasks t
    AND t.status IN ('claimed', 'processing', 'cancelled')
 RETURNING t.id;
 
+-- name: transport_notify_probe
+-- A listener's probe: a notification on its own channel, sent from the work connection to learn whether notifications reach the LISTEN connection.
+SELECT pg_notify(%(channel)s, '');
+
 -- name: transport_probe
 -- Safety poll: which of these queues have a message ready now.
 SELECT q.name

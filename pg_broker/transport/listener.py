@@ -6,22 +6,46 @@ committed. A notification is only a wake-up: the consumer then claims rows
 with the usual statement, and a slow safety poll covers any notification lost
 while the connection was down. Channel names are hashed because PostgreSQL
 identifiers hold at most 63 bytes and Celery queue names hold ``@`` and ``.``.
+
+The LISTEN connection may take a URL of its own (the ``listen_url`` transport
+option, or ``PG_BROKER_LISTEN_URL``): behind a transaction-mode pooler, LISTEN
+runs on a pooled server session that is handed to other clients, and its
+notifications are dropped (PgBouncer: "got packet 'A' from server when not
+linked"), so the listener must reach the database directly or through a
+session-mode pooler. Whether notifications arrive is checked, not assumed:
+:class:`Listener` sends itself a probe (a NOTIFY on a channel of its own,
+sent on the work connection) when it connects and whenever it heard nothing
+for ``PROBE_INTERVAL``; a probe not heard within ``PROBE_PATIENCE`` is
+logged as a warning, naming the fix — wake-ups then come only from the
+safety poll, every ``polling_interval``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+from time import monotonic
 
 import psycopg
 from psycopg import sql
 
 from pg_broker import forking
-from pg_broker.masking import redacting
+from pg_broker.masking import mask_url, redacting
 
 from . import deadline
 from .connections import close_quietly
 
+log = logging.getLogger(__name__)
+
 CHANNEL_PREFIX = "pgbroker_"
+# A probe goes out when the listener heard nothing for this many seconds (a
+# busy listener never sends one). Every NOTIFY signals every listening
+# session of the database: rare, so that hundreds of idle workers cost little.
+PROBE_INTERVAL = 600.0
+# A probe not heard within this many seconds means notifications are lost.
+PROBE_PATIENCE = 5.0
 
 
 def channel_name(queue: str) -> str:
@@ -38,12 +62,20 @@ class Listener:
     retry) reconnects, and the transport polls every queue after a reconnect.
     """
 
-    def __init__(self, conninfo: str, connect_kwargs: dict, response_timeout: float = 0) -> None:
+    def __init__(self, conninfo: str, connect_kwargs: dict, response_timeout: float = 0,
+                 notify: Callable[[str], None] | None = None) -> None:
+        """``notify(channel)`` sends a notification on another session (the
+        probe's); None: no probe."""
         self._conninfo = conninfo
         self._connect_kwargs = connect_kwargs
         self._response_timeout = response_timeout
         self._queues: dict[str, str] = {}  # channel -> queue
         self.conn: psycopg.Connection | None = None
+        self._notify = notify
+        self._probe_channel = f"{CHANNEL_PREFIX}probe_{secrets.token_hex(8)}"
+        self._heard_at: float | None = None  # last notification of any channel
+        self._probe_sent_at: float | None = None  # the probe awaited, if any
+        self.notifications_lost = False
         forking.forget_in_child(self)
 
     @property
@@ -59,6 +91,9 @@ class Listener:
                                          autocommit=True, **self._connect_kwargs)
         for channel in self._queues:
             self._listen(channel)
+        if self._notify is not None:
+            self._listen(self._probe_channel)
+            self._heard_at = self._probe_sent_at = None  # a new session: probe it
 
     def listen(self, queue: str) -> None:
         channel = channel_name(queue)
@@ -84,6 +119,35 @@ class Listener:
             notified |= self.read()
         return notified
 
+    def check_notifications(self) -> None:
+        """Send a probe when one is due, and judge the one awaited: call it
+        now and then (the safety poll does) while connected."""
+        if self._notify is None or not self.connected:
+            return
+        now = monotonic()
+        if self._probe_sent_at is not None:
+            if self._heard_at is not None and self._heard_at >= self._probe_sent_at:
+                self._probe_sent_at = None
+                if self.notifications_lost:
+                    self.notifications_lost = False
+                    log.info("notifications arrive again on the LISTEN connection")
+            elif now - self._probe_sent_at > PROBE_PATIENCE:
+                self._probe_sent_at = None
+                self._heard_at = now  # the next probe after PROBE_INTERVAL
+                if not self.notifications_lost:
+                    self.notifications_lost = True
+                    log.warning(
+                        "notifications do not arrive on the LISTEN connection (%s): a probe "
+                        "sent %.0f s ago was not heard, so workers wake only at the safety "
+                        "poll. A transaction-mode pooler (PgBouncer, Supavisor on port 6543) "
+                        "drops them: point the transport option listen_url, or "
+                        "PG_BROKER_LISTEN_URL, at the database directly or at a session-mode "
+                        "pooler", mask_url(self._conninfo), PROBE_PATIENCE)
+            return
+        if self._heard_at is None or now - self._heard_at > PROBE_INTERVAL:
+            self._probe_sent_at = now
+            self._notify(self._probe_channel)
+
     def close(self) -> None:
         conn, self.conn = self.conn, None
         close_quietly(conn)
@@ -93,6 +157,8 @@ class Listener:
         :mod:`pg_broker.forking`); the child LISTENs on one of its own."""
         forking.disown(self.conn)
         self.conn = None
+        self._probe_channel = f"{CHANNEL_PREFIX}probe_{secrets.token_hex(8)}"
+        self._heard_at = self._probe_sent_at = None
 
     def _listen(self, channel: str) -> None:
         self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
@@ -100,6 +166,7 @@ class Listener:
     def _collect(self, notifies) -> set[str]:
         queues = set()
         for notify in notifies:
+            self._heard_at = monotonic()
             queue = self._queues.get(notify.channel)
             if queue is not None:
                 queues.add(queue)

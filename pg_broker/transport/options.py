@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+from pg_broker.database import configured_listen_url
+
 DEFAULT_LEASE_SECONDS = 60.0
 DEFAULT_POLLING_INTERVAL = 1.0
 DEFAULT_MAINTENANCE_INTERVAL = 10.0
@@ -66,6 +68,13 @@ class Options:
         Supavisor on port 6543): every statement is then an unnamed one,
         parsed and planned each time. Without it, the first statement such
         a pooler loses turns them off for that connection, with a warning.
+    ``listen_url`` (unset: ``PG_BROKER_LISTEN_URL``, else the broker URL)
+        The database URL of the LISTEN connection (``postgresql://`` or
+        ``pgbroker://``): the same database reached directly or through a
+        session-mode pooler, when the broker URL goes through a
+        transaction-mode pooler, which drops notifications. A listener that
+        does not hear its own probe says so in the log (see
+        :mod:`.listener`).
     ``migrate`` (True)
         Whether the transport applies pending migrations when it connects
         (checking costs one read and takes no lock when nothing is pending).
@@ -89,6 +98,7 @@ class Options:
     response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
     migrate: bool = True
     prepared_statements: bool = True
+    listen_url: str | None = None
 
 
 def from_transport_options(options: Mapping[str, object]) -> Options:
@@ -108,6 +118,7 @@ def from_transport_options(options: Mapping[str, object]) -> Options:
         response_timeout=float(options.get("response_timeout", DEFAULT_RESPONSE_TIMEOUT)),
         migrate=_flag(options.get("migrate", True)),
         prepared_statements=_flag(options.get("prepared_statements", True)),
+        listen_url=str(options.get("listen_url") or "").strip() or configured_listen_url(),
     )
 
 

@@ -9,7 +9,8 @@ as kombu's Redis transport has its ``MultiChannelPoller``:
   readable (a NOTIFY), a kick (a byte on a pipe of its own, written from any
   thread: room in the prefetch window, an ack waiting for a claim, a buffer
   not yet empty) and the safety poll every ``polling_interval``, which also
-  sends acks left waiting. Acks wait ``ACK_WAIT`` for a claim to carry them
+  sends acks left waiting and lets the listener check that notifications
+  arrive (:meth:`.listener.Listener.check_notifications`). Acks wait ``ACK_WAIT`` for a claim to carry them
   when the hub is idle, then go on their own;
 - ``drain_events`` waits on the LISTEN connection (or the polling interval)
   and delivers what is ready.
@@ -162,6 +163,7 @@ class Poller:
 
     def _safety_poll(self) -> None:
         self._settlements.flush_acks()
+        self._listener.check_notifications()
         ready = self._delivery.ready
         idle = [queue for queue in self._delivery.consumers if queue not in ready]
         if idle:
@@ -178,6 +180,7 @@ class Poller:
         while True:
             if (delivery.ready or delivery.buffers) and delivery.deliver_ready():
                 return
+            self._listener.check_notifications()
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError()

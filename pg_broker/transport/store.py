@@ -302,6 +302,10 @@ class Store:
         return self.work.execute(queries["transport_take_transient"],
                                  {"queue": queue, "limit": limit}, TRANSIENT_ROWS).fetchall()
 
+    def notify(self, channel: str) -> None:
+        """A notification on ``channel`` (a listener's probe, see :mod:`.listener`)."""
+        self.work.execute(queries["transport_notify_probe"], {"channel": channel})
+
     def probe(self, queues: list[str]) -> list[str]:
         """Which of ``queues`` have a message ready now (the safety poll)."""
         return self.work.execute(

@@ -37,7 +37,7 @@ from kombu.transport import virtual
 from pg_broker import forking
 from pg_broker.database import session_defaults
 from pg_broker.migrate import ensure_migrated
-from pg_broker.urls import SCHEME, masked_url
+from pg_broker.urls import SCHEME, libpq_url, masked_url
 
 from .channel import Channel
 from .connections import CONNECT_DEFAULTS, CONNECTION_ERRORS, WorkConnection, conninfo
@@ -67,7 +67,7 @@ class Transport(virtual.Transport):
     :class:`.options.Options` (lease_seconds, polling_interval,
     maintenance_interval, claim_batch_max, confirm_publish,
     synchronous_commit, max_message_size, retry_backoff, response_timeout,
-    migrate, prepared_statements).
+    migrate, prepared_statements, listen_url).
     """
 
     Channel = Channel
@@ -99,15 +99,15 @@ class Transport(virtual.Transport):
         self.conninfo = conninfo(client)
         self.options = options = from_transport_options(client.transport_options)
         self.polling_interval = options.polling_interval
-        self.connect_kwargs = session_defaults(self.conninfo, CONNECT_DEFAULTS)
-        if not options.prepared_statements:
-            self.connect_kwargs["prepare_threshold"] = None  # psycopg's, and the publish's
+        self.connect_kwargs = self._connect_kwargs(self.conninfo)
         self.work = WorkConnection(self.conninfo, self.connect_kwargs, options.response_timeout)
         self.store = Store(self.work)
         self.settlements = Settlements(self.store, options, finished=self._finished_settling,
                                        reconnect=self.work.drop)
         self.leases = self.settlements.leases
-        self._listener = Listener(self.conninfo, self.connect_kwargs, options.response_timeout)
+        self.listen_conninfo = libpq_url(options.listen_url) if options.listen_url else self.conninfo
+        self._listener = Listener(self.listen_conninfo, self._connect_kwargs(self.listen_conninfo),
+                                  options.response_timeout, notify=self.store.notify)
         # kombu's Transport._deliver hands a message to its queue's consumer.
         self.delivery = Delivery(self._deliver, self._listener, self.settlements)
         self.poller = Poller(self._listener, self.delivery, self.settlements, self.store,
@@ -117,6 +117,13 @@ class Transport(virtual.Transport):
         forking.forget_in_child(self)
 
     # Connections ------------------------------------------------------------
+
+    def _connect_kwargs(self, conninfo: str) -> dict:
+        """psycopg.connect's keyword arguments for a connection to ``conninfo``."""
+        kwargs = session_defaults(conninfo, CONNECT_DEFAULTS)
+        if not self.options.prepared_statements:
+            kwargs["prepare_threshold"] = None  # psycopg's, and the publish's (.store.Prepared)
+        return kwargs
 
     @property
     def conn(self) -> psycopg.Connection:

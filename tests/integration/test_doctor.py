@@ -19,7 +19,8 @@ from pg_broker.migrate import migrate
 def env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("PG_BROKER_URL", database_url)
     monkeypatch.setenv("PG_BROKER_STORAGE_DIR", str(tmp_path / "artifacts"))
-    for name in ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "CELERY_BROKER_URL"):
+    for name in ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "CELERY_BROKER_URL",
+                 "PG_BROKER_LISTEN_URL"):
         monkeypatch.delenv(name, raising=False)
     return database_url
 
