@@ -220,15 +220,15 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_retention(args: argparse.Namespace) -> int:
-    from pg_broker.maintenance import ResultExpiry, Retention
+    from pg_broker.maintenance import ResultExpiry, Retention, default_retention
 
     url = database_url()
     ensure_migrated(url)
-    retention = Retention(age=args.older_than) if args.older_than else Retention()
+    age = args.older_than or default_retention()
     with connect(url, autocommit=True) as conn:
-        deleted = retention.run(conn)
+        deleted = Retention.older_than(age).run(conn)
         expired = ResultExpiry().run(conn)
-    print(f"deleted {deleted} finished task row(s) older than {retention.age}")
+    print(f"deleted {deleted} finished task row(s) older than {age}")
     print(f"deleted {expired} expired result(s) and chord counter(s)")
     return 0
 
@@ -372,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     metrics_command.add_argument("--port", type=int, default=metrics.DEFAULT_PORT,
                                  help=f"port (default {metrics.DEFAULT_PORT})")
 
-    retention = add("retention", cmd_retention, "delete finished task rows older than an age, "
-                    "and results past their result_expires")
+    retention = add("retention", cmd_retention, "delete finished task rows older than an age "
+                    "(a job's once the job finished that long ago), and results past their "
+                    "result_expires")
     retention.add_argument("--older-than", metavar="INTERVAL",
                            help="a PostgreSQL interval (default PG_BROKER_RETENTION or '7 days')")
     return parser

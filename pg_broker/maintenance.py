@@ -2,9 +2,12 @@
 
 - :class:`Watchdog` returns tasks whose lease expired (their worker died or
   hung) to pending, or to dead after their last attempt.
-- :class:`Retention` deletes finished task rows older than an age, in small
-  batches, so the hot table stays small; jobs keep their counters and
-  artifacts.
+- :class:`Retention` deletes finished task rows past their window (plain
+  messages completed, plain ones failed or dead, a job's rows after the job),
+  in small batches, so the hot table stays small; jobs keep their counters
+  and artifacts. Every worker runs it too, one at a time (the transport's
+  lease thread, :mod:`pg_broker.transport.leases`), with its transport
+  options' windows.
 - :class:`ResultExpiry` deletes results (``pgbroker://`` result backend)
   past their ``result_expires``; reads never see them, this frees the space.
 - :func:`dead_tasks` / :func:`retry_dead_tasks`: the dead-letter view and
@@ -22,6 +25,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -52,28 +56,58 @@ def default_retention() -> str:
     return os.environ.get(RETENTION_VARIABLE, "").strip() or DEFAULT_RETENTION
 
 
+Window = str | timedelta  # a PostgreSQL interval ('7 days') or a timedelta
+
+
 @dataclass
 class Retention:
-    """Deletes finished task rows (completed, failed, dead, cancelled) older
-    than ``age`` — a PostgreSQL interval such as ``7 days`` or ``12 hours`` —
-    one batch per transaction, so no long lock and no huge WAL burst."""
+    """Deletes finished task rows past their window, one batch of each kind
+    per transaction, so no long lock and no huge WAL burst:
 
-    age: str = field(default_factory=default_retention)
+    - ``completed``: plain messages (no job) that completed;
+    - ``failed``: plain messages that failed, died or were cancelled;
+    - ``job``: a job's finished rows, once the job itself finished longer ago
+      (rows of an unfinished job stay; the job keeps its counters).
+
+    Pending, delayed (ETA) and held rows are never finished, so never deleted.
+    ``lock``, an advisory lock key, makes a run give way to another session
+    running it (workers take turns, see :mod:`pg_broker.transport.leases`).
+    """
+
+    completed: Window = field(default_factory=default_retention)
+    failed: Window = field(default_factory=default_retention)
+    job: Window = field(default_factory=default_retention)
     batch_size: int = 1000
+    lock: int | None = None
     name: str = "retention"
+
+    @classmethod
+    def older_than(cls, age: Window, **kwargs: Any) -> Retention:
+        """Every kind of finished row older than ``age``."""
+        return cls(completed=age, failed=age, job=age, **kwargs)
+
+    def params(self) -> dict[str, Any]:
+        """The parameters of ``delete_finished_tasks``."""
+        return {"keep_completed": self.completed, "keep_failed": self.failed,
+                "keep_job": self.job, "batch": self.batch_size, "lock": self.lock}
+
+    def full(self, deleted: Sequence[int | None]) -> bool:
+        """Whether a batch's counts say more rows are waiting."""
+        return any(count == self.batch_size for count in deleted)
 
     def run(self, conn: psycopg.Connection) -> int:
         deleted = 0
         while True:
             with conn.transaction():
-                batch = conn.execute(
-                    queries["delete_finished_tasks"], {"age": self.age, "batch": self.batch_size}
-                ).rowcount
-            deleted += batch
-            if batch < self.batch_size:
+                batch = conn.execute(queries["delete_finished_tasks"], self.params()).fetchone()
+            if batch[0] is None:  # another session holds the lock: it runs
+                break
+            deleted += sum(batch)
+            if not self.full(batch):
                 break
         if deleted:
-            log.info("retention: deleted %d finished task row(s) older than %s", deleted, self.age)
+            log.info("retention: deleted %d finished task row(s) (windows: completed %s, "
+                     "failed %s, job %s)", deleted, self.completed, self.failed, self.job)
         return deleted
 
 

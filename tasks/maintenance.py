@@ -19,4 +19,4 @@ def delete_finished_tasks(age: str | None = None) -> int:
     """Retention: finished task rows older than ``age`` (default
     PG_BROKER_RETENTION), and results past their ``result_expires``; how many rows went."""
     conn = connection()
-    return Retention(age or default_retention()).run(conn) + ResultExpiry().run(conn)
+    return Retention.older_than(age or default_retention()).run(conn) + ResultExpiry().run(conn)

@@ -45,13 +45,15 @@ def claim(conn: psycopg.Connection, worker: str = "worker-1",
 
 def ack_and_claim(conn: psycopg.Connection, acks: Sequence[tuple[int, uuid.UUID]],
                   queue: str = "", limit: int = 0, worker: str = "worker-1",
-                  ) -> tuple[list[int], list[int], uuid.UUID]:
+                  delete_acked: bool = True) -> tuple[list[int], list[int], uuid.UUID]:
     """The transport's statement (transport_claim): ack held (row id, lease
-    token) pairs and claim up to `limit` rows of `queue`; returns (ids
-    claimed, ids acked, the lease token of the claim)."""
+    token) pairs (an acked plain message deleted unless ``delete_acked`` is
+    false, as the transport does by default) and claim up to `limit` rows of
+    `queue`; returns (ids claimed, ids acked, the lease token of the claim)."""
     token = uuid.uuid4()
     rows = conn.execute(queries["transport_claim"], {
         "ack_ids": [i for i, _ in acks], "ack_tokens": [t for _, t in acks],
+        "delete_acked": delete_acked,
         "worker_id": worker, "lease_token": token, "lease": "5 minutes",
         "queue": queue, "limit": limit,
     }).fetchall()

@@ -73,9 +73,13 @@ WITH target AS (
 SELECT pg_notify('pgbroker_' || md5(queue), '') FROM routed WHERE %(notify)s::boolean;
 
 -- name: transport_claim
--- Acks the given held rows (completed, fenced by lease token) and claims up to limit ready rows of a queue (highest priority, then FIFO) under one lease token, in one statement: claimed rows first (claimed = true), then the ids acked.
+-- Acks the given held rows (fenced by lease token: a plain message's row deleted when delete_acked, else completed) and claims up to limit ready rows of a queue (highest priority, then FIFO) under one lease token, in one statement: claimed rows first (claimed = true), then the ids acked.
 -- A row its worker cancelled instead of running it (cancel_held_task) keeps
 -- its lease token until this ack, which settles it and leaves it cancelled.
+-- Deleting a plain message at its ack (completed_retention 0, the default)
+-- writes no new row version, no index entry and nothing for retention to
+-- delete later (measured: README, "Bounded storage"); a job's rows stay for
+-- its counters and its page. The two acks touch disjoint rows.
 -- The rows to claim are chosen once, in a CTE of their own: as a subquery of
 -- `t.id IN (...)` a nested-loop plan ran it again for each row, and each run,
 -- no longer seeing the rows this statement had claimed, locked the next ones
@@ -88,7 +92,15 @@ WITH ready AS MATERIALIZED (
      ORDER BY priority DESC, sequence
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
-), acked AS (
+), deleted AS (
+    DELETE FROM job_tasks t
+     USING unnest(%(ack_ids)s::bigint[], %(ack_tokens)s::uuid[]) AS held(id, lease_token),
+           (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+     WHERE t.id = held.id AND t.lease_token = held.lease_token
+       AND t.status IN ('claimed', 'processing') AND t.job_id IS NULL
+       AND %(delete_acked)s::boolean
+    RETURNING t.id
+), completed AS (
     UPDATE job_tasks t
        SET status = CASE t.status WHEN 'cancelled' THEN 'cancelled' ELSE 'completed' END,
            error = NULL, completed_at = now(), lease_token = NULL, lease_expires_at = NULL
@@ -96,6 +108,7 @@ WITH ready AS MATERIALIZED (
            (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
      WHERE t.id = held.id AND t.lease_token = held.lease_token
        AND t.status IN ('claimed', 'processing', 'cancelled')
+       AND NOT (t.job_id IS NULL AND t.status <> 'cancelled' AND %(delete_acked)s::boolean)
     RETURNING t.id
 ), claimed AS (
     UPDATE job_tasks t
@@ -108,7 +121,9 @@ WITH ready AS MATERIALIZED (
 )
 SELECT true AS claimed, id, payload, attempts, priority, sequence FROM claimed
 UNION ALL
-SELECT false, id, NULL, NULL, NULL, NULL FROM acked;
+SELECT false, id, NULL, NULL, NULL, NULL FROM deleted
+UNION ALL
+SELECT false, id, NULL, NULL, NULL, NULL FROM completed;
 
 -- name: transport_take_transient
 -- Takes (deletes and returns) up to limit unexpired messages of a non-durable queue.
@@ -504,17 +519,48 @@ WITH retried AS (
 SELECT id, queue, pg_notify('pgbroker_' || md5(queue), '') FROM retried;
 
 -- name: delete_finished_tasks
--- Retention: one batch of finished task rows older than the given age leaves the table.
--- Chosen once in a CTE, as transport_claim's rows are (why: there), so a batch stays a batch.
-WITH batch AS MATERIALIZED (
+-- Retention: one batch of each kind of finished row past its window leaves job_tasks: plain messages (no job) completed longer ago than keep_completed, plain ones failed, dead or cancelled longer ago than keep_failed, a job's rows once their job finished longer ago than keep_job. With a lock key, only if no other session holds it (workers take turns); returns the rows deleted of each kind, NULLs when the lock was taken.
+-- Each kind is read from its own partial index (migrations/core/120) and
+-- chosen once in a CTE, as transport_claim's rows are (why: there), so a batch
+-- stays a batch. Only finished rows qualify, so pending, delayed (ETA) and
+-- held rows are never touched. It never waits for a row (SKIP LOCKED): one
+-- locked now is being retried (retry_dead_tasks) or purged, and a row whose
+-- retry committed after this statement began is re-read as pending by the
+-- row lock and left alone.
+WITH turn AS MATERIALIZED (
+    SELECT %(lock)s::bigint IS NULL OR pg_try_advisory_xact_lock(%(lock)s::bigint) AS ours
+), completed AS MATERIALIZED (
     SELECT id FROM job_tasks
-     WHERE status IN ('completed', 'failed', 'dead', 'cancelled')
-       AND completed_at < now() - %(age)s::interval
-     ORDER BY completed_at
+     WHERE job_id IS NULL AND status = 'completed'
+       AND completed_at < now() - %(keep_completed)s::interval
+       AND (SELECT ours FROM turn)
      LIMIT %(batch)s
        FOR UPDATE SKIP LOCKED
+), failed AS MATERIALIZED (
+    SELECT id FROM job_tasks
+     WHERE job_id IS NULL AND status IN ('failed', 'dead', 'cancelled')
+       AND completed_at < now() - %(keep_failed)s::interval
+       AND (SELECT ours FROM turn)
+     LIMIT %(batch)s
+       FOR UPDATE SKIP LOCKED
+), of_jobs AS MATERIALIZED (
+    SELECT t.id FROM job_tasks t JOIN jobs j ON j.id = t.job_id
+     WHERE t.job_id IS NOT NULL AND t.status IN ('completed', 'failed', 'dead', 'cancelled')
+       AND t.completed_at < now() - %(keep_job)s::interval
+       AND j.status IN ('completed', 'failed', 'cancelled')
+       AND j.completed_at < now() - %(keep_job)s::interval
+       AND (SELECT ours FROM turn)
+     LIMIT %(batch)s
+       FOR UPDATE OF t SKIP LOCKED
+), deleted AS (
+    DELETE FROM job_tasks
+     WHERE id IN (SELECT id FROM completed UNION ALL SELECT id FROM failed
+                  UNION ALL SELECT id FROM of_jobs)
 )
-DELETE FROM job_tasks t USING batch WHERE t.id = batch.id;
+SELECT CASE WHEN ours THEN (SELECT count(*) FROM completed) END AS completed,
+       CASE WHEN ours THEN (SELECT count(*) FROM failed) END AS failed,
+       CASE WHEN ours THEN (SELECT count(*) FROM of_jobs) END AS of_jobs
+  FROM turn, (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit;
 
 -- ---------------------------------------------------------------------------
 -- Flower (pg_broker.flower): the Broker tab and /api/queues/length.

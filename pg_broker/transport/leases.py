@@ -13,7 +13,12 @@ The same thread keeps the consumed queues that have an expiry (``x-expires``:
 Celery's remote-control and event queues) alive, and runs the maintenance
 every live consumer shares: it returns expired leases of dead workers to
 ``pending`` (``reclaim_stale_tasks()``) and drops expired queues and transient
-messages. All of it is safe to run from any number of processes at once.
+messages. All of it is safe to run from any number of processes at once. It
+also deletes finished rows past their retention windows
+(:class:`pg_broker.maintenance.Retention`, the transport options
+``*_retention``), so ``job_tasks`` stays bounded without beat or any setting;
+that one runs in one worker at a time (an advisory lock, tried, never waited
+for), a batch per turn of the loop.
 
 It also sends the settlements (acks, requeues, fails) its transport could not
 send on the spot because the connection was lost: woken at once, it retries
@@ -41,6 +46,8 @@ from pg_broker import forking
 from pg_broker.masking import first_line
 
 if TYPE_CHECKING:
+    from pg_broker.maintenance import Retention
+
     from .store import Store
 
 log = logging.getLogger(__name__)
@@ -62,11 +69,13 @@ class LeaseKeeper:
         store: Store,
         lease: float,
         maintenance_interval: float,
+        retention: Retention,
         settle: Callable[[], None] = lambda: None,
         finished: Callable[[], bool] = lambda: False,
         reconnect: Callable[[], None] = lambda: None,
     ) -> None:
         """``store`` runs the statements (on the transport's work connection);
+        ``retention`` is the cleanup of finished rows the maintenance runs;
         ``settle`` sends the deferred settlements (raising psycopg.Error when
         it cannot); ``finished`` says the thread may end (closed, nothing
         held); ``reconnect`` drops the work connection (the next statement
@@ -78,6 +87,7 @@ class LeaseKeeper:
         self.lease = lease
         self.interval = max(lease / 3.0, 0.05)
         self.maintenance_interval = maintenance_interval
+        self.retention = retention
         self._held: dict[int, uuid.UUID] = {}
         self._expiring: dict[str, float] = {}  # consumed queue -> x-expires seconds
         # Only workers (consumers of durable queues with acks) run maintenance:
@@ -165,11 +175,12 @@ class LeaseKeeper:
         next_renewal = now + self.interval
         next_touch = now
         next_maintenance = now
+        next_cleanup = now
         next_settle = now
         settling = False  # settlements wait to be sent
         backoff = 0.0
         while True:
-            due = min(next_renewal, next_touch, next_maintenance)
+            due = min(next_renewal, next_touch, next_maintenance, next_cleanup)
             if settling:
                 due = min(due, next_settle)
             if self._wake.wait(min(max(due - time.monotonic(), 0), KEEP_ALIVE_CHECK)):
@@ -202,6 +213,11 @@ class LeaseKeeper:
                     next_maintenance = now + self.maintenance_interval
                     if self.maintaining:
                         self.maintain()
+                if now >= next_cleanup:
+                    # A full batch: the next one right after this turn of the
+                    # loop (renewals stay on time between batches).
+                    more = self.maintaining and self.clean_up()
+                    next_cleanup = now + (0 if more else self.maintenance_interval)
             except psycopg.errors.ReadOnlySqlTransaction as exc:
                 # The session stays read-only even once the database is writable
                 # again: the next statement runs on a new one.
@@ -251,4 +267,15 @@ class LeaseKeeper:
             log.info("reclaimed %d task(s) whose lease expired", reclaimed)
         if dropped:
             log.info("dropped %d queue(s) unused past their expiry", dropped)
+
+    def clean_up(self) -> bool:
+        """One batch of the cleanup of finished rows, unless another worker is
+        at it; whether more rows are waiting."""
+        deleted = self._store.delete_finished(self.retention)
+        if deleted[0] is None:
+            return False
+        if any(deleted):
+            log.debug("deleted finished rows: %d completed, %d failed or dead, %d of jobs",
+                      *deleted)
+        return self.retention.full(deleted)
 

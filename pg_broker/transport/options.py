@@ -22,6 +22,12 @@ DEFAULT_CLAIM_BATCH_MAX = 100
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 DEFAULT_RETRY_BACKOFF_SECONDS = 10.0
 DEFAULT_RESPONSE_TIMEOUT = 20.0
+# Retention windows (seconds): a plain message's row leaves at its ack; one
+# that failed, died or was cancelled stays a week for `pg-broker dead list`
+# and `dead retry`; a job's rows stay a week after their job finished.
+DEFAULT_COMPLETED_RETENTION = 0.0
+DEFAULT_FAILED_RETENTION = 7 * 24 * 3600.0
+DEFAULT_JOB_RETENTION = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +40,19 @@ class Options:
     ``polling_interval`` (1.0)
         Seconds between safety polls (notifications do the real work).
     ``maintenance_interval`` (10)
-        Seconds between a consumer's runs of ``reclaim_stale_tasks()`` and of
-        the sweep of expired queues and transient messages.
+        Seconds between a consumer's runs of ``reclaim_stale_tasks()``, of
+        the sweep of expired queues and transient messages, and of the
+        cleanup of finished rows (one worker at a time: an advisory lock).
+    ``completed_retention`` (0)
+        Seconds a plain message's row (no job) stays in ``job_tasks`` after
+        its ack; 0 deletes it in the ack's own statement, as Redis and
+        RabbitMQ forget an acked message.
+    ``failed_retention`` (604800: 7 days)
+        Seconds a plain message that failed, died or was cancelled stays,
+        for ``pg-broker dead list``, ``dead retry`` and whoever looks.
+    ``job_retention`` (604800: 7 days)
+        Seconds a job's finished rows stay after the job itself finished
+        (its page lists them); rows of an unfinished job stay.
     ``claim_batch_max`` (100)
         Upper bound of one claim when the prefetch window is unlimited.
     ``confirm_publish`` (True)
@@ -99,6 +116,9 @@ class Options:
     migrate: bool = True
     prepared_statements: bool = True
     listen_url: str | None = None
+    completed_retention: timedelta = timedelta(seconds=DEFAULT_COMPLETED_RETENTION)
+    failed_retention: timedelta = timedelta(seconds=DEFAULT_FAILED_RETENTION)
+    job_retention: timedelta = timedelta(seconds=DEFAULT_JOB_RETENTION)
 
 
 def from_transport_options(options: Mapping[str, object]) -> Options:
@@ -119,7 +139,20 @@ def from_transport_options(options: Mapping[str, object]) -> Options:
         migrate=_flag(options.get("migrate", True)),
         prepared_statements=_flag(options.get("prepared_statements", True)),
         listen_url=str(options.get("listen_url") or "").strip() or configured_listen_url(),
+        completed_retention=_window(options, "completed_retention", DEFAULT_COMPLETED_RETENTION),
+        failed_retention=_window(options, "failed_retention", DEFAULT_FAILED_RETENTION),
+        job_retention=_window(options, "job_retention", DEFAULT_JOB_RETENTION),
     )
+
+
+def _window(options: Mapping[str, object], name: str, default: float) -> timedelta:
+    """A retention window in seconds; a negative one is refused here, not
+    later in the lease thread's cleanup."""
+    seconds = float(options.get(name, default))
+    if not seconds >= 0:
+        raise ValueError(f"transport option {name} must be a number of seconds >= 0, "
+                         f"not {options[name]!r}")
+    return timedelta(seconds=seconds)
 
 
 def _flag(value: object) -> bool:

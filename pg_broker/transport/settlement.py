@@ -35,6 +35,7 @@ from time import monotonic, sleep
 import psycopg
 
 from pg_broker import forking
+from pg_broker.maintenance import Retention
 from pg_broker.masking import first_line
 
 from .connections import CONNECTION_ERRORS
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 # Under a hub, how long (seconds) acks may wait for the next claim to carry
 # them before they go out on their own.
 ACK_WAIT = 0.02
+# The workers' cleanup of finished rows: rows of each kind per statement (a
+# batch shares the work connection with claims: keep it short), and the
+# advisory lock that lets one worker at a time run it.
+CLEANUP_BATCH = 500
+CLEANUP_LOCK_KEY = 7_283_640_112
 
 
 def _worker_id() -> str:
@@ -64,8 +70,13 @@ class Settlements:
         self.store = store
         self.lease = options.lease
         self.retry_backoff = options.retry_backoff
+        # A plain message's row leaves at its ack (completed_retention 0).
+        self.delete_acked = not options.completed_retention
         self.leases = LeaseKeeper(
             store, options.lease.total_seconds(), options.maintenance_interval,
+            Retention(completed=options.completed_retention, failed=options.failed_retention,
+                      job=options.job_retention, batch_size=CLEANUP_BATCH,
+                      lock=CLEANUP_LOCK_KEY),
             settle=self.send_waiting, finished=finished, reconnect=reconnect,
         )
         # The transport closed: every settlement goes through the lease thread.
@@ -148,7 +159,8 @@ class Settlements:
         Returns the rows claimed and the lease token they were claimed under.
         """
         token = uuid.uuid4()
-        rows = self.store.ack_and_claim(acks, self.worker_id, token, self.lease, queue, limit)
+        rows = self.store.ack_and_claim(acks, self.worker_id, token, self.lease, queue, limit,
+                                        self.delete_acked)
         self.leases.release(row_id for row_id, _ in acks)
         self._refused(acks, {row.id for row in rows if not row.claimed}, "ack")
         return [row for row in rows if row.claimed], token

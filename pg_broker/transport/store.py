@@ -31,6 +31,7 @@ from psycopg import pq
 from psycopg.rows import scalar_row
 from psycopg.types.json import Jsonb
 
+from pg_broker.maintenance import Retention
 from pg_broker.queries import queries
 
 from . import deadline
@@ -284,12 +285,15 @@ class Store:
     # Consuming ----------------------------------------------------------------
 
     def ack_and_claim(self, acks: list[Held], worker_id: str, lease_token: uuid.UUID,
-                      lease: timedelta, queue: str, limit: int) -> list[Claimed]:
-        """Ack held rows and claim up to ``limit`` rows of ``queue`` under
-        ``lease_token``: one statement. Claimed rows first, then the acked ones."""
+                      lease: timedelta, queue: str, limit: int,
+                      delete_acked: bool) -> list[Claimed]:
+        """Ack held rows (a plain message's row deleted if ``delete_acked``)
+        and claim up to ``limit`` rows of ``queue`` under ``lease_token``: one
+        statement. Claimed rows first, then the acked ones."""
         return self.work.execute(queries["transport_claim"], {
             "ack_ids": [row_id for row_id, _ in acks],
             "ack_tokens": [lease for _, lease in acks],
+            "delete_acked": delete_acked,
             "worker_id": worker_id,
             "lease_token": lease_token,
             "lease": lease,
@@ -342,3 +346,8 @@ class Store:
     def maintain(self) -> Maintenance:
         return self.work.execute(queries["transport_maintain"], None,
                                  MAINTENANCE_ROWS).fetchone()
+
+    def delete_finished(self, retention: Retention) -> tuple[int | None, int | None, int | None]:
+        """One batch of ``retention`` (``delete_finished_tasks``): rows deleted
+        of each kind, NULLs when another session holds its lock."""
+        return self.work.execute(queries["delete_finished_tasks"], retention.params()).fetchone()

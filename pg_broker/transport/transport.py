@@ -67,7 +67,8 @@ class Transport(virtual.Transport):
     :class:`.options.Options` (lease_seconds, polling_interval,
     maintenance_interval, claim_batch_max, confirm_publish,
     synchronous_commit, max_message_size, retry_backoff, response_timeout,
-    migrate, prepared_statements, listen_url).
+    migrate, prepared_statements, listen_url, completed_retention, failed_retention,
+    job_retention).
     """
 
     Channel = Channel

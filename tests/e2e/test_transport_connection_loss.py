@@ -137,7 +137,9 @@ def test_a_task_running_through_a_database_restart_is_acked_once_and_nothing_wai
                for n in range(3)]
     producer.close()
     env = process_environment(
-        url, E2E_TRANSPORT_OPTIONS=json.dumps({"lease_seconds": lease, "maintenance_interval": 1}),
+        # Completed rows kept, so that each shows how many deliveries it took.
+        url, E2E_TRANSPORT_OPTIONS=json.dumps({"lease_seconds": lease, "maintenance_interval": 1,
+                                               "completed_retention": 3600}),
         # No results: storing one fails while the database is down, and Celery
         # then leaves the message unacked, to run again (at-least-once).
         E2E_CONF=json.dumps({"worker_prefetch_multiplier": 4, "task_ignore_result": True}),

@@ -143,24 +143,75 @@ def test_user_session_acts_as_its_user_whatever_claims_a_pooled_connection_kept(
         str(OWNER), "service_role")
 
 
+def _plain(db: psycopg.Connection, status: str, finished_ago: str | None) -> str:
+    """A plain message's row (no job) in ``status``, finished that long ago."""
+    task_id = uuid.uuid4().hex
+    held = status in ("claimed", "processing")
+    db.execute(
+        """INSERT INTO job_tasks (queue, payload, task_id, status, completed_at, lease_token,
+                                  lease_expires_at, visible_at)
+           VALUES ('plain', '{}', %s, %s, now() - %s::interval,
+                   CASE WHEN %s THEN gen_random_uuid() END,
+                   CASE WHEN %s THEN now() + interval '5 minutes' END,
+                   now() + interval '1 hour')""",
+        (task_id, status, finished_ago, held, held))
+    return task_id
+
+
+def _left(db: psycopg.Connection, task_ids: list[str]) -> list[str]:
+    return [t for t in task_ids
+            if db.execute("SELECT 1 FROM job_tasks WHERE task_id = %s", (t,)).fetchone()]
+
+
 def test_retention_deletes_old_finished_rows_in_batches_and_keeps_job_counters(
     db: psycopg.Connection,
 ) -> None:
-    job_id = _job(db, ["completed"] * 5 + ["failed", "pending", "claimed"])
+    unfinished = _job(db, ["completed"] * 5 + ["failed", "pending", "claimed"])
+    finished = _job(db, ["completed"] * 3 + ["failed"])
     db.execute("UPDATE job_tasks SET completed_at = now() - interval '8 days' "
                "WHERE status IN ('completed', 'failed')")
+    db.execute("UPDATE jobs SET completed_at = now() - interval '8 days' WHERE id = %s",
+               (finished,))
     recent = _job(db, ["completed"])
-    before = get_job(db, job_id, details=False)
+    plain_old = [_plain(db, status, "8 days") for status in ("completed", "failed", "dead")]
+    plain_kept = [_plain(db, "completed", "1 day"), _plain(db, "pending", None),
+                  _plain(db, "claimed", None)]
+    before = get_job(db, unfinished, details=False)
 
-    assert Retention(age="7 days", batch_size=2).run(db) == 6
-    assert sorted(s for (s,) in db.execute("SELECT status FROM job_tasks")) == [
-        "claimed", "completed", "pending"]
-    after = get_job(db, job_id, details=False)
-    assert (after.total_tasks, after.completed_tasks, after.failed_tasks) == (
-        before.total_tasks, before.completed_tasks, before.failed_tasks) == (8, 5, 1)
+    assert Retention.older_than("7 days", batch_size=2).run(db) == 4 + 3
+    assert _left(db, plain_old) == [] and _left(db, plain_kept) == plain_kept
+    # A job's rows follow the job: the finished job's old rows went, those of
+    # the job still running stayed (its page lists them).
+    assert get_job(db, finished).tasks == []
+    assert len(get_job(db, unfinished).tasks) == 8
+    after = get_job(db, finished, details=False)
+    assert (after.total_tasks, after.completed_tasks, after.failed_tasks) == (4, 3, 1)
     assert get_job(db, recent).tasks[0].status == "completed"
+    assert get_job(db, unfinished, details=False) == before
     with pytest.raises(psycopg.errors.InvalidDatetimeFormat):
-        Retention(age="a week").run(db)
+        Retention.older_than("a week").run(db)
+
+
+def test_retention_keeps_failed_and_dead_plain_rows_longer_than_completed_ones(
+    db: psycopg.Connection,
+) -> None:
+    completed = _plain(db, "completed", "2 hours")
+    failed, dead = _plain(db, "failed", "2 hours"), _plain(db, "dead", "2 hours")
+    old_dead = _plain(db, "dead", "8 days")
+    assert Retention(completed="1 hour", failed="7 days", job="7 days").run(db) == 2
+    assert _left(db, [completed, failed, dead, old_dead]) == [failed, dead]
+    assert {t["task_id"] for t in dead_tasks(db)} == {failed, dead}  # pg-broker dead list
+
+
+def test_retention_with_a_lock_gives_way_to_a_session_running_it(
+    db: psycopg.Connection, database_url: str,
+) -> None:
+    old = _plain(db, "completed", "1 day")
+    retention = Retention.older_than("1 hour", lock=7_283_640_999)
+    with psycopg.connect(database_url) as other, other.transaction():
+        other.execute("SELECT pg_advisory_xact_lock(7283640999)")
+        assert retention.run(db) == 0 and _left(db, [old]) == [old]
+    assert retention.run(db) == 1 and _left(db, [old]) == []
 
 
 def test_watchdog_returns_expired_leases_to_pending(db: psycopg.Connection) -> None:

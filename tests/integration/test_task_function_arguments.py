@@ -196,7 +196,7 @@ def test_a_claim_without_a_lease_is_refused_not_held_forever(db: psycopg.Connect
     with pytest.raises(errors.CheckViolation, match="job_tasks_lease_expiry_check"):
         db.execute(queries["transport_claim"], {
             "ack_ids": [], "ack_tokens": [], "worker_id": "w", "lease_token": uuid.uuid4(),
-            "lease": None, "queue": "default", "limit": 1})
+            "lease": None, "queue": "default", "limit": 1, "delete_acked": True})
     assert task(db, task_id)["status"] == "pending"
 
 

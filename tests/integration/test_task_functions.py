@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from taskrows import ack_and_claim, add_tasks, claim, task
 
+from pg_broker.maintenance import Retention
 from pg_broker.queries import queries
 
 ROWS = 10_000
@@ -326,5 +327,6 @@ def test_the_transport_takes_at_most_its_limit_whatever_plan_the_planner_picks(
     assert len(claimed) == 3
     taken = db.execute(queries["transport_take_transient"], {"queue": "plans", "limit": 3})
     assert len(taken.fetchall()) == 3
-    deleted = db.execute(queries["delete_finished_tasks"], {"age": "1 day", "batch": 3})
-    assert deleted.rowcount == 3
+    deleted = db.execute(queries["delete_finished_tasks"],
+                         Retention.older_than("1 day", batch_size=3).params())
+    assert deleted.fetchone() == (3, 0, 0)  # completed, failed, of jobs

@@ -249,10 +249,12 @@ class TaskLifeCycle(RuleBasedStateMachine):
         self.took(worker, expected, token)
 
     @rule(w=st.integers(0, WORKERS - 1), data=st.data(), queue=st.sampled_from(QUEUES),
-          limit=st.integers(0, 3), lease=st.sampled_from(LEASES))
+          limit=st.integers(0, 3), lease=st.sampled_from(LEASES), delete_acked=st.booleans())
     def transport_claim(self, w: int, data: st.DataObject, queue: str, limit: int,
-                        lease: int) -> None:
-        """The transport's claim, carrying acks of rows the worker believes it holds."""
+                        lease: int, delete_acked: bool) -> None:
+        """The transport's claim, carrying acks of rows the worker believes it
+        holds; with ``delete_acked`` (completed_retention 0) an acked plain
+        message's row is deleted, a job's row completed."""
         worker = self.workers[w]
         acks = data.draw(st.lists(st.sampled_from(sorted(worker.held)), unique=True)
                          if worker.held else st.just([]), label="acks")
@@ -264,7 +266,7 @@ class TaskLifeCycle(RuleBasedStateMachine):
         rows = worker.conn.execute(queries["transport_claim"], {
             "ack_ids": acks, "ack_tokens": tokens, "worker_id": worker.name,
             "lease_token": token, "lease": timedelta(seconds=lease), "queue": queue,
-            "limit": limit,
+            "limit": limit, "delete_acked": delete_acked,
         }).fetchall()
         assert sorted(r[1] for r in rows if r[0]) == sorted(expected), "transport_claim: claimed"
         assert {r[1] for r in rows if not r[0]} == acked, "transport_claim: acked"
@@ -273,9 +275,11 @@ class TaskLifeCycle(RuleBasedStateMachine):
             assert new["status"] == ("cancelled" if old["status"] == "cancelled" else "completed")
             assert new["lease_token"] is None and new["lease_expires_at"] is None
 
-        changed = {i: check_ack for i in acked}
+        gone = {i for i in acked if delete_acked and self.rows[i]["job_id"] is None
+                and self.rows[i]["status"] != "cancelled"}
+        changed = {i: check_ack for i in acked - gone}
         changed.update({i: self.expect_claimed(worker, token, lease) for i in expected})
-        self.step("transport_claim", changed)
+        self.step("transport_claim", changed, gone=gone)
         for row_id in acks:
             del worker.held[row_id]
         self.took(worker, expected, token)

@@ -66,17 +66,26 @@ def test_consumer_claims_a_batch_sized_to_its_prefetch_window(connection, db):
     assert [status for status, _, _ in rows(db, queue.name)] == ["claimed"] * 4 + ["pending"] * 6
 
 
-def test_ack_completes_the_row(connection, db):
+def test_ack_deletes_a_plain_message_row(connection, db):
     with connection.SimpleQueue(unique("ack")) as simple:
         simple.put("a")
         message = simple.get(timeout=2)
         assert rows(db, simple.queue.name) == [("claimed", 1, True)]
         message.ack()
+        assert rows(db, simple.queue.name) == []
+
+
+def test_ack_completes_the_row_when_completed_messages_are_kept(broker_url, db):
+    with kombu.Connection(broker_url, transport_options={"completed_retention": 3600}) as connection, \
+            connection.SimpleQueue(unique("ack")) as simple:
+        simple.put("a")
+        simple.get(timeout=2).ack()
         assert rows(db, simple.queue.name) == [("completed", 1, False)]
 
 
-def test_requeue_returns_the_row_to_pending_at_once(connection, db):
-    with connection.SimpleQueue(unique("requeue")) as simple:
+def test_requeue_returns_the_row_to_pending_at_once(broker_url, db):
+    with kombu.Connection(broker_url, transport_options={"completed_retention": 3600}) as connection, \
+            connection.SimpleQueue(unique("requeue")) as simple:
         simple.put("a")
         simple.get(timeout=2).requeue()
         assert rows(db, simple.queue.name) == [("pending", 1, False)]
@@ -84,6 +93,12 @@ def test_requeue_returns_the_row_to_pending_at_once(connection, db):
         assert again.delivery_info["redelivered"] is True
         again.ack()
         assert rows(db, simple.queue.name) == [("completed", 2, False)]
+
+
+def test_a_negative_retention_window_is_refused_when_the_transport_starts(broker_url):
+    with pytest.raises(ValueError, match="failed_retention must be a number of seconds >= 0"):
+        with kombu.Connection(broker_url, transport_options={"failed_retention": -1}) as conn:
+            conn.connect()
 
 
 def test_requeue_after_the_last_attempt_buries_the_row(connection, db):
@@ -186,7 +201,7 @@ def test_closing_the_channel_returns_unacked_messages_without_counting_them(brok
     assert rows(db, queue.name) == [("pending", 0, False), ("pending", 0, False)]
 
 
-def test_no_ack_consumer_of_a_durable_queue_completes_rows_on_delivery(connection, db):
+def test_no_ack_consumer_of_a_durable_queue_settles_rows_on_delivery(connection, db):
     queue = queue_named("noack")
     publish(connection, queue, "x")
     received = []
@@ -194,7 +209,7 @@ def test_no_ack_consumer_of_a_durable_queue_completes_rows_on_delivery(connectio
                              no_ack=True):
         connection.drain_events(timeout=2)
     assert received == ["x"]
-    assert rows(db, queue.name) == [("completed", 1, False)]
+    assert rows(db, queue.name) == []  # acked at once: a plain message's row goes
 
 
 def test_higher_priority_is_delivered_first_then_fifo(connection, db):
@@ -344,8 +359,8 @@ def test_malformed_row_is_buried_and_the_next_message_delivered(connection, db):
     with connection.Consumer([queue], callbacks=[lambda b, m: (received.append(b), m.ack())]):
         connection.drain_events(timeout=2)
     assert received == ["before", "after"]
-    assert [status for status, _, _ in rows(db, queue.name)] == [
-        "completed", "dead", "dead", "completed"]
+    # The two delivered were acked (their rows deleted); the malformed ones stay dead.
+    assert [status for status, _, _ in rows(db, queue.name)] == ["dead", "dead"]
 
 
 def test_oversize_message_is_refused_at_publish(broker_url, db):
@@ -375,7 +390,7 @@ def test_hostile_queue_names_work_end_to_end(connection, db, name):
         message = simple.get(timeout=2)
         assert message.payload == "payload"
         message.ack()
-    assert rows(db, name) == [("completed", 1, False)]
+    assert rows(db, name) == []
     assert db.execute("SELECT to_regclass('job_tasks') IS NOT NULL").fetchone()[0]
 
 
