@@ -22,7 +22,8 @@ def test_an_ack_rides_in_the_statement_of_the_next_claim(database_url, db, monke
     monkeypatch.setattr(poller, "ACK_WAIT", 3600.0)
     queue = queue_named("ride")
     received = []
-    for conn in open_connection(database_url):
+    # Completed rows kept (completed_retention): their times show when each ack went.
+    for conn in open_connection(database_url, completed_retention=3600):
         for n in range(3):
             publish(conn, queue, n)
         # A window of one: each message is a claim of its own, and the ack
@@ -46,7 +47,7 @@ def test_an_ack_on_an_idle_loop_goes_out_on_its_own_without_waiting_for_the_poll
     queue = queue_named("idle-ack")
     # No safety poll in the test's lifetime: only the ack timer can send it.
     received = []
-    for conn in open_connection(database_url, polling_interval=3600):
+    for conn in open_connection(database_url, polling_interval=3600, completed_retention=3600):
         publish(conn, queue, "only")
         # A window of two and one message: the first claim drains the queue,
         # so no claim follows to carry the ack.
