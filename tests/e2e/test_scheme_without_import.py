@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from celery_workers import fetch, free_port, get_json, process_environment, wait_for
 
+from pg_broker.doctor import OK, Context, check_scheme
 from pg_broker.processes import Supervised, celery_command, worker_command
 from pg_broker.urls import broker_url
 
@@ -56,6 +57,9 @@ print(json.dumps({"at_start": at_start, "result": add.delay(2, 3).get(timeout=90
 def test_producer_worker_beat_inspect_and_flower_know_pgbroker_without_the_import(
     database_url: str, tmp_path: Path,
 ) -> None:
+    installed = check_scheme(Context())
+    assert installed.status == OK, f"{installed.message}: a venv made before setup.py " \
+        "installed pg_broker.pth needs pip install -e '.[test]' again"
     (tmp_path / "myapp.py").write_text(APP)
     queue = f"scheme-{uuid.uuid4().hex[:8]}"
     env = process_environment(database_url, MYAPP_URL=broker_url(database_url), MYAPP_QUEUE=queue,

@@ -96,7 +96,9 @@ def test_a_lost_notification_fails_the_listen_check_with_the_pooler_fix(
 def test_without_pg_broker_pth_the_scheme_check_warns_what_a_celery_app_will_meet(
     tmp_path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert doctor.check_scheme(doctor.Context()).status == doctor.OK  # this environment's
+    here = doctor.check_scheme(doctor.Context())
+    assert here.status == doctor.OK, f"{here.message}: a venv made before setup.py installed " \
+        "pg_broker.pth needs pip install -e '.[test]' again"
     monkeypatch.setattr(doctor.site, "getsitepackages", lambda: [str(tmp_path)])
     monkeypatch.setattr(doctor.site, "getusersitepackages", lambda: str(tmp_path / "user"))
 
