@@ -175,13 +175,9 @@ RETURNING t.id;
 
 -- name: transport_renew_leases
 -- Extends the leases of the rows a consumer holds; returns those still held (a row cancelled while held counts until its ack).
-UPDATE job_tasks t
-   SET lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now()
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token),
-       (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
- WHERE t.id = held.id AND t.lease_token = held.lease_token
-   AND t.status IN ('claimed', 'processing', 'cancelled')
-RETURNING t.id;
+SELECT id
+  FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit,
+       pg_broker_renew(%(ids)s::bigint[], %(tokens)s::uuid[], %(lease)s::interval) AS id;
 
 -- name: transport_notify_probe
 -- A listener's probe: a notification on its own channel, sent from the work connection to learn whether notifications reach the LISTEN connection.
@@ -480,10 +476,8 @@ UPDATE job_tasks t
    AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = t.job_id AND j.status = 'cancelled');
 
 -- name: mark_task_processing
--- The worker began executing the task (claimed -> processing), fenced by its lease token.
-UPDATE job_tasks
-   SET status = 'processing', started_at = coalesce(started_at, now()), last_heartbeat = now()
- WHERE id = %(id)s AND lease_token = %(lease_token)s AND status IN ('claimed', 'processing');
+-- The worker began executing the task (claimed -> processing), fenced by its lease token; returns its id if it did.
+SELECT id FROM pg_broker_start(ARRAY[%(id)s::bigint], ARRAY[%(lease_token)s::uuid]) AS id;
 
 -- name: record_task_error
 -- Keeps the exception text of a failed attempt, fenced by its lease token; fail_task then retries or fails the row.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from datetime import timedelta
 
 import psycopg
@@ -159,6 +160,36 @@ def test_start_task_moves_a_held_row_to_processing(db: psycopg.Connection) -> No
     started = task(db, task_id)
     assert started["status"] == "processing"
     assert started["started_at"] is not None
+
+
+def test_start_and_renew_are_one_definition_each_fenced_row_by_row(
+    db: psycopg.Connection,
+) -> None:
+    # What start_task/mark_task_processing and heartbeat_task/
+    # transport_renew_leases call (migrations/core/113): of a batch, only the
+    # rows its token still holds move, and the ids returned are those.
+    held_id, stale_id = add_tasks(db, 2)
+    held, stale = claim(db), claim(db)
+    db.execute("SELECT reclaim_stale_tasks()")  # nothing expired: both stay held
+    ids, tokens = [held_id, stale_id], [held[0]["lease_token"], uuid.uuid4()]
+
+    started = db.execute("SELECT * FROM pg_broker_start(%s, %s)", (ids, tokens)).fetchall()
+    first_start = task(db, held_id)["started_at"]
+    db.execute("SELECT * FROM pg_broker_start(%s, %s)", (ids, tokens))
+    renewed = db.execute("SELECT * FROM pg_broker_renew(%s, %s, interval '1 hour')",
+                         (ids, tokens)).fetchall()
+
+    assert started == renewed == [(held_id,)]
+    assert [task(db, i)["status"] for i in ids] == ["processing", "claimed"]
+    assert task(db, held_id)["started_at"] == first_start, "a second start keeps the first"
+    assert task(db, stale_id)["lease_token"] == stale[0]["lease_token"]
+    assert _lease_left(db, held_id) > timedelta(minutes=59)
+    assert _lease_left(db, stale_id) < timedelta(minutes=6)
+
+
+def _lease_left(db: psycopg.Connection, task_id: int) -> timedelta:
+    return db.execute("SELECT lease_expires_at - now() FROM job_tasks WHERE id = %s",
+                      (task_id,)).fetchone()[0]
 
 
 def test_fail_task_retries_with_exponential_backoff_then_fails_keeping_the_error(
