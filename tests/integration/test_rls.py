@@ -159,6 +159,25 @@ def test_service_role_reads_and_writes_everything(db: psycopg.Connection, two_us
         db.execute("INSERT INTO broker_queues (name) VALUES ('celery')")
 
 
+def test_a_service_role_without_bypassrls_gets_everything_through_its_policies(
+    db: psycopg.Connection, two_users: dict,
+) -> None:
+    """Where the migrating role could not grant BYPASSRLS (an owner that is no
+    superuser), service_role has none: its policies give it the job tables.
+    A role of the test's own that inherits service_role stands for it (the
+    shared role's attributes stay as they are)."""
+    role = f"broker_test_service_{uuid.uuid4().hex[:8]}"
+    db.execute(sql.SQL("CREATE ROLE {} NOLOGIN INHERIT NOBYPASSRLS IN ROLE service_role")
+               .format(sql.Identifier(role)))
+    try:
+        with acting_as(db, role):
+            everything = set().union(*two_users.values())
+            assert _visible_job_ids(db) == {table: everything for table in JOB_TABLES}
+            assert len(claim(db, batch=20)) == 8
+    finally:
+        db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 def test_on_a_supabase_like_database_its_auth_uid_is_kept_and_grants_are_tightened(
     supabase_like_url: str,
 ) -> None:
