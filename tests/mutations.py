@@ -48,6 +48,7 @@ RUN_TIMEOUT = 1200
 QUERIES = "pg_broker/sql/queries.sql"
 SCHEMA = "migrations/core/100_broker_schema.sql"
 LEASES_OWNERS = "migrations/core/102_arguments_leases_owners.sql"
+RENEW_START = "migrations/core/113_renew_and_start_defined_once.sql"
 SUPABASE = "migrations/supabase/101_supabase_layer.sql"
 
 MESSAGES = "tests/integration/test_transport_messages.py"
@@ -84,15 +85,15 @@ MUTATIONS: tuple[Mutation, ...] = (
     # Claim order ---------------------------------------------------------------
     Mutation(
         "claim-order", QUERIES,
-        "     ORDER BY priority DESC, sequence\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), acked",
-        "     ORDER BY priority ASC, sequence\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), acked",
+        "     ORDER BY priority DESC, sequence\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), deleted",
+        "     ORDER BY priority ASC, sequence\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), deleted",
         (f"{MESSAGES}::test_priority_order_holds_across_claims_when_the_backlog_exceeds_the_prefetch_window",),
         "transport_claim takes the lowest priority first",
     ),
     Mutation(
         "claim-fifo", QUERIES,
-        "     ORDER BY priority DESC, sequence\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), acked",
-        "     ORDER BY priority DESC, sequence DESC\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), acked",
+        "     ORDER BY priority DESC, sequence\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), deleted",
+        "     ORDER BY priority DESC, sequence DESC\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), deleted",
         (f"{MESSAGES}::test_priority_order_holds_across_claims_when_the_backlog_exceeds_the_prefetch_window",),
         "transport_claim is LIFO inside a priority",
     ),
@@ -119,12 +120,21 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # Lease fencing on every settle -----------------------------------------------
     Mutation(
-        "fence-ack", QUERIES,
+        "fence-ack-delete", QUERIES,
         "     WHERE t.id = held.id AND t.lease_token = held.lease_token\n"
-        "       AND t.status IN ('claimed', 'processing', 'cancelled')\n    RETURNING t.id\n), claimed",
+        "       AND t.status IN ('claimed', 'processing') AND t.job_id IS NULL",
         "     WHERE t.id = held.id\n"
-        "       AND t.status IN ('claimed', 'processing', 'cancelled')\n    RETURNING t.id\n), claimed",
+        "       AND t.status IN ('claimed', 'processing') AND t.job_id IS NULL",
         (_fence("ack"),),
+        "an ack with a lost lease deletes another worker's row",
+    ),
+    Mutation(
+        "fence-ack-complete", QUERIES,
+        "     WHERE t.id = held.id AND t.lease_token = held.lease_token\n"
+        "       AND t.status IN ('claimed', 'processing', 'cancelled')\n       AND NOT (t.job_id",
+        "     WHERE t.id = held.id\n"
+        "       AND t.status IN ('claimed', 'processing', 'cancelled')\n       AND NOT (t.job_id",
+        (_fence("ack-kept"),),
         "an ack with a lost lease completes another worker's row",
     ),
     Mutation(
@@ -156,17 +166,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         "burying with a lost lease buries another worker's row",
     ),
     Mutation(
-        "fence-renew", QUERIES,
-        "SET lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now()\n"
-        "  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token),\n"
-        "       (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit\n"
-        " WHERE t.id = held.id AND t.lease_token = held.lease_token",
-        "SET lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now()\n"
-        "  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token),\n"
-        "       (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit\n"
-        " WHERE t.id = held.id",
+        "fence-renew", RENEW_START,
+        "       SET lease_expires_at = now() + p_lease, last_heartbeat = now()\n"
+        "      FROM unnest(p_ids, p_tokens) AS held(id, lease_token)\n"
+        "     WHERE t.id = held.id AND t.lease_token = held.lease_token",
+        "       SET lease_expires_at = now() + p_lease, last_heartbeat = now()\n"
+        "      FROM unnest(p_ids, p_tokens) AS held(id, lease_token)\n"
+        "     WHERE t.id = held.id",
         (_fence("renew"),),
         "a renewal with a lost lease extends another worker's lease",
+    ),
+    Mutation(
+        "fence-start", RENEW_START,
+        "           last_heartbeat = now()\n"
+        "      FROM unnest(p_ids, p_tokens) AS held(id, lease_token)\n"
+        "     WHERE t.id = held.id AND t.lease_token = held.lease_token",
+        "           last_heartbeat = now()\n"
+        "      FROM unnest(p_ids, p_tokens) AS held(id, lease_token)\n"
+        "     WHERE t.id = held.id",
+        ("tests/integration/test_lifecycle_fencing.py::"
+         "test_a_stale_delivery_cannot_mark_processing_or_record_an_error",),
+        "a stale delivery marks another worker's row processing",
     ),
     # Attempt counting and refunds ------------------------------------------------------
     Mutation(

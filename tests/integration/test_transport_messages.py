@@ -154,24 +154,30 @@ def _lease_lost_to_a_second_worker(db, queue: kombu.Queue) -> tuple[int, uuid.UU
     return row_id, token
 
 
-@pytest.mark.parametrize("settle", ["ack", "requeue", "reject", "renew"])
+@pytest.mark.parametrize("settle", ["ack", "ack-kept", "requeue", "reject", "renew"])
 def test_a_settlement_after_the_lease_was_lost_changes_nothing_and_is_logged(
-    connection, db, caplog, settle,
+    database_url, db, caplog, settle,
 ):
     queue = queue_named("fenced")
-    publish(connection, queue, "x")
-    message = queue(connection.default_channel).get()
-    row_id, _ = _lease_lost_to_a_second_worker(db, queue)
-    before = task(db, row_id)
-    with caplog.at_level(logging.WARNING, logger="pg_broker.transport"):
-        if settle == "renew":
-            assert connection.transport.leases.renew() == 0
-        elif settle == "reject":
-            message.reject(requeue=False)
-        else:
-            getattr(message, settle)()
-    assert task(db, row_id) == before  # the second worker's row, untouched
-    assert "lease lost" in caplog.text
+    # ack: a plain message's row is deleted at its ack; ack-kept: completed
+    # (completed_retention keeps it). Either is fenced.
+    options = {"completed_retention": 3600} if settle == "ack-kept" else {}
+    for connection in open_connection(database_url, **options):
+        publish(connection, queue, "x")
+        message = queue(connection.default_channel).get()
+        row_id, _ = _lease_lost_to_a_second_worker(db, queue)
+        before = task(db, row_id)
+        with caplog.at_level(logging.WARNING, logger="pg_broker.transport"):
+            if settle == "renew":
+                assert connection.transport.leases.renew() == 0
+            elif settle == "reject":
+                message.reject(requeue=False)
+            elif settle == "requeue":
+                message.requeue()
+            else:
+                message.ack()
+        assert task(db, row_id) == before  # the second worker's row, untouched
+        assert "lease lost" in caplog.text
 
 
 def test_burying_a_malformed_row_is_fenced_by_its_lease_token(connection, db):

@@ -25,7 +25,7 @@ def test_a_mutation_whose_text_is_gone_fails_loudly(tmp_path: Path) -> None:
 
 def test_the_check_covers_what_issue_18_asks_for() -> None:
     names = {m.name for m in mutations.MUTATIONS}
-    for required in ("claim-order", "fence-ack", "fence-requeue", "fence-fail", "fence-bury",
+    for required in ("claim-order", "fence-ack-delete", "fence-ack-complete", "fence-requeue", "fence-fail", "fence-bury",
                      "fence-renew", "attempts-claim", "refund-restore-unacked",
                      "refund-return-buffered", "backoff-doubling", "ttl-claim", "rls-jobs",
                      "pipeline-resend", "transient-pipelined"):
