@@ -12,8 +12,10 @@ import kombu
 import psycopg
 import pytest
 from kombu.asynchronous import Hub
+from psycopg import sql
 
 import pg_broker  # noqa: F401  (registers pgbroker://)
+from pg_broker.transport.listener import channel_name
 from pg_broker.urls import broker_url as pgbroker_url
 
 
@@ -33,6 +35,19 @@ def rows(db: psycopg.Connection, queue: str) -> list[tuple]:
         "SELECT status, attempts, lease_token IS NOT NULL FROM job_tasks "
         "WHERE queue = %s ORDER BY sequence", (queue,),
     ).fetchall()
+
+
+def listen_as_waiter(conn: psycopg.Connection, queue: str) -> None:
+    """LISTEN on ``queue``'s channel on ``conn`` (autocommit) and record it
+    as a consumer that found the queue empty: the next publish there notifies."""
+    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel_name(queue))))
+    wait_again(conn, queue)
+
+
+def wait_again(conn: psycopg.Connection, queue: str) -> bool:
+    """Record ``conn``'s session as waiting on ``queue`` once more (a
+    publish that notified took the record away); whether a message is ready."""
+    return conn.execute("SELECT pg_broker_wait(%s, gen_random_uuid())", (queue,)).fetchone()[0]
 
 
 def publish(connection: kombu.Connection, queue: kombu.Queue, body, **kwargs) -> None:

@@ -33,7 +33,8 @@ SELECT reclaim_stale_tasks();
 -- ---------------------------------------------------------------------------
 -- The Kombu transport (pg_broker.transport). Durable queues keep messages as
 -- job_tasks rows, non-durable ones in broker_transient_messages. Every insert
--- notifies channel 'pgbroker_' || md5(queue) (pg_broker.transport.listener).
+-- wakes its queue: pg_broker_wake notifies channel 'pgbroker_' || md5(queue)
+-- (pg_broker.transport.listener) when a consumer waits there.
 -- Consumer statements (claim, ack, requeue, fail, renew, touch, maintenance)
 -- commit asynchronously (set_config('synchronous_commit', 'off', true)): if
 -- the server crashes, the last of them may be lost, which only redelivers a
@@ -41,7 +42,9 @@ SELECT reclaim_stale_tasks();
 -- message.
 
 -- name: transport_publish
--- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue (unless store is false), notifies those queues (unless notify is false).
+-- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue (unless store is false), wakes those queues' waiting consumers (unless notify is false).
+-- pg_broker_wake notifies a queue only when a consumer waits on it, and
+-- takes its waiters away (migrations/core/131).
 WITH target AS (
     SELECT %(routing_key)s::text AS queue
      WHERE %(exchange)s::text = '' AND %(routing_key)s::text <> ''
@@ -70,7 +73,7 @@ WITH target AS (
     SELECT queue, %(priority)s::smallint, %(payload)s::jsonb, expires_at
       FROM routed WHERE NOT durable AND %(store)s::boolean
 )
-SELECT pg_notify('pgbroker_' || md5(queue), '') FROM routed WHERE %(notify)s::boolean;
+SELECT pg_broker_wake(queue) FROM routed WHERE %(notify)s::boolean;
 
 -- name: transport_claim
 -- Acks the given held rows (fenced by lease token: a plain message's row deleted when delete_acked, else completed) and claims up to limit ready rows of a queue (highest priority, then FIFO) under one lease token, in one statement: claimed rows first (claimed = true), then the ids acked.
@@ -191,6 +194,10 @@ SELECT q.name
                 WHERE status = 'pending' AND queue = q.name AND visible_at <= now()
                   AND (expires_at IS NULL OR expires_at > now()))
     OR EXISTS (SELECT 1 FROM broker_transient_messages WHERE queue = q.name);
+
+-- name: transport_wait
+-- A consumer found a queue empty: records it as waiting there (pg_broker_wait, migrations/core/131); whether a message is ready after all.
+SELECT pg_broker_wait(%(queue)s, %(waiter)s);
 
 -- name: transport_touch_queues
 -- Consumers keep the queues they consume alive (x-expires counts from the last use).
@@ -510,7 +517,7 @@ WITH retried AS (
                      ORDER BY t.completed_at LIMIT 1)
      WHERE j.id IN (SELECT job_id FROM retried) AND j.status <> 'cancelled'
 )
-SELECT id, queue, pg_notify('pgbroker_' || md5(queue), '') FROM retried;
+SELECT id, queue, pg_broker_wake(queue) FROM retried;
 
 -- name: delete_finished_tasks
 -- Retention: one batch of each kind of finished row past its window leaves job_tasks: plain messages (no job) completed longer ago than keep_completed, plain ones failed, dead or cancelled longer ago than keep_failed, a job's rows once their job finished longer ago than keep_job. With a lock key, only if no other session holds it (workers take turns); returns the rows deleted of each kind, NULLs when the lock was taken.

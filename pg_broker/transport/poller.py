@@ -15,6 +15,13 @@ as kombu's Redis transport has its ``MultiChannelPoller``:
 - ``drain_events`` waits on the LISTEN connection (or the polling interval)
   and delivers what is ready.
 
+A publish notifies a queue only when a consumer waits there (PostgreSQL
+signals every listening session of the database on each NOTIFY): a consumer
+whose claim found a queue empty records itself as waiting on it
+(``pg_broker_wait``) and claims again if a message came meanwhile; the next
+publish there takes the record away and notifies (``pg_broker_wake``,
+migrations/core/131). A consumer that keeps finding work is never notified.
+
 A lost LISTEN session is replaced on the spot and every queue polled
 (notifications sent meanwhile are lost).
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from time import monotonic
 
 from pg_broker import forking
@@ -52,6 +60,11 @@ class Poller:
         self._wake_fds: tuple[int, int] | None = None
         self._kicked = False
         self._ack_timer = None
+        # Who this consumer is in broker_waiters, and the queues it is
+        # recorded as waiting on there (until a notification says a publish
+        # took the record away).
+        self._waiter = uuid.uuid4()
+        self._waiting: set[str] = set()
         forking.forget_in_child(self)
 
     # The worker's event loop ----------------------------------------------------
@@ -122,10 +135,32 @@ class Poller:
 
     def _on_readable(self) -> None:
         try:
-            self._delivery.ready |= self._listener.read()
+            self._notified(self._listener.read())
         except CONNECTION_ERRORS:
             self.relisten()
         self._deliver_one()
+
+    def _notified(self, queues: set[str]) -> None:
+        """A publish to ``queues`` notified: ready, and no longer recorded as
+        waited on (the publish took the records away)."""
+        self._waiting -= queues
+        self._delivery.ready |= queues
+
+    def _wait_on_empty(self) -> bool:
+        """Record this consumer as waiting on the queues it found empty (those
+        no longer ready) and not yet recorded; whether one of them had a
+        message after all (it is ready again). One statement per queue: each
+        holds its queue's lock alone (migrations/core/131)."""
+        delivery = self._delivery
+        found = False
+        for queue in list(delivery.consumers):
+            if queue in delivery.ready or queue in self._waiting:
+                continue
+            if self._store.wait(queue, self._waiter):
+                delivery.ready.add(queue)
+                found = True
+            self._waiting.add(queue)
+        return found
 
     def relisten(self) -> None:
         """The LISTEN session was lost: a fresh one, and every queue polled
@@ -136,6 +171,7 @@ class Poller:
             loop.remove_reader(self._listen_fd)
             self._listen_fd = None
         self._listener.close()
+        self._waiting.clear()  # publishes meanwhile took records whose notifications were lost
         self._listener.connect()
         if loop is not None:
             self._listen_fd = self._listener.fileno()
@@ -147,7 +183,7 @@ class Poller:
         # One message per hub iteration: between two, Celery sees a shutdown
         # request and runs what the last message scheduled.
         self._delivery.deliver_ready(most=1)
-        if self._delivery.buffers:
+        if self._wait_on_empty() or self._delivery.buffers:
             self.kick()
         elif self._settlements.acks_waiting and self._ack_timer is None:
             # Idle for now: the acks wait a moment for the next claim to take them.
@@ -184,6 +220,8 @@ class Poller:
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError()
+            if self._wait_on_empty():
+                continue
             wait = self.polling_interval if remaining is None else min(remaining, self.polling_interval)
             try:
                 notified = self._listener.wait(wait)
@@ -191,7 +229,7 @@ class Poller:
                 self.relisten()
                 notified = set()
             if notified:
-                delivery.ready |= notified
+                self._notified(notified)
             else:
                 delivery.ready |= set(delivery.consumers)
 
@@ -204,3 +242,5 @@ class Poller:
         self._ack_timer = None
         self._wake_fds = None
         self._kicked = False
+        self._waiter = uuid.uuid4()
+        self._waiting.clear()

@@ -310,6 +310,12 @@ class Store:
         """A notification on ``channel`` (a listener's probe, see :mod:`.listener`)."""
         self.work.execute(queries["transport_notify_probe"], {"channel": channel})
 
+    def wait(self, queue: str, waiter: uuid.UUID) -> bool:
+        """Record ``waiter`` as waiting on ``queue`` (the next publish there
+        notifies it); whether a message is ready after all."""
+        return self.work.execute(queries["transport_wait"], {"queue": queue, "waiter": waiter},
+                                 scalar_row).fetchone()
+
     def probe(self, queues: list[str]) -> list[str]:
         """Which of ``queues`` have a message ready now (the safety poll)."""
         return self.work.execute(

@@ -7,8 +7,8 @@ import uuid
 
 import psycopg
 import pytest
-from psycopg import sql
 from taskrows import ack_and_claim
+from transport_support import listen_as_waiter
 
 from pg_broker.jobs import cancel_held_task, cancel_job, get_job, user_session
 from pg_broker.maintenance import Retention, Watchdog, dead_tasks, retry_dead_tasks
@@ -233,7 +233,7 @@ def test_dead_letters_are_listed_and_requeued_with_a_wake_up(
 
     with psycopg.connect(database_url, autocommit=True) as listener:
         channel = channel_name("audio")  # the channel the transport listens on
-        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        listen_as_waiter(listener, "audio")  # as a consumer that found it empty
         assert retry_dead_tasks(db, [f"{job_id}-1"]) == 1
         assert [n.channel for n in listener.notifies(timeout=5, stop_after=1)] == [channel]
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from celery import Celery
+from transport_support import listen_as_waiter
 
 from pg_broker.transport.listener import channel_name
 
@@ -96,7 +97,7 @@ def test_enqueue_from_sql_wakes_the_queue_when_it_commits(
 ) -> None:
     queue = "celery@host.sql"
     with psycopg.connect(database_url, autocommit=True) as listener:
-        listener.execute(f'LISTEN "{channel_name(queue)}"')
+        listen_as_waiter(listener, queue)  # as a consumer that found it empty
         with db.transaction():
             db.execute("SELECT pg_broker_enqueue_task('e2e.add', '[1, 2]', p_queue => %s)", (queue,))
             assert list(listener.notifies(timeout=0.2)) == []  # not before the commit

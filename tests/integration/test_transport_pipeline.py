@@ -16,7 +16,14 @@ import pytest
 from celery_workers import wait_for
 from kombu.exceptions import ChannelError
 from test_transport_recovery import terminate_sessions
-from transport_support import open_connection, publish, queue_named, rows
+from transport_support import (
+    listen_as_waiter,
+    open_connection,
+    publish,
+    queue_named,
+    rows,
+    wait_again,
+)
 
 from pg_broker.transport import confirm_publishes, pipeline
 from pg_broker.transport.listener import channel_name
@@ -276,6 +283,11 @@ def test_a_burst_notifies_a_few_times_and_its_last_message_still_wakes_the_consu
                                                                     m.ack())]):
             with psycopg.connect(database_url, autocommit=True) as listener:
                 listener.execute(f'LISTEN "{channel_name(queue.name)}"')
+                # The consumer finds the queue empty and waits: the burst's
+                # first message notifies it (a consumer that waits for none
+                # is never notified).
+                with pytest.raises(TimeoutError):
+                    consumer.drain_events(timeout=0.2)
                 for producer in open_connection(database_url, confirm_publish=confirm_publish):
                     for n in range(total):
                         publish(producer, queue, n)
@@ -303,16 +315,19 @@ def test_messages_spaced_like_request_response_calls_each_notify_at_once(
     # A caller doing delay().get() publishes one message per round trip: each
     # is the only one in flight, and must wake its consumer at once, not at the
     # end of a rationing window (that cost ~45 ms per call).
+    # The listener stands for the consumer: between two calls it finds the
+    # queue empty and waits again.
     queue = queue_named("calls")
     with psycopg.connect(database_url, autocommit=True) as listener:
-        listener.execute(f'LISTEN "{channel_name(queue.name)}"')
+        listen_as_waiter(listener, queue.name)
         for producer in open_connection(database_url, confirm_publish=confirm_publish):
             publish(producer, queue, "declare")
             assert _notifications(listener, 1) == 1
             for n in range(10):
+                wait_again(listener, queue.name)
                 time.sleep(QUIET * 5)  # a round trip is longer than QUIET
                 publish(producer, queue, n)
-            assert _notifications(listener, 10) == 10
+                assert _notifications(listener, 1) == 1, f"call {n}"
             assert producer.transport.pipeline._owed == {}
         assert list(listener.notifies(timeout=0.2)) == []
 
@@ -323,15 +338,22 @@ def test_a_trailing_notification_wakes_the_confirmer_when_it_falls_due(
     # The confirmer thread dozes between confirms; a notification owed while it
     # dozes must go out when due, not when the doze would have ended.
     monkeypatch.setattr(pipeline, "CONFIRM_INTERVAL", 3600.0)
+    # A window long enough for the listener, which stands for the consumer
+    # woken by the first message, to wait again before the trailing one.
+    monkeypatch.setattr(pipeline, "QUIET", 0.3)
+    monkeypatch.setattr(pipeline, "NOTIFY_WINDOW", 0.3)
     queue = queue_named("trailing")
     with psycopg.connect(database_url, autocommit=True) as listener:
-        listener.execute(f'LISTEN "{channel_name(queue.name)}"')
+        listen_as_waiter(listener, queue.name)
         for producer in open_connection(database_url, confirm_publish=False):
             for burst in range(2):
                 publish(producer, queue, f"first of burst {burst}")
                 publish(producer, queue, f"second of burst {burst}")  # rationed: owed
                 # The first one's notification, and the trailing one for the second.
-                assert _notifications(listener, 2) == 2, f"burst {burst}"
+                assert _notifications(listener, 1) == 1, f"burst {burst}"
+                wait_again(listener, queue.name)
+                assert _notifications(listener, 1) == 1, f"burst {burst}, trailing"
                 assert producer.transport.pipeline._owed == {}
-                time.sleep(QUIET * 20)  # the confirmer dozes again
+                wait_again(listener, queue.name)
+                time.sleep(0.6)  # the confirmer dozes again; the next message is a lone one
     assert len(rows(db, queue.name)) == 4

@@ -1,0 +1,139 @@
+"""Wake-ups only for consumers that wait (migrations/core/131): a publish
+notifies a queue only when a consumer recorded itself as waiting there, each
+record is worth one notification, and no wake-up is lost between a
+consumer's last empty look and its sleep, whichever of the two commits
+first."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+from celery_workers import wait_for
+from transport_support import listen_as_waiter, open_connection, publish, queue_named, wait_again
+
+from pg_broker.queries import queries
+from pg_broker.transport.listener import channel_name
+
+pytest_plugins = ["transport_support"]
+
+
+def _publish_sql(conn: psycopg.Connection, queue: str, body: str = "x") -> None:
+    """The transport's publish statement, on ``conn`` (in its transaction, if open)."""
+    conn.execute(queries["transport_publish"], {
+        "exchange": "", "routing_key": queue, "ttl": None, "synchronous_commit": None,
+        "priority": 0, "payload": f'{{"body": "{body}", "properties": {{}}}}',
+        "task_type": None, "task_id": None, "job_id": None, "user_id": None,
+        "max_attempts": None, "store": True, "notify": True,
+    })
+
+
+def _heard(listener: psycopg.Connection, timeout: float) -> int:
+    return len(list(listener.notifies(timeout=timeout)))
+
+
+def _waiting(db: psycopg.Connection, queue: str) -> int:
+    return db.execute("SELECT count(*) FROM broker_waiters WHERE queue = %s",
+                      (queue,)).fetchone()[0]
+
+
+def _blocked(db: psycopg.Connection, pid: int) -> bool:
+    """Whether the session ``pid`` waits for an advisory lock."""
+    return db.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted"
+                      " AND locktype = 'advisory')", (pid,)).fetchone()[0]
+
+
+def test_nobody_waiting_means_no_notification(database_url: str, db: psycopg.Connection) -> None:
+    queue = f"quiet-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f'LISTEN "{channel_name(queue)}"')
+        _publish_sql(db, queue)
+        assert _heard(listener, 0.3) == 0
+
+
+def test_a_waiter_is_worth_one_notification(database_url: str, db: psycopg.Connection) -> None:
+    queue = f"once-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listen_as_waiter(listener, queue)
+        assert _waiting(db, queue) == 1
+        for n in range(20):  # the woken consumer is busy: nobody waits
+            _publish_sql(db, queue, str(n))
+        assert _heard(listener, 0.5) == 1
+        assert _waiting(db, queue) == 0
+
+        assert wait_again(listener, queue) is True  # it finds the queue full: no sleep
+
+
+def test_a_publish_in_flight_holds_the_waiter_back_until_its_message_is_visible(
+        database_url: str, db: psycopg.Connection) -> None:
+    # The publish takes the queue's lock first and sees no waiter; the
+    # consumer's second look waits for the publish's commit, and finds it.
+    queue = f"race-a-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url) as producer, \
+            psycopg.connect(database_url, autocommit=True) as consumer:
+        _publish_sql(producer, queue)  # its transaction stays open
+        answer: list[bool] = []
+        looking = threading.Thread(target=lambda: answer.append(wait_again(consumer, queue)))
+        looking.start()
+        wait_for(lambda: _blocked(db, consumer.info.backend_pid), 10,
+                 "the consumer's look to wait for the publish")
+        producer.commit()
+        looking.join(10)
+    assert answer == [True]
+
+
+def test_a_waiter_recorded_first_is_seen_by_the_publish_that_waited_for_it(
+        database_url: str, db: psycopg.Connection) -> None:
+    # The consumer records itself first (its transaction still open); the
+    # publish waits for the queue's lock, then sees the waiter and notifies.
+    queue = f"race-b-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url) as consumer, \
+            psycopg.connect(database_url, autocommit=True) as listener, \
+            psycopg.connect(database_url, autocommit=True) as producer:
+        listener.execute(f'LISTEN "{channel_name(queue)}"')
+        assert consumer.execute("SELECT pg_broker_wait(%s, gen_random_uuid())",
+                                (queue,)).fetchone() == (False,)
+        publishing = threading.Thread(target=_publish_sql, args=(producer, queue))
+        publishing.start()
+        wait_for(lambda: _blocked(db, producer.info.backend_pid), 10,
+                 "the publish to wait for the consumer's record")
+        consumer.commit()
+        publishing.join(10)
+        assert _heard(listener, 5) == 1
+
+
+@pytest.mark.parametrize("confirm_publish", [True, False], ids=["confirmed", "pipelined"])
+def test_no_wake_up_is_lost_to_a_client_that_never_polls(
+        database_url: str, db: psycopg.Connection, confirm_publish: bool) -> None:
+    # Messages at random spacings around a consumer's claim-and-sleep cycle.
+    # drain_events polls once its timeout has passed, and nothing else does
+    # (polling_interval): a lost wake-up shows as a drain that took its whole
+    # minute.
+    queue = queue_named("lost")
+    total = 300
+    received: list[int] = []
+    longest = 0.0
+    for consumer in open_connection(database_url, polling_interval=3600):
+        with consumer.Consumer([queue], callbacks=[lambda body, m: (received.append(body),
+                                                                    m.ack())]):
+            def produce() -> None:
+                rng = random.Random(12)
+                for producer in open_connection(database_url, confirm_publish=confirm_publish):
+                    for n in range(total):
+                        publish(producer, queue, n)
+                        if rng.random() < 0.5:
+                            time.sleep(rng.uniform(0, 0.004))
+
+            producing = threading.Thread(target=produce)
+            producing.start()
+            while len(received) < total:
+                started = time.monotonic()
+                consumer.drain_events(timeout=60)
+                longest = max(longest, time.monotonic() - started)
+            producing.join(30)
+    assert sorted(received) == list(range(total))
+    assert longest < 30, "a message waited for the drain's poll: its wake-up was lost"
