@@ -49,6 +49,8 @@ class Delivery:
         self._leases = settlements.leases
         self.consumers: dict[str, Channel] = {}
         self.ready: set[str] = set()
+        # Queues whose last claim found nothing (the poller's cue to wait on them).
+        self.emptied: set[str] = set()
         # Claimed, not yet delivered: the hub hands out one message per callback.
         self.buffers: dict[str, deque[dict]] = {}
         self.expiring: dict[str, float] = {}  # queue -> x-expires seconds
@@ -127,6 +129,10 @@ class Delivery:
         payloads, returned = channel.fetch(queue, limit, channel.is_no_ack(queue))
         if returned < limit:
             self.ready.discard(queue)
+        if returned:
+            self.emptied.discard(queue)
+        else:
+            self.emptied.add(queue)
         if payloads:
             self.buffers[queue] = deque(payloads)
 
@@ -241,6 +247,7 @@ class Delivery:
         """In a forked child: claimed messages and deliveries are the parent's
         (see :mod:`pg_broker.forking`)."""
         self.ready.clear()
+        self.emptied.clear()
         self.buffers.clear()
         self._delivering = None
         self._failed.clear()
