@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "capped": capped,
         "errors": dict(run.errors),
         "statements": dict(run.statements),
+        "series": {key: dict(by_broker) for key, by_broker in run.series.items()},
     }
     out = args.out or RESULTS_DIR / f"bench-{mode}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     report.write_json(out, document)

@@ -140,28 +140,30 @@ class Broker:
             ).fetchone()
         return int(row[0]) if row else None
 
-    def table_state(self) -> dict | None:
-        """Total size and dead tuples of the message tables (after stats settle)."""
+    def table_state(self, settle: bool = True) -> dict | None:
+        """Sizes (whole, heap, indexes) and live and dead tuples of the message
+        tables; ``settle`` waits for the backends' statistics first."""
         if not self.tables:
             return None
-        time.sleep(1.2)  # backends flush their table statistics at most once a second
-        size = dead = live = 0
+        if settle:
+            time.sleep(1.2)  # backends flush their table statistics at most once a second
+        totals = {"total_bytes": 0, "heap_bytes": 0, "index_bytes": 0,
+                  "dead_tuples": 0, "live_tuples": 0}
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             for table in self.tables:
                 if not _relation_exists(conn, table):
                     continue
                 row = conn.execute(
-                    "SELECT pg_total_relation_size(c.oid), coalesce(s.n_dead_tup, 0),"
+                    "SELECT pg_total_relation_size(c.oid), pg_relation_size(c.oid),"
+                    " pg_indexes_size(c.oid), coalesce(s.n_dead_tup, 0),"
                     " coalesce(s.n_live_tup, 0)"
                     " FROM pg_class c LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid"
                     " WHERE c.oid = to_regclass(%s)",
                     (table,),
                 ).fetchone()
-                size += row[0]
-                dead += row[1]
-                live += row[2]
-        return {"total_bytes": size, "dead_tuples": dead, "live_tuples": live}
-
+                for key, value in zip(totals, row, strict=True):
+                    totals[key] += value
+        return totals
 
     def server_cpu(self) -> dict[int, float]:
         """CPU seconds so far of the processes serving this broker, by pid: the

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -226,9 +227,16 @@ def endurance(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -
     The first and last tenths are windows of the publishing loop (from the
     first publish to the 10% mark, from the 90% mark to the last publish), so
     both are measured with the producer running, and the figure is the number
-    of tasks that started inside each window divided by its length.
+    of tasks that started inside each window divided by its length. While it
+    runs, a thread samples the message tables (sizes, live and dead tuples)
+    every ``ENDURANCE_SAMPLE`` seconds: ``endurance_table_over_time``.
     """
-    run = run_tasks(app, broker, worker, n, cap)
+    sampler = TableSampler(broker)
+    sampler.start()
+    try:
+        run = run_tasks(app, broker, worker, n, cap)
+    finally:
+        sampler.stop()
     figures = {"endurance_throughput": run["throughput"]}
     marks = run["published_at"]
     if len(marks) >= 10:
@@ -242,7 +250,50 @@ def endurance(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -
         figures["endurance_table_mb"] = state["total_bytes"] / 2**20
         figures["endurance_dead_tuples"] = state["dead_tuples"]
         figures["endurance_live_tuples"] = state["live_tuples"]
+        samples = [s for s in sampler.samples if s["t"] >= run["t0"]]
+        tenth = [s for s in samples if len(marks) >= 1 and s["t"] <= marks[0]]
+        if tenth:  # the table after the first tenth of the run against the end
+            figures["endurance_table_mb_first10"] = tenth[-1]["total_bytes"] / 2**20
+            figures["endurance_table_end_vs_first10"] = (
+                state["total_bytes"] / tenth[-1]["total_bytes"])
+        figures["endurance_table_over_time"] = [
+            {**s, "t": round(s["t"] - run["t0"], 1)} for s in samples] + [
+            {**state, "t": round(time.time() - run["t0"], 1), "after_run": True}]
     return {"figures": figures, "capped": run["capped"], "done": run["done"]}
+
+
+ENDURANCE_SAMPLE = 5.0  # seconds between samples of the message tables
+
+
+class TableSampler(threading.Thread):
+    """Samples a broker's message tables (sizes, live and dead tuples) every
+    ``ENDURANCE_SAMPLE`` seconds until stopped; a sample is a dict with its
+    wall-clock time ``t``."""
+
+    def __init__(self, broker: Broker) -> None:
+        super().__init__(name="table-sampler", daemon=True)
+        self.broker = broker
+        self.samples: list[dict] = []
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        import psycopg
+
+        delay = 0.0  # the first sample at once
+        while not self._stopping.wait(delay):
+            delay = ENDURANCE_SAMPLE
+            try:
+                state = self.broker.table_state(settle=False)
+            except psycopg.Error as exc:  # a full server, say: this sample is missing
+                log.warning("table sample skipped: %s", str(exc).splitlines()[0])
+                continue
+            if state is None:
+                return
+            self.samples.append({"t": time.time(), **state})
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(30)
 
 
 def _started_between(starts: list[float], begin: float, end: float) -> float:

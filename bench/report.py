@@ -80,6 +80,10 @@ FIGURES = [
     Figure("endurance_last_vs_first", "endurance: last 10% rate / first 10% rate", "ratio",
            "higher", 2),
     Figure("endurance_table_mb", "endurance: message table size at end", "MiB", "lower", 2),
+    Figure("endurance_table_mb_first10", "endurance: message table size after the first tenth",
+           "MiB", "lower", 2),
+    Figure("endurance_table_end_vs_first10", "endurance: table size at end / after the first tenth",
+           "ratio", "lower", 2),
     Figure("endurance_dead_tuples", "endurance: dead tuples at end", "rows", "lower"),
     Figure("endurance_live_tuples", "endurance: live rows at end", "rows", ""),
 ]

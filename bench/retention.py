@@ -13,6 +13,10 @@ creates a scratch database on the server, migrates it, and measures:
   :class:`pg_broker.maintenance.Retention` (batched DELETEs) while another
   connection claims and acks one message at a time: the pass's duration and
   WAL bytes, and the claim latency (p50/p99) during the pass against before.
+- **partition path** (a prototype, not the schema): acked rows move to a
+  day-partitioned history table (``DELETE … RETURNING`` into ``INSERT``:
+  WAL per task), and retention detaches and drops the day's partition holding
+  ``--finished`` rows while the claimer runs (duration, WAL, claim latency).
 
 WAL bytes are the server's (``pg_current_wal_lsn()`` differences): run it on a
 server nobody else writes to (a private one: ``initdb`` on a free port).
@@ -64,15 +68,15 @@ def envelope() -> dict:
 
 
 def fill(conn: psycopg.Connection, n: int, status: str = "pending") -> None:
-    """n plain messages in ``status`` (finished ones completed a day ago)."""
-    finished = status != "pending"
-    with conn.cursor() as cur, cur.copy(
-            "COPY job_tasks (queue, payload, task_type, task_id, status, completed_at)"
-            " FROM STDIN") as copy:
-        for _ in range(n):
-            message = envelope()
-            copy.write_row((QUEUE, Jsonb(message), "bench.noop", message["headers"]["id"],
-                            status, "yesterday" if finished else None))
+    """n plain messages in ``status`` (finished ones completed a day ago),
+    each its own task id."""
+    conn.execute(
+        "INSERT INTO job_tasks (queue, payload, task_type, task_id, status, completed_at)"
+        " SELECT %(queue)s, jsonb_set(%(payload)s, '{headers,id}', to_jsonb(u)), 'bench.noop',"
+        "        u, %(status)s, CASE WHEN %(finished)s THEN now() - interval '1 day' END"
+        "   FROM (SELECT gen_random_uuid()::text AS u FROM generate_series(1, %(n)s)) g",
+        {"queue": QUEUE, "payload": Jsonb(envelope()), "status": status,
+         "finished": status != "pending", "n": n})
     conn.execute("VACUUM ANALYZE job_tasks")
 
 
@@ -188,6 +192,83 @@ def pass_figures(conn: psycopg.Connection, url: str, finished: int) -> dict:
     }
 
 
+HISTORY = """
+CREATE TABLE job_tasks_history (LIKE job_tasks) PARTITION BY RANGE (completed_at);
+CREATE TABLE job_tasks_history_yesterday PARTITION OF job_tasks_history
+    FOR VALUES FROM (current_date - 1) TO (current_date);
+CREATE TABLE job_tasks_history_today PARTITION OF job_tasks_history
+    FOR VALUES FROM (current_date) TO (current_date + 1);
+CREATE INDEX ON job_tasks_history (task_id);
+"""
+
+# The ack of the partition path: the acked rows move to the history table.
+ACK_MOVE = """
+WITH moved AS (
+    DELETE FROM job_tasks t
+     USING unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token)
+     WHERE t.id = held.id AND t.lease_token = held.lease_token
+    RETURNING t.*
+)
+INSERT INTO job_tasks_history
+SELECT id, sequence, queue, priority, job_id, user_id, task_type, task_id, payload,
+       'completed', attempts, max_attempts, worker_id, NULL, NULL, visible_at, expires_at,
+       last_heartbeat, error, result, created_at, now(), claimed_at, started_at, now()
+  FROM moved
+"""
+
+
+def partition_figures(conn: psycopg.Connection, url: str, n: int, finished: int) -> dict:
+    """The partition path: acked rows move to a day-partitioned history table
+    (n tasks: WAL per task), and retention drops a day's partition holding
+    ``finished`` rows while a claimer runs."""
+    conn.execute("TRUNCATE job_tasks")
+    conn.execute("DROP TABLE IF EXISTS job_tasks_history")
+    conn.execute(HISTORY)
+    columns = [r[0] for r in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'job_tasks'::regclass"
+        " AND attnum > 0 AND NOT attisdropped ORDER BY attnum")]
+    assert columns[14] == "lease_expires_at" and columns[21] == "updated_at", columns  # ACK_MOVE
+    fill(conn, n)
+    wal0, t0 = wal(conn), time.perf_counter()
+    acks: list = []
+    while True:
+        if acks:
+            conn.execute(ACK_MOVE, {"ids": [i for i, _ in acks], "tokens": [t for _, t in acks]})
+        claimed = claim(conn, [], BATCH, True)
+        if not claimed and not acks:
+            break
+        acks = claimed
+    figures = {"ack_seconds": time.perf_counter() - t0, "ack_wal_bytes": wal(conn) - wal0,
+               "moved": conn.execute("SELECT count(*) FROM job_tasks_history").fetchone()[0]}
+    figures["wal_bytes_per_task"] = figures["ack_wal_bytes"] / n
+    conn.execute("TRUNCATE job_tasks, job_tasks_history")
+    fill(conn, finished, "completed")
+    conn.execute("INSERT INTO job_tasks_history SELECT * FROM job_tasks")
+    conn.execute("TRUNCATE job_tasks")
+    fill(conn, 20_000)
+    before = conn.execute("SELECT pg_total_relation_size('job_tasks_history_yesterday')"
+                          ).fetchone()[0]
+    claimer = Claimer(url)
+    claimer.start()
+    time.sleep(3)
+    wal0, t0 = wal(conn), time.perf_counter()
+    conn.execute("ALTER TABLE job_tasks_history DETACH PARTITION job_tasks_history_yesterday")
+    conn.execute("DROP TABLE job_tasks_history_yesterday")
+    t1 = time.perf_counter()
+    wal1 = wal(conn)
+    time.sleep(3)
+    claimer.stopping.set()
+    claimer.join()
+    figures["retention_pass_drop"] = {
+        "finished_rows": finished, "partition_bytes": before,
+        "seconds": t1 - t0, "wal_bytes": wal1 - wal0,
+        "claim_before": claimer.latency_ms(t0 - 3, t0),
+        "claim_during": claimer.latency_ms(t0, t1),
+    }
+    conn.execute("DROP TABLE job_tasks_history")
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pg-server", default=DEFAULT_SERVER)
@@ -210,6 +291,7 @@ def main() -> None:
         }
         if args.finished:
             results["retention_pass_delete"] = pass_figures(conn, url, args.finished)
+            results["partition_path"] = partition_figures(conn, url, args.tasks, args.finished)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -60,6 +60,8 @@ class Run:
         self.repeats = repeats
         self.echo = echo
         self.samples: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        # Figures that are lists (a table sampled over time), per repeat.
+        self.series: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self.capped: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.errors: dict[str, list[str]] = defaultdict(list)
         self.workers: dict[str, dict[str, Worker]] = {}
@@ -265,6 +267,8 @@ class Run:
                 self.add(broker, key, value)
                 if capped:
                     self.capped[key][broker.name] += 1
+            elif isinstance(value, list):
+                self.series[key][broker.name].append(value)
         return figures
 
     def add(self, broker: Broker, key: str, value: float | None) -> None:
