@@ -88,3 +88,24 @@ def _environment_values(process: psutil.Process) -> str:
         return " ".join(process.environ().values())
     except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
         return ""
+
+
+@pytest.mark.slow
+def test_the_many_listeners_figure_measures_every_step_and_writes_json(tmp_path: Path) -> None:
+    from bench.listeners import FIGURES
+
+    out = tmp_path / "listeners.json"
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.listeners", "--idle", "0,5", "--tasks", "40",
+         "--latency-samples", "5", "--repeats", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+
+    document = json.loads(out.read_text())
+    assert [row["idle_consumers"] for row in document["summary"]] == [0, 5]
+    for row in document["summary"]:
+        for figure in FIGURES:
+            assert row[figure] is not None and row[figure] >= 0, figure
+        assert row["throughput"] > 0
+    assert document["summary"][0]["throughput_ratio"] == 1.0
+    assert "| idle consumers |" in finished.stdout

@@ -1,0 +1,334 @@
+"""``python -m bench.listeners``: the "many listeners" figure (issue 12).
+
+PostgreSQL (up to 18) signals every LISTENing session of a database on each
+NOTIFY, so what a wake-up costs grows with the consumers that merely listen.
+This figure runs two real Celery workers (solo pool each) on one queue and
+adds 0, 50, 200 and 500 idle consumers on other queues, then measures:
+
+- end-to-end throughput under load: a producer that outpaces the workers
+  (``confirm_publish=False``: a ``delay()`` loop that does not wait for
+  each commit), first publish to the start of the last task, and in that
+  run notifications per task, database CPU per task (every process of the
+  server) and WAL bytes per task;
+- publish -> start latency on the idle workers (one task at a time, with a
+  pause), and the notifications it took;
+- what one NOTIFY costs the server with that many listeners (a session
+  notifying a channel nobody listens to, autocommit), and the server's
+  memory (PSS of all its processes): inputs of the README's capacity model.
+
+It starts a private PostgreSQL 15 (``tests.chaos.servers``: initdb on a free
+port, ``max_connections`` raised for 500 idle sessions; never the shared
+server) and stops it at the end. An idle consumer here is what the database
+sees of one: a session LISTENing on its queue's channel, recorded as waiting
+there when the server has ``pg_broker_wait`` (migrations/core/131), as an
+idle pg_broker consumer is. (A real idle worker adds a work connection and a
+safety poll a second: "idle worker" rows of ``python -m bench``.)
+Notifications are counted by one more session LISTENing on the measured
+queue's channel. Small sizes: a run takes about two minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import psycopg
+
+from bench.app import TASK_NAME, make_app
+from bench.workers import Worker, install_cleanup, stop_all
+from pg_broker.migrate import migrate
+from pg_broker.transport.listener import channel_name
+from pg_broker.urls import broker_url, libpq_url
+from tests.chaos.servers import PostgresServer
+
+log = logging.getLogger(__name__)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUEUE = "bench.listeners"
+DATABASE = "pg_broker_listeners"
+WORKERS = 2
+READY_TIMEOUT = 90.0
+POLL = 0.002
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.listeners", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--idle", default="0,50,200,500",
+                        help="idle consumers per step, comma-separated (default 0,50,200,500)")
+    parser.add_argument("--tasks", type=int, default=2000, help="tasks per throughput run")
+    parser.add_argument("--latency-samples", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="interleaved repeats of the steps (default 2)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output path")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    levels = [int(n) for n in args.idle.split(",")]
+    install_cleanup()
+
+    server = PostgresServer("listeners")
+    server.settings["max_connections"] = str(max(levels) + 100)
+    server.start()
+    workdir = Path(tempfile.mkdtemp(prefix="pg_broker_listeners_"))
+    workers: list[Worker] = []
+    try:
+        database_url = server.create_database(DATABASE)
+        migrate(database_url)
+        url = broker_url(database_url)
+        workers = [Worker(broker="pgbroker", role=f"solo{n}", pool="solo", concurrency=1,
+                          queue=QUEUE, mark_file=workdir / f"worker{n}.marks",
+                          log_file=workdir / f"worker{n}.log") for n in range(WORKERS)]
+        env = {k: v for k, v in os.environ.items() if k not in ("PG_BROKER_URL", "DATABASE_URL")}
+        for worker in workers:
+            worker.start(url, env, "{}")
+        app = make_app(url)
+        loading = make_app(url, {"confirm_publish": False})
+        _wait_ready(app, workers)
+        postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+        with psycopg.connect(database_url, autocommit=True) as counter:
+            counter.execute(f'LISTEN "{channel_name(QUEUE)}"')
+            steps = []
+            for repeat in range(args.repeats):
+                for idle in levels:
+                    step = _step(app, loading, database_url, workers, counter, postmaster,
+                                 idle, args.tasks, args.latency_samples)
+                    step["repeat"] = repeat
+                    steps.append(step)
+                    print(_line(step), flush=True)
+        app.close()
+        loading.close()
+    finally:
+        stop_all(workers)
+        server.destroy()
+    result = {
+        "figure": "many listeners",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
+                    "load_average_at_end": list(psutil.getloadavg())},
+        "server": "private PostgreSQL 15 (tests.chaos.servers), fsync on",
+        "workers": f"{WORKERS} celery workers, solo pool, prefetch 4, one queue",
+        "producers": "latency: confirmed publishes (the default); throughput: "
+                     "confirm_publish=False, which outpaces the workers",
+        "tasks": args.tasks, "latency_samples": args.latency_samples,
+        "steps": steps, "summary": _summary(steps),
+    }
+    out = args.out or RESULTS_DIR / f"listeners-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(_table(result["summary"]))
+    print(f"written to {out}")
+    return 0
+
+
+def _wait_ready(app, workers: list[Worker]) -> None:
+    """Both workers took a task (published one at a time until each has)."""
+    task = app.tasks[TASK_NAME]
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not all(w.mark_count() for w in workers):
+        if time.monotonic() > deadline:
+            raise RuntimeError("a worker ran no task:\n" + "\n".join(
+                w.log_tail() for w in workers if not w.mark_count()))
+        task.apply_async((0.0,), queue=QUEUE)
+        time.sleep(0.05)
+    time.sleep(0.5)
+    for worker in workers:
+        worker.clear_marks()
+
+
+def _idle_consumers(database_url: str, count: int) -> list[psycopg.Connection]:
+    """``count`` sessions, each LISTENing on a queue of its own and recorded as
+    waiting there (where the schema knows waiters)."""
+    sessions = []
+    for n in range(count):
+        conn = psycopg.connect(database_url, autocommit=True)
+        queue = f"bench.idle.{n}"
+        conn.execute(f'LISTEN "{channel_name(queue)}"')
+        if conn.execute("SELECT to_regprocedure('pg_broker_wait(text, uuid)')").fetchone()[0]:
+            conn.execute("SELECT pg_broker_wait(%s, %s)", (queue, uuid.uuid4()))
+        sessions.append(conn)
+    return sessions
+
+
+def _server_cpu(postmaster: int) -> float:
+    """CPU seconds so far of the server: the postmaster and every child."""
+    total = 0.0
+    parent = psutil.Process(postmaster)
+    for proc in [parent, *parent.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def _notifications(counter: psycopg.Connection) -> int:
+    return len(list(counter.notifies(timeout=0.05)))
+
+
+def _marks(workers: list[Worker]) -> list[tuple[float, float]]:
+    return [mark for worker in workers for mark in worker.marks()]
+
+
+def _step(app, loading, database_url: str, workers: list[Worker], counter: psycopg.Connection,
+          postmaster: int, idle: int, tasks: int, samples: int) -> dict:
+    sessions = _idle_consumers(database_url, idle)
+    try:
+        time.sleep(1.0)  # the workers settle into waiting
+        _notifications(counter)
+        latency = _latency(app, workers, counter, samples)
+        throughput = _throughput(loading, workers, counter, postmaster, tasks)
+        costs = _notify_cost(database_url, postmaster)
+        memory = _server_memory_mb(postmaster)
+    finally:
+        for conn in sessions:
+            conn.close()
+    return {"idle_consumers": idle, **latency, **throughput, **costs,
+            "server_memory_mb": memory}
+
+
+def _notify_cost(database_url: str, postmaster: int, count: int = 1000) -> dict:
+    """Server CPU and rate of ``count`` notifications on a channel nobody
+    listens to, one autocommit statement each."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_notify('bench_nobody', '')")
+        cpu_before, t0 = _server_cpu(postmaster), time.perf_counter()
+        for _ in range(count):
+            conn.execute("SELECT pg_notify('bench_nobody', '')")
+        elapsed, cpu = time.perf_counter() - t0, _server_cpu(postmaster) - cpu_before
+    return {"notify_server_cpu_us": cpu / count * 1e6, "notifies_per_second": count / elapsed}
+
+
+def _server_memory_mb(postmaster: int) -> float:
+    """Proportional set size of the server's processes (shared memory counted once)."""
+    parent = psutil.Process(postmaster)
+    total = 0
+    for proc in [parent, *parent.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except psutil.NoSuchProcess:
+            continue
+    return total / 2**20
+
+
+def _latency(app, workers: list[Worker], counter: psycopg.Connection, samples: int) -> dict:
+    task = app.tasks[TASK_NAME]
+    for worker in workers:
+        worker.clear_marks()
+    for i in range(samples):
+        task.apply_async((time.time(),), queue=QUEUE)
+        deadline = time.monotonic() + 10
+        while sum(w.mark_count() for w in workers) <= i and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        time.sleep(random.uniform(0.01, 0.03))  # the workers go idle again
+    delays = sorted((started - sent) * 1e3 for sent, started in _marks(workers))
+    notified = _notifications(counter)
+    return {
+        "latency_p50_ms": _percentile(delays, 50),
+        "latency_p99_ms": _percentile(delays, 99),
+        "latency_samples": len(delays),
+        "notifications_per_task_idle": notified / max(len(delays), 1),
+    }
+
+
+def _throughput(app, workers: list[Worker], counter: psycopg.Connection, postmaster: int,
+                tasks: int) -> dict:
+    task = app.tasks[TASK_NAME]
+    for worker in workers:
+        worker.clear_marks()
+    cpu_before = _server_cpu(postmaster)
+    with psycopg.connect(_database_url_of(app), autocommit=True) as conn:
+        wal_before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    t0 = time.time()
+    for _ in range(tasks):
+        task.apply_async((0.0,), queue=QUEUE)
+    deadline = time.monotonic() + 120
+    while sum(w.mark_count() for w in workers) < tasks and time.monotonic() < deadline:
+        time.sleep(POLL)
+    starts = sorted(started for _, started in _marks(workers))
+    cpu = _server_cpu(postmaster) - cpu_before
+    with psycopg.connect(_database_url_of(app), autocommit=True) as conn:
+        wal = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)",
+                           (wal_before,)).fetchone()[0]
+    notified = _notifications(counter)
+    done = len(starts)
+    return {
+        "throughput": done / max((starts[-1] if starts else time.time()) - t0, 1e-9),
+        "done": done,
+        "notifications_per_task": notified / max(done, 1),
+        "database_cpu_ms_per_task": cpu / max(done, 1) * 1e3,
+        "wal_bytes_per_task": float(wal) / max(done, 1),
+    }
+
+
+def _database_url_of(app) -> str:
+    return libpq_url(app.conf.broker_url)
+
+
+def _percentile(values: list[float], pct: float) -> float | None:
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(round(pct / 100 * (len(values) - 1))))]
+
+
+FIGURES = ("throughput", "latency_p50_ms", "latency_p99_ms", "notifications_per_task",
+           "notifications_per_task_idle", "database_cpu_ms_per_task", "wal_bytes_per_task",
+           "notify_server_cpu_us", "notifies_per_second", "server_memory_mb")
+
+
+def _summary(steps: list[dict]) -> list[dict]:
+    """Per idle level: the median of each figure over the repeats, and
+    throughput as a ratio to the level without idle consumers."""
+    levels = sorted({s["idle_consumers"] for s in steps})
+    rows = []
+    for level in levels:
+        of_level = [s for s in steps if s["idle_consumers"] == level]
+        row = {"idle_consumers": level}
+        for figure in FIGURES:
+            values = sorted(s[figure] for s in of_level if s[figure] is not None)
+            row[figure] = values[len(values) // 2] if values else None
+        rows.append(row)
+    base = rows[0]["throughput"] if rows and rows[0]["idle_consumers"] == 0 else None
+    for row in rows:
+        row["throughput_ratio"] = row["throughput"] / base if base else None
+    return rows
+
+
+def _line(step: dict) -> str:
+    return (f"idle {step['idle_consumers']:>4}: {step['throughput']:7.0f} tasks/s, "
+            f"p50 {step['latency_p50_ms']:.1f} ms, p99 {step['latency_p99_ms']:.1f} ms, "
+            f"{step['notifications_per_task']:.3f} notifications/task under load "
+            f"({step['notifications_per_task_idle']:.2f} idle), "
+            f"{step['database_cpu_ms_per_task']:.2f} ms database CPU/task, "
+            f"{step['wal_bytes_per_task']:.0f} WAL bytes/task; a NOTIFY "
+            f"{step['notify_server_cpu_us']:.0f} µs of server CPU "
+            f"({step['notifies_per_second']:.0f}/s); server {step['server_memory_mb']:.0f} MiB")
+
+
+def _table(rows: list[dict]) -> str:
+    header = ("| idle consumers | tasks/s | ratio to none | p50 ms | p99 ms "
+              "| notifications/task, load | notifications/task, idle | database CPU ms/task "
+              "| WAL bytes/task | one NOTIFY: server CPU µs | NOTIFY/s | server MiB |")
+    lines = [header, "|" + " --- |" * 12]
+    for r in rows:
+        ratio = f"{r['throughput_ratio']:.2f}" if r["throughput_ratio"] is not None else "—"
+        lines.append(
+            f"| {r['idle_consumers']} | {r['throughput']:,.0f} | {ratio} | "
+            f"{r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | "
+            f"{r['notifications_per_task']:.3f} | {r['notifications_per_task_idle']:.2f} | "
+            f"{r['database_cpu_ms_per_task']:.2f} | {r['wal_bytes_per_task']:,.0f} | "
+            f"{r['notify_server_cpu_us']:.0f} | {r['notifies_per_second']:,.0f} | "
+            f"{r['server_memory_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
