@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pgbroker-database", default=None,
                         help="use this existing database for pgbroker instead of "
                              "pg_broker_bench on --pg-server")
+    parser.add_argument("--results-only", action="store_true",
+                        help="only the result-backend figures (request/response, chord, "
+                             "results at once, end to end with results) of the brokers "
+                             "that have a result backend")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     for field in dataclasses.fields(Sizes):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=field.type == "int" and int
@@ -88,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pg_broker benchmark ({mode}), {args.repeats} interleaved repeats, {sizes}")
 
     brokers = prepare(names, args.pg_server, args.pgbroker_database)
+    if args.results_only:
+        brokers = [b for b in brokers if b.result_backend]
+        for broker in brokers:
+            broker.results_only = True
     for broker in brokers:
         if broker.skip:
             print(f"skipping {broker.name}: not reachable or not set up ({broker.skip})")

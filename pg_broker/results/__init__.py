@@ -28,6 +28,11 @@ PostgreSQL 15 on 127.0.0.1, other work running beside):
   client's per result and per process (PostgreSQL already spends ~7 µs per
   listening session per notification, whatever its channels). The cost
   stays with the waiter that way, not with every process.
+- **The notification carries the result** (base64, up to 5,400 bytes, under
+  NOTIFY's 8,000-byte payload): the waiter hands it out without reading the
+  row, one round trip less between the worker's write and the caller, which
+  on a busy machine is two process wake-ups. Larger ones notify empty and are
+  read. ``notified_values=False`` reads them all (any session can NOTIFY).
 - **One connection per process**, whatever the threads (Celery keeps a
   backend object per thread) and waiters: a thousand results awaited at
   once are a thousand channels on one session. It is drained by the caller's

@@ -32,6 +32,7 @@ from celery.utils.log import get_logger
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 
 from pg_broker.database import DatabaseUnavailable
+from pg_broker.transport.options import flag
 from pg_broker.urls import SCHEME, libpq_url, masked_url
 
 from .store import CONNECTION_ERRORS, shared_store
@@ -86,9 +87,12 @@ class PgBrokerBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
 
     ``pgbroker://`` alone is the broker's database (``PG_BROKER_URL``,
     ``DATABASE_URL`` or the embedded server); libpq parameters in the URL
-    pass through. Option (``result_backend_transport_options``):
+    pass through. Options (``result_backend_transport_options``):
     ``synchronous_commit`` (``"off"``) for the result writes, see
-    :mod:`pg_broker.results`.
+    :mod:`pg_broker.results`; ``notified_values`` (True): take a result from
+    the notification that announces it (no read); False reads every result
+    from its row, for a database where roles that must not forge results can
+    run SQL (any session can NOTIFY, as any Redis client can PUBLISH).
     """
 
     ResultConsumer = ResultConsumer
@@ -109,6 +113,7 @@ class PgBrokerBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         self.url = url or f"{SCHEME}://"
         mode = options.get("synchronous_commit", DEFAULT_SYNCHRONOUS_COMMIT)
         self.synchronous_commit = None if mode is None else str(mode)
+        self.notified_values = flag(options.get("notified_values", True))
         failure_expires = conf.get("result_failure_expires")
         self.failure_expires = (self.expires if failure_expires is None
                                 else self.prepare_expires(failure_expires))
@@ -127,7 +132,9 @@ class PgBrokerBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
 
     @property
     def listener(self):
-        return listener_of(self.store)
+        listener = listener_of(self.store)
+        listener.trust_carried(self.notified_values)
+        return listener
 
     def as_uri(self, include_password: bool = False) -> str:
         return self.url if include_password else masked_url(self.url)

@@ -66,8 +66,8 @@ class ResultStore:
         self.lock = threading.RLock()
         # Bumped at every (re)connect: LISTENs of an earlier connection are gone.
         self.generation = 0
-        # Called with the channel of every notification the connection receives.
-        self.on_notify: Callable[[str], None] = lambda channel: None
+        # Called with the channel and payload of every notification the connection receives.
+        self.on_notify: Callable[[str, str], None] = lambda channel, payload: None
         # Its waiters' ResultListener (pg_broker.results.waiting), once one waits.
         self.listener = None
         self._conn: psycopg.Connection | None = None
@@ -99,7 +99,7 @@ class ResultStore:
         conn = connect(self.conninfo, **self.connect_kwargs)
         if self.synchronous_commit is not None:
             conn.execute(queries["result_session_commit"], {"mode": self.synchronous_commit})
-        conn.add_notify_handler(lambda notify: self.on_notify(notify.channel))
+        conn.add_notify_handler(lambda notify: self.on_notify(notify.channel, notify.payload))
         self._conn = conn
         self.generation += 1
         return conn

@@ -2,16 +2,20 @@
 by every waiter of the process.
 
 Every write of a result notifies ``pgbroker_r_`` + md5(key) (the SQL side
-computes the same name: ``result_set`` in ``queries.sql``). A process LISTENs
+computes the same name: ``result_set`` in ``queries.sql``), with the value
+itself as payload when it fits one (up to 5,400 bytes). A process LISTENs
 on the channels of the results it waits for, however many threads and
 results that is: a thousand waiters are a thousand channels on one
 connection. Before waiting, a waiter reads its results from the table; for
 those not there yet it LISTENs (channels no longer waited for are UNLISTENed
 in the same batch), then reads them once more: LISTEN committed first, then
 the read, so a result written in between is seen by one or the other. A
-notification is only a wake-up: the reader then reads the notified results
-from ``task_results`` in one statement and hands them to every consumer (one
-per Celery backend object, so per thread) waiting for them.
+notification that carries its value hands it to every consumer (one per
+Celery backend object, so per thread) waiting for it, with no read: the
+round trip it saves is on the way from the worker's write to the caller
+(a process wake-up each way on a busy machine). The values of the others (an
+empty payload) are read from ``task_results`` in one statement. Notifications
+come in commit order, so the last one per channel carries the latest value.
 
 Nothing polls. The thread that waits reads the socket (``poll``, without the
 connection's lock, so other threads keep storing and reading); other threads
@@ -24,6 +28,8 @@ every result still waited for from the table: no wake-up is lost.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 import os
@@ -53,6 +59,18 @@ def channel_name(key: str) -> str:
     return CHANNEL_PREFIX + hashlib.md5(key.encode("utf-8")).hexdigest()
 
 
+def _carried_value(payload: str) -> bytes | None:
+    """The value a notification carries (``result_set``: base64 with line
+    breaks), or None: an empty payload (too large to carry) or one that is not
+    base64 (a NOTIFY from elsewhere): read the row."""
+    if not payload:
+        return None
+    try:
+        return base64.b64decode(payload.replace("\n", ""), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
 class Consumer(Protocol):
     def deliver(self, key: str, value: bytes) -> None: ...
 
@@ -70,6 +88,8 @@ class ResultListener:
 
     def __init__(self, store: ResultStore) -> None:
         self.store = store
+        # Whether values carried by notifications are taken (see trust_carried).
+        self.take_carried = True
         self._reset()
         store.on_notify = self._notified_on
 
@@ -81,10 +101,17 @@ class ResultListener:
         self._cancelled: deque[tuple[int, str]] = deque()
         self._listening: set[str] = set()  # channels LISTENed on the current connection
         self._generation = 0  # the store's connection they were LISTENed on
-        self._notified: set[str] = set()
+        # channel -> payload of its latest notification not yet handed out
+        self._notified: dict[str, str] = {}
         self._reading = False
         self._read_done = threading.Condition(self._state)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def trust_carried(self, trusted: bool) -> None:
+        """Whether to take values from notifications (any session of the
+        database can NOTIFY; only the result backend's roles write the rows).
+        Once a backend of the process distrusts them, none takes them."""
+        self.take_carried = self.take_carried and trusted
 
     # Registry -------------------------------------------------------------
 
@@ -138,9 +165,9 @@ class ResultListener:
                 self._wait_readable(self.store.socket(), timeout)
             self.store.read_notifications()
             with self._state:
-                notified, self._notified = self._notified, set()
+                notified, self._notified = self._notified, {}
             if notified:
-                self._read({key for key in self.waiting_for() if channel_name(key) in notified})
+                self._take_notified(notified)
         except CONNECTION_ERRORS as exc:
             log.warning("waiting for results: %s; reconnecting", exc)
             time.sleep(RECONNECT_PAUSE if timeout is None else min(timeout, RECONNECT_PAUSE))
@@ -183,6 +210,22 @@ class ResultListener:
         if listen:
             self._hand_out(self.store.mget(wanted[channel] for channel in listen))
 
+    def _take_notified(self, notified: dict[str, str]) -> None:
+        """Hand out the values notifications carried; read those they did not."""
+        carried: dict[str, bytes] = {}
+        unread: set[str] = set()
+        for key in self.waiting_for():
+            payload = notified.get(channel_name(key))
+            if payload is None:
+                continue
+            value = _carried_value(payload) if self.take_carried else None
+            if value is None:
+                unread.add(key)
+            else:
+                carried[key] = value
+        self._hand_out(carried)
+        self._read(unread)
+
     def _hand_out(self, values: dict[str, bytes]) -> None:
         """Give each result read to every consumer waiting for it."""
         if not values:
@@ -198,10 +241,10 @@ class ResultListener:
 
     # Waking -----------------------------------------------------------------
 
-    def _notified_on(self, channel: str) -> None:
+    def _notified_on(self, channel: str, payload: str) -> None:
         """The connection's notification handler (called under its lock)."""
         with self._state:
-            self._notified.add(channel)
+            self._notified[channel] = payload
         try:
             os.write(self._wake_w, b"\0")
         except OSError:  # the pipe is full: the reader is awake already

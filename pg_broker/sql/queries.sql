@@ -313,8 +313,9 @@ SELECT reclaim_stale_tasks(), (SELECT count(*) FROM expired)
 -- The result backend (pg_broker.results): Celery's key-value results in
 -- task_results, chord counters in task_result_chords (migrations/core/110). Every
 -- result write notifies 'pgbroker_r_' || md5(key), where its waiters LISTEN
--- (pg_broker.results.waiting). Expired rows are invisible at once and deleted
--- by result_cleanup.
+-- (pg_broker.results.waiting), with the value itself (base64) as payload when
+-- it fits one (a waiter then reads nothing), or an empty payload (read the
+-- row). Expired rows are invisible at once and deleted by result_cleanup.
 
 -- name: result_session_commit
 -- How the result backend's session commits (synchronous_commit, e.g. off).
@@ -332,6 +333,10 @@ SELECT key, value FROM task_results
 
 -- name: result_set
 -- Writes a key's value (and state) and wakes its waiters; with keep_success, never over a SUCCESS that has not expired (a late copy of a task must not undo its success). Returns the key if written.
+-- The notification carries the value in base64 up to 5,400 bytes (7,300
+-- characters with encode's line breaks, under NOTIFY's 8,000-byte payload
+-- limit), saving the waiter a round trip on the way to its result; a larger
+-- value notifies with an empty payload and is read from the row.
 WITH written AS (
     INSERT INTO task_results AS r (key, value, state, expires_at)
     VALUES (%(key)s, %(value)s, %(state)s, now() + %(expires)s::interval)
@@ -340,9 +345,12 @@ WITH written AS (
            expires_at = EXCLUDED.expires_at, updated_at = now()
      WHERE NOT %(keep_success)s::boolean OR r.state IS DISTINCT FROM 'SUCCESS'
         OR r.expires_at <= now()
-    RETURNING r.key
+    RETURNING r.key, r.value
 )
-SELECT key, pg_notify('pgbroker_r_' || md5(key), '') FROM written;
+SELECT key, pg_notify('pgbroker_r_' || md5(key),
+                      CASE WHEN octet_length(value) <= 5400 THEN encode(value, 'base64')
+                           ELSE '' END)
+  FROM written;
 
 -- name: result_delete
 -- Forgets a key (a task's result, a saved group).

@@ -130,14 +130,14 @@ def from_transport_options(options: Mapping[str, object]) -> Options:
         maintenance_interval=float(
             options.get("maintenance_interval", DEFAULT_MAINTENANCE_INTERVAL)),
         claim_batch_max=int(options.get("claim_batch_max", DEFAULT_CLAIM_BATCH_MAX)),
-        confirm_publish=_flag(options.get("confirm_publish", True)),
+        confirm_publish=flag(options.get("confirm_publish", True)),
         synchronous_commit=None if synchronous_commit is None else str(synchronous_commit),
         max_message_size=int(options.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)),
         retry_backoff=timedelta(
             seconds=float(options.get("retry_backoff", DEFAULT_RETRY_BACKOFF_SECONDS))),
         response_timeout=float(options.get("response_timeout", DEFAULT_RESPONSE_TIMEOUT)),
-        migrate=_flag(options.get("migrate", True)),
-        prepared_statements=_flag(options.get("prepared_statements", True)),
+        migrate=flag(options.get("migrate", True)),
+        prepared_statements=flag(options.get("prepared_statements", True)),
         listen_url=str(options.get("listen_url") or "").strip() or configured_listen_url(),
         completed_retention=_window(options, "completed_retention", DEFAULT_COMPLETED_RETENTION),
         failed_retention=_window(options, "failed_retention", DEFAULT_FAILED_RETENTION),
@@ -155,7 +155,7 @@ def _window(options: Mapping[str, object], name: str, default: float) -> timedel
     return timedelta(seconds=seconds)
 
 
-def _flag(value: object) -> bool:
+def flag(value: object) -> bool:
     """A boolean transport option, also when it came from a URL or env var."""
     if isinstance(value, str):
         return value.strip().lower() not in ("0", "false", "no", "off", "")

@@ -233,27 +233,98 @@ def test_failures_expire_after_result_failure_expires(database_url, db):
 # Pushed waiting -------------------------------------------------------------------
 
 
-def test_a_waiter_wakes_on_the_notification_without_reading_again(app, database_url, monkeypatch):
-    backend = app.backend
-    store = backend.store
+def counted_reads(store, monkeypatch) -> list[int]:
+    """One entry per read of the table by ``store`` from now on."""
     reads: list[int] = []
     original = store.mget
     monkeypatch.setattr(store, "mget", lambda keys: reads.append(1) or original(keys))
-    task_id = str(uuid.uuid4())
+    return reads
+
+
+def waiting_after_two_reads(app, reads: list[int], task_id: str) -> tuple[threading.Thread, list]:
+    """A thread waiting for ``task_id``, once it read the table before LISTEN
+    and after it; then it waits: Celery's drainer calls drain_events(timeout=1)
+    again and again, none of which may read."""
+    store = app.backend.store
     waiter, outcome = in_thread(lambda: AsyncResult(task_id, app=app).get(timeout=60))
-    wait_for(lambda: backend.task_key(task_id) in listener_of(store).waiting_for(), 10,
+    wait_for(lambda: app.backend.task_key(task_id) in listener_of(store).waiting_for(), 10,
              "the waiter to register")
-    # Before LISTEN and after it; then it waits: Celery's drainer calls
-    # drain_events(timeout=1) again and again, none of which may read.
     wait_for(lambda: len(reads) == 2, 10, "the waiter's two reads")
     time.sleep(2.5)
     assert len(reads) == 2, "the waiter read the table while waiting: polling"
+    return waiter, outcome
 
-    write_from_elsewhere(database_url, backend, task_id, "pushed")
+
+def test_a_waiter_takes_its_result_from_the_notification_without_reading(
+        app, database_url, monkeypatch):
+    reads = counted_reads(app.backend.store, monkeypatch)
+    task_id = str(uuid.uuid4())
+    waiter, outcome = waiting_after_two_reads(app, reads, task_id)
+
+    write_from_elsewhere(database_url, app.backend, task_id, "pushed")
     waiter.join(30)
 
     assert outcome == ["pushed"]
-    assert len(reads) == 3  # the one read its notification asked for
+    assert len(reads) == 2  # the value came in the notification
+
+
+def test_a_result_too_large_for_a_notification_is_read_from_its_row(
+        app, database_url, monkeypatch):
+    reads = counted_reads(app.backend.store, monkeypatch)
+    task_id = str(uuid.uuid4())
+    waiter, outcome = waiting_after_two_reads(app, reads, task_id)
+    large = "x" * 20_000  # over NOTIFY's 8,000-byte payload, base64 or not
+
+    write_from_elsewhere(database_url, app.backend, task_id, large)
+    waiter.join(30)
+
+    assert outcome == [large]
+    assert len(reads) == 3  # the one read its empty notification asked for
+
+
+def test_values_notified_by_a_session_that_wrote_no_row_are_taken_unless_distrusted(
+        database_url, db, monkeypatch):
+    """Any session can NOTIFY: a value notified without a row is taken by
+    default (the round trip saved), and never with notified_values=False,
+    which reads the row (here: none, so the waiter still waits)."""
+    import base64
+
+    def forge(app, task_id: str) -> None:
+        meta = {"status": states.SUCCESS, "result": "forged", "traceback": None,
+                "children": [], "date_done": None, "task_id": task_id}
+        payload = base64.b64encode(json.dumps(meta).encode()).decode()
+        db.execute("SELECT pg_notify(%s, %s)",
+                   (channel_name(app.backend.task_key(task_id)), payload))
+
+    trusting = make_app(database_url)
+    try:
+        task_id = str(uuid.uuid4())
+        waiter, outcome = waiting_after_two_reads(
+            trusting, counted_reads(trusting.backend.store, monkeypatch), task_id)
+        forge(trusting, task_id)
+        waiter.join(30)
+        assert outcome == ["forged"]
+    finally:
+        trusting.close()
+
+    # A store of its own (another conninfo): distrust sticks to a process's store.
+    distrusting = make_app(database_url,
+                           result_backend_transport_options={"notified_values": "false"})
+    url = pgbroker_url(database_url)
+    distrusting.conf.result_backend = f"{url}{'&' if '?' in url else '?'}connect_timeout=17"
+    try:
+        task_id = str(uuid.uuid4())
+        reads = counted_reads(distrusting.backend.store, monkeypatch)
+        waiter, outcome = waiting_after_two_reads(distrusting, reads, task_id)
+        forge(distrusting, task_id)
+        wait_for(lambda: len(reads) == 3, 10, "the read the notification asked for")
+        assert outcome == [] and waiter.is_alive()
+        write_from_elsewhere(database_url, distrusting.backend, task_id, "written")
+        waiter.join(30)
+        assert outcome == ["written"]
+    finally:
+        distrusting.backend.store.close()
+        distrusting.close()
 
 
 def test_a_thousand_waiters_in_twenty_threads_share_one_connection(app, database_url, db):

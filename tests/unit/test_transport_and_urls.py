@@ -20,7 +20,7 @@ from pg_broker.transport.messages import (
     held_row,
     milliseconds,
 )
-from pg_broker.transport.options import _flag
+from pg_broker.transport.options import flag
 from pg_broker.urls import broker_url, libpq_url, masked_url, result_backend_url
 
 
@@ -62,7 +62,7 @@ def test_ttl_arguments_in_milliseconds(value: object, expected: timedelta | None
     ("true", True), ("1", True), ("yes", True),
 ])
 def test_boolean_options_from_urls_and_environment(value: object, expected: bool) -> None:
-    assert _flag(value) is expected
+    assert flag(value) is expected
 
 
 @pytest.mark.parametrize(("text", "refused"), [
