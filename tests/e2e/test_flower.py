@@ -144,6 +144,21 @@ def test_api_task_result_and_apply_read_and_wait_through_the_result_backend(app,
     assert (applied["state"], applied["result"]) == ("SUCCESS", 11)
 
 
+def test_async_apply_and_abort_write_and_read_through_the_result_backend(app, flower, worker):
+    """Flower's other task pages that use the backend: async-apply answers the
+    state it read, abort stores ABORTED, which a waiter of the app sees."""
+    # To a queue no worker consumes: it stays PENDING (and out of QUEUE's counts).
+    held = post_json(f"{flower}/api/task/async-apply/e2e.add",
+                     {"args": [1, 1], "queue": f"{QUEUE}.unconsumed"})
+    assert held["state"] == "PENDING"
+    result = celery_app.app.AsyncResult(held["task-id"])
+
+    aborted = post_json(f"{flower}/api/task/abort/{held['task-id']}", {})
+
+    assert aborted == {"message": f"Aborted '{held['task-id']}'"}
+    wait_for(lambda: result.state == "ABORTED", 30, lambda: f"ABORTED, not {result.state}")
+
+
 def test_queue_lengths_and_broker_page_show_our_queue(app, flower, worker):
     # Countdown tasks stay in the worker unacknowledged until they are due.
     held = [celery_app.add.apply_async((i, i), queue=QUEUE, countdown=600) for i in range(3)]

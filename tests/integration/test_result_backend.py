@@ -219,6 +219,51 @@ def test_expired_results_read_as_pending_and_cleanup_deletes_them(database_url, 
     assert AsyncResult(kept, app=app).state == states.PENDING
 
 
+def test_beat_cleans_expired_results_through_celery_and_through_the_app_retention(
+        database_url, db, broker_env, tmp_path):
+    """result_expires honoured under beat: Celery's own schedule gets
+    celery.backend_cleanup for this backend (it does not expire by itself),
+    and that task, like the tasks app's retention entry, deletes what expired."""
+    from celery import beat
+
+    app = make_app(database_url, result_expires=timedelta(hours=1))
+    forever = make_app(database_url, result_expires=None)
+    kept = str(uuid.uuid4())
+    forever.backend.mark_as_done(kept, "kept")
+    # `celery beat`'s default scheduler, as it starts
+    scheduler = beat.PersistentScheduler(app, schedule_filename=str(tmp_path / "beat"),
+                                         lazy=True)
+    scheduler.setup_schedule()
+    assert scheduler.schedule["celery.backend_cleanup"].task == "celery.backend_cleanup"
+
+    def expired_one() -> str:
+        task_id = str(uuid.uuid4())
+        app.backend.mark_as_done(task_id, "old")
+        db.execute("UPDATE task_results SET expires_at = now() - interval '1 second'"
+                   " WHERE key = %s", (app.backend.task_key(task_id),))
+        return app.backend.task_key(task_id)
+
+    def keys() -> set[str]:
+        return {key for (key,) in db.execute("SELECT key FROM task_results")}
+
+    old = expired_one()
+    app.tasks["celery.backend_cleanup"].apply()
+    assert keys() == {forever.backend.task_key(kept)}
+
+    old = expired_one()
+    entry = "tasks.maintenance.delete_finished_tasks"
+    ran = subprocess.run(
+        [sys.executable, "-c", "import celeryconfig, tasks.maintenance as m\n"
+         f"assert celeryconfig.beat_schedule['retention']['task'] == {entry!r}\n"
+         "print(m.delete_finished_tasks())"],
+        env=broker_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert int(ran.stdout.strip().splitlines()[-1]) >= 1
+    assert old not in keys() and keys() == {forever.backend.task_key(kept)}
+    app.close()
+    forever.close()
+
+
 def test_failures_expire_after_result_failure_expires(database_url, db):
     app = make_app(database_url, result_expires=3600, result_failure_expires=60)
     ok, failed = str(uuid.uuid4()), str(uuid.uuid4())
