@@ -43,9 +43,11 @@ def queue() -> str:
 
 @pytest.fixture(scope="module")
 def worker(app, database_url: str, logs: Path, queue: str) -> Iterator[Worker]:
-    """A prefork worker of two processes on the module's queue."""
-    worker = Worker(process_environment(database_url), logs, pool="prefork", concurrency=2,
-                    queues=[queue])
+    """A prefork worker of two processes on the module's queue; acked rows
+    stay an hour (completed_retention), so a test can count the tasks sent."""
+    env = process_environment(database_url,
+                              E2E_TRANSPORT_OPTIONS=json.dumps({"completed_retention": 3600}))
+    worker = Worker(env, logs, pool="prefork", concurrency=2, queues=[queue])
     try:
         yield worker.start()
     finally:
