@@ -8,6 +8,7 @@ import os
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pg_broker import metrics
@@ -175,7 +176,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     print(f"job {job.id} ({job.job_type}) for user {job.user_id}: {job.title}")
     print(f"status {job.status}, progress {job.progress}% "
           f"({job.completed_tasks} completed, {job.failed_tasks} failed of {job.total_tasks})")
-    print(f"created {job.created_at:%Y-%m-%d %H:%M:%S}, finished {job.completed_at or '-'}")
+    print(f"created {_when(job.created_at)}, finished {_when(job.completed_at)}")
     if job.error:
         print(f"error: {job.error}")
     _print_table("Tasks", ["task_id", "type", "status", "attempts", "error"],
@@ -188,7 +189,7 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
-    from pg_broker.maintenance import dead_tasks, retry_dead_tasks
+    from pg_broker.maintenance import dead_tasks, not_dead_letters, retry_dead_tasks
 
     url = database_url()
     ensure_migrated(url)
@@ -203,7 +204,13 @@ def cmd_dead(args: argparse.Namespace) -> int:
         if bool(args.ids) == args.all:
             print("pg-broker dead retry: give task ids, or --all", file=sys.stderr)
             return 2
-        count = retry_dead_tasks(conn, None if args.all else args.ids)
+        with conn.transaction():
+            unknown = [] if args.all else not_dead_letters(conn, args.ids)
+            if unknown:
+                print(f"pg-broker dead retry: no dead or failed task {', '.join(unknown)} "
+                      "(pg-broker dead list shows them); nothing re-queued", file=sys.stderr)
+                return 1
+            count = retry_dead_tasks(conn, None if args.all else args.ids)
     print(f"re-queued {count} task(s)")
     return 0
 
@@ -275,7 +282,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def _print_table(title: str, columns: Sequence[str], rows) -> None:
-    rows = [tuple("" if v is None else str(v) for v in row) for row in rows]
+    rows = [tuple("" if v is None else _when(v) if isinstance(v, datetime) else str(v)
+                  for v in row) for row in rows]
     print(f"\n{title}")
     if not rows:
         print("  (none)")
@@ -284,6 +292,19 @@ def _print_table(title: str, columns: Sequence[str], rows) -> None:
     print("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in rows:
         print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _job_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a job id (a UUID, as pg-broker submit prints)") from None
+
+
+def _when(moment: datetime | None) -> str:
+    """Every time the CLI prints, in one format: to the second, in UTC."""
+    return "-" if moment is None else f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
 
 
 Command = Callable[[argparse.Namespace], int]
@@ -340,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wait for the job, showing progress")
 
     job = add("job", cmd_job, "a job's status, progress, tasks and artifacts (with URLs)")
-    job.add_argument("job_id", help="the job's uuid")
+    job.add_argument("job_id", type=_job_id, help="the job's uuid")
 
     dead = add("dead", cmd_dead, "dead letters: list failed and dead tasks, or re-queue them")
     dead.add_argument("action", choices=("list", "retry"))
@@ -383,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        # What a command did, it prints; logs are for warnings (and -v).
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -140,6 +140,11 @@ def dead_tasks(conn: psycopg.Connection, limit: int = 100) -> list[dict[str, Any
         return cur.execute(queries["dead_tasks"], {"limit": limit}).fetchall()
 
 
+def not_dead_letters(conn: psycopg.Connection, ids: Sequence[str]) -> list[str]:
+    """Those of ``ids`` (row ids or Celery task ids) that name no dead or failed task."""
+    return [given for (given,) in conn.execute(queries["not_dead_letters"], {"ids": list(ids)})]
+
+
 def retry_dead_tasks(conn: psycopg.Connection, ids: Sequence[str] | None = None) -> int:
     """Re-queue dead/failed tasks (those with the given row ids or Celery task
     ids, or all when ``ids`` is None) with fresh attempts, and wake the workers

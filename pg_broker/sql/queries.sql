@@ -507,6 +507,14 @@ SELECT id, task_id, task_type, queue, status, attempts, max_attempts, job_id, er
  ORDER BY completed_at DESC NULLS LAST, id DESC
  LIMIT %(limit)s;
 
+-- name: not_dead_letters
+-- Of the given row ids or Celery task ids, those that name no dead or failed task.
+SELECT given FROM unnest(%(ids)s::text[]) WITH ORDINALITY AS g(given, n)
+ WHERE NOT EXISTS (SELECT 1 FROM job_tasks t
+                    WHERE t.status IN ('dead', 'failed')
+                      AND (t.id::text = g.given OR t.task_id = g.given))
+ ORDER BY n;
+
 -- name: retry_dead_tasks
 -- Re-queues dead/failed tasks (all, or by row id or Celery task id) with fresh attempts, reopens their jobs, wakes their queues' workers.
 WITH retried AS (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -148,6 +149,31 @@ def test_acks_late_task_killed_mid_run_runs_again(request, app, env, logs, dbcon
     assert result.get(timeout=RESULT_TIMEOUT) == "slept"
     assert [line.split()[0] for line in lines(runs)] == ["start", "start", "done"]
     assert task_row(dbconn, result.id)["attempts"] == 2
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_a_failed_task_of_any_app_keeps_its_exception_in_the_dead_letters(
+    request, app, env, logs, dbconn, pool
+):
+    # This app (tests/celery_app.py) records nothing itself: the transport's
+    # handler does, in the process that ran the task (a prefork child here).
+    queue = unique_queue(f"dead-{pool}")
+    acks_late = {"task_acks_late": True, "task_acks_on_failure_or_timeout": False}
+    start_worker(request, {**env, "E2E_CONF": json.dumps(acks_late)}, logs, pool=pool,
+                 concurrency=1, queues=[queue])
+    result = celery_app.fail.apply_async((f"no such chapter ({pool})",), queue=queue,
+                                         headers={"max_attempts": 1})
+
+    with pytest.raises(ValueError):
+        result.get(timeout=RESULT_TIMEOUT)
+    wait_for(lambda: task_row(dbconn, result.id)["status"] == "failed", 30, "the row to fail")
+    (error,) = dbconn.execute("SELECT error FROM job_tasks WHERE task_id = %s",
+                              (result.id,)).fetchone()
+    assert error == f"ValueError: no such chapter ({pool})"
+    listed = subprocess.run(["pg-broker", "dead", "list"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert f"ValueError: no such chapter ({pool})" in listed.stdout
 
 
 @pytest.mark.parametrize("pool", ["threads", "solo"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -161,3 +162,33 @@ def test_server_starts_shows_and_stops_the_embedded_postgresql_that_outlives_com
     assert embedded_pid(data_dir) is not None
     noted = pg_broker("server", "status", env={**env, "PG_BROKER_URL": "postgresql://x@h/db"})
     assert "PG_BROKER_URL/DATABASE_URL is set" in noted.stderr and noted.returncode == 0
+
+
+def test_unknown_ids_are_errors_with_a_message_and_a_non_zero_exit(
+    db: psycopg.Connection, broker_env: dict[str, str]
+) -> None:
+    not_a_uuid = pg_broker("job", "not-a-uuid", env=broker_env)
+    assert not_a_uuid.returncode == 2
+    assert "'not-a-uuid' is not a job id" in not_a_uuid.stderr
+    assert "Traceback" not in not_a_uuid.stderr and not_a_uuid.stdout == ""
+
+    (dead,) = add_tasks(db, task_id="a-dead-letter", status="dead", error="it broke")
+    refused = pg_broker("dead", "retry", "99999999", "a-dead-letter", env=broker_env)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("pg-broker dead retry: no dead or failed task 99999999 ")
+    assert task(db, dead)["status"] == "dead", "nothing was re-queued"
+    retried = pg_broker("dead", "retry", str(dead), env=broker_env)
+    assert (retried.returncode, retried.stdout, retried.stderr) == (0, "re-queued 1 task(s)\n", "")
+
+
+def test_job_prints_every_time_in_one_format(db: psycopg.Connection, broker_env: dict[str, str]) -> None:
+    job_id = add_job(db)
+    add_tasks(db, 1, job_id=job_id, task_type="tasks.audio.synthesize_chapter",
+              status="completed", completed_at="2026-11-29T02:23:00.453323+00:00")
+    db.execute("UPDATE jobs SET completed_at = '2026-11-29 02:23:00.453323+00' WHERE id = %s",
+               (job_id,))
+    shown = pg_broker("job", job_id, env=broker_env)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"created \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, "
+                     r"finished 2026-11-29 02:23:00 UTC", shown.stdout), shown.stdout
+    assert ".453323" not in shown.stdout and "+00:00" not in shown.stdout

@@ -1,4 +1,4 @@
-"""The worker app's bookkeeping (tasks.lifecycle) is fenced by the lease
+"""The bookkeeping (pg_broker.bookkeeping, tasks.lifecycle) is fenced by the lease
 token of the delivery, as acks are: a worker whose lease expired, and whose
 message another worker now holds, writes nothing into that row and says so.
 
@@ -20,10 +20,10 @@ from pg_broker.jobs import cancel_job
 from pg_broker.transport.messages import delivery_tag
 from tasks.lifecycle import job_to_work_on
 
-app = Celery("fencing")
+app = Celery("fencing", broker="pgbroker://")
 
 
-@app.task(name="fencing.noop")
+@app.task(name="fencing.noop", acks_late=True)
 def noop() -> None:
     """Stands in for any task: only its request matters here."""
 
@@ -76,7 +76,7 @@ def test_a_stale_delivery_cannot_mark_processing_or_record_an_error(
     before = task(db, row_id)
 
     running("celery-task-1", stale)
-    with caplog.at_level(logging.WARNING, logger="tasks.lifecycle"):
+    with caplog.at_level(logging.WARNING):
         _prerun("celery-task-1")
         _failure("celery-task-1", "late error of worker 1")
     assert task(db, row_id) == before
@@ -102,7 +102,7 @@ def test_a_stale_delivery_of_a_cancelled_job_cannot_cancel_the_row_another_worke
     assert cancel_job(db, job_id) == 0, "the task is held: the cancel leaves it to its worker"
 
     running("celery-task-2", stale)
-    with caplog.at_level(logging.WARNING, logger="tasks.lifecycle"):
+    with caplog.at_level(logging.WARNING):
         assert job_to_work_on(job_id, noop.request) is None
     assert (task(db, row_id)["status"], task(db, row_id)["worker_id"]) == ("claimed", "worker-2")
     assert any("lease lost" in r.getMessage() and f"job_tasks row {row_id} " in r.getMessage()
@@ -122,7 +122,7 @@ def test_a_message_that_is_no_job_tasks_row_writes_nothing(
     before = task(db, row_id)
     for tag in (None, "transient:7"):
         running("celery-task-3", tag)
-        with caplog.at_level(logging.WARNING, logger="tasks.lifecycle"):
+        with caplog.at_level(logging.WARNING):
             _prerun("celery-task-3")
             _failure("celery-task-3", "no row")
     assert task(db, row_id) == before
