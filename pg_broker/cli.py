@@ -166,26 +166,82 @@ def cmd_job(args: argparse.Namespace) -> int:
     from pg_broker.jobs import get_job
 
     storage = _app_module("tasks.storage", "job")  # the artifacts' URLs are the app's
+    package = _app_module("tasks.package", "job")  # and what each task makes
     url = database_url()
     ensure_migrated(url)
     with connect(url, autocommit=True) as conn:
         job = get_job(conn, args.job_id, artifact_url=storage.artifact_url)
     if job is None:
-        print(f"no job {args.job_id}", file=sys.stderr)
+        print(f"pg-broker job: no job {args.job_id}", file=sys.stderr)
         return 1
-    print(f"job {job.id} ({job.job_type}) for user {job.user_id}: {job.title}")
-    print(f"status {job.status}, progress {job.progress}% "
-          f"({job.completed_tasks} completed, {job.failed_tasks} failed of {job.total_tasks})")
-    print(f"created {_when(job.created_at)}, finished {_when(job.completed_at)}")
-    if job.error:
-        print(f"error: {job.error}")
-    _print_table("Tasks", ["task_id", "type", "status", "attempts", "error"],
-                 [(t.task_id, t.task_type, t.status, f"{t.attempts}/{t.max_attempts}",
-                   (t.error or "")[:60]) for t in job.tasks])
-    _print_table("Artifacts", ["kind", "bytes", "seconds", "url"],
-                 [(a.artifact.kind, a.artifact.bytes, a.artifact.duration_seconds, a.url)
-                  for a in job.artifacts])
+    labels = package.task_labels(job) if job.job_type == package.PACKAGE else {}
+    print(f"job {job.id} ({job.job_type})")
+    for name, value in (
+        ("title", job.title or "-"), ("owner", job.user_id or "-"),
+        ("status", f"{job.status}, progress {job.progress}% ({job.completed_tasks} completed, "
+                   f"{job.failed_tasks} failed of {job.total_tasks})"),
+        ("created", _when(job.created_at)), ("finished", _when(job.completed_at)),
+    ):
+        print(f"  {name:<9} {_fit(str(value), WIDTH - 12)}")
+    for line in _wrapped(job.error, "  error     "):
+        print(line)
+
+    print("\nTasks" if job.tasks else "\nTasks (none: their rows are past retention)")
+    if job.tasks:
+        print(f"  {'task':<44}  {'status':<10}  {'tries':<5}  row")
+    for t in job.tasks:
+        label = labels.get(t.task_id) or (t.task_type or "?").rsplit(".", 1)[-1]
+        print(f"  {_fit(label, 44):<44}  {t.status:<10}  {t.attempts}/{t.max_attempts:<3}  {t.id}")
+        for line in _wrapped(t.error, "    ", limit=3):
+            print(line)
+
+    links = [link for link in job.artifacts if link.url]
+    base = _common_directory([link.url for link in links])
+    if base:
+        # {storage root}/{user}/{job}/ is too long for one line: the root, then the job's folder.
+        root, folder = base.rstrip("/").rsplit("/", 2)[0] + "/", "/".join(base.split("/")[-3:])
+        print(f"\nFiles under {root}\n  {folder}")
+    else:
+        print("\nFiles" if links else "\nFiles (none yet)")
+    for link in links:
+        a = link.artifact
+        label = labels.get(a.task_id) or a.kind
+        size = f"{a.bytes / 1e6:.1f} MB" if a.bytes >= 1e6 else f"{a.bytes / 1e3:.0f} kB"
+        length = (f"{int(a.duration_seconds) // 60}:{int(a.duration_seconds) % 60:02d}"
+                  if a.duration_seconds is not None else
+                  f"{a.metadata['pages']} pages" if "pages" in a.metadata else "")
+        print(f"  {_fit(label, WIDTH - 24):<{WIDTH - 24}}  {length:>8}  {size:>8}")
+        print(f"    {link.url.removeprefix(base) if base else link.url}")
     return 0
+
+
+WIDTH = 80  # a line of the job's report fits a terminal this wide (all but a long URL)
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _wrapped(text: str | None, indent: str, limit: int = 6) -> list[str]:
+    import textwrap
+
+    if not text:
+        return []
+    lines = textwrap.wrap(" ".join(text.split()), WIDTH - len(indent))
+    if len(lines) > limit:
+        lines = [*lines[:limit - 1], _fit(lines[limit - 1] + " …", WIDTH - len(indent))]
+    return [(indent if n == 0 else " " * len(indent)) + line for n, line in enumerate(lines)]
+
+
+def _common_directory(urls: list[str]) -> str:
+    """The ``file://`` directory every URL is in, with its slash, or '' when
+    they are not all local files."""
+    import posixpath
+
+    if not urls or not all(u.startswith("file://") for u in urls):
+        return ""
+    paths = [posixpath.dirname(u.removeprefix("file://")) for u in urls]
+    return "file://" + posixpath.commonpath(paths).rstrip("/") + "/"
 
 
 def cmd_dead(args: argparse.Namespace) -> int:

@@ -44,38 +44,38 @@ log = logging.getLogger(__name__)
 
 DEMO_USER = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")
 
-# Public-domain openings (all published before 1900), spoken in rotation.
+# Public-domain openings (all published before 1900): work, author, year, text.
 PASSAGES = (
-    ("A Tale of Two Cities", "It was the best of times, it was the worst of times, it was the "
+    ("A Tale of Two Cities", "Charles Dickens", 1859, "It was the best of times, it was the worst of times, it was the "
      "age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch "
      "of incredulity, it was the season of Light, it was the season of Darkness, it was the "
      "spring of hope, it was the winter of despair, we had everything before us, we had nothing "
      "before us, we were all going direct to Heaven, we were all going direct the other way."),
-    ("Moby-Dick", "Call me Ishmael. Some years ago, never mind how long precisely, having little "
+    ("Moby-Dick", "Herman Melville", 1851, "Call me Ishmael. Some years ago, never mind how long precisely, having little "
      "or no money in my purse, and nothing particular to interest me on shore, I thought I would "
      "sail about a little and see the watery part of the world. It is a way I have of driving "
      "off the spleen and regulating the circulation."),
-    ("Pride and Prejudice", "It is a truth universally acknowledged, that a single man in "
+    ("Pride and Prejudice", "Jane Austen", 1813, "It is a truth universally acknowledged, that a single man in "
      "possession of a good fortune, must be in want of a wife. However little known the feelings "
      "or views of such a man may be on his first entering a neighbourhood, this truth is so well "
      "fixed in the minds of the surrounding families, that he is considered the rightful "
      "property of some one or other of their daughters."),
-    ("Alice's Adventures in Wonderland", "Alice was beginning to get very tired of sitting by "
+    ("Alice's Adventures in Wonderland", "Lewis Carroll", 1865, "Alice was beginning to get very tired of sitting by "
      "her sister on the bank, and of having nothing to do: once or twice she had peeped into the "
      "book her sister was reading, but it had no pictures or conversations in it, and what is "
      "the use of a book, thought Alice, without pictures or conversations?"),
-    ("The Gettysburg Address", "Four score and seven years ago our fathers brought forth on "
+    ("The Gettysburg Address", "Abraham Lincoln", 1863, "Four score and seven years ago our fathers brought forth on "
      "this continent, a new nation, conceived in Liberty, and dedicated to the proposition that "
      "all men are created equal. Now we are engaged in a great civil war, testing whether that "
      "nation, or any nation so conceived and so dedicated, can long endure."),
-    ("Walden", "I went to the woods because I wished to live deliberately, to front only the "
+    ("Walden", "Henry David Thoreau", 1854, "I went to the woods because I wished to live deliberately, to front only the "
      "essential facts of life, and see if I could not learn what it had to teach, and not, when "
      "I came to die, discover that I had not lived."),
-    ("Adventures of Huckleberry Finn", "You don't know about me without you have read a book by "
+    ("Adventures of Huckleberry Finn", "Mark Twain", 1884, "You don't know about me without you have read a book by "
      "the name of The Adventures of Tom Sawyer; but that ain't no matter. That book was made by "
      "Mr. Mark Twain, and he told the truth, mainly. There was things which he stretched, but "
      "mainly he told the truth."),
-    ("Frankenstein", "You will rejoice to hear that no disaster has accompanied the "
+    ("Frankenstein", "Mary Shelley", 1818, "You will rejoice to hear that no disaster has accompanied the "
      "commencement of an enterprise which you have regarded with such evil forebodings. I "
      "arrived here yesterday, and my first task is to assure my dear sister of my welfare and "
      "increasing confidence in the success of my undertaking."),
@@ -83,12 +83,20 @@ PASSAGES = (
 
 
 def demo_chapters(count: int = 16, passages_per_chapter: int = 4) -> list[Chapter]:
-    """``count`` chapters, each a few public-domain passages (about 250 words)."""
+    """``count`` chapters of a few public-domain openings each (about 270
+    words), each opening introduced by its work and author, the chapter
+    titled by its authors: no two of the first 16 alike."""
     chapters = []
     for index in range(count):
-        picked = [PASSAGES[(index + step * 3) % len(PASSAGES)] for step in range(passages_per_chapter)]
-        title = f"Chapter {index + 1}: {picked[0][0]}"
-        chapters.append(Chapter(title, "\n\n".join(text for _, text in picked)))
+        # The second round of eight steps through the openings in another order.
+        stride = 3 if (index // len(PASSAGES)) % 2 == 0 else 5
+        picked = [PASSAGES[(index + step * stride) % len(PASSAGES)]
+                  for step in range(passages_per_chapter)]
+        authors = [author.rsplit(" ", 1)[-1] for _, author, _, _ in picked]
+        title = ", ".join(authors[:-1]) + " and " + authors[-1] if len(authors) > 1 else authors[0]
+        text = "\n\n".join(f"From {work}, by {author} ({year}).\n\n{passage}"
+                            for work, author, year, passage in picked)
+        chapters.append(Chapter(title, text))
     return chapters
 
 

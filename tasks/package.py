@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from celery import Celery
 
-from pg_broker.jobs import submit_job
+from pg_broker.jobs import Job, submit_job
 from tasks import app as worker_app
 from tasks.pdf import Chapter
 from tasks.speech import DEFAULT_RATE_WPM, DEFAULT_VOICE, MAX_RATE_WPM, MIN_RATE_WPM, check_voice
@@ -60,3 +60,22 @@ def submit_package(
 def package_chapters(params: dict[str, Any]) -> list[Chapter]:
     """The chapters of a package job, from its ``params``."""
     return [Chapter(c["title"], c["text"]) for c in params["chapters"]]
+
+
+def task_labels(job: Job) -> dict[str, str]:
+    """Task id → what the task makes, for a person reading a package job:
+    ``3 Chapter 3: Walden`` for a chapter, ``PDF`` for the package. A
+    chapter's number comes from its MP3's row when it has one; otherwise
+    from the order of the audio tasks, which both submit_package and the
+    SQL submit_job() write in chapter order (and ``get_job`` lists so), as
+    long as every one of them is still listed."""
+    titles = [c["title"] for c in job.params.get("chapters", [])]
+    audio = [t.task_id for t in job.tasks if t.task_type == AUDIO_TASK]
+    numbers = ({task_id: n for n, task_id in enumerate(audio, start=1)}
+               if len(audio) == len(titles) else {})
+    numbers.update({link.artifact.task_id: link.artifact.metadata["chapter"]
+                    for link in job.artifacts if "chapter" in link.artifact.metadata})
+    labels = {task_id: f"{n} {titles[n - 1]}" for task_id, n in numbers.items()
+              if 1 <= n <= len(titles)}
+    labels.update({t.task_id: "PDF" for t in job.tasks if t.task_type == PDF_TASK})
+    return labels

@@ -1,4 +1,6 @@
-"""The package as a PDF: a title page, then one section per chapter (fpdf2).
+"""The package as a PDF (fpdf2): a title page, a contents page (each
+chapter's number, title and page, linked), then one section per chapter;
+every page but the title page numbered "n / N" at its foot.
 
 Text is Unicode. A TrueType font with wide coverage is used when the system
 has one (DejaVu Sans, or the file named by ``PG_BROKER_PDF_FONT``); otherwise
@@ -61,40 +63,83 @@ def to_latin1(text: str) -> str:
     return folded.encode("latin-1", errors="replace").decode("latin-1")
 
 
+CONTENTS_LINES = 30  # chapters per contents page (fewer than fit, heading included)
+
+
+class _Package(FPDF):
+    """fpdf2 calls ``footer`` as it closes each page."""
+
+    body_font = "Helvetica"
+
+    def footer(self) -> None:
+        if self.page_no() == 1:  # the title page
+            return
+        self.set_y(-12)
+        self.set_font(self.body_font, size=9)
+        self.cell(0, 6, f"{self.page_no()} / {{nb}}", align="C")
+
+
 def render_package(title: str, chapters: Sequence[Chapter], out: BinaryIO) -> int:
-    """Write the package (title page, then chapters) to ``out``; return pages."""
-    pdf = FPDF(format="A4")
+    """Write the package (title page, contents, then chapters) to ``out``; return pages."""
+    pdf = _Package(format="A4")
     pdf.set_title(title)
     pdf.set_creator("pg_broker")
     pdf.set_auto_page_break(auto=True, margin=18)
     font = unicode_font()
     if font is not None:
         pdf.add_font("Body", "", str(font))
-        family, clean = "Body", _identity
+        pdf.body_font, clean = "Body", _identity
     else:
-        family, clean = "Helvetica", to_latin1
+        clean = to_latin1
 
     pdf.add_page()
-    pdf.set_font(family, size=26)
+    pdf.set_font(pdf.body_font, size=26)
     pdf.ln(60)
     pdf.multi_cell(0, 13, clean(title), align="C")
     pdf.ln(8)
-    pdf.set_font(family, size=12)
+    pdf.set_font(pdf.body_font, size=12)
     pdf.multi_cell(0, 7, f"{len(chapters)} chapters", align="C")
 
+    pdf.add_page()
+    # One line per chapter, each cut to one line: the pages it takes are
+    # known before the chapters are laid out, so their numbers hold.
+    pdf.insert_toc_placeholder(_contents, pages=-(-len(chapters) // CONTENTS_LINES))
+
     for number, chapter in enumerate(chapters, start=1):
-        pdf.add_page()
-        pdf.start_section(clean(chapter.title) or f"Chapter {number}")
-        pdf.set_font(family, size=18)
-        pdf.multi_cell(0, 10, clean(chapter.title))
+        if number > 1:  # the first starts on the page the contents broke to
+            pdf.add_page()
+        heading = clean(chapter.title) or f"Chapter {number}"
+        pdf.start_section(heading)
+        pdf.set_font(pdf.body_font, size=18)
+        pdf.multi_cell(0, 10, f"{number}. {heading}")
         pdf.ln(4)
-        pdf.set_font(family, size=11)
+        pdf.set_font(pdf.body_font, size=11)
         for paragraph in chapter.text.split("\n\n"):
             if paragraph.strip():
                 pdf.multi_cell(0, 6, clean(" ".join(paragraph.split())))
                 pdf.ln(3)
     out.write(bytes(pdf.output()))
     return pdf.pages_count
+
+
+def _contents(pdf: _Package, sections: list) -> None:
+    """The contents page: one line per chapter, its page number right-aligned."""
+    pdf.set_x(pdf.l_margin)
+    pdf.set_font(pdf.body_font, size=18)
+    pdf.multi_cell(0, 10, "Contents")
+    pdf.ln(4)
+    pdf.set_font(pdf.body_font, size=11)
+    page_width = 16
+    for number, section in enumerate(sections, start=1):
+        if number > 1 and number % CONTENTS_LINES == 1:
+            pdf.add_page()  # as many pages as render_package reserved
+        link = pdf.add_link(page=section.page_number)
+        name = f"{number}. {section.name}"
+        while pdf.get_string_width(name) > pdf.epw - page_width - 2 and len(name) > 4:
+            name = name[:-2] + "…" if pdf.body_font != "Helvetica" else name[:-4] + "..."
+        pdf.cell(pdf.epw - page_width, 7, name, link=link)
+        pdf.cell(page_width, 7, str(section.page_number), align="R", link=link,
+                 new_x="LMARGIN", new_y="NEXT")
 
 
 def _identity(text: str) -> str:

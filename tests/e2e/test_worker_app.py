@@ -114,8 +114,12 @@ def test_a_16_chapter_package_becomes_16_mp3s_and_a_pdf_with_true_artifact_rows(
         data = store.file(artifact.storage_path).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (artifact.bytes, artifact.sha256)
 
-    for artifact, chapter in zip(audio, chapters, strict=True):
-        info = mutagen.mp3.MP3(io.BytesIO(store.get(artifact.storage_path))).info
+    for number, (artifact, chapter) in enumerate(zip(audio, chapters, strict=True), start=1):
+        mp3 = mutagen.mp3.MP3(io.BytesIO(store.get(artifact.storage_path)))
+        info = mp3.info
+        # Which chapter a file is, for a player or a file manager: its ID3 tag.
+        assert {key: mp3.tags[key].text for key in ("TIT2", "TALB", "TRCK")} == {
+            "TIT2": [chapter.title], "TALB": ["Sixteen parts"], "TRCK": [f"{number}/16"]}
         assert (info.bitrate, info.sample_rate, info.channels) == (128_000, 22_050, 1)
         assert info.length == pytest.approx(float(artifact.duration_seconds), abs=0.2)
         # Constant bit rate all through: the size is what 128 kbps frames take.

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tasks.demo import start_worker
+from tasks.demo import demo_chapters, start_worker
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,16 @@ def test_demo_runs_a_package_job_and_the_cli_shows_it(
     shown = _pg_broker(env, "job", job_id)
     assert shown.returncode == 0, shown.stderr
     assert "status completed, progress 100.00%" in shown.stdout
-    assert shown.stdout.count("file://") == 4
+    # Each task and file says which chapter it is, and every line but the
+    # storage root's (a path of the test's) fits 80 columns.
+    for number, chapter in enumerate(demo_chapters(3), 1):
+        assert re.search(rf"^  {number} {chapter.title} +completed +1/3 ", shown.stdout,
+                         re.MULTILINE), shown.stdout
+    files = re.findall(r"^    ((?:audio|pdf)/\S+)$", shown.stdout, re.MULTILINE)
+    (folder,) = re.findall(r"^Files under file://(\S+)\n  (\S+)$", shown.stdout, re.MULTILINE)
+    assert len(files) == 4 and all(Path(folder[0], folder[1], f).is_file() for f in files)
+    assert max(len(line) for line in shown.stdout.splitlines()
+               if not line.startswith("Files under ")) <= 80, shown.stdout
 
     assert _pg_broker(env, "dead", "retry").returncode == 2  # ids or --all, never a guess
     retry = _pg_broker(env, "dead", "retry", "--all")
@@ -91,4 +100,5 @@ def test_demo_runs_a_package_job_and_the_cli_shows_it(
     # The hot table lost the job's rows; the job and its artifacts stay.
     assert db.execute("SELECT count(*) FROM job_tasks WHERE job_id = %s", (job_id,)).fetchone() == (0,)
     after = _pg_broker(env, "job", job_id)
-    assert "status completed" in after.stdout and after.stdout.count("file://") == 4
+    assert "status completed" in after.stdout and "Tasks (none: their rows are past retention)" in after.stdout
+    assert len(re.findall(r"^    (?:audio|pdf)/\S+$", after.stdout, re.MULTILINE)) == 4
