@@ -189,6 +189,6 @@ def test_job_prints_every_time_in_one_format(db: psycopg.Connection, broker_env:
                (job_id,))
     shown = pg_broker("job", job_id, env=broker_env)
     assert shown.returncode == 0, shown.stderr
-    assert re.search(r"created \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, "
-                     r"finished 2026-11-29 02:23:00 UTC", shown.stdout), shown.stdout
+    assert re.search(r"^  created   \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\n"
+                     r"  finished  2026-11-29 02:23:00 UTC$", shown.stdout, re.MULTILINE), shown.stdout
     assert ".453323" not in shown.stdout and "+00:00" not in shown.stdout

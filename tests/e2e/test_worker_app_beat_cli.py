@@ -73,7 +73,7 @@ def test_demo_runs_a_package_job_and_the_cli_shows_it(
 
     shown = _pg_broker(env, "job", job_id)
     assert shown.returncode == 0, shown.stderr
-    assert "status completed, progress 100.00%" in shown.stdout
+    assert "  status    completed, progress 100.00%" in shown.stdout
     # Each task and file says which chapter it is, and every line but the
     # storage root's (a path of the test's) fits 80 columns.
     for number, chapter in enumerate(demo_chapters(3), 1):
@@ -100,5 +100,5 @@ def test_demo_runs_a_package_job_and_the_cli_shows_it(
     # The hot table lost the job's rows; the job and its artifacts stay.
     assert db.execute("SELECT count(*) FROM job_tasks WHERE job_id = %s", (job_id,)).fetchone() == (0,)
     after = _pg_broker(env, "job", job_id)
-    assert "status completed" in after.stdout and "Tasks (none: their rows are past retention)" in after.stdout
+    assert "  status    completed" in after.stdout and "Tasks (none: their rows are past retention)" in after.stdout
     assert len(re.findall(r"^    (?:audio|pdf)/\S+$", after.stdout, re.MULTILINE)) == 4
