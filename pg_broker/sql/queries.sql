@@ -253,9 +253,13 @@ SELECT (SELECT count(*) FROM transient) + (SELECT count(*) FROM plain)
      + (SELECT count(*) FROM of_jobs);
 
 -- name: transport_delete_queue
--- Drops a queue's declaration and bindings (its messages go with transport_purge).
+-- Drops a queue's declaration, bindings and waiters (its messages go with transport_purge).
+-- Waiters of a queue nobody publishes to again would stay for ever: a
+-- reply queue of each `celery inspect` call, say.
 WITH bindings AS (
     DELETE FROM broker_bindings WHERE queue = %(name)s
+), waiters AS (
+    DELETE FROM broker_waiters WHERE queue = %(name)s
 )
 DELETE FROM broker_queues WHERE name = %(name)s;
 
@@ -283,7 +287,7 @@ SELECT routing_key, pattern, queue FROM broker_bindings WHERE exchange = %(excha
 SELECT exchange_type FROM broker_bindings WHERE exchange = %(exchange)s LIMIT 1;
 
 -- name: transport_maintain
--- A live consumer's maintenance: expired leases back to pending (reclaim_stale_tasks), queues unused past their x-expires dropped with bindings and messages, expired transient messages dropped. Returns (reclaimed, queues dropped).
+-- A live consumer's maintenance: expired leases back to pending (reclaim_stale_tasks), queues unused past their x-expires dropped with bindings, waiters and messages, expired transient messages dropped. Returns (reclaimed, queues dropped).
 -- It never waits for a message row (SKIP LOCKED: one locked now is being
 -- claimed or purged, or goes at the next run; the lock order: migrations/core/100). Messages
 -- past their TTL are reclaim_stale_tasks()'s: deleting them here too would
@@ -294,6 +298,8 @@ WITH expired AS (
     RETURNING name
 ), unbound AS (
     DELETE FROM broker_bindings WHERE queue IN (SELECT name FROM expired)
+), unwaited AS (
+    DELETE FROM broker_waiters WHERE queue IN (SELECT name FROM expired)
 ), dropped AS (
     DELETE FROM broker_transient_messages
      WHERE id IN (SELECT id FROM broker_transient_messages

@@ -137,3 +137,15 @@ def test_no_wake_up_is_lost_to_a_client_that_never_polls(
             producing.join(30)
     assert sorted(received) == list(range(total))
     assert longest < 30, "a message waited for the drain's poll: its wake-up was lost"
+
+
+def test_a_deleted_queue_leaves_no_waiter_behind(database_url: str, db: psycopg.Connection) -> None:
+    # A reply queue of each `celery inspect` call is waited on once and never
+    # published to again: its waiter goes with it.
+    queue = queue_named("replies", auto_delete=True)
+    for consumer in open_connection(database_url):
+        with consumer.Consumer([queue], callbacks=[]):
+            with pytest.raises(TimeoutError):
+                consumer.drain_events(timeout=0.2)  # finds it empty: waits
+            assert _waiting(db, queue.name) == 1
+    assert _waiting(db, queue.name) == 0
