@@ -98,10 +98,41 @@ def conninfo(client) -> str:
     )
 
 
+# One work connection per process and database (see shared_work()).
+_shared: dict[tuple, WorkConnection] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_work(conninfo: str, connect_kwargs: dict, response_timeout: float) -> WorkConnection:
+    """The process's work connection to this database: every kombu Connection
+    of a process runs its statements on one session (a Celery worker holds
+    a consumer and a producer-pool connection, Flower one per concurrent
+    inspect call), each of them a user (:meth:`WorkConnection.use`) until it
+    closes (:meth:`WorkConnection.leave`)."""
+    key = (conninfo, tuple(sorted(connect_kwargs.items())), response_timeout)
+    with _shared_lock:
+        work = _shared.get(key)
+        if work is None:
+            work = _shared[key] = WorkConnection(conninfo, connect_kwargs, response_timeout)
+        return work
+
+
+@forking.on_fork
+def _forget_shared() -> None:
+    """In a forked child: the shared work connections are the parent's; a
+    lock another thread held at the fork stays taken in the child."""
+    global _shared_lock
+    _shared.clear()
+    _shared_lock = threading.Lock()
+
+
 class WorkConnection:
-    """The transport's autocommit work connection, opened on first use and
-    again after it was lost. The consuming thread and the lease thread share
-    it (psycopg connections are thread-safe; the statements are short)."""
+    """The autocommit work connection of a process's transports to one
+    database (:func:`shared_work`), opened on first use and again after it
+    was lost, closed when its last user leaves. The consuming thread, the
+    lease thread and every transport of the process share it (psycopg
+    connections are thread-safe; the statements are short, each its own
+    transaction)."""
 
     def __init__(self, conninfo: str, connect_kwargs: dict, response_timeout: float) -> None:
         self.conninfo = conninfo
@@ -109,6 +140,7 @@ class WorkConnection:
         self.response_timeout = response_timeout
         self._conn: psycopg.Connection | None = None
         self._connecting = threading.Lock()
+        self._users: set[int] = set()
         forking.forget_in_child(self)
 
     @property
@@ -145,12 +177,22 @@ class WorkConnection:
         conn = self.conn
         try:
             return conn.cursor(row_factory=row_factory).execute(query, params)
+        except psycopg.errors.ReadOnlySqlTransaction:
+            self.drop_read_only(conn)
+            raise
         except STATEMENT_ELSEWHERE:
             forgo_prepared(conn, self.conninfo)
         except CONNECTION_ERRORS:
             if not conn.closed or getattr(conn, "cut_after", None) is not None:
                 raise
         return self.conn.cursor(row_factory=row_factory).execute(query, params)
+
+    def drop_read_only(self, conn: psycopg.Connection) -> None:
+        """``conn`` found the database read-only: an open session stays so
+        (default_transaction_read_only), so the next statement, of whichever
+        transport of the process, opens a new one."""
+        if conn is self._conn:
+            self.drop()
 
     def drop(self) -> None:
         """Close the connection once no statement runs on it; its next use
@@ -159,6 +201,20 @@ class WorkConnection:
         if conn is not None:
             with conn.lock:
                 close_quietly(conn)
+
+    def use(self, user: object) -> None:
+        """``user`` (a transport) runs statements here until it leaves."""
+        with self._connecting:
+            self._users.add(id(user))
+
+    def leave(self, user: object) -> None:
+        """``user`` is done; the last to leave closes the connection (a
+        later use opens it again)."""
+        with self._connecting:
+            self._users.discard(id(user))
+            if self._users:
+                return
+        self.close()
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -169,6 +225,7 @@ class WorkConnection:
         forking.disown(self._conn)
         self._conn = None
         self._connecting = threading.Lock()
+        self._users = set()
 
 
 def close_quietly(conn: psycopg.Connection | None) -> None:

@@ -207,6 +207,9 @@ class Store:
         conn = self.work.conn
         try:
             PUBLISH.execute(conn, params)
+        except psycopg.errors.ReadOnlySqlTransaction:
+            self.work.drop_read_only(conn)
+            raise
         except STATEMENT_ELSEWHERE:
             forgo_prepared(conn, self.work.conninfo)
             PUBLISH.execute(conn, params)

@@ -2,7 +2,8 @@
 
 :class:`Transport` keeps the connection life cycle: it reads its options
 (:mod:`.options`), opens nothing until asked, and owns the connections a
-process's transport has — the work connection every statement runs on
+process's transport has — the work connection every statement runs on (one per
+process and database, shared by its transports)
 (:mod:`.connections`, through the store :mod:`.store`), the LISTEN
 connection (:mod:`.listener`) and the shared publish pipeline
 (:mod:`.pipeline`) — from ``establish_connection`` to ``close_connection``,
@@ -40,7 +41,7 @@ from pg_broker.migrate import ensure_migrated
 from pg_broker.urls import SCHEME, libpq_url, masked_url
 
 from .channel import Channel
-from .connections import CONNECT_DEFAULTS, CONNECTION_ERRORS, WorkConnection, conninfo
+from .connections import CONNECT_DEFAULTS, CONNECTION_ERRORS, conninfo, shared_work
 from .delivery import Delivery
 from .listener import Listener
 from .options import DEFAULT_POLLING_INTERVAL, from_transport_options
@@ -101,7 +102,7 @@ class Transport(virtual.Transport):
         self.options = options = from_transport_options(client.transport_options)
         self.polling_interval = options.polling_interval
         self.connect_kwargs = self._connect_kwargs(self.conninfo)
-        self.work = WorkConnection(self.conninfo, self.connect_kwargs, options.response_timeout)
+        self.work = shared_work(self.conninfo, self.connect_kwargs, options.response_timeout)
         self.store = Store(self.work)
         self.settlements = Settlements(self.store, options, finished=self._finished_settling,
                                        reconnect=self.work.drop)
@@ -143,6 +144,7 @@ class Transport(virtual.Transport):
         self.settlements.closed = False
         if self.options.migrate:
             ensure_migrated(self.conninfo)
+        self.work.use(self)
         self.work.conn  # noqa: B018 - connect now, so an unreachable database fails here
         return super().establish_connection()
 
@@ -181,7 +183,7 @@ class Transport(virtual.Transport):
         """Closed and nothing held: the work connection goes (the lease thread asks)."""
         if not self.settlements.closed or not self.settlements.idle():
             return False
-        self.work.close()
+        self.work.leave(self)
         return True
 
     def _collect(self, connection) -> None:
