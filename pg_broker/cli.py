@@ -65,9 +65,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             conn.execute(queries["backlog_by_task_type"]),
         )
         _print_table(
-            "Worker health",
-            ["worker_id", "active_tasks", "last_seen"],
+            "Worker health (live consumers, idle or busy, and workers holding tasks)",
+            ["worker_id", "active_tasks", "last_seen", "queues"],
             conn.execute(queries["worker_health"]),
+        )
+        _print_table(
+            "Consumers by queue",
+            ["queue", "worker_id", "holds", "since"],
+            conn.execute(queries["consumers_by_queue"]),
         )
         (stale,) = conn.execute(queries["stale_tasks"]).fetchone()
         print(f"\nStale tasks (no heartbeat for 10 minutes): {stale}")

@@ -43,7 +43,9 @@ class PgBroker:
 
         ``messages`` counts every message the queue holds (including those
         waiting for a retry back-off), ``messages_ready`` those a worker could
-        take now, ``messages_unacknowledged`` those workers hold.
+        take now, ``messages_unacknowledged`` those workers hold,
+        ``consumers`` the processes consuming it now, idle or busy (their
+        registrations, see :mod:`pg_broker.transport.leases`).
         """
         names = list(names)
         with redacting(self.url):  # Flower logs the error
@@ -58,8 +60,7 @@ class PgBroker:
                 "messages": rows[name]["messages"],
                 "messages_ready": rows[name]["messages_ready"],
                 "messages_unacknowledged": rows[name]["messages_unacknowledged"],
-                # Consumers are known to Flower's workers view, not to the database.
-                "consumers": None,
+                "consumers": rows[name]["consumers"],
             }
             for name in names
         ]

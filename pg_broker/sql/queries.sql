@@ -12,9 +12,29 @@ SELECT status, COUNT(*) FROM jobs GROUP BY status;
 SELECT task_type, status, COUNT(*) FROM job_tasks GROUP BY task_type, status;
 
 -- name: worker_health
--- Worker health: tasks each worker holds and when it last renewed a lease.
-SELECT worker_id, COUNT(*) AS active_tasks, MAX(last_heartbeat) AS last_seen
-  FROM job_tasks WHERE status IN ('claimed', 'processing') GROUP BY worker_id;
+-- Worker health: every live consumer, idle or busy, and every worker holding tasks: the tasks it holds, when it was last seen, how many queues it consumes.
+WITH consumers AS (
+    SELECT worker_id, count(*) AS queues, max(seen_at) AS seen_at
+      FROM broker_consumers WHERE expires_at > now() GROUP BY worker_id
+), holding AS (
+    SELECT worker_id, count(*) AS active_tasks, max(last_heartbeat) AS last_heartbeat
+      FROM job_tasks WHERE status IN ('claimed', 'processing') GROUP BY worker_id
+)
+SELECT coalesce(c.worker_id, h.worker_id) AS worker_id, coalesce(h.active_tasks, 0) AS active_tasks,
+       greatest(c.seen_at, h.last_heartbeat) AS last_seen, coalesce(c.queues, 0) AS queues
+  FROM consumers c FULL JOIN holding h ON h.worker_id = c.worker_id
+ ORDER BY 1;
+
+-- name: consumers_by_queue
+-- Live consumers per queue: who consumes it, how many of its tasks each holds, since when.
+SELECT c.queue, c.worker_id,
+       (SELECT count(*) FROM job_tasks t
+         WHERE t.queue = c.queue AND t.worker_id = c.worker_id
+           AND t.status IN ('claimed', 'processing')) AS holds,
+       c.since
+  FROM broker_consumers c
+ WHERE c.expires_at > now()
+ ORDER BY c.queue, c.worker_id;
 
 -- name: client_sessions
 -- Sessions of clients (workers, producers, psql) other than the asking one.
@@ -285,6 +305,22 @@ SELECT routing_key, pattern, queue FROM broker_bindings WHERE exchange = %(excha
 -- name: transport_exchange_type
 -- The type an exchange was bound with, for exchanges this process never declared.
 SELECT exchange_type FROM broker_bindings WHERE exchange = %(exchange)s LIMIT 1;
+
+-- name: transport_register_consumers
+-- A consumer is alive: its queues registered or renewed until now + ttl (migrations/core/150); expired registrations of any consumer swept.
+WITH swept AS (
+    DELETE FROM broker_consumers WHERE expires_at < now()
+)
+INSERT INTO broker_consumers AS c (queue, worker_id, expires_at)
+SELECT queue, %(worker_id)s, now() + %(ttl)s::interval
+  FROM unnest(%(queues)s::text[]) AS queue
+    ON CONFLICT (queue, worker_id)
+    DO UPDATE SET seen_at = now(), expires_at = excluded.expires_at;
+
+-- name: transport_unregister_consumers
+-- A consumer cancelled (or closed): its registrations of these queues go.
+DELETE FROM broker_consumers
+ WHERE worker_id = %(worker_id)s AND queue = ANY (%(queues)s::text[]);
 
 -- name: transport_maintain
 -- A live consumer's maintenance: expired leases back to pending (reclaim_stale_tasks), queues unused past their x-expires dropped with bindings, waiters and messages, expired transient messages dropped. Returns (reclaimed, queues dropped).
@@ -589,11 +625,13 @@ SELECT CASE WHEN ours THEN (SELECT count(*) FROM completed) END AS completed,
 -- Flower (pg_broker.flower): the Broker tab and /api/queues/length.
 
 -- name: flower_queue_lengths
--- Per queue name: messages held (unexpired), ready to deliver now, held unacked by workers.
+-- Per queue name: messages held (unexpired), ready to deliver now, held unacked by workers, live consumers.
 SELECT q.name,
        coalesce(d.pending, 0) + coalesce(d.unacked, 0) + coalesce(t.transient, 0) AS messages,
        coalesce(d.ready, 0) + coalesce(t.transient, 0) AS messages_ready,
-       coalesce(d.unacked, 0) AS messages_unacknowledged
+       coalesce(d.unacked, 0) AS messages_unacknowledged,
+       (SELECT count(*) FROM broker_consumers c
+         WHERE c.queue = q.name AND c.expires_at > now()) AS consumers
   FROM unnest(%(names)s::text[]) AS q(name)
   LEFT JOIN LATERAL (
         SELECT count(*) FILTER (WHERE status = 'pending') AS pending,

@@ -245,9 +245,20 @@ class Channel(virtual.Channel):
         if queue is not None and queue not in self._active_queues:
             self._noack_queues.discard(queue)
             self.delivery.cancel(queue, self)
+            self._unregister(queue)
             if queue in self._auto_delete and not self.closed:
                 self.queue_delete(queue)
         return result
+
+    def _unregister(self, queue: str) -> None:
+        """Gone from the live consumers at once; if the database cannot be
+        told, the registration expires (see :mod:`.leases`)."""
+        if self.transport is None:
+            return
+        try:
+            self.store.unregister_consumers([queue], self.settlements.worker_id)
+        except (psycopg.Error, *self.transport.connection_errors):
+            log.debug("could not unregister the consumer of %r", queue, exc_info=True)
 
     def basic_get(self, queue, no_ack=False, **kwargs):
         payloads, _ = self.fetch(queue, 1, no_ack)

@@ -78,19 +78,21 @@ class Delivery:
     def consume(self, queue: str, channel: Channel, durable_acks: bool) -> None:
         self.consumers[queue] = channel
         self._listener.listen(queue)
+        self._leases.consume(queue)
         # Poll once after LISTEN: messages published before it sent no wake-up.
         self.ready.add(queue)
         if queue in self.expiring:
             # From the lease thread: a long task blocking the hub must not let
             # the queue (Celery's remote-control queue, say) expire.
             self._leases.keep_alive(queue, self.expiring[queue])
-        if durable_acks or queue in self.expiring:
-            self._leases.start(maintain=durable_acks)
+        # The lease thread also keeps the consumer's registration alive.
+        self._leases.start(maintain=durable_acks)
 
     def cancel(self, queue: str, channel: Channel) -> None:
         if self.consumers.get(queue) is channel:
             del self.consumers[queue]
             self._leases.let_expire(queue)
+            self._leases.stop_consuming(queue)
         self.ready.discard(queue)
         self.return_buffered([queue])
 

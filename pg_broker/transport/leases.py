@@ -9,7 +9,11 @@ store (:mod:`.store`), on the transport's work connection (psycopg
 connections are thread-safe; the statements are short): a worker needs one
 connection less.
 
-The same thread keeps the consumed queues that have an expiry (``x-expires``:
+The same thread registers the queues its transport consumes, and renews
+those registrations every ``lease / 3`` seconds, idle or busy, so that
+``pg-broker status`` and Flower show live consumers (``broker_consumers``,
+migrations/core/150; a consumer that died expires after ``lease`` seconds),
+keeps the consumed queues that have an expiry (``x-expires``:
 Celery's remote-control and event queues) alive, and runs the maintenance
 every live consumer shares: it returns expired leases of dead workers to
 ``pending`` (``reclaim_stale_tasks()``) and drops expired queues and transient
@@ -73,14 +77,17 @@ class LeaseKeeper:
         settle: Callable[[], None] = lambda: None,
         finished: Callable[[], bool] = lambda: False,
         reconnect: Callable[[], None] = lambda: None,
+        worker_id: Callable[[], str] = lambda: "",
     ) -> None:
         """``store`` runs the statements (on the transport's work connection);
         ``retention`` is the cleanup of finished rows the maintenance runs;
         ``settle`` sends the deferred settlements (raising psycopg.Error when
         it cannot); ``finished`` says the thread may end (closed, nothing
         held); ``reconnect`` drops the work connection (the next statement
-        opens a new session)."""
+        opens a new session); ``worker_id`` names this process as its claims
+        do (the consumer registrations' owner)."""
         self._store = store
+        self._worker_id = worker_id
         self._settle = settle
         self._finished = finished
         self._reconnect = reconnect
@@ -90,6 +97,8 @@ class LeaseKeeper:
         self.retention = retention
         self._held: dict[int, uuid.UUID] = {}
         self._expiring: dict[str, float] = {}  # consumed queue -> x-expires seconds
+        self._consumed: set[str] = set()
+        self._register_soon = False
         # Only workers (consumers of durable queues with acks) run maintenance:
         # monitors and clients (Flower, celery inspect) leave it to them.
         self.maintaining = False
@@ -117,6 +126,17 @@ class LeaseKeeper:
             self._expiring[queue] = expires
             self._touch_soon = True
 
+    def consume(self, queue: str) -> None:
+        """Register this process as a consumer of ``queue`` (within KEEP_ALIVE_CHECK)."""
+        with self._lock:
+            self._consumed.add(queue)
+            self._register_soon = True
+
+    def stop_consuming(self, queue: str) -> None:
+        """No more renewals of ``queue``'s registration (its channel deletes it)."""
+        with self._lock:
+            self._consumed.discard(queue)
+
     def let_expire(self, queue: str) -> None:
         with self._lock:
             self._expiring.pop(queue, None)
@@ -134,6 +154,7 @@ class LeaseKeeper:
         with self._lock:
             self.maintaining = False
             self._expiring.clear()
+            self._consumed.clear()
 
     def start(self, maintain: bool = False) -> None:
         """Run the thread; ``maintain`` (a worker consuming with acks) adds the maintenance."""
@@ -166,6 +187,7 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._held.clear()
         self._expiring.clear()
+        self._consumed.clear()
         self.maintaining = False
 
     # The thread ----------------------------------------------------------
@@ -174,13 +196,14 @@ class LeaseKeeper:
         now = time.monotonic()
         next_renewal = now + self.interval
         next_touch = now
+        next_registration = now
         next_maintenance = now
         next_cleanup = now
         next_settle = now
         settling = False  # settlements wait to be sent
         backoff = 0.0
         while True:
-            due = min(next_renewal, next_touch, next_maintenance, next_cleanup)
+            due = min(next_renewal, next_touch, next_registration, next_maintenance, next_cleanup)
             if settling:
                 due = min(due, next_settle)
             if self._wake.wait(min(max(due - time.monotonic(), 0), KEEP_ALIVE_CHECK)):
@@ -203,12 +226,18 @@ class LeaseKeeper:
             if self._touch_soon:
                 self._touch_soon = False
                 next_touch = now
+            if self._register_soon:
+                self._register_soon = False
+                next_registration = now
             try:
                 if now >= next_renewal:
                     next_renewal = now + self.interval
                     self.renew()
                 if now >= next_touch:
                     next_touch = now + self.touch()
+                if now >= next_registration:
+                    next_registration = now + self.interval
+                    self.register()
                 if now >= next_maintenance:
                     next_maintenance = now + self.maintenance_interval
                     if self.maintaining:
@@ -260,6 +289,14 @@ class LeaseKeeper:
             return KEEP_ALIVE_CHECK
         self._store.touch_queues(list(expiring))
         return max(min(expiring.values()) / 3.0, 0.05)
+
+    def register(self) -> None:
+        """Register (or renew) this process as the consumer of its queues."""
+        with self._lock:
+            queues = sorted(self._consumed)
+        if queues:
+            self._store.register_consumers(queues, self._worker_id(),
+                                           timedelta(seconds=self.lease))
 
     def maintain(self) -> None:
         reclaimed, dropped = self._store.maintain()

@@ -78,6 +78,7 @@ class Settlements:
                       job=options.job_retention, batch_size=CLEANUP_BATCH,
                       lock=CLEANUP_LOCK_KEY),
             settle=self.send_waiting, finished=finished, reconnect=reconnect,
+            worker_id=lambda: self.worker_id,
         )
         # The transport closed: every settlement goes through the lease thread.
         self.closed = False

@@ -352,6 +352,14 @@ class Store:
     def touch_queues(self, queues: list[str]) -> None:
         self.work.execute(queries["transport_touch_queues"], {"queues": queues})
 
+    def register_consumers(self, queues: list[str], worker_id: str, ttl: timedelta) -> None:
+        self.work.execute(queries["transport_register_consumers"],
+                          {"queues": queues, "worker_id": worker_id, "ttl": ttl})
+
+    def unregister_consumers(self, queues: list[str], worker_id: str) -> None:
+        self.work.execute(queries["transport_unregister_consumers"],
+                          {"queues": queues, "worker_id": worker_id})
+
     def maintain(self) -> Maintenance:
         return self.work.execute(queries["transport_maintain"], None,
                                  MAINTENANCE_ROWS).fetchone()

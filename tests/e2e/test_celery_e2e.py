@@ -10,7 +10,9 @@ their own.
 from __future__ import annotations
 
 import json
+import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -102,6 +104,24 @@ def test_delay_returns_its_result_through_the_pgbroker_backend(app, worker, dbco
         lambda: task_row(dbconn, result.id) is None, 30,
         lambda: f"the message row of {result.id} to be acked: {task_row(dbconn, result.id)}",
     )
+
+
+def test_a_running_worker_is_listed_as_the_consumer_of_its_queues_in_pg_broker_status(
+    app, worker, env
+):
+    # Listed whether it holds tasks or not: it registers as a consumer.
+    me = f"{socket.gethostname()}:{worker.pid}"
+
+    def status() -> str | None:
+        done = subprocess.run(["pg-broker", "status"], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        return me in done.stdout and done.stdout
+
+    shown = wait_for(status, 30, lambda: f"{me} in pg-broker status")
+    health, by_queue = shown.split("Worker health", 1)[1].split("Consumers by queue", 1)
+    assert re.search(rf"^  {re.escape(me)} +\d+ +\S+ \S+ UTC +\d+$", health, re.MULTILINE), health
+    assert re.search(rf"^  e2e +{re.escape(me)} +\d+ ", by_queue, re.MULTILINE), by_queue
 
 
 def test_chain_group_and_chord_complete(app, worker):

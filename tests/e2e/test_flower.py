@@ -173,10 +173,10 @@ def test_queue_lengths_and_broker_page_show_our_queue(app, flower, worker):
     )
     status, page = fetch(flower + "/broker")
 
-    assert (queue["messages"], queue["messages_ready"]) == (len(held), 0)
+    assert (queue["messages"], queue["messages_ready"], queue["consumers"]) == (len(held), 0, 1)
     assert status == 200
-    # Queue, Messages, Unacked, Ready, as the page's table shows them.
-    assert broker_page_row(page, QUEUE)[:4] == [QUEUE, "3", "3", "0"]
+    # Queue, Messages, Unacked, Ready, Consumers, as the page's table shows them.
+    assert broker_page_row(page, QUEUE)[:5] == [QUEUE, "3", "3", "0", "1"]
 
 
 def broker_page_row(page: str, queue: str) -> list[str]:
@@ -222,6 +222,6 @@ def test_queue_lengths_count_ready_delayed_unacknowledged_and_transient_messages
 
     assert lengths[0] == {
         "name": queue, "messages": 5, "messages_ready": 3, "messages_unacknowledged": 1,
-        "consumers": None,
+        "consumers": 0,
     }
     assert (lengths[1]["name"], lengths[1]["messages"]) == ("flower.empty", 0)
