@@ -65,12 +65,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             conn.execute(queries["backlog_by_task_type"]),
         )
         _print_table(
-            "Worker health (live consumers, idle or busy, and workers holding tasks)",
-            ["worker_id", "active_tasks", "last_seen", "queues"],
+            "Worker health",
+            ["worker_id", "active_tasks", "last_seen"],
             conn.execute(queries["worker_health"]),
         )
         _print_table(
-            "Consumers by queue",
+            "Live consumers by queue (idle or busy)",
             ["queue", "worker_id", "holds", "since"],
             conn.execute(queries["consumers_by_queue"]),
         )

@@ -12,21 +12,12 @@ SELECT status, COUNT(*) FROM jobs GROUP BY status;
 SELECT task_type, status, COUNT(*) FROM job_tasks GROUP BY task_type, status;
 
 -- name: worker_health
--- Worker health: every live consumer, idle or busy, and every worker holding tasks: the tasks it holds, when it was last seen, how many queues it consumes.
-WITH consumers AS (
-    SELECT worker_id, count(*) AS queues, max(seen_at) AS seen_at
-      FROM broker_consumers WHERE expires_at > now() GROUP BY worker_id
-), holding AS (
-    SELECT worker_id, count(*) AS active_tasks, max(last_heartbeat) AS last_heartbeat
-      FROM job_tasks WHERE status IN ('claimed', 'processing') GROUP BY worker_id
-)
-SELECT coalesce(c.worker_id, h.worker_id) AS worker_id, coalesce(h.active_tasks, 0) AS active_tasks,
-       greatest(c.seen_at, h.last_heartbeat) AS last_seen, coalesce(c.queues, 0) AS queues
-  FROM consumers c FULL JOIN holding h ON h.worker_id = c.worker_id
- ORDER BY 1;
+-- Worker health: tasks each worker holds and when it last renewed a lease.
+SELECT worker_id, COUNT(*) AS active_tasks, MAX(last_heartbeat) AS last_seen
+  FROM job_tasks WHERE status IN ('claimed', 'processing') GROUP BY worker_id;
 
 -- name: consumers_by_queue
--- Live consumers per queue: who consumes it, how many of its tasks each holds, since when.
+-- Live consumers per queue, idle or busy (migrations/core/150): who consumes it, how many of its tasks each holds, since when.
 SELECT c.queue, c.worker_id,
        (SELECT count(*) FROM job_tasks t
          WHERE t.queue = c.queue AND t.worker_id = c.worker_id
