@@ -57,7 +57,22 @@ def source_tree(package: str, expected: str, purpose: str) -> Path:
             sdist = _download(package, version, purpose)
             with tempfile.TemporaryDirectory(dir=CACHE_DIR) as extract_dir:
                 with tarfile.open(sdist) as archive:
-                    archive.extractall(extract_dir, filter="data")
+                    _extract(archive, Path(extract_dir))
                 shutil.rmtree(source, ignore_errors=True)
                 (Path(extract_dir) / source.name).replace(source)
     return source
+
+
+def _extract(archive: tarfile.TarFile, target: Path) -> None:
+    """Extract an sdist; only plain files and directories, all inside ``target``."""
+    if hasattr(tarfile, "data_filter"):
+        archive.extractall(target, filter="data")
+        return
+    # Python 3.11 before 3.11.4 (Debian 12's python3 is 3.11.2) has no
+    # extraction filters: refuse what "data" would refuse, then extract.
+    root = target.resolve()
+    for member in archive.getmembers():
+        inside = (target / member.name).resolve().is_relative_to(root)
+        if not inside or not (member.isfile() or member.isdir()):
+            raise RuntimeError(f"refusing to extract {member.name!r} of {archive.name}")
+    archive.extractall(target)
