@@ -42,10 +42,13 @@ def test_an_ack_rides_in_the_statement_of_the_next_claim(database_url, db, monke
 
 
 def test_an_ack_on_an_idle_loop_goes_out_on_its_own_without_waiting_for_the_poll(
-    database_url, db,
+    database_url, db, monkeypatch,
 ):
+    # No safety poll in the test's lifetime, and a queue that ran dry is not
+    # claimed from again (LINGER, which would carry the ack): only the ack
+    # timer can send it.
+    monkeypatch.setattr(poller, "LINGER", 3600.0)
     queue = queue_named("idle-ack")
-    # No safety poll in the test's lifetime: only the ack timer can send it.
     received = []
     for conn in open_connection(database_url, polling_interval=3600, completed_retention=3600):
         publish(conn, queue, "only")
