@@ -49,9 +49,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default {','.join(DEFAULT_BROKERS)})")
     parser.add_argument("--repeats", type=int, default=3,
                         help="interleaved repeats per figure (default 3; fewer is a smoke run)")
-    parser.add_argument("--pg-server", default=PG_SERVER_URL,
+    parser.add_argument("--pg-server", default="auto",
                         help="PostgreSQL server (maintenance database URL) for pgbroker, "
-                             "sqla and pgmq; each gets a bench database of its own there")
+                             "sqla and pgmq; each gets a bench database of its own there. "
+                             f"'auto' (the default): {PG_SERVER_URL} if it has "
+                             "pg_stat_statements loaded, else 'private': a PostgreSQL 15 the "
+                             "bench starts on a free port with pg_stat_statements "
+                             "(track_planning on) and stops at the end, so the run can say "
+                             "what each statement costs the database per task")
     parser.add_argument("--pgbroker-database", default=None,
                         help="use this existing database for pgbroker instead of "
                              "pg_broker_bench on --pg-server")
@@ -91,7 +96,52 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     print(f"pg_broker benchmark ({mode}), {args.repeats} interleaved repeats, {sizes}")
 
-    brokers = prepare(names, args.pg_server, args.pgbroker_database)
+    on_server = [n for n in names if n not in ("redis", "rabbitmq", "pgbroker-embedded")
+                 and not (n == "pgbroker" and args.pgbroker_database)]
+    server, pg_server, pg_server_note = choose_pg_server(args.pg_server if on_server
+                                                         else PG_SERVER_URL)
+    try:
+        return run_and_report(args, argv, names, sizes, mode, started, pg_server, pg_server_note)
+    finally:
+        if server is not None:
+            server.destroy()
+
+
+def choose_pg_server(wanted: str):
+    """(private server or None, maintenance URL, what the report says about it)."""
+    if wanted == "auto":
+        wanted = PG_SERVER_URL if has_statements(PG_SERVER_URL) else "private"
+    if wanted != "private":
+        return None, wanted, "given server"
+    from tests.chaos.servers import PostgresServer
+
+    server = PostgresServer("bench")
+    server.settings.update({
+        # As the shared server here (shared_buffers 128MB), plus the statistics.
+        "shared_buffers": "128MB",
+        "shared_preload_libraries": "'pg_stat_statements'",
+        "pg_stat_statements.track_planning": "on",
+    })
+    server.start()
+    return server, server.url(), (
+        "private PostgreSQL 15 started by the bench (tests.chaos.servers: fsync on, "
+        "shared_buffers 128MB, autovacuum on, pg_stat_statements with track_planning), "
+        "data directory on the same disk as the shared server's")
+
+
+def has_statements(url: str) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+            loaded = conn.execute("SHOW shared_preload_libraries").fetchone()[0]
+    except psycopg.Error:
+        return False
+    return "pg_stat_statements" in loaded
+
+
+def run_and_report(args, argv, names, sizes, mode, started, pg_server, pg_server_note) -> int:
+    brokers = prepare(names, pg_server, args.pgbroker_database)
     if args.results_only:
         brokers = [b for b in brokers if b.result_backend]
         for broker in brokers:
@@ -109,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summarise(run.samples, measured)
     print()
     print(report.text_table(summary, measured))
+    print(report.statements_table(run.series, measured))
     for broker, messages in run.errors.items():
         print(f"errors on {broker}: {len(messages)} (first: {messages[0]})")
     capped = {k: dict(v) for k, v in run.capped.items()}
@@ -130,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             "flower": {"watches": "the events worker (its own control exchange)",
                        "dashboard_refresh_s": flower.TABLE_REFRESH,
                        "inspect_refresh_every_s": flower.INSPECT_INTERVAL},
+            "pg_server": pg_server_note,
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
         },

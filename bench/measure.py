@@ -22,7 +22,7 @@ from celery import Celery, chord, group
 from celery.result import ResultSet
 
 from bench.app import ECHO_TASK, TASK_NAME, TOTAL_TASK
-from bench.brokers import Broker
+from bench.brokers import Broker, statement_costs
 from bench.flower import Flower, dashboard_open
 from bench.workers import Worker
 
@@ -109,6 +109,7 @@ def run_tasks(app: Celery, broker: Broker, worker: Worker, n: int, cap: float,
     worker.clear_marks()
     cpu_before = worker.cpu_seconds()
     server_before = broker.server_cpu()
+    statements_before = broker.statement_totals()
     producer_before = time.process_time()
     tenth = max(n // 10, 1)
     published_at = []
@@ -132,7 +133,10 @@ def run_tasks(app: Celery, broker: Broker, worker: Worker, n: int, cap: float,
     producer_cpu = time.process_time() - producer_before
     server_after = broker.server_cpu()
     server_cpu = sum(t - server_before.get(pid, 0.0) for pid, t in server_after.items())
+    statements = (statement_costs(statements_before, broker.statement_totals(), done)
+                  if done and broker.has_statements else [])
     return {
+        "statements": statements,
         "throughput": done / elapsed,
         "done": done,
         "published": published,
@@ -156,8 +160,23 @@ def throughput(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) 
         f"worker_cpu_ms_per_task_{role}": run["worker_cpu_ms_per_task"],
         f"producer_cpu_ms_per_task_{role}": run["producer_cpu_ms_per_task"],
         f"broker_cpu_ms_per_task_{role}": run["broker_cpu_ms_per_task"],
+        **statement_figures(run["statements"], role),
     }
     return {"figures": figures, "capped": run["capped"]}
+
+
+def statement_figures(statements: list[dict], role: str) -> dict:
+    """Server time per task from pg_stat_statements (where the server has it):
+    executing, planning, and the per-statement breakdown (a list: the JSON's
+    series)."""
+    if not statements:
+        return {}
+    return {
+        f"db_exec_ms_per_task_{role}": sum(s["exec_ms_per_task"] for s in statements),
+        f"db_plan_ms_per_task_{role}": sum(s["plan_ms_per_task"] for s in statements),
+        f"db_statements_per_task_{role}": sum(s["calls_per_task"] for s in statements),
+        f"statements_{role}": statements,
+    }
 
 
 def drain(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> dict:
@@ -178,6 +197,7 @@ def drain(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> di
         for _ in range(n):
             task.apply_async((0.0,), queue=worker.queue)
         server_before = broker.server_cpu()
+        statements_before = broker.statement_totals()
     finally:
         gate.unlink(missing_ok=True)
     deadline = time.monotonic() + cap
@@ -188,11 +208,14 @@ def drain(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -> di
     if len(starts) < 2:
         raise RuntimeError("fewer than 2 tasks of the backlog ran")
     server_cpu = sum(t - server_before.get(pid, 0.0) for pid, t in server_after.items())
+    statements = (statement_costs(statements_before, broker.statement_totals(), len(starts))
+                  if broker.has_statements else [])
     return {
         "figures": {
             "drain_solo": (len(starts) - 1) / max(starts[-1] - starts[0], 1e-9),
             "broker_cpu_ms_per_task_drain": (server_cpu / len(starts) * 1e3
                                              if server_after else None),
+            **statement_figures(statements, "drain"),
         },
         "capped": len(starts) < n,
     }

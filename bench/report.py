@@ -41,6 +41,20 @@ FIGURES = [
            "lower", 2),
     Figure("broker_cpu_ms_per_task_prefork", "broker-side CPU per task, prefork run", "ms",
            "lower", 2),
+    Figure("db_exec_ms_per_task_solo", "database time per task, solo run: executing "
+           "(pg_stat_statements)", "ms", "lower", 3),
+    Figure("db_plan_ms_per_task_solo", "database time per task, solo run: planning", "ms",
+           "lower", 3),
+    Figure("db_statements_per_task_solo", "statements per task, solo run", "statements",
+           "lower", 2),
+    Figure("db_exec_ms_per_task_threads", "database time per task, threads run: executing",
+           "ms", "lower", 3),
+    Figure("db_plan_ms_per_task_threads", "database time per task, threads run: planning", "ms",
+           "lower", 3),
+    Figure("db_exec_ms_per_task_drain", "database time per task, backlog consume: executing",
+           "ms", "lower", 3),
+    Figure("db_plan_ms_per_task_drain", "database time per task, backlog consume: planning",
+           "ms", "lower", 3),
     Figure("latency_p50_ms", "publish -> start latency p50 (idle worker)", "ms", "lower", 1),
     Figure("latency_p95_ms", "publish -> start latency p95", "ms", "lower", 1),
     Figure("latency_p99_ms", "publish -> start latency p99", "ms", "lower", 1),
@@ -178,3 +192,32 @@ def markdown_table(summary: dict, brokers: list[str]) -> str:
 def write_json(path: Path, document: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def statements_table(series: dict, brokers: list[str], roles=("solo", "drain")) -> str:
+    """Per broker and run, each statement's server time per task (medians over
+    the repeats; execution + planning), costliest first."""
+    lines = []
+    for role in roles:
+        per_broker = series.get(f"statements_{role}", {})
+        for broker in brokers:
+            repeats = per_broker.get(broker)
+            if not repeats:
+                continue
+            lines.append(f"database time per task by statement, {role} run, {broker}  "
+                         "[ms per task: exec + plan; calls per task]")
+            by_name: dict[str, list[tuple[float, float, float]]] = {}
+            for statements in repeats:
+                for s in statements:
+                    by_name.setdefault(s["statement"], []).append(
+                        (s["exec_ms_per_task"], s["plan_ms_per_task"], s["calls_per_task"]))
+            rows = sorted(by_name.items(),
+                          key=lambda item: -statistics.median(e + p for e, p, _ in item[1]))
+            for name, values in rows[:8]:
+                exec_ms = statistics.median(v[0] for v in values)
+                plan_ms = statistics.median(v[1] for v in values)
+                calls = statistics.median(v[2] for v in values)
+                lines.append(f"  {name[:44]:<44} {exec_ms:7.3f} + {plan_ms:6.3f}  "
+                             f"× {calls:5.2f}")
+            lines.append("")
+    return "\n".join(lines)

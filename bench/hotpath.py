@@ -1,0 +1,186 @@
+"""``python -m bench.hotpath``: what the database spends per message on the hot path.
+
+No Celery, no worker processes: one kombu producer and one kombu consumer
+(prefetch 4, acks as Celery sends them) in this process, on a private
+PostgreSQL 15 it starts (``tests.chaos.servers``; pg_stat_statements with
+track_planning), so the figures are the transport's statements alone:
+
+- ``publish``: N confirmed publishes to a direct exchange's queue (as
+  ``delay()`` with task_create_missing_queues sends them), no consumer;
+- ``drain``: the consumer takes that backlog;
+- ``flow``: a producer thread publishes N while the consumer takes them (the
+  shape of the end-to-end figure: the consumer often finds the queue empty,
+  records itself as waiting, and is woken).
+
+For each phase: the database backends' CPU per message (/proc, all they do:
+parse, plan, execute, commit, network) and pg_stat_statements' execution and
+planning time per message by statement. Several rounds, interleaved, medians.
+Used to choose between versions of the claim/ack/publish statements; the
+end-to-end figures stay ``python -m bench``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from bench.brokers import Broker, statement_costs
+from pg_broker.migrate import migrate
+from pg_broker.urls import broker_url
+from tests.chaos.servers import PostgresServer
+
+QUEUE = "bench.hotpath"
+DATABASE = "pg_broker_hotpath"
+PREFETCH = 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.hotpath",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--url", default=None,
+                        help="an existing database with pg_stat_statements loaded "
+                             "(default: a private server)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    server = None
+    if args.url is None:
+        server = PostgresServer("hotpath")
+        server.settings.update({"shared_buffers": "128MB",
+                                "shared_preload_libraries": "'pg_stat_statements'",
+                                "pg_stat_statements.track_planning": "on"})
+        server.start()
+        database_url = server.create_database(DATABASE)
+    else:
+        database_url = args.url
+    try:
+        migrate(database_url)
+        import psycopg
+
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        from pg_broker.database import with_database
+
+        broker = Broker("pgbroker", broker_url(database_url), "", database_url=database_url,
+                        admin_url=with_database(database_url, "postgres"), has_statements=True)
+        rounds = [run_round(broker, args.messages) for _ in range(args.rounds)]
+    finally:
+        if server is not None:
+            server.destroy()
+    summary = summarise(rounds)
+    print(table(summary))
+    if args.out:
+        args.out.write_text(json.dumps({"messages": args.messages, "rounds": rounds,
+                                        "summary": summary}, indent=2) + "\n")
+    return 0
+
+
+def run_round(broker: Broker, n: int) -> dict:
+    exchange = Exchange(QUEUE, type="direct")
+    queue = Queue(QUEUE, exchange, routing_key=QUEUE)
+    body = {"args": [0.0], "kwargs": {}}
+    with Connection(broker.url) as conn:
+        producer = Producer(conn.channel())
+        queue.bind(producer.channel).declare()
+
+        def publish(count: int) -> None:
+            for _ in range(count):
+                producer.publish(body, exchange=exchange, routing_key=QUEUE,
+                                 delivery_mode=2, headers={"task": "bench.noop"})
+
+        phases = {}
+        phases["publish"] = measured(broker, n, lambda: publish(n))
+        with Connection(broker.url) as consuming:
+            phases["drain"] = measured(broker, n, lambda: consume(consuming, queue, n))
+
+            def flow() -> None:
+                with Connection(broker.url) as producing:
+                    other = Producer(producing.channel())
+                    thread = threading.Thread(target=lambda: [
+                        other.publish(body, exchange=exchange, routing_key=QUEUE,
+                                      delivery_mode=2, headers={"task": "bench.noop"})
+                        for _ in range(n)])
+                    thread.start()
+                    consume(consuming, queue, n)
+                    thread.join()
+
+            phases["flow"] = measured(broker, n, flow)
+    return phases
+
+
+def consume(conn: Connection, queue: Queue, n: int) -> None:
+    received = 0
+
+    def on_message(body, message) -> None:
+        nonlocal received
+        received += 1
+        message.ack()
+
+    with Consumer(conn, [queue], callbacks=[on_message], prefetch_count=PREFETCH):
+        while received < n:
+            conn.drain_events(timeout=30)
+
+
+def measured(broker: Broker, n: int, action) -> dict:
+    cpu_before = broker.server_cpu()
+    statements_before = broker.statement_totals()
+    started = time.perf_counter()
+    action()
+    elapsed = time.perf_counter() - started
+    cpu_after = broker.server_cpu()
+    cpu = sum(t - cpu_before.get(pid, 0.0) for pid, t in cpu_after.items())
+    statements = statement_costs(statements_before, broker.statement_totals(), n)
+    return {
+        "per_s": n / elapsed,
+        "backend_cpu_ms": cpu / n * 1e3,
+        "exec_ms": sum(s["exec_ms_per_task"] for s in statements),
+        "plan_ms": sum(s["plan_ms_per_task"] for s in statements),
+        "statements": statements,
+    }
+
+
+def summarise(rounds: list[dict]) -> dict:
+    out = {}
+    for phase in rounds[0]:
+        runs = [r[phase] for r in rounds]
+        by_name: dict[str, list] = {}
+        for run in runs:
+            for s in run["statements"]:
+                by_name.setdefault(s["statement"], []).append(s)
+        out[phase] = {
+            key: statistics.median(r[key] for r in runs)
+            for key in ("per_s", "backend_cpu_ms", "exec_ms", "plan_ms")
+        }
+        out[phase]["statements"] = {
+            name: {key: statistics.median(s[key] for s in found)
+                   for key in ("calls_per_task", "exec_ms_per_call", "plan_ms_per_call",
+                               "exec_ms_per_task", "plan_ms_per_task")}
+            for name, found in by_name.items()
+        }
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = []
+    for phase, data in summary.items():
+        lines.append(f"{phase}: {data['per_s']:,.0f} msg/s, backend CPU {data['backend_cpu_ms']:.3f}"
+                     f" ms/msg, exec {data['exec_ms']:.3f} + plan {data['plan_ms']:.3f} ms/msg")
+        rows = sorted(data["statements"].items(),
+                      key=lambda kv: -(kv[1]["exec_ms_per_task"] + kv[1]["plan_ms_per_task"]))
+        for name, s in rows[:8]:
+            lines.append(f"  {name[:40]:<40} calls/msg {s['calls_per_task']:5.2f}  per call: "
+                         f"exec {s['exec_ms_per_call']:.3f} plan {s['plan_ms_per_call']:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
