@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -28,6 +29,7 @@ from pg_broker.database import connect, session_defaults
 from pg_broker.maintenance import ResultExpiry
 from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
+from pg_broker.transport import connections
 from pg_broker.transport.connections import CONNECT_DEFAULTS, close_quietly
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ class ResultStore:
         # Its waiters' ResultListener (pg_broker.results.waiting), once one waits.
         self.listener = None
         self._conn: psycopg.Connection | None = None
+        self._used_at = 0.0
+        self._closer: threading.Thread | None = None  # see _close_when_idle
         forking.forget_in_child(self)
 
     @contextmanager
@@ -86,6 +90,8 @@ class ResultStore:
                     self._conn = None
                     close_quietly(conn)
                 raise
+            finally:
+                self._used_at = time.monotonic()
 
     def socket(self) -> int:
         """The connection's socket (connecting if need be), to wait on without the lock."""
@@ -102,7 +108,30 @@ class ResultStore:
         conn.add_notify_handler(lambda notify: self.on_notify(notify.channel, notify.payload))
         self._conn = conn
         self.generation += 1
+        if self._closer is None:
+            self._closer = threading.Thread(target=self._close_when_idle, daemon=True,
+                                            name="pg_broker-results-idle")
+            self._closer.start()
         return conn
+
+    def _close_when_idle(self) -> None:
+        """Close the connection once unused for ``IDLE_CLOSE`` seconds while
+        no result is awaited (no LISTEN to keep): a worker stores results on
+        it, and an idle worker keeps its work and LISTEN connections only
+        (issue 12). The next statement connects again."""
+        while True:
+            idle = connections.IDLE_CLOSE
+            time.sleep(max(self._used_at + idle - time.monotonic(), min(idle, 1.0)))
+            with self.lock:
+                if self._conn is None or self._conn.closed:
+                    self._closer = None
+                    return
+                awaited = self.listener is not None and self.listener.busy()
+                if time.monotonic() - self._used_at >= idle and not awaited:
+                    conn, self._conn = self._conn, None
+                    close_quietly(conn)
+                    self._closer = None
+                    return
 
     def read_notifications(self) -> None:
         """Take what arrived on the socket: notifications go to :attr:`on_notify`."""
@@ -124,6 +153,7 @@ class ResultStore:
         parent's (see :mod:`pg_broker.forking`)."""
         forking.disown(self._conn)
         self._conn = None
+        self._closer = None
         self.lock = threading.RLock()
         if self.listener is not None:
             self.listener.forget_after_fork()

@@ -125,6 +125,13 @@ class ResultListener:
         """Stop waiting for ``key`` (never blocks; UNLISTEN follows with the next batch)."""
         self._cancelled.append((id(consumer), key))
 
+    def busy(self) -> bool:
+        """Whether a result is awaited or a read runs (the store keeps its
+        connection, and the LISTENs on it, open meanwhile)."""
+        with self._state:
+            self._take_cancels()
+            return bool(self._waiting) or self._reading
+
     def waiting_for(self) -> set[str]:
         with self._state:
             self._take_cancels()

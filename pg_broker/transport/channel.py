@@ -198,12 +198,14 @@ class Channel(virtual.Channel):
     def publish(self, message: dict, exchange: str, routing_key: str) -> None:
         """Store ``message`` in every queue the route reaches; return after commit
         (or once sent, pipelined: transient messages, and all of them
-        without ``confirm_publish``)."""
+        without ``confirm_publish``; a lone transient one runs as a
+        confirmed one does: see :meth:`.pipeline.Pipeline.takes`)."""
         transport = self.transport
         options = transport.options
         params = publish_params(message, exchange, routing_key,
                                 self._get_message_priority(message), options.max_message_size)
         conn = getattr(_enqueue, "conn", None)
+        lone = False
         if conn is None:  # our own transaction: the options decide how durable
             params["synchronous_commit"] = options.synchronous_commit
             transient = message["properties"].get("delivery_mode") in (1, "transient")
@@ -211,15 +213,20 @@ class Channel(virtual.Channel):
                 # The database's refusals come too late for the caller (at its
                 # next publish), so what it would refuse is refused here first.
                 refuse_unstorable(params)
-                label = (f"{params['task_id'] or 'message'} for "
-                         f"{params['exchange'] or params['routing_key']}")
-                transport.pipeline.send(params, not transient, label)
-                return
+                if not transient or transport.pipeline.takes():
+                    label = (f"{params['task_id'] or 'message'} for "
+                             f"{params['exchange'] or params['routing_key']}")
+                    transport.pipeline.send(params, not transient, label)
+                    return
+                # A lone transient one (a heartbeat, a remote-control reply):
+                # below, on the work connection, so that no pipeline connection
+                # opens; its table is UNLOGGED, so its commit waits for no flush.
+                lone = True
         try:
             if conn is None:
                 pipeline = transport.pipeline
                 params = pipeline.ration(params)
-                self.store.publish(params)
+                self.store.publish(params, lone)
                 if not params["notify"]:
                     pipeline.owe(params)
             else:

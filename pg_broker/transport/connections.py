@@ -6,6 +6,7 @@ when its session is gone and disowned (never closed) in a forked child."""
 from __future__ import annotations
 
 import logging
+import select
 import threading
 
 import psycopg
@@ -62,6 +63,12 @@ STATEMENT_ELSEWHERE: tuple[type[psycopg.Error], ...] = (
 )
 
 _warned_unprepared: set[str] = set()
+
+# A connection a process opens beside its work and LISTEN connections (the
+# pipeline's, the result backend's) closes after this many idle seconds, so
+# that an idle worker holds those two only (issue 12); the next use opens it
+# again.
+IDLE_CLOSE = 10.0
 
 
 def prepares(conn: psycopg.Connection) -> bool:
@@ -157,6 +164,26 @@ class WorkConnection:
                     set_json_loads(kombu_json.loads, conn)
                     self._conn = conn
         return conn
+
+    def live(self) -> psycopg.Connection:
+        """The connection for a statement that must not run twice (a lone
+        publish, see :meth:`.pipeline.Pipeline.takes`), replaced first if the
+        server ended the session while it was idle (a restart,
+        pg_terminate_backend: its socket is readable with no statement
+        running), as the pipeline replaces its own."""
+        conn = self.conn
+        with conn.lock:  # no statement in flight: whatever is readable is the server's last word
+            if select.select([conn.pgconn.socket], [], [], 0)[0]:
+                try:
+                    conn.pgconn.consume_input()
+                    ended = conn.pgconn.status == psycopg.pq.ConnStatus.BAD
+                except psycopg.OperationalError:
+                    ended = True
+            else:
+                ended = False
+        if ended:
+            self.drop()
+        return self.conn
 
     @property
     def open(self) -> bool:

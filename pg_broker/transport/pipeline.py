@@ -13,13 +13,18 @@ WAL flush per message. Two kinds of publish don't wait for theirs:
 - every publish of a transport whose ``confirm_publish`` option is False, the
   semantics of RabbitMQ without publisher confirms, Celery's default there.
 
-They go out on a connection of their own in libpq pipeline mode, each
-statement followed by a Sync, so each is its own implicit transaction,
-committed by the server in order while the producer goes on. The replies (the
-confirms) are read later: without blocking whenever the producer sends
-another message, by a confirmer thread within ``CONFIRM_INTERVAL`` when it
-does not, and all of them before the transport closes or on
-:func:`confirm_publishes`.
+When they come in bursts, they go out on a connection of their own in libpq
+pipeline mode, each statement followed by a Sync, so each is its own implicit
+transaction, committed by the server in order while the producer goes on.
+The replies (the confirms) are read later: without blocking whenever the
+producer sends another message, by a confirmer thread within
+``CONFIRM_INTERVAL`` when it does not, and all of them before the transport
+closes or on :func:`confirm_publishes`. A lone transient one (``BURST_GAP`` after the
+previous, with nothing in flight: Celery's heartbeat events every 2 s, a
+remote-control reply) is one statement on the work connection instead,
+returning after its commit (no WAL flush: its table is UNLOGGED), and the
+pipeline's connection closes ``IDLE_CLOSE`` after its last send: so an idle
+worker or producer keeps no third connection open (issue 12: work + LISTEN).
 
 Notifications are rationed in bursts, for confirmed publishes too.
 PostgreSQL signals every LISTENing session of the database on each
@@ -85,7 +90,7 @@ from psycopg import pq
 from pg_broker import forking
 from pg_broker.masking import first_line, redacting
 
-from .connections import STATEMENT_ELSEWHERE, close_quietly, forgo_prepared, prepares
+from .connections import IDLE_CLOSE, STATEMENT_ELSEWHERE, close_quietly, forgo_prepared, prepares
 from .store import OK, Prepared
 
 log = logging.getLogger(__name__)
@@ -109,6 +114,12 @@ MAX_UNCONFIRMED = 2000
 MAX_SENDS = 10
 # SQLSTATE classes meaning "this message can never be stored".
 REFUSED_CLASSES = ("22", "23")
+# A publish this long after the pipeline's previous one, with nothing in
+# flight, is a lone one: it runs on the work connection instead (see
+# :meth:`Pipeline.takes`). Celery's heartbeat events (every 2 s) and
+# remote-control replies are lone; a worker's task events with ``-E`` and a
+# publish loop are not.
+BURST_GAP = 0.1
 # SQLSTATEs of STATEMENT_ELSEWHERE, as a pipelined result reports them.
 STATEMENT_ELSEWHERE_STATES = tuple(error.sqlstate for error in STATEMENT_ELSEWHERE)
 # At most this many refused messages are named in one error.
@@ -160,6 +171,8 @@ class Pipeline:
         self._conn: psycopg.Connection | None = None
         self._unsent: deque[_Sent] = deque()  # to send (again) after a reconnect
         self._in_flight: deque[_Sent] = deque()  # sent; their Sync not yet read
+        self._last_publish: float | None = None  # see takes()
+        self._last_sent = 0.0  # for the idle close
         self._notified: dict[tuple[str, str], float] = {}  # route -> last notification
         self._published: dict[tuple[str, str], float] = {}  # route -> last message
         # route -> (when its trailing notification is due, the statement's parameters)
@@ -184,6 +197,19 @@ class Pipeline:
         return len(self._unsent) + len(self._in_flight)
 
     # Sending ----------------------------------------------------------------
+
+    def takes(self) -> bool:
+        """Whether a transient publish now goes through the pipeline: one
+        less than ``BURST_GAP`` after the previous, or behind messages still
+        in flight (it must follow them). A lone one runs as one statement on
+        the work connection instead, returning after its commit: an idle
+        worker keeps no pipeline connection open (it closes ``IDLE_CLOSE``
+        after its last send)."""
+        with self._lock:
+            now = monotonic()
+            previous, self._last_publish = self._last_publish, now
+            return bool(self.unconfirmed) or (previous is not None
+                                              and now - previous < BURST_GAP)
 
     def send(self, params: dict, durable: bool, label: str) -> None:
         """Send one message (the statement's parameters); return without
@@ -288,6 +314,7 @@ class Pipeline:
             self.statement.send(pgconn, entry.values, prepares(self._conn))
             pgconn.pipeline_sync()
             self._in_flight.append(entry)
+            self._last_sent = monotonic()
         self._flush()
 
     def _flush(self) -> None:
@@ -418,7 +445,9 @@ class Pipeline:
         producer left unread, recover a lost connection."""
         backoff = CONFIRM_INTERVAL
         while True:
-            self._wake.wait()
+            if not self._wake.wait(None if self._conn is None else IDLE_CLOSE):
+                self._close_if_idle()
+                continue
             if self._closed:
                 return
             self._doze()
@@ -485,6 +514,14 @@ class Pipeline:
         self._conn = conn
         self._broken = False
 
+    def _close_if_idle(self) -> None:
+        """Close the connection when nothing was sent for ``IDLE_CLOSE`` and
+        nothing waits (the next send opens a new one)."""
+        with self._lock:
+            if (self._conn is not None and not self._closed and not self.unconfirmed
+                    and not self._owed and monotonic() - self._last_sent >= IDLE_CLOSE):
+                self._close_connection()
+
     def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
         close_quietly(conn)
@@ -516,6 +553,7 @@ class Pipeline:
         self._notified.clear()
         self._published.clear()
         self._owed.clear()
+        self._last_publish = None
         self._refusals.clear()
         self._broken = False
         self._lock = threading.Lock()

@@ -200,11 +200,13 @@ class Store:
 
     # Publishing ---------------------------------------------------------------
 
-    def publish(self, params: dict) -> None:
+    def publish(self, params: dict, lone: bool = False) -> None:
         """Store and notify one message (``transport_publish``) in a
         transaction of its own; returns after the commit. A prepared
-        statement a pooler lost ran nothing: the publish goes again unprepared."""
-        conn = self.work.conn
+        statement a pooler lost ran nothing: the publish goes again unprepared.
+        ``lone``: a publish that would be pipelined in a burst (see
+        :meth:`.connections.WorkConnection.live`)."""
+        conn = self.work.live() if lone else self.work.conn
         try:
             PUBLISH.execute(conn, params)
         except psycopg.errors.ReadOnlySqlTransaction:

@@ -91,7 +91,10 @@ def _stored_transient(db, queue: kombu.Queue) -> int:
                       (queue.name,)).fetchone()[0]
 
 
-def test_transient_messages_are_pipelined_even_with_confirms_on(database_url, db):
+def test_transient_messages_are_pipelined_even_with_confirms_on(database_url, db, monkeypatch):
+    # Every publish after the first is part of a burst (a lone one runs on
+    # the work connection: the next test).
+    monkeypatch.setattr(pipeline, "BURST_GAP", 3600.0)
     queue = queue_named("events", durable=False, auto_delete=True)
     durable = queue_named("confirmed")
     for conn in open_connection(database_url):
@@ -130,6 +133,38 @@ def test_transient_messages_are_pipelined_even_with_confirms_on(database_url, db
         assert not sender.is_alive()
         assert conn.transport._pipeline.unconfirmed == 0
     assert len(rows(db, durable.name)) == 1
+
+
+def test_a_lone_transient_publish_runs_on_the_work_connection_and_an_idle_pipeline_closes(
+        database_url, db, monkeypatch):
+    # Celery's heartbeat events (one every 2 s) and remote-control replies
+    # are lone messages: they open no connection of their own, so an idle
+    # worker holds its work and LISTEN connections only. A burst opens the
+    # pipeline's connection, which closes once idle.
+    monkeypatch.setattr(pipeline, "IDLE_CLOSE", 0.5)
+    events = queue_named("heartbeats", durable=False, auto_delete=True)
+    for conn in open_connection(database_url):
+        events(conn.default_channel).declare()
+        shared = conn.transport.pipeline  # the process's: an earlier test's may be open
+        wait_for(lambda shared=shared: shared._conn is None, 30,
+                 "an earlier burst's connection to close")
+        for n in range(3):
+            time.sleep(pipeline.BURST_GAP * 2)
+            publish(conn, events, f"heartbeat {n}", delivery_mode="transient")
+            # Stored when the publish returned: it waited for its commit.
+            assert _stored_transient(db, events) == n + 1
+        assert shared._conn is None, "a lone publish opened the pipeline's connection"
+
+        for n in range(20):  # a burst: pipelined
+            publish(conn, events, f"event {n}", delivery_mode="transient")
+        assert shared._conn is not None
+        assert confirm_publishes(10)
+        assert _stored_transient(db, events) == 23
+        wait_for(lambda shared=shared: shared._conn is None, 30,
+                 "the idle pipeline to close its connection")
+        time.sleep(pipeline.BURST_GAP * 2)
+        publish(conn, events, "after", delivery_mode="transient")
+        assert _stored_transient(db, events) == 24
 
 
 @pytest.mark.parametrize("confirm_publish", [True, False], ids=["confirmed", "pipelined"])
