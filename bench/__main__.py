@@ -19,7 +19,7 @@ import psutil
 from bench import flower, report
 from bench.brokers import ALL_BROKERS, DEFAULT_BROKERS, PG_SERVER_URL, prepare
 from bench.measure import Sizes
-from bench.runner import ROLES, Run
+from bench.runner import FIGURE_GROUPS, ROLES, Run
 from bench.workers import install_cleanup
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only the result-backend figures (request/response, chord, "
                              "results at once, end to end with results) of the brokers "
                              "that have a result backend")
+    parser.add_argument("--only", default=None, metavar="FIGURES",
+                        help="comma-separated groups of figures to measure, the others "
+                             f"skipped (and the workers they alone need not started): "
+                             f"{','.join(FIGURE_GROUPS)}; e.g. --only endurance")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     for field in dataclasses.fields(Sizes):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=field.type == "int" and int
@@ -91,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown broker(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    only = None
+    if args.only:
+        only = {n.strip() for n in args.only.split(",") if n.strip()}
+        if only - set(FIGURE_GROUPS):
+            print(f"unknown figure group(s): {', '.join(sorted(only - set(FIGURE_GROUPS)))}; "
+                  f"choose from {','.join(FIGURE_GROUPS)}", file=sys.stderr)
+            return 2
     sizes = sizes_from(args)
     mode = "quick" if args.quick else "full"
     started = dt.datetime.now(dt.UTC)
@@ -101,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     server, pg_server, pg_server_note = choose_pg_server(args.pg_server if on_server
                                                          else PG_SERVER_URL)
     try:
-        return run_and_report(args, argv, names, sizes, mode, started, pg_server, pg_server_note)
+        return run_and_report(args, argv, names, sizes, mode, started, pg_server, pg_server_note,
+                              only)
     finally:
         if server is not None:
             server.destroy()
@@ -140,7 +152,8 @@ def has_statements(url: str) -> bool:
     return "pg_stat_statements" in loaded
 
 
-def run_and_report(args, argv, names, sizes, mode, started, pg_server, pg_server_note) -> int:
+def run_and_report(args, argv, names, sizes, mode, started, pg_server, pg_server_note,
+                   only) -> int:
     brokers = prepare(names, pg_server, args.pgbroker_database)
     if args.results_only:
         brokers = [b for b in brokers if b.result_backend]
@@ -149,7 +162,7 @@ def run_and_report(args, argv, names, sizes, mode, started, pg_server, pg_server
     for broker in brokers:
         if broker.skip:
             print(f"skipping {broker.name}: not reachable or not set up ({broker.skip})")
-    run = Run(brokers, sizes, args.repeats)
+    run = Run(brokers, sizes, args.repeats, only=only)
     load_before = os.getloadavg()
     clock = time.monotonic()
     run.execute()
@@ -174,6 +187,7 @@ def run_and_report(args, argv, names, sizes, mode, started, pg_server, pg_server
             "started": started.isoformat(timespec="seconds"),
             "duration_seconds": round(duration, 1),
             "repeats": args.repeats,
+            "only": sorted(only) if only else None,
             "order": "interleaved: every repeat runs every broker in turn",
             "sizes": dataclasses.asdict(sizes),
             "worker_roles": {role: {"pool": p, "concurrency": c, "events": e}

@@ -98,12 +98,13 @@ def enqueue_transactional(app: Celery, broker: Broker, n: int) -> dict:
 
 
 def run_tasks(app: Celery, broker: Broker, worker: Worker, n: int, cap: float,
-              task_name: str = TASK_NAME) -> dict:
+              task_name: str = TASK_NAME, progress: dict | None = None) -> dict:
     """Publish n no-op tasks to a running worker's queue; time first publish -> last start.
 
     Stops publishing and waiting after ``cap`` seconds; the figure is then what
     completed over the time spent, flagged ``capped``. ``published_at`` holds
-    the time each tenth of the tasks had been published.
+    the time each tenth of the tasks had been published; ``progress["published"]``,
+    when given, follows the count every 64 publishes.
     """
     task = app.tasks[task_name]
     worker.clear_marks()
@@ -120,8 +121,11 @@ def run_tasks(app: Celery, broker: Broker, worker: Worker, n: int, cap: float,
         published += 1
         if published % tenth == 0:
             published_at.append(time.time())
-        if published % 64 == 0 and time.time() - t0 > cap:
-            break
+        if published % 64 == 0:
+            if progress is not None:
+                progress["published"] = published
+            if time.time() - t0 > cap:
+                break
     while worker.mark_count() < published and time.time() - t0 < cap:
         time.sleep(POLL)
     starts = sorted(started for _, started in worker.marks())
@@ -252,12 +256,15 @@ def endurance(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -
     both are measured with the producer running, and the figure is the number
     of tasks that started inside each window divided by its length. While it
     runs, a thread samples the message tables (sizes, live and dead tuples)
-    every ``ENDURANCE_SAMPLE`` seconds: ``endurance_table_over_time``.
+    every ``ENDURANCE_SAMPLE`` seconds: ``endurance_table_over_time``, with
+    the tasks published and started by then (their difference is the backlog:
+    a table that grows with it is not growing from finished rows).
     """
-    sampler = TableSampler(broker)
+    progress = {"published": 0}
+    sampler = TableSampler(broker, worker, progress)
     sampler.start()
     try:
-        run = run_tasks(app, broker, worker, n, cap)
+        run = run_tasks(app, broker, worker, n, cap, progress=progress)
     finally:
         sampler.stop()
     figures = {"endurance_throughput": run["throughput"]}
@@ -269,12 +276,16 @@ def endurance(app: Celery, broker: Broker, worker: Worker, n: int, cap: float) -
         figures["endurance_last10_rate"] = last
         figures["endurance_last_vs_first"] = last / first if first else None
     state = broker.table_state()
-    if state is not None:
+    samples = [s for s in sampler.samples if s["t"] >= run["t0"]]
+    if state is None:  # no tables (Redis, RabbitMQ): the backlog over time alone
+        figures["endurance_table_over_time"] = [
+            {**s, "t": round(s["t"] - run["t0"], 1)} for s in samples]
+    else:
         figures["endurance_table_mb"] = state["total_bytes"] / 2**20
         figures["endurance_dead_tuples"] = state["dead_tuples"]
         figures["endurance_live_tuples"] = state["live_tuples"]
-        samples = [s for s in sampler.samples if s["t"] >= run["t0"]]
-        tenth = [s for s in samples if len(marks) >= 1 and s["t"] <= marks[0]]
+        tenth = [s for s in samples
+                 if len(marks) >= 1 and s["t"] <= marks[0] and "total_bytes" in s]
         if tenth:  # the table after the first tenth of the run against the end
             figures["endurance_table_mb_first10"] = tenth[-1]["total_bytes"] / 2**20
             figures["endurance_table_end_vs_first10"] = (
@@ -291,11 +302,13 @@ ENDURANCE_SAMPLE = 5.0  # seconds between samples of the message tables
 class TableSampler(threading.Thread):
     """Samples a broker's message tables (sizes, live and dead tuples) every
     ``ENDURANCE_SAMPLE`` seconds until stopped; a sample is a dict with its
-    wall-clock time ``t``."""
+    wall-clock time ``t`` and the tasks ``published`` and ``started`` by then."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, worker: Worker, progress: dict) -> None:
         super().__init__(name="table-sampler", daemon=True)
         self.broker = broker
+        self.worker = worker
+        self.progress = progress
         self.samples: list[dict] = []
         self._stopping = threading.Event()
 
@@ -305,14 +318,14 @@ class TableSampler(threading.Thread):
         delay = 0.0  # the first sample at once
         while not self._stopping.wait(delay):
             delay = ENDURANCE_SAMPLE
+            sample = {"t": time.time(), "published": self.progress["published"],
+                      "started": self.worker.mark_count()}
             try:
                 state = self.broker.table_state(settle=False)
-            except psycopg.Error as exc:  # a full server, say: this sample is missing
-                log.warning("table sample skipped: %s", str(exc).splitlines()[0])
-                continue
-            if state is None:
-                return
-            self.samples.append({"t": time.time(), **state})
+            except psycopg.Error as exc:  # a full server, say: no table figures this time
+                log.warning("table sample incomplete: %s", str(exc).splitlines()[0])
+                state = None
+            self.samples.append({**sample, **(state or {})})
 
     def stop(self) -> None:
         self._stopping.set()

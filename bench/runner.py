@@ -40,13 +40,29 @@ ROLES = {  # role: (pool, concurrency, events)
     "results": ("solo", 1, False),
 }
 QUEUES = [ENQUEUE_QUEUE] + [f"bench.{role}" for role in ROLES]
+# The groups of figures ``--only`` picks from, each with the workers it needs.
+FIGURE_GROUPS = {
+    "enqueue": (),  # delay() loop, group, enqueue_in
+    "latency": ("solo",),
+    "throughput": ("solo", "threads", "prefork"),
+    "events": ("events",),
+    "drain": ("solo",),
+    "endurance": ("solo",),
+    "results": ("results",),
+    "idle": ("solo",),
+}
 
 
-def roles_of(broker: Broker) -> list[str]:
-    """The workers a broker gets: the result-figure one where it has a backend."""
+def roles_of(broker: Broker, only: set[str] | None = None) -> list[str]:
+    """The workers a broker gets: the result-figure one where it has a backend;
+    with ``only``, those its figure groups need."""
     if broker.results_only:
         return ["results"]
-    return [role for role in ROLES if role != "results" or broker.result_backend]
+    roles = [role for role in ROLES if role != "results" or broker.result_backend]
+    if only is not None:
+        needed = {role for group in only for role in FIGURE_GROUPS[group]}
+        roles = [role for role in roles if role in needed]
+    return roles
 READY_TIMEOUT = 90.0
 
 
@@ -54,8 +70,9 @@ class Run:
     """Samples of one benchmark run, keyed figure -> broker -> [value per repeat]."""
 
     def __init__(self, brokers: list[Broker], sizes: Sizes, repeats: int,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = print, only: set[str] | None = None):
         self.brokers = brokers
+        self.only = only  # figure groups to measure (None: all)
         self.sizes = sizes
         self.repeats = repeats
         self.echo = echo
@@ -90,7 +107,8 @@ class Run:
             for broker in self.usable:
                 if broker.has_statements:
                     self.statements[broker.name]["run"] = broker.top_statements()
-            self.measure_idle()
+            if self.wants("idle"):
+                self.measure_idle()
             stop_all([w for ws in self.workers.values() for w in ws.values()])
         finally:
             kill_all()
@@ -107,7 +125,7 @@ class Run:
             broker.purge(QUEUES)
             self.reset(broker)
             self.workers[broker.name] = {}
-            for role in roles_of(broker):
+            for role in roles_of(broker, self.only):
                 worker = self.new_worker(broker, role)
                 worker.start(broker.url, broker.worker_env(), broker.transport_options_json(),
                              broker.result_backend if role == "results" else None)
@@ -194,10 +212,13 @@ class Run:
         else:
             broker.purge(QUEUES)
 
+    def wants(self, group: str) -> bool:
+        return self.only is None or group in self.only
+
     def measure_broker(self, broker: Broker) -> None:
         if not broker.results_only:
             self.measure_transport(broker)
-        if broker.result_backend:
+        if broker.result_backend and self.wants("results"):
             self.measure_results(broker)
 
     def measure_results(self, broker: Broker) -> None:
@@ -222,28 +243,33 @@ class Run:
         workers = self.workers[broker.name]
         app = make_app(broker.url, broker.transport_options)
         try:
-            self.attempt(broker, lambda: measure.enqueue_delay(app, sizes.enqueue))
-            self.attempt(broker, lambda: measure.enqueue_group(app, sizes.bulk))
-            if broker.name.startswith("pgbroker"):
-                self.attempt(broker, lambda: measure.enqueue_transactional(app, broker, sizes.bulk))
-            self.attempt(broker, lambda: measure.latency(
-                app, workers["solo"], sizes.latency_samples, sizes.latency_cap))
+            if self.wants("enqueue"):
+                self.attempt(broker, lambda: measure.enqueue_delay(app, sizes.enqueue))
+                self.attempt(broker, lambda: measure.enqueue_group(app, sizes.bulk))
+                if broker.name.startswith("pgbroker"):
+                    self.attempt(broker, lambda: measure.enqueue_transactional(
+                        app, broker, sizes.bulk))
+            if self.wants("latency"):
+                self.attempt(broker, lambda: measure.latency(
+                    app, workers["solo"], sizes.latency_samples, sizes.latency_cap))
             plain = {}
-            for role in ("solo", "threads", "prefork"):
-                plain[role] = self.attempt(broker, lambda role=role: measure.throughput(
-                    app, broker, workers[role], sizes.throughput, sizes.cap))
+            if self.wants("throughput"):
+                for role in ("solo", "threads", "prefork"):
+                    plain[role] = self.attempt(broker, lambda role=role: measure.throughput(
+                        app, broker, workers[role], sizes.throughput, sizes.cap))
             flower = self.flowers.get(broker.name)
             with_events = flower and self.attempt(broker, lambda: measure.events(
                 app, broker, workers["events"], flower, sizes.throughput, sizes.cap))
-            solo = (plain["solo"] or {}).get("throughput_solo")
+            solo = (plain.get("solo") or {}).get("throughput_solo")
             if with_events and solo:
                 self.add(broker, "events_flower_vs_plain",
                          with_events["throughput_events_flower"] / solo)
-            if sizes.drain:
+            if sizes.drain and self.wants("drain"):
                 self.attempt(broker, lambda: measure.drain(
                     app, broker, workers["solo"], sizes.drain, sizes.cap))
-            self.attempt(broker, lambda: measure.endurance(
-                app, broker, workers["solo"], sizes.endurance, sizes.endurance_cap))
+            if self.wants("endurance"):
+                self.attempt(broker, lambda: measure.endurance(
+                    app, broker, workers["solo"], sizes.endurance, sizes.endurance_cap))
         finally:
             app.close()
 
