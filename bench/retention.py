@@ -13,10 +13,11 @@ creates a scratch database on the server, migrates it, and measures:
   :class:`pg_broker.maintenance.Retention` (batched DELETEs) while another
   connection claims and acks one message at a time: the pass's duration and
   WAL bytes, and the claim latency (p50/p99) during the pass against before.
-- **partition path** (a prototype, not the schema): acked rows move to a
-  day-partitioned history table (``DELETE … RETURNING`` into ``INSERT``:
-  WAL per task), and retention detaches and drops the day's partition holding
-  ``--finished`` rows while the claimer runs (duration, WAL, claim latency).
+- **partition path** (``partitioned_history``, migrations/core/180): the
+  workers' cleanup moves ``--finished`` completed rows of finished jobs from
+  job_tasks into the day-partitioned job_tasks_history while the claimer
+  runs (duration, WAL, claim latency), and the retention pass drops the
+  partition holding them once its day is over (the same figures).
 
 WAL bytes are the server's (``pg_current_wal_lsn()`` differences): run it on a
 server nobody else writes to (a private one: ``initdb`` on a free port).
@@ -173,100 +174,88 @@ def pass_figures(conn: psycopg.Connection, url: str, finished: int) -> dict:
     fill(conn, finished, "completed")
     fill(conn, 20_000)  # the claimer's stream, pending beside the finished rows
     state = table_state(conn)
-    claimer = Claimer(url)
-    claimer.start()
-    time.sleep(3)
-    wal0, t0 = wal(conn), time.perf_counter()
-    deleted = Retention.older_than("1 hour").run(conn)
-    t1 = time.perf_counter()
-    wal1 = wal(conn)
-    time.sleep(3)
-    claimer.stopping.set()
-    claimer.join()
-    return {
-        "finished_rows": finished, "deleted": deleted, "before": state,
-        "seconds": t1 - t0, "wal_bytes": wal1 - wal0,
-        "claim_before": claimer.latency_ms(t0 - 3, t0),
-        "claim_during": claimer.latency_ms(t0, t1),
-        "after": table_state(conn),
-    }
-
-
-HISTORY = """
-CREATE TABLE job_tasks_history (LIKE job_tasks) PARTITION BY RANGE (completed_at);
-CREATE TABLE job_tasks_history_yesterday PARTITION OF job_tasks_history
-    FOR VALUES FROM (current_date - 1) TO (current_date);
-CREATE TABLE job_tasks_history_today PARTITION OF job_tasks_history
-    FOR VALUES FROM (current_date) TO (current_date + 1);
-CREATE INDEX ON job_tasks_history (task_id);
-"""
-
-# The ack of the partition path: the acked rows move to the history table.
-ACK_MOVE = """
-WITH moved AS (
-    DELETE FROM job_tasks t
-     USING unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token)
-     WHERE t.id = held.id AND t.lease_token = held.lease_token
-    RETURNING t.*
-)
-INSERT INTO job_tasks_history
-SELECT id, sequence, queue, priority, job_id, user_id, task_type, task_id, payload,
-       'completed', attempts, max_attempts, worker_id, NULL, NULL, visible_at, expires_at,
-       last_heartbeat, error, result, created_at, now(), claimed_at, started_at, now()
-  FROM moved
-"""
-
-
-def partition_figures(conn: psycopg.Connection, url: str, n: int, finished: int) -> dict:
-    """The partition path: acked rows move to a day-partitioned history table
-    (n tasks: WAL per task), and retention drops a day's partition holding
-    ``finished`` rows while a claimer runs."""
-    conn.execute("TRUNCATE job_tasks")
-    conn.execute("DROP TABLE IF EXISTS job_tasks_history")
-    conn.execute(HISTORY)
-    columns = [r[0] for r in conn.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = 'job_tasks'::regclass"
-        " AND attnum > 0 AND NOT attisdropped ORDER BY attnum")]
-    assert columns[14] == "lease_expires_at" and columns[21] == "updated_at", columns  # ACK_MOVE
-    fill(conn, n)
-    wal0, t0 = wal(conn), time.perf_counter()
-    acks: list = []
-    while True:
-        if acks:
-            conn.execute(ACK_MOVE, {"ids": [i for i, _ in acks], "tokens": [t for _, t in acks]})
-        claimed = claim(conn, [], BATCH, True)
-        if not claimed and not acks:
-            break
-        acks = claimed
-    figures = {"ack_seconds": time.perf_counter() - t0, "ack_wal_bytes": wal(conn) - wal0,
-               "moved": conn.execute("SELECT count(*) FROM job_tasks_history").fetchone()[0]}
-    figures["wal_bytes_per_task"] = figures["ack_wal_bytes"] / n
-    conn.execute("TRUNCATE job_tasks, job_tasks_history")
-    fill(conn, finished, "completed")
-    conn.execute("INSERT INTO job_tasks_history SELECT * FROM job_tasks")
-    conn.execute("TRUNCATE job_tasks")
-    fill(conn, 20_000)
-    before = conn.execute("SELECT pg_total_relation_size('job_tasks_history_yesterday')"
-                          ).fetchone()[0]
-    claimer = Claimer(url)
-    claimer.start()
-    time.sleep(3)
-    wal0, t0 = wal(conn), time.perf_counter()
-    conn.execute("ALTER TABLE job_tasks_history DETACH PARTITION job_tasks_history_yesterday")
-    conn.execute("DROP TABLE job_tasks_history_yesterday")
-    t1 = time.perf_counter()
-    wal1 = wal(conn)
-    time.sleep(3)
-    claimer.stopping.set()
-    claimer.join()
-    figures["retention_pass_drop"] = {
-        "finished_rows": finished, "partition_bytes": before,
-        "seconds": t1 - t0, "wal_bytes": wal1 - wal0,
-        "claim_before": claimer.latency_ms(t0 - 3, t0),
-        "claim_during": claimer.latency_ms(t0, t1),
-    }
-    conn.execute("DROP TABLE job_tasks_history")
+    figures = timed_pass(conn, url, lambda: Retention.older_than("1 hour").run(conn))
+    figures.update(finished_rows=finished, deleted=figures.pop("result"), before=state,
+                   after=table_state(conn))
     return figures
+
+
+def fill_jobs(conn: psycopg.Connection, n: int, jobs: int = 1000) -> None:
+    """n completed rows of ``jobs`` jobs that finished an hour ago (the job
+    triggers count them in one statement)."""
+    conn.execute("INSERT INTO jobs (status) SELECT 'pending' FROM generate_series(1, %s)",
+                 (jobs,))
+    conn.execute(
+        "INSERT INTO job_tasks (queue, payload, task_type, task_id, status, completed_at, job_id)"
+        " SELECT %(queue)s, jsonb_set(%(payload)s, '{headers,id}', to_jsonb(u)), 'bench.noop',"
+        "        u, 'completed', now() - interval '1 hour', j.ids[1 + g %% %(jobs)s]"
+        "   FROM (SELECT g, gen_random_uuid()::text AS u FROM generate_series(1, %(n)s) g) r,"
+        "        (SELECT array_agg(id) AS ids FROM jobs) j",
+        {"queue": QUEUE, "payload": Jsonb(envelope()), "n": n, "jobs": jobs})
+    conn.execute("UPDATE jobs SET completed_at = now() - interval '1 hour'")
+    conn.execute("VACUUM ANALYZE job_tasks")
+
+
+def timed_pass(conn: psycopg.Connection, url: str, work) -> dict:
+    """Run ``work()`` while a claimer claims and acks one message at a time:
+    its duration, WAL bytes and the claim latency before and during."""
+    claimer = Claimer(url)
+    claimer.start()
+    time.sleep(3)
+    wal0, t0 = wal(conn), time.perf_counter()
+    result = work()
+    t1 = time.perf_counter()
+    wal1 = wal(conn)
+    time.sleep(3)
+    claimer.stopping.set()
+    claimer.join()
+    return {"result": result, "seconds": t1 - t0, "wal_bytes": wal1 - wal0,
+            "claim_before": claimer.latency_ms(t0 - 3, t0),
+            "claim_during": claimer.latency_ms(t0, t1)}
+
+
+def partition_figures(conn: psycopg.Connection, url: str, finished: int) -> dict:
+    """The partition path as built (``partitioned_history``, migrations/core/180):
+
+    - **move**: ``finished`` completed rows of finished jobs leave job_tasks
+      for job_tasks_history (``Retention(partitioned=True)``, batches of 1,000,
+      the workers' statement), while the claimer runs;
+    - **drop**: the same rows in a history partition whose day is over, and
+      the retention pass that drops it (``pg_broker_move_to_history``).
+    """
+    conn.execute("TRUNCATE job_tasks, jobs, job_tasks_history CASCADE")
+    for (name,) in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'job_tasks_history'::regclass").fetchall():
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+    fill_jobs(conn, finished)
+    fill(conn, 20_000)  # the claimer's stream
+    before = table_state(conn)
+    retention = Retention.older_than("7 days", partitioned=True)
+    move = timed_pass(conn, url, lambda: retention.run(conn))
+    move.update(finished_rows=finished, moved=move.pop("result"), before=before,
+                after=table_state(conn),
+                history_bytes=conn.execute(
+                    "SELECT sum(pg_total_relation_size(inhrelid))::bigint FROM pg_inherits"
+                    " WHERE inhparent = 'job_tasks_history'::regclass").fetchone()[0])
+    # The same rows in a partition whose day is over: what retention drops.
+    conn.execute("CREATE TABLE job_tasks_history_p20000101 PARTITION OF job_tasks_history"
+                 " FOR VALUES FROM ('2000-01-01 00:00+00') TO ('2000-01-02 00:00+00')")
+    columns = sql.SQL(", ").join(sql.Identifier(c) for (c,) in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'job_tasks_history'::regclass"
+        " AND attnum > 0 AND NOT attisdropped AND attname <> 'purge_after' ORDER BY attnum"))
+    conn.execute(sql.SQL(
+        "WITH moved AS (DELETE FROM job_tasks_history RETURNING {columns})"
+        " INSERT INTO job_tasks_history ({columns}, purge_after)"
+        " SELECT {columns}, '2000-01-01 12:00+00' FROM moved").format(columns=columns))
+    conn.execute("CHECKPOINT")
+    partition_bytes = conn.execute(
+        "SELECT pg_total_relation_size('job_tasks_history_p20000101')").fetchone()[0]
+    drop = timed_pass(conn, url, lambda: conn.execute(
+        "SELECT * FROM pg_broker_move_to_history('7 days', 1000)").fetchone())
+    drop.update(finished_rows=finished, partition_bytes=partition_bytes,
+                moved_and_dropped=drop.pop("result"))
+    return {"move": move, "retention_pass_drop": drop}
 
 
 def main() -> None:
@@ -291,7 +280,7 @@ def main() -> None:
         }
         if args.finished:
             results["retention_pass_delete"] = pass_figures(conn, url, args.finished)
-            results["partition_path"] = partition_figures(conn, url, args.tasks, args.finished)
+            results["partition_path"] = partition_figures(conn, url, args.finished)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -293,10 +293,18 @@ def cmd_retention(args: argparse.Namespace) -> int:
     url = database_url()
     ensure_migrated(url)
     age = args.older_than or default_retention()
+    retention = Retention.older_than(age)
+    if args.partitioned_history:
+        retention.partitioned = True
     with connect(url, autocommit=True) as conn:
-        deleted = Retention.older_than(age).run(conn)
+        deleted = retention.run(conn)
         expired = ResultExpiry().run(conn)
-    print(f"deleted {deleted} finished task row(s) older than {age}")
+    if retention.partitioned:
+        print(f"{deleted} finished task row(s) left job_tasks (finished jobs' completed and "
+              f"cancelled rows to job_tasks_history, kept {age} after their job; the rest "
+              f"deleted past {age})")
+    else:
+        print(f"deleted {deleted} finished task row(s) older than {age}")
     print(f"deleted {expired} expired result(s) and chord counter(s)")
     return 0
 
@@ -459,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "result_expires")
     retention.add_argument("--older-than", metavar="INTERVAL",
                            help="a PostgreSQL interval (default PG_BROKER_RETENTION or '7 days')")
+    retention.add_argument("--partitioned-history", action="store_true",
+                           help="move finished jobs' completed and cancelled rows to the "
+                                "day-partitioned job_tasks_history instead of deleting them "
+                                "(default: PG_BROKER_PARTITIONED_HISTORY); old days are "
+                                "dropped either way")
     return parser
 
 

@@ -5,7 +5,10 @@
 - :class:`Retention` deletes finished task rows past their window (plain
   messages completed, plain ones failed or dead, a job's rows after the job),
   in small batches, so the hot table stays small; jobs keep their counters
-  and artifacts. Every worker runs it too, one at a time (the transport's
+  and artifacts. With ``partitioned`` (``partitioned_history``) a finished
+  job's completed and cancelled rows move instead to ``job_tasks_history``,
+  partitioned by day, whose old days are dropped, not deleted
+  (migrations/core/180). Every worker runs it too, one at a time (the transport's
   lease thread, :mod:`pg_broker.transport.leases`), with its transport
   options' windows.
 - :class:`ResultExpiry` deletes results (``pgbroker://`` result backend)
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 RETENTION_VARIABLE = "PG_BROKER_RETENTION"
 DEFAULT_RETENTION = "7 days"
+PARTITIONED_VARIABLE = "PG_BROKER_PARTITIONED_HISTORY"
 
 
 @dataclass
@@ -56,6 +60,11 @@ def default_retention() -> str:
     return os.environ.get(RETENTION_VARIABLE, "").strip() or DEFAULT_RETENTION
 
 
+def default_partitioned() -> bool:
+    """PG_BROKER_PARTITIONED_HISTORY: 1/true/yes/on turns the partitioned history on."""
+    return os.environ.get(PARTITIONED_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 Window = str | timedelta  # a PostgreSQL interval ('7 days') or a timedelta
 
 
@@ -72,6 +81,13 @@ class Retention:
     Pending, delayed (ETA) and held rows are never finished, so never deleted.
     ``lock``, an advisory lock key, makes a run give way to another session
     running it (workers take turns, see :mod:`pg_broker.transport.leases`).
+
+    ``partitioned``: a finished job's completed and cancelled rows move to
+    ``job_tasks_history`` as soon as the job finished (``move_to_history``),
+    kept until the day partition of ``job`` after the job's end is dropped;
+    failed and dead rows stay for ``dead retry`` and leave by DELETE. Without
+    it a run still drops history partitions whose day is over (left from a
+    time it was on).
     """
 
     completed: Window = field(default_factory=default_retention)
@@ -79,6 +95,7 @@ class Retention:
     job: Window = field(default_factory=default_retention)
     batch_size: int = 1000
     lock: int | None = None
+    partitioned: bool = field(default_factory=default_partitioned)
     name: str = "retention"
 
     @classmethod
@@ -91,24 +108,36 @@ class Retention:
         return {"keep_completed": self.completed, "keep_failed": self.failed,
                 "keep_job": self.job, "batch": self.batch_size, "lock": self.lock}
 
+    def history_params(self) -> dict[str, Any]:
+        """The parameters of ``move_to_history`` (batch 0: drop old days only)."""
+        return {"keep_job": self.job, "batch": self.batch_size if self.partitioned else 0,
+                "lock": self.lock}
+
     def full(self, deleted: Sequence[int | None]) -> bool:
         """Whether a batch's counts say more rows are waiting."""
         return any(count == self.batch_size for count in deleted)
 
     def run(self, conn: psycopg.Connection) -> int:
-        deleted = 0
+        """Deletes (and moves) until no kind has a full batch left; rows removed
+        from job_tasks."""
+        removed = dropped = 0
         while True:
             with conn.transaction():
                 batch = conn.execute(queries["delete_finished_tasks"], self.params()).fetchone()
+                moved = conn.execute(queries["move_to_history"],
+                                     self.history_params()).fetchone()
             if batch[0] is None:  # another session holds the lock: it runs
                 break
-            deleted += sum(batch)
-            if not self.full(batch):
+            removed += sum(batch) + (moved[0] or 0)
+            dropped += moved[1] or 0
+            if not self.full([*batch, moved[0]]):
                 break
-        if deleted:
-            log.info("retention: deleted %d finished task row(s) (windows: completed %s, "
-                     "failed %s, job %s)", deleted, self.completed, self.failed, self.job)
-        return deleted
+        if removed or dropped:
+            log.info("retention: %d finished task row(s) left job_tasks, %d history "
+                     "partition(s) dropped (windows: completed %s, failed %s, job %s%s)",
+                     removed, dropped, self.completed, self.failed, self.job,
+                     "; partitioned history" if self.partitioned else "")
+        return removed
 
 
 @dataclass

@@ -38,7 +38,7 @@ pytest.register_assert_rewrite("transport_support", "pgbouncer")
 TEST_URL_VARIABLE = "PG_BROKER_TEST_URL"
 # Tables a test may fill; emptied before each test that asks for `db`.
 DATA_TABLES = (
-    "job_artifacts", "job_tasks", "jobs",
+    "job_artifacts", "job_tasks", "job_tasks_history", "jobs",
     "broker_bindings", "broker_queues", "broker_transient_messages",
     "task_results", "task_result_chords", "task_result_chord_parts",
 )

@@ -342,6 +342,24 @@ WITH expired AS (
 SELECT reclaim_stale_tasks(), (SELECT count(*) FROM expired)
   FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit;
 
+-- name: transport_needs_vacuum
+-- Whether job_tasks holds more dead row versions than the threshold while autovacuum is off (for the server or the table), or has not vacuumed it for five minutes: then a worker vacuums it (transport_vacuum).
+-- Every claim and every ack leaves a dead row version; on a server whose
+-- autovacuum is off (or busy elsewhere) they piled up without end: 27,660
+-- after 12,000 tasks of the 200,000-task endurance run, never vacuumed, the
+-- table growing with every task. Reads the statistics only.
+SELECT coalesce((SELECT s.n_dead_tup > %(threshold)s
+                        AND (NOT current_setting('autovacuum')::boolean
+                             OR 'autovacuum_enabled=false' = ANY (coalesce(c.reloptions, '{}'))
+                             OR coalesce(greatest(s.last_autovacuum, s.last_vacuum),
+                                         '-infinity') < now() - interval '5 minutes')
+                   FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
+                  WHERE s.relid = 'job_tasks'::regclass), false);
+
+-- name: transport_vacuum
+-- Vacuums job_tasks, unless another vacuum (autovacuum, another worker) has it now. Not in a transaction: run on a connection of its own.
+VACUUM (SKIP_LOCKED) job_tasks;
+
 -- ---------------------------------------------------------------------------
 -- The result backend (pg_broker.results): Celery's key-value results in
 -- task_results, chord counters in task_result_chords (migrations/core/110). Every
@@ -469,10 +487,18 @@ SELECT id, user_id, job_type, title, params, status, total_tasks, completed_task
   FROM jobs WHERE id = %(job_id)s;
 
 -- name: tasks_of_job
--- A job's tasks in submission order.
+-- A job's tasks in submission order, those moved to job_tasks_history (partitioned_history) too.
+-- One statement, one snapshot: a row being moved is seen once, on one side.
 SELECT id, task_id, task_type, queue, status, attempts, max_attempts, worker_id, error,
        result, created_at, started_at, completed_at
-  FROM job_tasks WHERE job_id = %(job_id)s ORDER BY sequence, id;
+  FROM (SELECT id, sequence, task_id, task_type, queue, status, attempts, max_attempts,
+               worker_id, error, result, created_at, started_at, completed_at
+          FROM job_tasks WHERE job_id = %(job_id)s
+        UNION ALL
+        SELECT id, sequence, task_id, task_type, queue, status, attempts, max_attempts,
+               worker_id, error, result, created_at, started_at, completed_at
+          FROM job_tasks_history WHERE job_id = %(job_id)s) t
+ ORDER BY sequence, id;
 
 -- name: artifacts_of_job
 -- A job's artifacts by kind, chapters in order.
@@ -611,6 +637,12 @@ SELECT CASE WHEN ours THEN (SELECT count(*) FROM completed) END AS completed,
        CASE WHEN ours THEN (SELECT count(*) FROM failed) END AS failed,
        CASE WHEN ours THEN (SELECT count(*) FROM of_jobs) END AS of_jobs
   FROM turn, (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit;
+
+-- name: move_to_history
+-- Partitioned history (partitioned_history): drops the history partitions whose day is over, then moves one batch of finished jobs' completed and cancelled rows from job_tasks into job_tasks_history (migrations/core/180). With a lock key, only if no other session holds it; returns the rows moved and partitions dropped, NULLs when the lock was taken.
+SELECT moved, dropped
+  FROM pg_broker_move_to_history(%(keep_job)s::interval, %(batch)s, %(lock)s::bigint),
+       (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit;
 
 -- ---------------------------------------------------------------------------
 -- Flower (pg_broker.flower): the Broker tab and /api/queues/length.

@@ -20,7 +20,9 @@ every live consumer shares: it returns expired leases of dead workers to
 messages. All of it is safe to run from any number of processes at once. It
 also deletes finished rows past their retention windows
 (:class:`pg_broker.maintenance.Retention`, the transport options
-``*_retention``), so ``job_tasks`` stays bounded without beat or any setting;
+``*_retention``; with ``partitioned_history`` it moves finished jobs' rows
+to the day-partitioned history instead), so ``job_tasks`` stays bounded
+without beat or any setting;
 that one runs in one worker at a time (an advisory lock, tried, never waited
 for), a batch per turn of the loop.
 
@@ -74,6 +76,7 @@ class LeaseKeeper:
         lease: float,
         maintenance_interval: float,
         retention: Retention,
+        vacuum_threshold: int = 0,
         settle: Callable[[], None] = lambda: None,
         finished: Callable[[], bool] = lambda: False,
         reconnect: Callable[[], None] = lambda: None,
@@ -81,6 +84,8 @@ class LeaseKeeper:
     ) -> None:
         """``store`` runs the statements (on the transport's work connection);
         ``retention`` is the cleanup of finished rows the maintenance runs;
+        ``vacuum_threshold`` the dead row versions of job_tasks past which it
+        vacuums the table when autovacuum does not (0: never);
         ``settle`` sends the deferred settlements (raising psycopg.Error when
         it cannot); ``finished`` says the thread may end (closed, nothing
         held); ``reconnect`` drops the work connection (the next statement
@@ -95,6 +100,7 @@ class LeaseKeeper:
         self.interval = max(lease / 3.0, 0.05)
         self.maintenance_interval = maintenance_interval
         self.retention = retention
+        self.vacuum_threshold = vacuum_threshold
         self._held: dict[int, uuid.UUID] = {}
         self._expiring: dict[str, float] = {}  # consumed queue -> x-expires seconds
         self._consumed: set[str] = set()
@@ -304,6 +310,9 @@ class LeaseKeeper:
             log.info("reclaimed %d task(s) whose lease expired", reclaimed)
         if dropped:
             log.info("dropped %d queue(s) unused past their expiry", dropped)
+        if self.vacuum_threshold and self._store.vacuum(self.vacuum_threshold):
+            log.info("vacuumed job_tasks (over %d dead row versions, autovacuum off or "
+                     "behind)", self.vacuum_threshold)
 
     def clean_up(self) -> bool:
         """One batch of the cleanup of finished rows, unless another worker is
@@ -314,5 +323,11 @@ class LeaseKeeper:
         if any(deleted):
             log.debug("deleted finished rows: %d completed, %d failed or dead, %d of jobs",
                       *deleted)
-        return self.retention.full(deleted)
+        if not self.retention.partitioned:
+            return self.retention.full(deleted)
+        moved, dropped = self._store.move_to_history(self.retention)
+        if moved or dropped:
+            log.debug("partitioned history: %s row(s) moved, %s partition(s) dropped",
+                      moved, dropped)
+        return self.retention.full([*deleted, moved])
 

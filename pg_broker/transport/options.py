@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from pg_broker.database import configured_listen_url
+from pg_broker.maintenance import default_partitioned
 
 DEFAULT_LEASE_SECONDS = 60.0
 DEFAULT_POLLING_INTERVAL = 1.0
@@ -28,6 +29,7 @@ DEFAULT_RESPONSE_TIMEOUT = 20.0
 DEFAULT_COMPLETED_RETENTION = 0.0
 DEFAULT_FAILED_RETENTION = 7 * 24 * 3600.0
 DEFAULT_JOB_RETENTION = 7 * 24 * 3600.0
+DEFAULT_VACUUM_THRESHOLD = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,20 @@ class Options:
     ``job_retention`` (604800: 7 days)
         Seconds a job's finished rows stay after the job itself finished
         (its page lists them); rows of an unfinished job stay.
+    ``partitioned_history`` (False; PG_BROKER_PARTITIONED_HISTORY)
+        True: the cleanup moves a finished job's completed and cancelled
+        rows from ``job_tasks`` into ``job_tasks_history``, partitioned by
+        the day they may go (the job's end + ``job_retention``), and drops
+        each day's partition once the day is over: no DELETE, no vacuum of
+        them (migrations/core/180). Failed and dead rows stay for ``dead
+        retry``. For apps that keep many jobs' rows (high volume).
+    ``vacuum_threshold`` (10000)
+        Dead row versions of ``job_tasks`` past which a worker's
+        maintenance runs ``VACUUM job_tasks`` itself (on a connection of its
+        own, skipped while another vacuum has the table), when the server's
+        autovacuum is off or has not vacuumed it for five minutes. Every
+        claim and ack leaves one; without any vacuum the table grows with
+        every task. 0: never.
     ``claim_batch_max`` (100)
         Upper bound of one claim when the prefetch window is unlimited.
     ``confirm_publish`` (True)
@@ -119,6 +135,8 @@ class Options:
     completed_retention: timedelta = timedelta(seconds=DEFAULT_COMPLETED_RETENTION)
     failed_retention: timedelta = timedelta(seconds=DEFAULT_FAILED_RETENTION)
     job_retention: timedelta = timedelta(seconds=DEFAULT_JOB_RETENTION)
+    partitioned_history: bool = False
+    vacuum_threshold: int = DEFAULT_VACUUM_THRESHOLD
 
 
 def from_transport_options(options: Mapping[str, object]) -> Options:
@@ -142,6 +160,8 @@ def from_transport_options(options: Mapping[str, object]) -> Options:
         completed_retention=_window(options, "completed_retention", DEFAULT_COMPLETED_RETENTION),
         failed_retention=_window(options, "failed_retention", DEFAULT_FAILED_RETENTION),
         job_retention=_window(options, "job_retention", DEFAULT_JOB_RETENTION),
+        partitioned_history=flag(options.get("partitioned_history", default_partitioned())),
+        vacuum_threshold=int(options.get("vacuum_threshold", DEFAULT_VACUUM_THRESHOLD)),
     )
 
 

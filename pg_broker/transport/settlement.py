@@ -76,7 +76,8 @@ class Settlements:
             store, options.lease.total_seconds(), options.maintenance_interval,
             Retention(completed=options.completed_retention, failed=options.failed_retention,
                       job=options.job_retention, batch_size=CLEANUP_BATCH,
-                      lock=CLEANUP_LOCK_KEY),
+                      lock=CLEANUP_LOCK_KEY, partitioned=options.partitioned_history),
+            vacuum_threshold=options.vacuum_threshold,
             settle=self.send_waiting, finished=finished, reconnect=reconnect,
             worker_id=lambda: self.worker_id,
         )

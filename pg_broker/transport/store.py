@@ -366,7 +366,26 @@ class Store:
         return self.work.execute(queries["transport_maintain"], None,
                                  MAINTENANCE_ROWS).fetchone()
 
+    def vacuum(self, threshold: int) -> bool:
+        """VACUUM job_tasks when ``transport_needs_vacuum`` says so, on a
+        connection of its own (a vacuum of a bloated table may take seconds,
+        the work connection carries claims); whether it ran."""
+        (needed,) = self.work.execute(queries["transport_needs_vacuum"],
+                                      {"threshold": threshold}).fetchone()
+        if not needed:
+            return False
+        with psycopg.connect(self.work.conninfo, autocommit=True,
+                             **self.work.connect_kwargs) as conn:
+            conn.execute(queries["transport_vacuum"])
+        return True
+
     def delete_finished(self, retention: Retention) -> tuple[int | None, int | None, int | None]:
         """One batch of ``retention`` (``delete_finished_tasks``): rows deleted
         of each kind, NULLs when another session holds its lock."""
         return self.work.execute(queries["delete_finished_tasks"], retention.params()).fetchone()
+
+    def move_to_history(self, retention: Retention) -> tuple[int | None, int | None]:
+        """One batch of ``move_to_history`` (partitioned history): rows moved
+        and partitions dropped, NULLs when another session holds its lock."""
+        return self.work.execute(queries["move_to_history"],
+                                 retention.history_params()).fetchone()

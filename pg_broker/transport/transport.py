@@ -69,7 +69,7 @@ class Transport(virtual.Transport):
     maintenance_interval, claim_batch_max, confirm_publish,
     synchronous_commit, max_message_size, retry_backoff, response_timeout,
     migrate, prepared_statements, listen_url, completed_retention, failed_retention,
-    job_retention).
+    job_retention, partitioned_history, vacuum_threshold).
     """
 
     Channel = Channel

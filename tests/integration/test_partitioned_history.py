@@ -1,0 +1,320 @@
+"""The partitioned history (``partitioned_history``, migrations/core/180): a
+finished job's completed and cancelled rows leave job_tasks for
+job_tasks_history, partitioned by the day they may go, and old days are
+dropped; failed and dead rows stay where ``dead retry`` finds them; nothing
+unfinished moves; a job's tasks are read from both; users see only their own
+history; workers vacuum job_tasks when autovacuum does not."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import kombu
+import psycopg
+import pytest
+from celery_workers import wait_for
+from psycopg import sql
+from taskrows import ack_and_claim, add_job, add_tasks, job
+from transport_support import queue_named
+
+from pg_broker import jobs
+from pg_broker.maintenance import Retention
+from pg_broker.queries import queries
+
+pytest_plugins = ["transport_support"]
+
+WEEK = "7 days"
+
+
+def _history(db: psycopg.Connection) -> dict[int, str]:
+    return dict(db.execute("SELECT id, status FROM job_tasks_history").fetchall())
+
+
+def _partitions(db: psycopg.Connection) -> list[str]:
+    return [r[0] for r in db.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'job_tasks_history'::regclass ORDER BY 1")]
+
+
+def _finish(db: psycopg.Connection, ids: list[int], status: str) -> None:
+    db.execute("UPDATE job_tasks SET status = %s, completed_at = now() WHERE id = ANY (%s)",
+               (status, ids))
+
+
+def _job_with(db: psycopg.Connection, user: str | None = None, **counts: int) -> tuple[str, dict]:
+    """A job whose tasks are in the given statuses (completed=2, dead=1, ...)."""
+    job_id = add_job(db, user)
+    ids = {}
+    for status, count in counts.items():
+        ids[status] = add_tasks(db, count, queue="history", job_id=job_id, user_id=user)
+    for status in counts:
+        if status != "pending":
+            _finish(db, ids[status], status)
+    return job_id, ids
+
+
+def test_a_finished_jobs_completed_rows_move_to_the_day_they_may_go(db):
+    job_id, ids = _job_with(db, completed=3, cancelled=1, dead=1)
+    counters = job(db, job_id)
+    assert counters["status"] == "failed"
+
+    moved = Retention.older_than(WEEK, partitioned=True).run(db)
+
+    assert moved == 4
+    assert _history(db) == {**{i: "completed" for i in ids["completed"]},
+                            ids["cancelled"][0]: "cancelled"}
+    # The dead row stays in job_tasks, where dead retry finds it.
+    assert [r[0] for r in db.execute("SELECT id FROM job_tasks")] == ids["dead"]
+    purge_day = (job(db, job_id)["completed_at"] + dt.timedelta(days=7)).astimezone(dt.UTC)
+    assert _partitions(db) == [f"job_tasks_history_p{purge_day:%Y%m%d}"]
+    after = job(db, job_id)
+    assert {k: after[k] for k in ("status", "total_tasks", "completed_tasks", "failed_tasks",
+                                  "cancelled_tasks", "progress")} == \
+        {k: counters[k] for k in ("status", "total_tasks", "completed_tasks", "failed_tasks",
+                                  "cancelled_tasks", "progress")}
+    # Its page still lists every task, in order.
+    info = jobs.get_job(db, uuid.UUID(job_id))
+    assert [t.id for t in info.tasks] == sorted([*ids["completed"], *ids["cancelled"],
+                                                 *ids["dead"]])
+
+
+def test_rows_of_unfinished_jobs_and_plain_messages_stay(db):
+    _, running = _job_with(db, completed=2, pending=1)
+    plain = add_tasks(db, 2, queue="history")
+    _finish(db, plain, "completed")
+    delayed = add_tasks(db, 1, queue="history", visible_at="2100-01-01T00:00:00Z")
+
+    assert Retention(completed=WEEK, failed=WEEK, job=WEEK, partitioned=True).run(db) == 0
+    assert _history(db) == {}
+    left = {r[0] for r in db.execute("SELECT id FROM job_tasks")}
+    assert left == {*running["completed"], *running["pending"], *plain, *delayed}
+
+
+def test_without_the_option_rows_are_not_moved(db):
+    _job_with(db, completed=2)
+    assert Retention.older_than(WEEK, partitioned=False).run(db) == 0
+    assert _history(db) == {}
+
+
+def test_a_row_already_past_its_window_is_deleted_not_moved(db):
+    job_id, _ = _job_with(db, completed=2)
+    db.execute("UPDATE jobs SET completed_at = now() - interval '8 days' WHERE id = %s",
+               (job_id,))
+    db.execute("SELECT * FROM pg_broker_move_to_history(%s, 100)", (WEEK,))
+    assert _history(db) == {}
+    assert db.execute("SELECT count(*) FROM job_tasks").fetchone()[0] == 0
+
+
+def test_a_day_that_is_over_is_dropped_and_nothing_else(db):
+    job_id, ids = _job_with(db, completed=1)
+    db.execute("CREATE TABLE job_tasks_history_p20000101 PARTITION OF job_tasks_history"
+               " FOR VALUES FROM ('2000-01-01 00:00+00') TO ('2000-01-02 00:00+00')")
+    db.execute("INSERT INTO job_tasks_history (id, sequence, queue, priority, job_id, payload,"
+               " status, attempts, max_attempts, visible_at, created_at, updated_at,"
+               " purge_after) VALUES (-1, 0, 'history', 0, %s, '{}', 'completed', 1, 3,"
+               " now(), now(), now(), '2000-01-01 12:00+00')", (job_id,))
+    pending = add_tasks(db, 3, queue="history")
+
+    moved, dropped = db.execute("SELECT * FROM pg_broker_move_to_history(%s, 100)",
+                                (WEEK,)).fetchone()
+
+    assert (moved, dropped) == (1, 1)
+    assert "job_tasks_history_p20000101" not in _partitions(db)
+    assert set(_history(db)) == set(ids["completed"])
+    assert {r[0] for r in db.execute("SELECT id FROM job_tasks")} == set(pending)
+
+
+def test_a_move_gives_way_to_the_session_holding_its_lock(db, database_url):
+    _job_with(db, completed=1)
+    with psycopg.connect(database_url) as other:
+        other.execute("SELECT pg_advisory_xact_lock(42)")
+        assert db.execute("SELECT * FROM pg_broker_move_to_history(%s, 100, 42)",
+                          (WEEK,)).fetchone() == (None, None)
+    assert db.execute("SELECT * FROM pg_broker_move_to_history(%s, 100, 42)",
+                      (WEEK,)).fetchone() == (1, 0)
+
+
+def test_users_see_only_their_own_jobs_history(db):
+    alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
+    alices_job, alices = _job_with(db, alice, completed=2)
+    _job_with(db, bob, completed=1)
+    # Supabase's default privileges give every new table in public to anon
+    # and authenticated: the partition about to be created must not keep them.
+    db.execute("ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES"
+               " TO anon, authenticated")
+    try:
+        Retention.older_than(WEEK, partitioned=True).run(db)
+    finally:
+        db.execute("ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE ALL ON TABLES"
+                   " FROM anon, authenticated")
+    assert len(_history(db)) == 3
+    (partition,) = _partitions(db)
+
+    with jobs.user_session(db, alice):
+        seen = [r[0] for r in db.execute("SELECT id FROM job_tasks_history")]
+        info = jobs.get_job(db, uuid.UUID(alices_job))
+    for role in ("authenticated", "service_role"):  # a partition is read through its parent
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with db.transaction():
+                db.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+                db.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(partition)))
+    assert sorted(seen) == alices["completed"]
+    assert [t.id for t in info.tasks] == alices["completed"]
+    for role in ("anon", "authenticated"):
+        assert not db.execute("SELECT has_table_privilege(%s, %s, 'SELECT')",
+                              (role, partition)).fetchone()[0]
+    with db.transaction():
+        db.execute("SET LOCAL ROLE anon")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with db.transaction():
+                db.execute("SELECT * FROM job_tasks_history")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        with db.transaction():
+            db.execute("SET LOCAL ROLE authenticated")
+            db.execute("SELECT * FROM pg_broker_move_to_history('1 day', 1)")
+
+
+def test_a_service_role_worker_moves_rows(db):
+    _job_with(db, completed=2)
+    with db.transaction():
+        db.execute("SET LOCAL ROLE service_role")
+        assert Retention.older_than(WEEK, partitioned=True).run(db) == 2
+    assert len(_history(db)) == 2
+
+
+@pytest.fixture
+def open_consumer(broker_url):
+    """A worker's transport whose lease thread runs its maintenance every 0.2 s."""
+    @contextmanager
+    def consumer(**options) -> Iterator[kombu.Connection]:
+        with kombu.Connection(broker_url, transport_options={
+                "maintenance_interval": 0.2, **options}) as conn:
+            with conn.Consumer([queue_named("worker")], callbacks=[lambda body, m: m.ack()]):
+                yield conn
+    return consumer
+
+
+def test_a_consuming_worker_moves_finished_jobs_rows_with_the_option(open_consumer, db):
+    _, ids = _job_with(db, completed=2, dead=1)
+    with open_consumer(partitioned_history=True):
+        wait_for(lambda: set(_history(db)) == set(ids["completed"]), 30,
+                 lambda: f"the rows to move: {_history(db)}")
+    assert [r[0] for r in db.execute("SELECT id FROM job_tasks")] == ids["dead"]
+
+
+def test_a_worker_vacuums_job_tasks_when_autovacuum_does_not(open_consumer, db):
+    db.execute("ALTER TABLE job_tasks SET (autovacuum_enabled = false)")
+    try:
+        ids = add_tasks(db, 300, queue="vacuum")
+        db.execute("DELETE FROM job_tasks WHERE id = ANY (%s)", (ids,))
+
+        def stats():
+            return db.execute("SELECT n_dead_tup, vacuum_count FROM pg_stat_user_tables"
+                              " WHERE relname = 'job_tasks'").fetchone()
+
+        wait_for(lambda: stats()[0] >= 300, 30, "the deletes in the statistics")
+        vacuums = stats()[1]
+        with open_consumer(vacuum_threshold=100):
+            wait_for(lambda: stats()[1] > vacuums, 30,
+                     lambda: f"a vacuum by the worker: {stats()}")
+        assert stats()[0] < 300
+    finally:
+        db.execute("ALTER TABLE job_tasks RESET (autovacuum_enabled)")
+
+
+# The race of test_retention_races, on the partition path: finished jobs'
+# rows moving while a worker claims, acks and buries and dead retry re-queues.
+
+RACE_SECONDS = 4.0
+
+
+def test_moving_racing_claims_acks_and_dead_retry_moves_only_finished_jobs_rows(
+    db: psycopg.Connection, database_url: str,
+) -> None:
+    ledger: dict[int, str] = {}
+    lock = threading.Lock()
+
+    def record(ids, state):
+        with lock:
+            for i in ids:
+                ledger[i] = state
+
+    # Jobs of two tasks: one acked (completed), one buried (dead), so each
+    # job finishes (failed) and reopens when dead retry re-queues its row.
+    for _ in range(150):
+        job_id = add_job(db)
+        record(add_tasks(db, 2, queue="race-h", job_id=job_id), "pending")
+    delayed_job = add_job(db)
+    delayed = add_tasks(db, 20, queue="race-h", job_id=delayed_job,
+                        visible_at="2100-01-01T00:00:00Z")
+    record(delayed, "pending")
+
+    stop, errors, moved = threading.Event(), [], []
+
+    def worker():
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                while not stop.is_set():
+                    with conn.transaction():
+                        claimed, _, token = ack_and_claim(conn, [], "race-h", limit=4,
+                                                          worker="racer")
+                        record(claimed, "claimed")
+                    with conn.transaction():
+                        _, acked, _ = ack_and_claim(
+                            conn, [(i, token) for i in claimed if i % 2 == 0])
+                        record(acked, "completed")
+                    with conn.transaction():
+                        burials = [i for i in claimed if i % 2]
+                        buried = conn.execute(queries["transport_bury"], {
+                            "ids": burials, "tokens": [token] * len(burials),
+                            "error": "raced"}).fetchall()
+                        record([r[0] for r in buried], "dead")
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    def retrier():
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                while not stop.is_set():
+                    with conn.transaction():
+                        retried = conn.execute(queries["retry_dead_tasks"],
+                                               {"ids": None}).fetchall()
+                        record([r[0] for r in retried], "pending")
+                    time.sleep(0.01)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def mover():
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                retention = Retention(completed="0 seconds", failed="0 seconds", job=WEEK,
+                                      batch_size=10, partitioned=True)
+                while not stop.is_set():
+                    moved.append(retention.run(conn))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    actors = [threading.Thread(target=f) for f in (worker, retrier, mover)]
+    for actor in actors:
+        actor.start()
+    time.sleep(RACE_SECONDS)
+    stop.set()
+    for actor in actors:
+        actor.join(30)
+    assert not errors, errors
+
+    left = dict(db.execute("SELECT id, status FROM job_tasks").fetchall())
+    history = _history(db)
+    assert sum(moved) == len(history) > 0, "rows moved while racing"
+    assert not set(left) & set(history), "a row on both sides"
+    assert set(ledger) == set(left) | set(history), "a row lost"
+    not_completed = {i: ledger[i] for i in history if ledger[i] != "completed"}
+    assert not not_completed, f"moved before they completed: {not_completed}"
+    assert all(left.get(i) == "pending" for i in delayed), "a delayed (ETA) message moved"
+    changed = {i: (ledger[i], s) for i, s in left.items() if ledger[i] != s}
+    assert not changed, changed
