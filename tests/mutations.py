@@ -49,6 +49,7 @@ QUERIES = "pg_broker/sql/queries.sql"
 SCHEMA = "migrations/core/100_broker_schema.sql"
 LEASES_OWNERS = "migrations/core/102_arguments_leases_owners.sql"
 RENEW_START = "migrations/core/113_renew_and_start_defined_once.sql"
+CLAIM = "migrations/core/160_claim_planned_once.sql"
 SUPABASE = "migrations/supabase/101_supabase_layer.sql"
 
 MESSAGES = "tests/integration/test_transport_messages.py"
@@ -84,23 +85,23 @@ def _fence(settle: str) -> str:
 MUTATIONS: tuple[Mutation, ...] = (
     # Claim order ---------------------------------------------------------------
     Mutation(
-        "claim-order", QUERIES,
-        "     ORDER BY priority DESC, sequence\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), deleted",
-        "     ORDER BY priority ASC, sequence\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), deleted",
+        "claim-order", CLAIM,
+        "         ORDER BY t.priority DESC, t.sequence\n         LIMIT p_limit\n",
+        "         ORDER BY t.priority ASC, t.sequence\n         LIMIT p_limit\n",
         (f"{MESSAGES}::test_priority_order_holds_across_claims_when_the_backlog_exceeds_the_prefetch_window",),
         "transport_claim takes the lowest priority first",
     ),
     Mutation(
-        "claim-fifo", QUERIES,
-        "     ORDER BY priority DESC, sequence\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), deleted",
-        "     ORDER BY priority DESC, sequence DESC\n     LIMIT %(limit)s\n       FOR UPDATE SKIP LOCKED\n), deleted",
+        "claim-fifo", CLAIM,
+        "         ORDER BY t.priority DESC, t.sequence\n         LIMIT p_limit\n",
+        "         ORDER BY t.priority DESC, t.sequence DESC\n         LIMIT p_limit\n",
         (f"{MESSAGES}::test_priority_order_holds_across_claims_when_the_backlog_exceeds_the_prefetch_window",),
         "transport_claim is LIFO inside a priority",
     ),
     Mutation(
-        "claim-visible-at", QUERIES,
-        "AND visible_at <= now() AND (expires_at IS NULL OR expires_at > now())\n     ORDER BY priority DESC, sequence",
-        "AND (expires_at IS NULL OR expires_at > now())\n     ORDER BY priority DESC, sequence",
+        "claim-visible-at", CLAIM,
+        "AND t.visible_at <= now() AND (t.expires_at IS NULL OR t.expires_at > now())\n         ORDER BY",
+        "AND (t.expires_at IS NULL OR t.expires_at > now())\n         ORDER BY",
         (f"{MESSAGES}::test_reject_without_requeue_retries_after_a_backoff_that_doubles_per_attempt",),
         "transport_claim delivers rows before their backoff or ETA",
     ),
@@ -120,20 +121,20 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # Lease fencing on every settle -----------------------------------------------
     Mutation(
-        "fence-ack-delete", QUERIES,
-        "     WHERE t.id = held.id AND t.lease_token = held.lease_token\n"
-        "       AND t.status IN ('claimed', 'processing') AND t.job_id IS NULL",
-        "     WHERE t.id = held.id\n"
-        "       AND t.status IN ('claimed', 'processing') AND t.job_id IS NULL",
+        "fence-ack-delete", CLAIM,
+        "         WHERE t.id = held.id AND t.lease_token = held.lease_token\n"
+        "           AND t.status IN ('claimed', 'processing') AND t.job_id IS NULL",
+        "         WHERE t.id = held.id\n"
+        "           AND t.status IN ('claimed', 'processing') AND t.job_id IS NULL",
         (_fence("ack"),),
         "an ack with a lost lease deletes another worker's row",
     ),
     Mutation(
-        "fence-ack-complete", QUERIES,
-        "     WHERE t.id = held.id AND t.lease_token = held.lease_token\n"
-        "       AND t.status IN ('claimed', 'processing', 'cancelled')\n       AND NOT (t.job_id",
-        "     WHERE t.id = held.id\n"
-        "       AND t.status IN ('claimed', 'processing', 'cancelled')\n       AND NOT (t.job_id",
+        "fence-ack-complete", CLAIM,
+        "         WHERE t.id = held.id AND t.lease_token = held.lease_token\n"
+        "           AND t.status IN ('claimed', 'processing', 'cancelled')\n           AND NOT (t.job_id",
+        "         WHERE t.id = held.id\n"
+        "           AND t.status IN ('claimed', 'processing', 'cancelled')\n           AND NOT (t.job_id",
         (_fence("ack-kept"),),
         "an ack with a lost lease completes another worker's row",
     ),
@@ -190,7 +191,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # Attempt counting and refunds ------------------------------------------------------
     Mutation(
-        "attempts-claim", QUERIES,
+        "attempts-claim", CLAIM,
         "claimed_at = now(), attempts = t.attempts + 1",
         "claimed_at = now(), attempts = t.attempts",
         (f"{MESSAGES}::test_requeue_returns_the_row_to_pending_at_once",),
@@ -266,9 +267,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # TTL --------------------------------------------------------------------------------
     Mutation(
-        "ttl-claim", QUERIES,
-        "AND visible_at <= now() AND (expires_at IS NULL OR expires_at > now())\n     ORDER BY priority DESC, sequence",
-        "AND visible_at <= now()\n     ORDER BY priority DESC, sequence",
+        "ttl-claim", CLAIM,
+        "AND t.visible_at <= now() AND (t.expires_at IS NULL OR t.expires_at > now())\n         ORDER BY",
+        "AND t.visible_at <= now()\n         ORDER BY",
         (f"{MESSAGES}::test_expired_message_is_never_delivered",),
         "an expired message is delivered",
     ),
@@ -338,9 +339,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the synchronous_commit option is ignored",
     ),
     Mutation(
-        "claim-asynchronous-commit", QUERIES,
-        "      FROM ready, (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit",
-        "      FROM ready",
+        "claim-asynchronous-commit", CLAIM,
+        "    PERFORM set_config('synchronous_commit', 'off', true);\n",
+        "",
         (f"{MESSAGES}::test_claims_settlements_and_renewals_commit_asynchronously",),
         "claims wait for their WAL flush",
     ),

@@ -88,60 +88,21 @@ SELECT pg_broker_wake(queue) FROM routed WHERE %(notify)s::boolean;
 
 -- name: transport_claim
 -- Acks the given held rows (fenced by lease token: a plain message's row deleted when delete_acked, else completed) and claims up to limit ready rows of a queue (highest priority, then FIFO) under one lease token, in one statement: claimed rows first (claimed = true), then the ids acked.
--- A row its worker cancelled instead of running it (cancel_held_task) keeps
--- its lease token until this ack, which settles it and leaves it cancelled.
--- Deleting a plain message at its ack (completed_retention 0, the default)
--- writes no new row version, no index entry and nothing for retention to
--- delete later (measured: README, "Bounded storage"); a job's rows stay for
--- its counters and its page. The two acks touch disjoint rows.
--- The rows to claim are chosen once, in a CTE of their own: as a subquery of
--- `t.id IN (...)` a nested-loop plan ran it again for each row, and each run,
--- no longer seeing the rows this statement had claimed, locked the next ones
--- (limit 3 claimed all 12 pending rows of a queue; found by
--- tests/integration/test_task_state_machine.py on a small table).
-WITH ready AS MATERIALIZED (
-    SELECT id FROM job_tasks
-     WHERE status = 'pending' AND queue = %(queue)s
-       AND visible_at <= now() AND (expires_at IS NULL OR expires_at > now())
-     ORDER BY priority DESC, sequence
-     LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED
-), deleted AS (
-    DELETE FROM job_tasks t
-     USING unnest(%(ack_ids)s::bigint[], %(ack_tokens)s::uuid[]) AS held(id, lease_token),
-           (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
-     WHERE t.id = held.id AND t.lease_token = held.lease_token
-       AND t.status IN ('claimed', 'processing') AND t.job_id IS NULL
-       AND %(delete_acked)s::boolean
-    RETURNING t.id
-), completed AS (
-    UPDATE job_tasks t
-       SET status = CASE t.status WHEN 'cancelled' THEN 'cancelled' ELSE 'completed' END,
-           error = NULL, completed_at = now(), lease_token = NULL, lease_expires_at = NULL
-      FROM unnest(%(ack_ids)s::bigint[], %(ack_tokens)s::uuid[]) AS held(id, lease_token),
-           (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
-     WHERE t.id = held.id AND t.lease_token = held.lease_token
-       AND t.status IN ('claimed', 'processing', 'cancelled')
-       AND NOT (t.job_id IS NULL AND t.status <> 'cancelled' AND %(delete_acked)s::boolean)
-    RETURNING t.id
-), claimed AS (
-    UPDATE job_tasks t
-       SET status = 'claimed', worker_id = %(worker_id)s, lease_token = %(lease_token)s,
-           lease_expires_at = now() + %(lease)s::interval, last_heartbeat = now(),
-           claimed_at = now(), attempts = t.attempts + 1
-      FROM ready, (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
-     WHERE t.id = ready.id
-    RETURNING t.id, t.payload, t.attempts, t.priority, t.sequence
-)
-SELECT true AS claimed, id, payload, attempts, priority, sequence FROM claimed
-UNION ALL
-SELECT false, id, NULL, NULL, NULL, NULL FROM deleted
-UNION ALL
-SELECT false, id, NULL, NULL, NULL, NULL FROM completed;
+-- The statement is pg_broker_claim (migrations/core/160), planned once per
+-- session. A row its worker cancelled instead of running it
+-- (cancel_held_task) keeps its lease token until this ack, which settles it
+-- and leaves it cancelled. Deleting a plain message at its ack
+-- (completed_retention 0, the default) writes no new row version, no index
+-- entry and nothing for retention to delete later (measured: README,
+-- "Bounded storage"); a job's rows stay for its counters and its page.
+SELECT claimed, id, payload, attempts, priority, sequence
+  FROM pg_broker_claim(%(queue)s, %(limit)s, %(worker_id)s, %(lease_token)s,
+                       %(lease)s::interval, %(ack_ids)s::bigint[], %(ack_tokens)s::uuid[],
+                       %(delete_acked)s::boolean);
 
 -- name: transport_take_transient
 -- Takes (deletes and returns) up to limit unexpired messages of a non-durable queue.
--- Chosen once in a CTE, as transport_claim's rows are (why: there).
+-- Chosen once in a CTE, as transport_claim's rows are (why: migrations/core/160).
 WITH taken AS MATERIALIZED (
     SELECT id FROM broker_transient_messages
      WHERE queue = %(queue)s AND (expires_at IS NULL OR expires_at > now())
@@ -597,7 +558,7 @@ SELECT id, queue, pg_broker_wake(queue) FROM retried;
 -- name: delete_finished_tasks
 -- Retention: one batch of each kind of finished row past its window leaves job_tasks: plain messages (no job) completed longer ago than keep_completed, plain ones failed, dead or cancelled longer ago than keep_failed, a job's rows once their job finished longer ago than keep_job. With a lock key, only if no other session holds it (workers take turns); returns the rows deleted of each kind, NULLs when the lock was taken.
 -- Each kind is read from its own partial index (migrations/core/120) and
--- chosen once in a CTE, as transport_claim's rows are (why: there), so a batch
+-- chosen once in a CTE, as transport_claim's rows are (why: migrations/core/160), so a batch
 -- stays a batch. Only finished rows qualify, so pending, delayed (ETA) and
 -- held rows are never touched. It never waits for a row (SKIP LOCKED): one
 -- locked now is being retried (retry_dead_tasks) or purged, and a row whose

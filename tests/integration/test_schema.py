@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -14,6 +16,7 @@ from psycopg import errors
 from taskrows import add_job, add_tasks, claim, job, task
 
 from pg_broker.migrate import migrate
+from pg_broker.queries import queries
 from pg_broker.states import JobStatus, TaskStatus
 
 
@@ -161,6 +164,41 @@ def test_a_claim_reads_only_the_rows_it_takes_from_the_claim_index(
         assert scans and all("Index Scan using job_tasks_claim_idx" in s for s in scans), explained
         # Index order is claim order: no backlog read, no sort of the backlog.
         assert all(_actual_rows(s) <= 10 for s in scans), scans
+
+
+@pytest.fixture
+def backlog_200k(db: psycopg.Connection) -> None:
+    """A backlog of 200,000 messages on one queue, 1,000 on another, statistics."""
+    db.execute("INSERT INTO job_tasks (queue, priority, payload)"
+               " SELECT 'audio', g % 3, '{}' FROM generate_series(1, 200000) g")
+    add_tasks(db, 1000, queue="pdf", priority=7)
+    db.execute("ANALYZE job_tasks")
+
+
+def test_the_transports_claim_keeps_one_index_driven_plan_on_a_200k_backlog(
+    db: psycopg.Connection, backlog_200k: None, explained: list[str]
+) -> None:
+    # pg_broker_claim runs with a generic plan (core 160): planned once per
+    # session, for any queue and limit, so that plan must read only the rows it
+    # acks and claims however long the backlog (its first form merge-joined
+    # the whole primary key: 200,000 rows read per claim).
+    assert "plan_cache_mode=force_generic_plan" in db.execute(
+        "SELECT proconfig FROM pg_proc WHERE proname = 'pg_broker_claim'").fetchone()[0]
+    held: list[tuple[int, str]] = []
+    for queue in ("audio", "pdf", "audio"):
+        explained.clear()
+        token = uuid.uuid4()
+        rows = db.execute(queries["transport_claim"], {
+            "queue": queue, "limit": 10, "worker_id": "w", "lease_token": token,
+            "lease": timedelta(minutes=1), "delete_acked": True,
+            "ack_ids": [row_id for row_id, _ in held], "ack_tokens": [t for _, t in held],
+        }).fetchall()
+        assert [r[0] for r in rows].count(True) == 10
+        assert [r[0] for r in rows].count(False) == len(held)
+        held = [(r[1], token) for r in rows if r[0]]
+        assert _plan_lines(explained, "Index Scan using job_tasks_claim_idx"), explained
+        scans = [line for line in _plan_lines(explained, " on job_tasks") if "Scan" in line]
+        assert scans and all(_actual_rows(s) <= 10 for s in scans), scans
 
 
 def test_the_watchdog_finds_expired_messages_without_reading_the_backlog(
