@@ -1,7 +1,8 @@
 """What finished messages cost ``job_tasks``, and what removing them costs.
 
-``python -m bench.retention [--pg-server URL] [--tasks 5000] [--finished 100000]``
-creates a scratch database on the server, migrates it, and measures:
+``python -m bench.retention [--pg-server URL|private] [--tasks 5000] [--finished 100000]``
+creates a scratch database on the server (``private``: a PostgreSQL 15 it
+starts and removes), migrates it, and measures:
 
 - **ack**: ``--tasks`` plain messages (a typical Celery envelope) are claimed
   and acked a batch of 100 at a time through ``transport_claim``, as a
@@ -20,7 +21,7 @@ creates a scratch database on the server, migrates it, and measures:
   partition holding them once its day is over (the same figures).
 
 WAL bytes are the server's (``pg_current_wal_lsn()`` differences): run it on a
-server nobody else writes to (a private one: ``initdb`` on a free port).
+server nobody else writes to (``--pg-server private``).
 Prints JSON and writes it to ``--out`` if given.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 import uuid
@@ -260,31 +262,52 @@ def partition_figures(conn: psycopg.Connection, url: str, finished: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pg-server", default=DEFAULT_SERVER)
+    parser.add_argument("--pg-server", default=DEFAULT_SERVER,
+                        help="maintenance URL of the server, or 'private': a PostgreSQL 15 "
+                             "started for the run (initdb in a temporary directory, "
+                             "shared_buffers 128MB, autovacuum on), so WAL is the run's alone")
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--finished", type=int, default=100_000)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    with psycopg.connect(args.pg_server, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(DATABASE)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
-    url = with_database(args.pg_server, DATABASE)
-    migrate(url)
-    with psycopg.connect(url, autocommit=True) as conn:
-        version = conn.execute("SHOW server_version").fetchone()[0]
-        results = {
-            "server": version, "tasks": args.tasks,
-            "ack_deletes": ack_figures(conn, args.tasks, True),
-            "ack_completes_then_retention": ack_figures(conn, args.tasks, False),
-        }
-        if args.finished:
-            results["retention_pass_delete"] = pass_figures(conn, url, args.finished)
-            results["partition_path"] = partition_figures(conn, url, args.finished)
+    server = None
+    if args.pg_server == "private":
+        from tests.chaos.servers import PostgresServer
+
+        server = PostgresServer("retention")
+        server.settings["shared_buffers"] = "128MB"
+        server.start()
+        args.pg_server = server.url()
+    try:
+        results = measure(args.pg_server, args.tasks, args.finished)
+    finally:
+        if server is not None:
+            server.destroy()
+    results["load_average"] = os.getloadavg()
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+
+
+def measure(server_url: str, tasks: int, finished: int) -> dict:
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(DATABASE)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+    url = with_database(server_url, DATABASE)
+    migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        version = conn.execute("SHOW server_version").fetchone()[0]
+        results = {
+            "server": version, "tasks": tasks,
+            "ack_deletes": ack_figures(conn, tasks, True),
+            "ack_completes_then_retention": ack_figures(conn, tasks, False),
+        }
+        if finished:
+            results["retention_pass_delete"] = pass_figures(conn, url, finished)
+            results["partition_path"] = partition_figures(conn, url, finished)
+    return results
 
 
 if __name__ == "__main__":
