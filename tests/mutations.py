@@ -49,7 +49,7 @@ QUERIES = "pg_broker/sql/queries.sql"
 SCHEMA = "migrations/core/100_broker_schema.sql"
 LEASES_OWNERS = "migrations/core/102_arguments_leases_owners.sql"
 RENEW_START = "migrations/core/113_renew_and_start_defined_once.sql"
-CLAIM = "migrations/core/160_claim_planned_once.sql"
+CLAIM = "migrations/core/162_plain_messages_fire_no_job_triggers.sql"  # pg_broker_claim as redefined there
 SUPABASE = "migrations/supabase/101_supabase_layer.sql"
 
 MESSAGES = "tests/integration/test_transport_messages.py"

@@ -113,6 +113,41 @@ def test_transient_messages_skip_the_write_ahead_log(db: psycopg.Connection) -> 
     ).fetchone() == ("u",)
 
 
+def _calls(conn: psycopg.Connection, function: str) -> int:
+    """Calls of a plpgsql function in the open transaction (track_functions)."""
+    (calls,) = conn.execute("SELECT coalesce(pg_stat_get_xact_function_calls(%s::regproc), 0)",
+                            (function,)).fetchone()
+    return calls
+
+
+def test_plain_messages_call_no_job_trigger_function_and_job_rows_still_do(
+    db: psycopg.Connection,
+) -> None:
+    # core 162: a statement of plain Celery messages (no job) calls neither the
+    # job counters' statement trigger nor, when it sets updated_at itself, the
+    # updated_at one; the first job row of a transaction brings them back.
+    (older,) = add_tasks(db, queue="plain")  # updated_at before the transaction's now()
+    with db.transaction():
+        db.execute("SET LOCAL track_functions = 'pl'")
+        ids = add_tasks(db, 3, queue="plain")
+        db.execute("UPDATE job_tasks SET status = 'claimed', lease_token = gen_random_uuid(),"
+                   " lease_expires_at = now() + interval '1 minute', updated_at = now()"
+                   " WHERE id = ANY (%s)", (ids,))
+        db.execute("DELETE FROM job_tasks WHERE id = %s", (ids[0],))
+        assert _calls(db, "pg_broker_job_tasks_changed") == 0
+        assert _calls(db, "pg_broker_touch_updated_at") == 0
+        db.execute("UPDATE job_tasks SET error = 'x' WHERE id = %s", (older,))
+        assert _calls(db, "pg_broker_touch_updated_at") == 1  # updated_at not set: set for it
+        job_id = add_job(db)
+        (task_id,) = add_tasks(db, queue="jobs", job_id=job_id)
+        assert _calls(db, "pg_broker_job_tasks_changed") == 1
+        assert job(db, job_id)["total_tasks"] == 1
+        db.execute("UPDATE job_tasks SET status = 'cancelled', completed_at = now()"
+                   " WHERE id = %s", (task_id,))
+        assert _calls(db, "pg_broker_job_tasks_changed") == 2
+        assert job(db, job_id)["cancelled_tasks"] == 1
+
+
 @pytest.fixture
 def explained(db: psycopg.Connection) -> Iterator[list[str]]:
     """Plans of every statement run on `db` from now on, functions' inner
