@@ -5,11 +5,20 @@ NOTIFY, so what a wake-up costs grows with the consumers that merely listen.
 This figure runs two real Celery workers (solo pool each) on one queue and
 adds 0, 50, 200 and 500 idle consumers on other queues, then measures:
 
-- end-to-end throughput under load: a producer that outpaces the workers
-  (``confirm_publish=False``: a ``delay()`` loop that does not wait for
-  each commit), first publish to the start of the last task, and in that
-  run notifications per task, database CPU per task (every process of the
-  server) and WAL bytes per task;
+- end-to-end throughput under load: the workers have a backlog throughout.
+  Both are held by a task waiting on a gate file while a tenth of the
+  tasks is published; the gate opens and the rest is published while they
+  work, ``BATCH`` tasks per transaction (``enqueue_in``: as the app's jobs
+  are submitted), which outpaces two workers on any machine; from the
+  gate's opening to the start of the last task. In that run: notifications
+  per task, database CPU per task (every process of the server), WAL bytes
+  per task, and the backlog left when the last publish returned (above 0:
+  the workers never ran dry);
+- the same, paced: a ``delay()`` loop (``confirm_publish=False``, one
+  message at a time) with no head start. On this 2-core machine it is no
+  faster than the two workers, so they run dry and wait between its tasks,
+  and each wait is worth one notification: the idle case at a high rate,
+  not load;
 - publish -> start latency on the idle workers (one task at a time, with a
   pause), and the notifications it took;
 - what one NOTIFY costs the server with that many listeners (a session
@@ -23,8 +32,12 @@ sees of one: a session LISTENing on its queue's channel, recorded as waiting
 there when the server has ``pg_broker_wait`` (migrations/core/131), as an
 idle pg_broker consumer is. (A real idle worker adds a work connection and a
 safety poll a second: "idle worker" rows of ``python -m bench``.)
-Notifications are counted by one more session LISTENing on the measured
-queue's channel. Small sizes: a run takes about two minutes.
+Notifications sent to the measured queue's consumers are counted two ways,
+added up: those on the queue's channel, by one more session LISTENing
+there, and those on a waiting consumer's own channel (migrations/core/140),
+one per ``broker_waiters`` record a publish took: the table's deleted rows
+(``pg_stat_user_tables``; the idle consumers' records are never taken).
+Small sizes: a run takes a few minutes.
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ import psycopg
 from bench.app import TASK_NAME, make_app
 from bench.workers import Worker, install_cleanup, stop_all
 from pg_broker.migrate import migrate
+from pg_broker.transport import confirm_publishes, enqueue_in
 from pg_broker.transport.listener import channel_name
 from pg_broker.urls import broker_url, libpq_url
 from tests.chaos.servers import PostgresServer
@@ -58,6 +72,10 @@ DATABASE = "pg_broker_listeners"
 WORKERS = 2
 READY_TIMEOUT = 90.0
 POLL = 0.002
+BATCH = 50  # tasks per transaction of the producer under load
+# An idle session flushes its table statistics within a second (PostgreSQL 15).
+STATS_DELAY = 1.5
+_taken: dict[int, int] = {}  # the counter's session -> waiter records taken so far
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for idle in levels:
                     step = _step(app, loading, database_url, workers, counter, postmaster,
-                                 idle, args.tasks, args.latency_samples)
+                                 idle, args.tasks, args.latency_samples,
+                                 workdir / "gate")
                     step["repeat"] = repeat
                     steps.append(step)
                     print(_line(step), flush=True)
@@ -117,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         "server": "private PostgreSQL 15 (tests.chaos.servers), fsync on",
         "workers": f"{WORKERS} celery workers, solo pool, prefetch 4, one queue",
         "producers": "latency: confirmed publishes (the default); throughput: "
-                     "confirm_publish=False, which outpaces the workers",
+                     "under load 50 per transaction with a head start of a tenth (workers held "
+                     "by a gate meanwhile); paced confirm_publish=False one at a time",
         "tasks": args.tasks, "latency_samples": args.latency_samples,
         "steps": steps, "summary": _summary(steps),
     }
@@ -171,7 +191,14 @@ def _server_cpu(postmaster: int) -> float:
 
 
 def _notifications(counter: psycopg.Connection) -> int:
-    return len(list(counter.notifies(timeout=0.05)))
+    """Notifications since the last call (see the module's docstring)."""
+    time.sleep(STATS_DELAY)
+    taken = counter.execute("SELECT n_tup_del FROM pg_stat_user_tables"
+                            " WHERE relname = 'broker_waiters'").fetchone()[0]
+    heard = len(list(counter.notifies(timeout=0.05)))
+    previous = _taken.get(counter.info.backend_pid, taken)
+    _taken[counter.info.backend_pid] = taken
+    return heard + taken - previous
 
 
 def _marks(workers: list[Worker]) -> list[tuple[float, float]]:
@@ -179,19 +206,20 @@ def _marks(workers: list[Worker]) -> list[tuple[float, float]]:
 
 
 def _step(app, loading, database_url: str, workers: list[Worker], counter: psycopg.Connection,
-          postmaster: int, idle: int, tasks: int, samples: int) -> dict:
+          postmaster: int, idle: int, tasks: int, samples: int, gate: Path) -> dict:
     sessions = _idle_consumers(database_url, idle)
     try:
         time.sleep(1.0)  # the workers settle into waiting
         _notifications(counter)
         latency = _latency(app, workers, counter, samples)
-        throughput = _throughput(loading, workers, counter, postmaster, tasks)
+        throughput = _throughput(loading, workers, counter, postmaster, tasks, gate)
+        paced = _throughput(loading, workers, counter, postmaster, tasks, None)
         costs = _notify_cost(database_url, postmaster)
         memory = _server_memory_mb(postmaster)
     finally:
         for conn in sessions:
             conn.close()
-    return {"idle_consumers": idle, **latency, **throughput, **costs,
+    return {"idle_consumers": idle, **latency, **throughput, **paced, **costs,
             "server_memory_mb": memory}
 
 
@@ -239,33 +267,73 @@ def _latency(app, workers: list[Worker], counter: psycopg.Connection, samples: i
     }
 
 
+def _hold(app, workers: list[Worker], gate: Path) -> int:
+    """Hold every worker on a task waiting for ``gate`` (marked with sent =
+    -1); how many such tasks were sent (a worker may have prefetched two)."""
+    gate.touch()
+    task = app.tasks[TASK_NAME]
+    sent = 0
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not all(w.mark_count() for w in workers):
+        if time.monotonic() > deadline:
+            raise RuntimeError("a worker took no gated task")
+        task.apply_async((-1.0, str(gate)), queue=QUEUE)
+        sent += 1
+        time.sleep(0.05)
+    return sent
+
+
+def _publish_batches(task, count: int) -> None:
+    """``count`` tasks, ``BATCH`` per transaction."""
+    with psycopg.connect(libpq_url(task.app.conf.broker_url)) as conn:
+        for first in range(0, count, BATCH):
+            with conn.transaction(), enqueue_in(conn):
+                for _ in range(min(BATCH, count - first)):
+                    task.apply_async((0.0,), queue=QUEUE)
+
+
 def _throughput(app, workers: list[Worker], counter: psycopg.Connection, postmaster: int,
-                tasks: int) -> dict:
+                tasks: int, gate: Path | None) -> dict:
+    """``tasks`` tasks end to end. With ``gate``: under load (half of them
+    published while the workers are held, see the module's docstring);
+    without: paced."""
     task = app.tasks[TASK_NAME]
     for worker in workers:
         worker.clear_marks()
+    held = _hold(app, workers, gate) if gate is not None else 0
+    head_start = tasks // 10 if gate is not None else 0
+    _publish_batches(task, head_start)
+    _notifications(counter)
     cpu_before = _server_cpu(postmaster)
     with psycopg.connect(_database_url_of(app), autocommit=True) as conn:
         wal_before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
     t0 = time.time()
-    for _ in range(tasks):
-        task.apply_async((0.0,), queue=QUEUE)
+    if gate is None:
+        for _ in range(tasks):
+            task.apply_async((0.0,), queue=QUEUE)
+        confirm_publishes(60)
+    else:
+        gate.unlink()
+        _publish_batches(task, tasks - head_start)
+    backlog = tasks + held - sum(w.mark_count() for w in workers)
     deadline = time.monotonic() + 120
-    while sum(w.mark_count() for w in workers) < tasks and time.monotonic() < deadline:
+    while sum(w.mark_count() for w in workers) < tasks + held and time.monotonic() < deadline:
         time.sleep(POLL)
-    starts = sorted(started for _, started in _marks(workers))
+    starts = sorted(started for sent, started in _marks(workers) if sent >= 0)
     cpu = _server_cpu(postmaster) - cpu_before
     with psycopg.connect(_database_url_of(app), autocommit=True) as conn:
         wal = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)",
                            (wal_before,)).fetchone()[0]
     notified = _notifications(counter)
     done = len(starts)
+    suffix = "" if gate is not None else "_paced"
     return {
-        "throughput": done / max((starts[-1] if starts else time.time()) - t0, 1e-9),
-        "done": done,
-        "notifications_per_task": notified / max(done, 1),
-        "database_cpu_ms_per_task": cpu / max(done, 1) * 1e3,
-        "wal_bytes_per_task": float(wal) / max(done, 1),
+        f"throughput{suffix}": done / max((starts[-1] if starts else time.time()) - t0, 1e-9),
+        f"done{suffix}": done,
+        f"notifications_per_task{suffix}": notified / max(done, 1),
+        f"database_cpu_ms_per_task{suffix}": cpu / max(done, 1) * 1e3,
+        f"wal_bytes_per_task{suffix}": float(wal) / max(done, 1),
+        f"backlog_at_last_publish{suffix}": backlog,
     }
 
 
@@ -281,7 +349,9 @@ def _percentile(values: list[float], pct: float) -> float | None:
 
 FIGURES = ("throughput", "latency_p50_ms", "latency_p99_ms", "notifications_per_task",
            "notifications_per_task_idle", "database_cpu_ms_per_task", "wal_bytes_per_task",
-           "notify_server_cpu_us", "notifies_per_second", "server_memory_mb")
+           "backlog_at_last_publish", "throughput_paced", "notifications_per_task_paced",
+           "database_cpu_ms_per_task_paced", "notify_server_cpu_us", "notifies_per_second",
+           "server_memory_mb")
 
 
 def _summary(steps: list[dict]) -> list[dict]:
@@ -296,17 +366,21 @@ def _summary(steps: list[dict]) -> list[dict]:
             values = sorted(s[figure] for s in of_level if s[figure] is not None)
             row[figure] = values[len(values) // 2] if values else None
         rows.append(row)
-    base = rows[0]["throughput"] if rows and rows[0]["idle_consumers"] == 0 else None
+    none = rows[0] if rows and rows[0]["idle_consumers"] == 0 else None
     for row in rows:
-        row["throughput_ratio"] = row["throughput"] / base if base else None
+        for figure in ("throughput", "throughput_paced"):
+            row[f"{figure}_ratio"] = row[figure] / none[figure] if none else None
     return rows
 
 
 def _line(step: dict) -> str:
-    return (f"idle {step['idle_consumers']:>4}: {step['throughput']:7.0f} tasks/s, "
+    return (f"idle {step['idle_consumers']:>4}: {step['throughput']:7.0f} tasks/s under load "
+            f"(backlog {step['backlog_at_last_publish']} at the last publish), "
+            f"{step['throughput_paced']:.0f} paced, "
             f"p50 {step['latency_p50_ms']:.1f} ms, p99 {step['latency_p99_ms']:.1f} ms, "
             f"{step['notifications_per_task']:.3f} notifications/task under load "
-            f"({step['notifications_per_task_idle']:.2f} idle), "
+            f"({step['notifications_per_task_paced']:.3f} paced, "
+            f"{step['notifications_per_task_idle']:.2f} idle), "
             f"{step['database_cpu_ms_per_task']:.2f} ms database CPU/task, "
             f"{step['wal_bytes_per_task']:.0f} WAL bytes/task; a NOTIFY "
             f"{step['notify_server_cpu_us']:.0f} µs of server CPU "
@@ -314,17 +388,25 @@ def _line(step: dict) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    header = ("| idle consumers | tasks/s | ratio to none | p50 ms | p99 ms "
-              "| notifications/task, load | notifications/task, idle | database CPU ms/task "
+    header = ("| idle consumers | tasks/s, load | ratio to none | notifications/task, load "
+              "| database CPU ms/task, load | tasks/s, paced | ratio to none "
+              "| notifications/task, paced | database CPU ms/task, paced | p50 ms | p99 ms "
+              "| notifications/task, idle "
               "| WAL bytes/task | one NOTIFY: server CPU µs | NOTIFY/s | server MiB |")
-    lines = [header, "|" + " --- |" * 12]
+    lines = [header, "|" + " --- |" * 16]
+
+    def ratio(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}"
+
     for r in rows:
-        ratio = f"{r['throughput_ratio']:.2f}" if r["throughput_ratio"] is not None else "—"
         lines.append(
-            f"| {r['idle_consumers']} | {r['throughput']:,.0f} | {ratio} | "
+            f"| {r['idle_consumers']} | {r['throughput']:,.0f} | {ratio(r['throughput_ratio'])} | "
+            f"{r['notifications_per_task']:.3f} | {r['database_cpu_ms_per_task']:.2f} | "
+            f"{r['throughput_paced']:,.0f} | {ratio(r['throughput_paced_ratio'])} | "
+            f"{r['notifications_per_task_paced']:.3f} | "
+            f"{r['database_cpu_ms_per_task_paced']:.2f} | "
             f"{r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | "
-            f"{r['notifications_per_task']:.3f} | {r['notifications_per_task_idle']:.2f} | "
-            f"{r['database_cpu_ms_per_task']:.2f} | {r['wal_bytes_per_task']:,.0f} | "
+            f"{r['notifications_per_task_idle']:.2f} | {r['wal_bytes_per_task']:,.0f} | "
             f"{r['notify_server_cpu_us']:.0f} | {r['notifies_per_second']:,.0f} | "
             f"{r['server_memory_mb']:.0f} |")
     return "\n".join(lines)

@@ -168,8 +168,16 @@ SELECT q.name
     OR EXISTS (SELECT 1 FROM broker_transient_messages WHERE queue = q.name);
 
 -- name: transport_wait
--- A consumer found a queue empty: records it as waiting there (pg_broker_wait, migrations/core/131); whether a message is ready after all.
-SELECT pg_broker_wait(%(queue)s, %(waiter)s);
+-- A consumer found a queue empty: records it as waiting there, to be notified on its own channel (pg_broker_wait, migrations/core/131 and 140); whether a message is ready after all.
+SELECT pg_broker_wait(%(queue)s, %(waiter)s, %(channel)s);
+
+-- name: transport_unwait
+-- A consumer stops consuming queues: its waiting records there go (a record left behind would take a publish's wake-up).
+DELETE FROM broker_waiters WHERE waiter = %(waiter)s AND queue = ANY(%(queues)s);
+
+-- name: transport_pass_wake
+-- A consumer woken for a queue it cannot claim from now (prefetch window full) passes the wake-up to the next waiter, if any (migrations/core/140).
+SELECT pg_broker_wake(%(queue)s);
 
 -- name: transport_touch_queues
 -- Consumers keep the queues they consume alive (x-expires counts from the last use).

@@ -264,6 +264,7 @@ class Channel(virtual.Channel):
             return
         try:
             self.store.unregister_consumers([queue], self.settlements.worker_id)
+            self.transport.poller.stop_waiting([queue])
         except (psycopg.Error, *self.transport.connection_errors):
             log.debug("could not unregister the consumer of %r", queue, exc_info=True)
 

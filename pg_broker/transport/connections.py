@@ -173,14 +173,7 @@ class WorkConnection:
         running), as the pipeline replaces its own."""
         conn = self.conn
         with conn.lock:  # no statement in flight: whatever is readable is the server's last word
-            if select.select([conn.pgconn.socket], [], [], 0)[0]:
-                try:
-                    conn.pgconn.consume_input()
-                    ended = conn.pgconn.status == psycopg.pq.ConnStatus.BAD
-                except psycopg.OperationalError:
-                    ended = True
-            else:
-                ended = False
+            ended = bool(select.select([conn.pgconn.socket], [], [], 0)[0])
         if ended:
             self.drop()
         return self.conn

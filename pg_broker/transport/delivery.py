@@ -138,6 +138,13 @@ class Delivery:
         if payloads:
             self.buffers[queue] = deque(payloads)
 
+    def can_claim(self, queue: str) -> bool:
+        """Whether a claim for ``queue`` would take messages now (room in its
+        consumer's prefetch window, nothing buffered for it)."""
+        channel = self.consumers.get(queue)
+        return (channel is not None and not self.buffers.get(queue)
+                and channel.fetch_limit() > 0)
+
     def deliverable(self) -> bool:
         """Whether delivering now would deliver or claim something."""
         if self.buffers:

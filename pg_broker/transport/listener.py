@@ -1,11 +1,16 @@
 """Wake-ups: one LISTEN connection per transport.
 
-Every publish runs ``pg_notify('pgbroker_' || md5(queue), '')`` in the same
-statement as its INSERT, so a consumer hears about a message when its row is
-committed. A notification is only a wake-up: the consumer then claims rows
-with the usual statement, and a slow safety poll covers any notification lost
-while the connection was down. Channel names are hashed because PostgreSQL
-identifiers hold at most 63 bytes and Celery queue names hold ``@`` and ``.``.
+Every publish runs ``pg_broker_wake(queue)`` in the same statement as its
+INSERT: when a consumer waits on the queue (see :mod:`.poller`), it notifies
+that consumer's own channel (:attr:`Listener.waiter_channel`, the queue as
+payload), or, when no waiter is free, the queue's channel,
+``'pgbroker_' || md5(queue)``, which every consumer of the queue LISTENs on
+(as do plain ``NOTIFY``s from SQL). So a consumer hears about a message when
+its row is committed. A notification is only a wake-up: the consumer then
+claims rows with the usual statement, and a slow safety poll covers any
+notification lost while the connection was down. Channel names are hashed
+because PostgreSQL identifiers hold at most 63 bytes and Celery queue names
+hold ``@`` and ``.``.
 
 The LISTEN connection may take a URL of its own (the ``listen_url`` transport
 option, or ``PG_BROKER_LISTEN_URL``): behind a transaction-mode pooler, LISTEN
@@ -73,6 +78,9 @@ class Listener:
         self.conn: psycopg.Connection | None = None
         self._notify = notify
         self._probe_channel = f"{CHANNEL_PREFIX}probe_{secrets.token_hex(8)}"
+        # A publish wakes one waiting consumer on a channel of its own, the
+        # queue as payload (migrations/core/140).
+        self.waiter_channel = _waiter_channel()
         self._heard_at: float | None = None  # last notification of any channel
         self._probe_sent_at: float | None = None  # the probe awaited, if any
         self.notifications_lost = False
@@ -91,6 +99,7 @@ class Listener:
                                          autocommit=True, **self._connect_kwargs)
         for channel in self._queues:
             self._listen(channel)
+        self._listen(self.waiter_channel)
         if self._notify is not None:
             self._listen(self._probe_channel)
             self._heard_at = self._probe_sent_at = None  # a new session: probe it
@@ -158,6 +167,7 @@ class Listener:
         forking.disown(self.conn)
         self.conn = None
         self._probe_channel = f"{CHANNEL_PREFIX}probe_{secrets.token_hex(8)}"
+        self.waiter_channel = _waiter_channel()
         self._heard_at = self._probe_sent_at = None
 
     def _listen(self, channel: str) -> None:
@@ -167,7 +177,19 @@ class Listener:
         queues = set()
         for notify in notifies:
             self._heard_at = monotonic()
+            if notify.channel == self.waiter_channel:
+                if notify.payload in self._listened:
+                    queues.add(notify.payload)
+                continue
             queue = self._queues.get(notify.channel)
             if queue is not None:
                 queues.add(queue)
         return queues
+
+    @property
+    def _listened(self) -> set[str]:
+        return set(self._queues.values())
+
+
+def _waiter_channel() -> str:
+    return f"{CHANNEL_PREFIX}w_{secrets.token_hex(16)}"

@@ -19,8 +19,11 @@ A publish notifies a queue only when a consumer waits there (PostgreSQL
 signals every listening session of the database on each NOTIFY): a consumer
 whose claim found a queue empty records itself as waiting on it
 (``pg_broker_wait``) and claims again if a message came meanwhile; the next
-publish there takes the record away and notifies (``pg_broker_wake``,
-migrations/core/131). Under the hub, a queue that ran dry after giving
+publish there takes the longest-waiting record away and notifies that
+consumer alone, on the listener's own channel (``pg_broker_wake``,
+migrations/core/131 and 140): one wake-up per message, however many
+consumers wait. A consumer woken with its prefetch window full passes the
+wake-up on; one that stops consuming a queue deletes its record. Under the hub, a queue that ran dry after giving
 messages is claimed from once more ``LINGER`` later before its consumer
 waits: a consumer keeping pace with its producers claims the next messages
 then, and is never notified (one notification costs the server a wake-up of
@@ -157,9 +160,21 @@ class Poller:
 
     def _notified(self, queues: set[str]) -> None:
         """A publish to ``queues`` notified: ready, and no longer recorded as
-        waited on (the publish took the records away)."""
+        waited on (the publish took the records away). A wake-up this
+        consumer cannot act on now (its prefetch window is full) goes on to
+        the next waiter: it was the only one the publish sent."""
         self._waiting -= queues
         self._delivery.ready |= queues
+        for queue in queues:
+            if not self._delivery.can_claim(queue):
+                self._store.pass_wake(queue)
+
+    def stop_waiting(self, queues: list[str]) -> None:
+        """No longer consuming ``queues``: this consumer's records go (each
+        would take a publish's wake-up)."""
+        if self._waiting.intersection(queues):
+            self._waiting.difference_update(queues)
+            self._store.unwait(queues, self._waiter)
 
     def _wait_on_empty(self, linger: bool = False) -> bool:
         """Record this consumer as waiting on the queues it found empty (those
@@ -178,7 +193,7 @@ class Poller:
                 if self._linger_timer is None:
                     self._linger_timer = self.loop.call_later(LINGER, self._linger_over)
                 continue
-            if self._store.wait(queue, self._waiter):
+            if self._store.wait(queue, self._waiter, self._listener.waiter_channel):
                 delivery.ready.add(queue)
                 found = True
             self._waiting.add(queue)

@@ -315,11 +315,21 @@ class Store:
         """A notification on ``channel`` (a listener's probe, see :mod:`.listener`)."""
         self.work.execute(queries["transport_notify_probe"], {"channel": channel})
 
-    def wait(self, queue: str, waiter: uuid.UUID) -> bool:
-        """Record ``waiter`` as waiting on ``queue`` (the next publish there
-        notifies it); whether a message is ready after all."""
-        return self.work.execute(queries["transport_wait"], {"queue": queue, "waiter": waiter},
+    def wait(self, queue: str, waiter: uuid.UUID, channel: str) -> bool:
+        """Record ``waiter`` as waiting on ``queue`` (a publish there takes
+        the record and notifies ``channel``); whether a message is ready
+        after all."""
+        return self.work.execute(queries["transport_wait"],
+                                 {"queue": queue, "waiter": waiter, "channel": channel},
                                  scalar_row).fetchone()
+
+    def unwait(self, queues: list[str], waiter: uuid.UUID) -> None:
+        """``waiter`` no longer waits on ``queues``."""
+        self.work.execute(queries["transport_unwait"], {"queues": queues, "waiter": waiter})
+
+    def pass_wake(self, queue: str) -> None:
+        """Wake the next waiter of ``queue`` (this consumer cannot claim now)."""
+        self.work.execute(queries["transport_pass_wake"], {"queue": queue})
 
     def probe(self, queues: list[str]) -> list[str]:
         """Which of ``queues`` have a message ready now (the safety poll)."""

@@ -149,3 +149,125 @@ def test_a_deleted_queue_leaves_no_waiter_behind(database_url: str, db: psycopg.
                 consumer.drain_events(timeout=0.2)  # finds it empty: waits
             assert _waiting(db, queue.name) == 1
     assert _waiting(db, queue.name) == 0
+
+
+def _wait_on_own_channel(conn: psycopg.Connection, queue: str) -> str:
+    """Record ``conn``'s session as waiting on ``queue`` to be notified on a
+    channel of its own (as a consumer does since migrations/core/140)."""
+    channel = f"pgbroker_w_{uuid.uuid4().hex}"
+    conn.execute(f'LISTEN "{channel}"')
+    conn.execute("SELECT pg_broker_wait(%s, gen_random_uuid(), %s)", (queue, channel))
+    return channel
+
+
+def _payloads(listener: psycopg.Connection, timeout: float) -> list[str]:
+    return [n.payload for n in listener.notifies(timeout=timeout)]
+
+
+def test_a_publish_wakes_one_waiter_of_its_queue(database_url: str, db: psycopg.Connection) -> None:
+    # Three idle consumers of one queue: each message wakes one of them, the
+    # longest waiting first, and none through the queue's channel.
+    queue = f"one-{uuid.uuid4().hex[:8]}"
+    sessions = [psycopg.connect(database_url, autocommit=True) for _ in range(3)]
+    try:
+        with psycopg.connect(database_url, autocommit=True) as everyone:
+            everyone.execute(f'LISTEN "{channel_name(queue)}"')
+            for session in sessions:
+                _wait_on_own_channel(session, queue)
+            for n, session in enumerate(sessions):
+                _publish_sql(db, queue, str(n))
+                assert _payloads(session, 1) == [queue], f"waiter {n}"
+                assert all(_payloads(other, 0.1) == [] for other in sessions if other is not session)
+            _publish_sql(db, queue, "nobody waits")
+            assert _payloads(everyone, 0.3) == []
+            assert all(_payloads(session, 0.1) == [] for session in sessions)
+    finally:
+        for session in sessions:
+            session.close()
+
+
+def test_when_every_waiter_is_being_taken_the_queue_s_channel_wakes_them_all(
+        database_url: str, db: psycopg.Connection) -> None:
+    # The only waiter is being taken by a publish still open (it may roll
+    # back, and then that waiter was never woken): the next publish cannot
+    # take it, and notifies the queue's channel, which every consumer of the
+    # queue LISTENs on.
+    queue = f"taken-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as waiter, \
+            psycopg.connect(database_url, autocommit=True) as everyone, \
+            psycopg.connect(database_url) as first:
+        everyone.execute(f'LISTEN "{channel_name(queue)}"')
+        _wait_on_own_channel(waiter, queue)
+        _publish_sql(first, queue, "first")  # takes the waiter; its transaction stays open
+        _publish_sql(db, queue, "second")
+        assert len(_payloads(everyone, 5)) == 1
+        first.rollback()
+        assert _waiting(db, queue) == 1  # back: the next publish takes it
+        assert _payloads(waiter, 0.1) == []
+
+
+def test_a_consumer_woken_with_a_full_prefetch_window_passes_the_wake_on(
+        database_url: str, db: psycopg.Connection) -> None:
+    queue = queue_named("full")
+    held = []
+    for consumer in open_connection(database_url, polling_interval=3600):
+        with consumer.Consumer([queue], callbacks=[lambda body, m: held.append(m)],
+                               prefetch_count=1):
+            for producer in open_connection(database_url):
+                publish(producer, queue, "held")
+                consumer.drain_events(timeout=10)  # its one message, unacked: the window is full
+                assert len(held) == 1
+                # Recorded as waiting (as after a safety poll that claimed
+                # while its record stayed), and older than the other waiter.
+                poller = consumer.transport.poller
+                db.execute("SELECT pg_broker_wait(%s, %s, %s)",
+                           (queue.name, poller._waiter, consumer.transport._listener.waiter_channel))
+                with psycopg.connect(database_url, autocommit=True) as other:
+                    _wait_on_own_channel(other, queue.name)
+                    publish(producer, queue, "for the other")
+                    with pytest.raises(TimeoutError):
+                        consumer.drain_events(timeout=1)  # woken, cannot claim: passes it on
+                    assert _payloads(other, 5) == [queue.name]
+            held[0].ack()
+
+
+def test_no_wake_up_is_lost_among_several_consumers_that_never_poll(
+        database_url: str, db: psycopg.Connection) -> None:
+    # Three consumers of one queue, one message each at a time, woken one per
+    # message; messages at random spacings. No consumer polls within the
+    # test (polling_interval, and drains of 60 s): a lost wake-up leaves a
+    # message behind.
+    queue = queue_named("several")
+    total = 300
+    received: list[int] = []
+    stopped: list[bool] = []
+
+    def consume() -> None:
+        done = []
+        for consumer in open_connection(database_url, polling_interval=3600):
+
+            def on_message(body, message) -> None:
+                message.ack()
+                (done if body == "stop" else received).append(body)
+
+            with consumer.Consumer([queue], callbacks=[on_message], prefetch_count=1):
+                while not done:
+                    consumer.drain_events(timeout=60)
+        stopped.append(True)
+
+    consumers = [threading.Thread(target=consume, daemon=True) for _ in range(3)]
+    for thread in consumers:
+        thread.start()
+    rng = random.Random(3)
+    for producer in open_connection(database_url):
+        publish(producer, queue, "declare")  # no consumer takes it apart: received
+        for n in range(total):
+            publish(producer, queue, n)
+            if rng.random() < 0.5:
+                time.sleep(rng.uniform(0, 0.004))
+        wait_for(lambda: len(received) >= total + 1, 40,
+                 lambda: f"every message to be received ({len(received)} of {total + 1})")
+        for _ in consumers:
+            publish(producer, queue, "stop")
+        wait_for(lambda: len(stopped) == len(consumers), 40, "every consumer to stop")
+    assert sorted(b for b in received if b != "declare") == list(range(total))
