@@ -5,15 +5,15 @@ NOTIFY, so what a wake-up costs grows with the consumers that merely listen.
 This figure runs two real Celery workers (solo pool each) on one queue and
 adds 0, 50, 200 and 500 idle consumers on other queues, then measures:
 
-- end-to-end throughput under load: the workers have a backlog throughout.
-  Both are held by a task waiting on a gate file while a tenth of the
-  tasks is published; the gate opens and the rest is published while they
-  work, ``BATCH`` tasks per transaction (``enqueue_in``: as the app's jobs
-  are submitted), which outpaces two workers on any machine; from the
-  gate's opening to the start of the last task. In that run: notifications
-  per task, database CPU per task (every process of the server), WAL bytes
-  per task, and the backlog left when the last publish returned (above 0:
-  the workers never ran dry);
+- throughput under load: the workers have a backlog throughout. Both are
+  held by a task waiting on a gate file while the tasks are published
+  (``BATCH`` per transaction, ``enqueue_in``); from the gate's opening to
+  the start of the last task. On this 2-core machine no producer process
+  outpaces two workers for long (a head start of a tenth, the rest
+  published in batches meanwhile, left 50 — the last batch — when the last
+  publish returned: the workers ran dry between batches), so the backlog is
+  published first. In that run: notifications per task, database CPU per
+  task (every process of the server), WAL bytes per task;
 - the same, paced: a ``delay()`` loop (``confirm_publish=False``, one
   message at a time) with no head start. On this 2-core machine it is no
   faster than the two workers, so they run dry and wait between its tasks,
@@ -32,11 +32,10 @@ sees of one: a session LISTENing on its queue's channel, recorded as waiting
 there when the server has ``pg_broker_wait`` (migrations/core/131), as an
 idle pg_broker consumer is. (A real idle worker adds a work connection and a
 safety poll a second: "idle worker" rows of ``python -m bench``.)
-Notifications sent to the measured queue's consumers are counted two ways,
-added up: those on the queue's channel, by one more session LISTENing
-there, and those on a waiting consumer's own channel (migrations/core/140),
-one per ``broker_waiters`` record a publish took: the table's deleted rows
-(``pg_stat_user_tables``; the idle consumers' records are never taken).
+Notifications sent to the measured queue's consumers are counted by one
+more session LISTENing on the queue's channel and on each worker's own
+channel (migrations/core/140: a publish notifies one waiting consumer
+there), read from the workers' records in ``broker_waiters``.
 Small sizes: a run takes a few minutes.
 """
 
@@ -55,6 +54,7 @@ from pathlib import Path
 
 import psutil
 import psycopg
+from psycopg import sql
 
 from bench.app import TASK_NAME, make_app
 from bench.workers import Worker, install_cleanup, stop_all
@@ -73,9 +73,6 @@ WORKERS = 2
 READY_TIMEOUT = 90.0
 POLL = 0.002
 BATCH = 50  # tasks per transaction of the producer under load
-# An idle session flushes its table statistics within a second (PostgreSQL 15).
-STATS_DELAY = 1.5
-_taken: dict[int, int] = {}  # the counter's session -> waiter records taken so far
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
         with psycopg.connect(database_url, autocommit=True) as counter:
             counter.execute(f'LISTEN "{channel_name(QUEUE)}"')
+            _listen_to_workers(counter)
             steps = []
             for repeat in range(args.repeats):
                 for idle in levels:
@@ -136,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         "server": "private PostgreSQL 15 (tests.chaos.servers), fsync on",
         "workers": f"{WORKERS} celery workers, solo pool, prefetch 4, one queue",
         "producers": "latency: confirmed publishes (the default); throughput: "
-                     "under load 50 per transaction with a head start of a tenth (workers held "
-                     "by a gate meanwhile); paced confirm_publish=False one at a time",
+                     "under load: all published first, 50 per transaction, while the workers "
+                     "are held by a gate; paced: confirm_publish=False one at a time",
         "tasks": args.tasks, "latency_samples": args.latency_samples,
         "steps": steps, "summary": _summary(steps),
     }
@@ -192,13 +190,17 @@ def _server_cpu(postmaster: int) -> float:
 
 def _notifications(counter: psycopg.Connection) -> int:
     """Notifications since the last call (see the module's docstring)."""
-    time.sleep(STATS_DELAY)
-    taken = counter.execute("SELECT n_tup_del FROM pg_stat_user_tables"
-                            " WHERE relname = 'broker_waiters'").fetchone()[0]
     heard = len(list(counter.notifies(timeout=0.05)))
-    previous = _taken.get(counter.info.backend_pid, taken)
-    _taken[counter.info.backend_pid] = taken
-    return heard + taken - previous
+    _listen_to_workers(counter)
+    return heard
+
+
+def _listen_to_workers(counter: psycopg.Connection) -> None:
+    """LISTEN on the own channels of the workers that wait on the queue."""
+    for (channel,) in counter.execute(
+            "SELECT DISTINCT channel FROM broker_waiters WHERE queue = %s AND channel IS NOT NULL",
+            (QUEUE,)).fetchall():
+        counter.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
 
 def _marks(workers: list[Worker]) -> list[tuple[float, float]]:
@@ -294,15 +296,14 @@ def _publish_batches(task, count: int) -> None:
 
 def _throughput(app, workers: list[Worker], counter: psycopg.Connection, postmaster: int,
                 tasks: int, gate: Path | None) -> dict:
-    """``tasks`` tasks end to end. With ``gate``: under load (half of them
-    published while the workers are held, see the module's docstring);
-    without: paced."""
+    """``tasks`` tasks end to end. With ``gate``: under load (published
+    while the workers are held, see the module's docstring); without: paced."""
     task = app.tasks[TASK_NAME]
     for worker in workers:
         worker.clear_marks()
     held = _hold(app, workers, gate) if gate is not None else 0
-    head_start = tasks // 10 if gate is not None else 0
-    _publish_batches(task, head_start)
+    if gate is not None:
+        _publish_batches(task, tasks)
     _notifications(counter)
     cpu_before = _server_cpu(postmaster)
     with psycopg.connect(_database_url_of(app), autocommit=True) as conn:
@@ -314,8 +315,6 @@ def _throughput(app, workers: list[Worker], counter: psycopg.Connection, postmas
         confirm_publishes(60)
     else:
         gate.unlink()
-        _publish_batches(task, tasks - head_start)
-    backlog = tasks + held - sum(w.mark_count() for w in workers)
     deadline = time.monotonic() + 120
     while sum(w.mark_count() for w in workers) < tasks + held and time.monotonic() < deadline:
         time.sleep(POLL)
@@ -333,7 +332,6 @@ def _throughput(app, workers: list[Worker], counter: psycopg.Connection, postmas
         f"notifications_per_task{suffix}": notified / max(done, 1),
         f"database_cpu_ms_per_task{suffix}": cpu / max(done, 1) * 1e3,
         f"wal_bytes_per_task{suffix}": float(wal) / max(done, 1),
-        f"backlog_at_last_publish{suffix}": backlog,
     }
 
 
@@ -349,7 +347,7 @@ def _percentile(values: list[float], pct: float) -> float | None:
 
 FIGURES = ("throughput", "latency_p50_ms", "latency_p99_ms", "notifications_per_task",
            "notifications_per_task_idle", "database_cpu_ms_per_task", "wal_bytes_per_task",
-           "backlog_at_last_publish", "throughput_paced", "notifications_per_task_paced",
+           "throughput_paced", "notifications_per_task_paced",
            "database_cpu_ms_per_task_paced", "notify_server_cpu_us", "notifies_per_second",
            "server_memory_mb")
 
@@ -374,8 +372,7 @@ def _summary(steps: list[dict]) -> list[dict]:
 
 
 def _line(step: dict) -> str:
-    return (f"idle {step['idle_consumers']:>4}: {step['throughput']:7.0f} tasks/s under load "
-            f"(backlog {step['backlog_at_last_publish']} at the last publish), "
+    return (f"idle {step['idle_consumers']:>4}: {step['throughput']:7.0f} tasks/s under load, "
             f"{step['throughput_paced']:.0f} paced, "
             f"p50 {step['latency_p50_ms']:.1f} ms, p99 {step['latency_p99_ms']:.1f} ms, "
             f"{step['notifications_per_task']:.3f} notifications/task under load "
