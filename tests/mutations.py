@@ -49,7 +49,7 @@ QUERIES = "pg_broker/sql/queries.sql"
 SCHEMA = "migrations/core/100_broker_schema.sql"
 LEASES_OWNERS = "migrations/core/102_arguments_leases_owners.sql"
 RENEW_START = "migrations/core/113_renew_and_start_defined_once.sql"
-CLAIM = "migrations/core/162_plain_messages_fire_no_job_triggers.sql"  # pg_broker_claim as redefined there
+CLAIM = "migrations/core/163_claim_acks_by_primary_key.sql"  # pg_broker_claim as redefined there
 SUPABASE = "migrations/supabase/101_supabase_layer.sql"
 
 MESSAGES = "tests/integration/test_transport_messages.py"
@@ -122,10 +122,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     # Lease fencing on every settle -----------------------------------------------
     Mutation(
         "fence-ack-delete", CLAIM,
-        "         WHERE t.id = held.id AND t.lease_token = held.lease_token\n"
-        "           AND t.status IN ('claimed', 'processing') AND t.job_id IS NULL",
-        "         WHERE t.id = held.id\n"
-        "           AND t.status IN ('claimed', 'processing') AND t.job_id IS NULL",
+        "           AND t.lease_token = p_ack_tokens[array_position(p_ack_ids, t.id)]\n",
+        "",
         (_fence("ack"),),
         "an ack with a lost lease deletes another worker's row",
     ),
