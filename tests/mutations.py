@@ -51,6 +51,8 @@ LEASES_OWNERS = "migrations/core/102_arguments_leases_owners.sql"
 RENEW_START = "migrations/core/113_renew_and_start_defined_once.sql"
 CLAIM = "migrations/core/163_claim_acks_by_primary_key.sql"  # pg_broker_claim as redefined there
 SUPABASE = "migrations/supabase/101_supabase_layer.sql"
+HISTORY = "migrations/core/180_partitioned_history.sql"
+HISTORY_LAYER = "migrations/supabase/181_history_privileges.sql"
 
 MESSAGES = "tests/integration/test_transport_messages.py"
 EVENT_LOOP = "tests/integration/test_transport_event_loop.py"
@@ -60,6 +62,7 @@ ROUTING = "tests/integration/test_transport_routing.py"
 FUNCTIONS = "tests/integration/test_task_functions.py"
 RLS = "tests/integration/test_rls.py"
 CLI = "tests/e2e/test_cli_foundation.py"
+PARTITIONED = "tests/integration/test_partitioned_history.py"
 
 
 @dataclass(frozen=True)
@@ -382,6 +385,45 @@ MUTATIONS: tuple[Mutation, ...] = (
         "  FROM job_tasks WHERE status = 'dead'\n ORDER BY completed_at DESC",
         (f"{CLI}::test_dead_list_shows_failed_and_dead_tasks_newest_first",),
         "'pg-broker dead list' leaves out failed tasks",
+    ),
+    # Bounded storage: the partitioned history and the workers' vacuum ---------------------------
+    Mutation(
+        "history-unfinished-jobs", HISTORY,
+        "               AND j.status IN ('completed', 'failed', 'cancelled')\n"
+        "               AND j.completed_at IS NOT NULL\n",
+        "",
+        (f"{PARTITIONED}::test_rows_of_unfinished_jobs_and_plain_messages_stay",),
+        "the move takes the finished rows of jobs still running",
+    ),
+    Mutation(
+        "history-partition-grants", HISTORY,
+        "            EXECUTE format('REVOKE ALL ON %s FROM %s', v_rel, v_grantee);\n",
+        "            NULL;\n",
+        (f"{PARTITIONED}::test_users_see_only_their_own_jobs_history",),
+        "a new partition keeps the grants of default privileges (read past RLS)",
+    ),
+    Mutation(
+        "history-rls", HISTORY_LAYER,
+        "    USING (user_id = (SELECT auth.uid()));",
+        "    USING (true);",
+        (f"{PARTITIONED}::test_users_see_only_their_own_jobs_history",),
+        "a user sees every user's history",
+    ),
+    Mutation(
+        "tasks-of-job-history", QUERIES,
+        "        UNION ALL\n        SELECT id, sequence, task_id, task_type, queue, status, attempts,"
+        " max_attempts,\n               worker_id, error, result, created_at, started_at,"
+        " completed_at\n          FROM job_tasks_history WHERE job_id = %(job_id)s) t\n",
+        ") t\n",
+        (f"{PARTITIONED}::test_a_finished_jobs_completed_rows_move_to_the_day_they_may_go",),
+        "a job's page loses the tasks moved to the history",
+    ),
+    Mutation(
+        "worker-vacuum", QUERIES,
+        "SELECT coalesce((SELECT s.n_dead_tup > %(threshold)s\n",
+        "SELECT coalesce((SELECT s.n_dead_tup > %(threshold)s * 1000\n",
+        (f"{PARTITIONED}::test_a_worker_vacuums_job_tasks_when_autovacuum_does_not",),
+        "workers never vacuum job_tasks where autovacuum does not",
     ),
 )
 
