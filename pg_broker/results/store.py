@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 import psycopg
+from psycopg import sql
 
 from pg_broker import forking
 from pg_broker.database import connect, session_defaults
@@ -187,6 +188,27 @@ class ResultStore:
         if not keys:
             return {}
         return dict(self._run(queries["result_mget"], {"keys": keys}))
+
+    def listen_and_read(self, listen: Iterable[str], unlisten: Iterable[str],
+                        keys: Iterable[str]) -> dict[str, bytes]:
+        """LISTEN on ``listen`` and UNLISTEN ``unlisten`` (committed first),
+        then read ``keys`` (as :meth:`mget`): one round trip, pipelined.
+        Not retried: after a lost connection the waiters LISTEN again."""
+        batch = ([sql.SQL("LISTEN {}").format(sql.Identifier(c)) for c in listen]
+                 + [sql.SQL("UNLISTEN {}").format(sql.Identifier(c)) for c in unlisten])
+        keys = list(keys)
+        if not batch:
+            return self.mget(keys)
+        with self.connection() as conn:
+            if not keys:  # one simple-protocol message, one transaction
+                conn.execute(sql.SQL("; ").join(batch))
+                return {}
+            with conn.pipeline() as pipeline:
+                for statement in batch:
+                    conn.execute(statement)
+                pipeline.sync()
+                cursor = conn.execute(queries["result_mget"], {"keys": keys})
+            return dict(cursor.fetchall())
 
     def set(self, key: str, value: bytes, state: str | None, expires: float | None,
             keep_success: bool = False) -> bool:

@@ -6,10 +6,12 @@ computes the same name: ``result_set`` in ``queries.sql``), with the value
 itself as payload when it fits one (up to 5,400 bytes). A process LISTENs
 on the channels of the results it waits for, however many threads and
 results that is: a thousand waiters are a thousand channels on one
-connection. Before waiting, a waiter reads its results from the table; for
-those not there yet it LISTENs (channels no longer waited for are UNLISTENed
-in the same batch), then reads them once more: LISTEN committed first, then
-the read, so a result written in between is seen by one or the other. A
+connection. Before waiting, a waiter LISTENs on its channels (channels no
+longer waited for are UNLISTENed in the same batch) and then reads its
+results from the table, pipelined in one round trip: the LISTENs commit
+first, then the read, so a result written in between is seen by one or the
+other. (Reading first, then LISTENing, then reading again cost three round
+trips, on the way from the publish to the caller's wait.) A
 notification that carries its value hands it to every consumer (one per
 Celery backend object, so per thread) waiting for it, with no read: the
 round trip it saves is on the way from the worker's write to the caller
@@ -39,8 +41,6 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
-
-from psycopg import sql
 
 from .store import CONNECTION_ERRORS, ResultStore
 
@@ -184,38 +184,38 @@ class ResultListener:
                 self._read_done.notify_all()
 
     def _read(self, keys: set[str]) -> None:
-        """Read ``keys`` and hand them out, then bring the LISTENs up to date
-        and read again what is newly LISTENed for.
+        """Bring the LISTENs up to date and read ``keys`` and every key newly
+        LISTENed for, in one round trip; hand out what was found.
 
-        A result that is there already costs one round trip and no LISTEN (a
-        chord's join reads its whole header that way); one still awaited
-        costs the read, one LISTEN/UNLISTEN batch (committed before the next
-        read, so a result written meanwhile is seen by one or the other) and
-        the second read.
+        The LISTEN/UNLISTEN batch commits before the read starts (pipelined,
+        each its own transaction), so a result written meanwhile is seen by
+        the read or notified. A result already there costs a LISTEN it did
+        not need (a chord's join reads its whole header so), taken back with
+        the next batch; the usual case, a result still to come, costs the
+        caller one round trip before it waits, where reading first, then
+        LISTENing, then reading again cost three.
         """
-        if self.store.generation != self._generation:
-            keys = keys | self.waiting_for()
-        if keys:
-            self._hand_out(self.store.mget(keys))
-        with self.store.connection() as conn:
+        with self.store.connection():
             if self.store.generation != self._generation:
                 # A new connection has no LISTENs (and a result written while
-                # the old one was down notified nobody: read again below).
+                # the old one was down notified nobody: read them all).
                 self._generation = self.store.generation
                 self._listening = set()
+                keys = keys | self.waiting_for()
             wanted = {channel_name(key): key for key in self.waiting_for()}
             listen = wanted.keys() - self._listening
             stale = self._listening - wanted.keys()
             # UNLISTENs wait for the next LISTENs (or pile up to STALE_MAX):
             # a notification on a stale channel is only ignored.
-            if listen or len(stale) >= STALE_MAX:
-                conn.execute(sql.SQL("; ").join(
-                    [sql.SQL("LISTEN {}").format(sql.Identifier(c)) for c in listen]
-                    + [sql.SQL("UNLISTEN {}").format(sql.Identifier(c)) for c in stale]
-                ))
+            if not listen and len(stale) < STALE_MAX:
+                listen = stale = set()
+            keys = keys | {wanted[channel] for channel in listen}
+            if not (keys or listen or stale):
+                return
+            found = self.store.listen_and_read(listen, stale, keys)
+            if listen or stale:
                 self._listening = set(wanted)
-        if listen:
-            self._hand_out(self.store.mget(wanted[channel] for channel in listen))
+        self._hand_out(found)
 
     def _take_notified(self, notified: dict[str, str]) -> None:
         """Hand out the values notifications carried; read those they did not."""
