@@ -17,7 +17,14 @@ from pathlib import Path
 import psutil
 
 from bench import flower, report
-from bench.brokers import ALL_BROKERS, DEFAULT_BROKERS, PG_SERVER_URL, prepare
+from bench.brokers import (
+    ALL_BROKERS,
+    DEFAULT_BROKERS,
+    PG_SERVER_URL,
+    RABBITMQ_URL,
+    REDIS_URL,
+    prepare,
+)
 from bench.measure import Sizes
 from bench.runner import FIGURE_GROUPS, ROLES, Run
 from bench.workers import install_cleanup
@@ -57,6 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "bench starts on a free port with pg_stat_statements "
                              "(track_planning on) and stops at the end, so the run can say "
                              "what each statement costs the database per task")
+    parser.add_argument("--redis-url", default=REDIS_URL,
+                        help=f"Redis for the redis broker and backend (default {REDIS_URL}); "
+                             "a server of your own keeps two runs at once apart")
+    parser.add_argument("--rabbitmq-url", default=RABBITMQ_URL,
+                        help=f"RabbitMQ for the rabbitmq broker (default {RABBITMQ_URL}); "
+                             "a vhost of your own keeps two runs at once apart")
     parser.add_argument("--pgbroker-database", default=None,
                         help="use this existing database for pgbroker instead of "
                              "pg_broker_bench on --pg-server")
@@ -154,7 +167,8 @@ def has_statements(url: str) -> bool:
 
 def run_and_report(args, argv, names, sizes, mode, started, pg_server, pg_server_note,
                    only) -> int:
-    brokers = prepare(names, pg_server, args.pgbroker_database)
+    brokers = prepare(names, pg_server, args.pgbroker_database,
+                      redis_url=args.redis_url, rabbitmq_url=args.rabbitmq_url)
     if args.results_only:
         brokers = [b for b in brokers if b.result_backend]
         for broker in brokers:

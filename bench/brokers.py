@@ -45,17 +45,19 @@ PGBROKER_DATABASE = "pg_broker_bench"
 PGBROKER_ASYNC_DATABASE = "pg_broker_bench_async"
 PGBROKER_PIPELINED_DATABASE = "pg_broker_bench_pipelined"
 PGBROKER_UNPREPARED_DATABASE = "pg_broker_bench_unprepared"
+PGBROKER_VISIBLE_DATABASE = "pg_broker_bench_visible"
 SQLA_DATABASE = "pg_broker_bench_sqla"
 PGMQ_DATABASE = "pg_broker_bench_pgmq"
 SQLA_RESULTS_DATABASE = "pg_broker_bench_sqlaresults"
 EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / ".pgdata"
 
 # The default set; pg_broker with one of its documented transport options
-# (pgbroker-async, pgbroker-pipelined, pgbroker-unprepared: what a
+# (pgbroker-async, pgbroker-pipelined, pgbroker-visible, pgbroker-unprepared: what a
 # transaction-mode pooler needs) is there when asked for.
 DEFAULT_BROKERS = ("redis", "rabbitmq", "sqla", "pgmq", "pgbroker", "pgbroker-embedded",
                    "pgbroker-sqlaresults")
-ALL_BROKERS = DEFAULT_BROKERS + ("pgbroker-async", "pgbroker-pipelined", "pgbroker-unprepared")
+ALL_BROKERS = DEFAULT_BROKERS + ("pgbroker-async", "pgbroker-pipelined", "pgbroker-unprepared",
+                                 "pgbroker-visible")
 
 
 @dataclass
@@ -314,11 +316,12 @@ def server_version(url: str) -> str:
 # --- the brokers -------------------------------------------------------------
 
 
-def prepare(names: list[str], pg_server: str, pgbroker_database: str | None) -> list[Broker]:
+def prepare(names: list[str], pg_server: str, pgbroker_database: str | None,
+            redis_url: str = REDIS_URL, rabbitmq_url: str = RABBITMQ_URL) -> list[Broker]:
     """Build the named brokers, each either usable or carrying the reason to skip it."""
     builders = {
-        "redis": _redis,
-        "rabbitmq": _rabbitmq,
+        "redis": lambda: _redis(redis_url),
+        "rabbitmq": lambda: _rabbitmq(rabbitmq_url),
         "sqla": lambda: _sqla(pg_server),
         "pgmq": lambda: _pgmq(pg_server),
         "pgbroker": lambda: _pgbroker(pg_server, pgbroker_database),
@@ -331,6 +334,9 @@ def prepare(names: list[str], pg_server: str, pgbroker_database: str | None) -> 
         "pgbroker-unprepared": lambda: _pgbroker_variant(
             pg_server, "pgbroker-unprepared", PGBROKER_UNPREPARED_DATABASE,
             {"prepared_statements": False}),
+        "pgbroker-visible": lambda: _pgbroker_variant(
+            pg_server, "pgbroker-visible", PGBROKER_VISIBLE_DATABASE,
+            {"visible_before_flush": True}),
         "pgbroker-embedded": _pgbroker_embedded,
         "pgbroker-sqlaresults": lambda: _pgbroker_sqla_results(pg_server),
     }
@@ -348,17 +354,17 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
-def _redis() -> Broker:
+def _redis(url: str) -> Broker:
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
+    client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
     info = client.info("server")
-    return Broker("redis", REDIS_URL, "Celery on Redis", version=info["redis_version"],
-                  server_pid=int(info["process_id"]), result_backend=REDIS_URL)
+    return Broker("redis", url, "Celery on Redis", version=info["redis_version"],
+                  server_pid=int(info["process_id"]), result_backend=url)
 
 
-def _rabbitmq() -> Broker:
-    with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
+def _rabbitmq(url: str) -> Broker:
+    with Connection(url, connect_timeout=3) as conn:
         conn.ensure_connection(max_retries=1)
         props = conn.connection.server_properties
     version = props.get("version")
@@ -366,7 +372,7 @@ def _rabbitmq() -> Broker:
         version = version.decode()
     beam = [p.pid for p in psutil.process_iter(["name", "cmdline"])
             if p.info["name"] == "beam.smp" and "rabbit" in " ".join(p.info["cmdline"] or [])]
-    return Broker("rabbitmq", RABBITMQ_URL, "Celery on RabbitMQ (py-amqp)", version=version,
+    return Broker("rabbitmq", url, "Celery on RabbitMQ (py-amqp)", version=version,
                   server_pid=beam[0] if beam else None, result_backend="rpc://")
 
 

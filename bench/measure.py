@@ -437,6 +437,7 @@ def throughput_with_results(app: Celery, broker: Broker, worker: Worker, n: int,
         "throughput_results": run["throughput"],
         "worker_cpu_ms_per_task_results": run["worker_cpu_ms_per_task"],
         "broker_cpu_ms_per_task_results": run["broker_cpu_ms_per_task"],
+        **statement_figures(run["statements"], "results"),
     }
     sessions = broker.sessions_of(worker.pids())
     if sessions is not None:

@@ -84,6 +84,12 @@ FIGURES = [
            "higher"),
     Figure("broker_cpu_ms_per_task_results", "results: database (or server) CPU per task with "
            "its result", "ms", "lower", 2),
+    Figure("db_exec_ms_per_task_results", "results: database time per task with its result: "
+           "executing (pg_stat_statements)", "ms", "lower", 3),
+    Figure("db_plan_ms_per_task_results", "results: database time per task with its result: "
+           "planning", "ms", "lower", 3),
+    Figure("db_statements_per_task_results", "results: statements per task with its result",
+           "statements", "lower", 2),
     Figure("worker_cpu_ms_per_task_results", "results: worker CPU per task with its result", "ms",
            "lower", 2),
     Figure("worker_connections_results", "results: connections of a solo worker", "connections",
@@ -194,7 +200,8 @@ def write_json(path: Path, document: dict) -> None:
     path.write_text(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def statements_table(series: dict, brokers: list[str], roles=("solo", "drain")) -> str:
+def statements_table(series: dict, brokers: list[str],
+                     roles=("solo", "drain", "results")) -> str:
     """Per broker and run, each statement's server time per task (medians over
     the repeats; execution + planning), costliest first."""
     lines = []

@@ -340,6 +340,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the synchronous_commit option is ignored",
     ),
     Mutation(
+        "publish-flush", "pg_broker/transport/store.py",
+        "                FLUSH.execute(conn, flushed)\n            except",
+        "                pass\n            except",
+        ("tests/integration/test_publish_flush.py",),
+        "a confirmed publish returns before its WAL flush",
+    ),
+    Mutation(
         "claim-asynchronous-commit", CLAIM,
         "    PERFORM set_config('synchronous_commit', 'off', true);\n",
         "",

@@ -49,8 +49,9 @@ SELECT reclaim_stale_tasks();
 -- Consumer statements (claim, ack, requeue, fail, renew, touch, maintenance)
 -- commit asynchronously (set_config('synchronous_commit', 'off', true)): if
 -- the server crashes, the last of them may be lost, which only redelivers a
--- message (at-least-once). Publishes commit durably: a lost publish is a lost
--- message.
+-- message (at-least-once). Publishes are durable before they return: a lost
+-- publish is a lost message (with visible_before_flush, a publish commits
+-- asynchronously and its producer then waits for transport_flush).
 
 -- name: transport_publish
 -- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue (unless store is false), wakes those queues' waiting consumers (unless notify is false).
@@ -85,6 +86,20 @@ WITH target AS (
       FROM routed WHERE NOT durable AND %(store)s::boolean
 )
 SELECT pg_broker_wake(queue) FROM routed WHERE %(notify)s::boolean;
+
+-- name: transport_flush
+-- Returns once the WAL written so far is flushed (and replicated) as synchronous_commit asks (this mode, or the session's): a transaction of its own that writes one tiny WAL record and so waits at its commit.
+-- Sent right after a publish that committed asynchronously (transport option
+-- visible_before_flush), it makes the producer wait for that publish's flush
+-- while consumers already claim and run it. A transaction that wrote no WAL
+-- commits without a flush, xid or not (PostgreSQL skips it), so it writes a
+-- transactional logical message: no table, ~60 bytes of WAL; logical
+-- decoding shows it only to a subscriber that asks for messages (pgoutput's
+-- messages option), under the prefix pg_broker.
+SELECT pg_logical_emit_message(true, 'pg_broker', ''),
+       set_config('synchronous_commit',
+                  coalesce(%(synchronous_commit)s::text, current_setting('synchronous_commit')),
+                  true);
 
 -- name: transport_claim
 -- Acks the given held rows (fenced by lease token: a plain message's row deleted when delete_acked, else completed) and claims up to limit ready rows of a queue (highest priority, then FIFO) under one lease token, in one statement: claimed rows first (claimed = true), then the ids acked.

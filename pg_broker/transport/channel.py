@@ -226,7 +226,7 @@ class Channel(virtual.Channel):
             if conn is None:
                 pipeline = transport.pipeline
                 params = pipeline.ration(params)
-                self.store.publish(params, lone)
+                self.store.publish(params, lone, options.visible_before_flush and not lone)
                 if not params["notify"]:
                     pipeline.owe(params)
             else:

@@ -88,6 +88,16 @@ class Options:
         the last fraction of a second of them (never corrupts). Consumer
         statements (claims, acks, lease renewals) always commit this way: one
         of them lost only redelivers a message.
+    ``visible_before_flush`` (False)
+        A confirmed publish commits asynchronously, so a waiting worker
+        claims and starts it at once, and then waits for its WAL flush in a
+        second statement (``transport_flush``) before it returns: as durable
+        for the producer, one WAL flush sooner for the task (a
+        ``delay().get()`` round trip). Costs a second transaction per publish
+        (an xid and ~110 bytes of WAL; measured +0.1-0.2 ms of producer and
+        server CPU per publish on a loaded machine). A crash of the server
+        within the flush can lose a message a worker already started; its
+        producer gets an error and sends it again (at least once).
     ``max_message_size`` (64 MiB)
         Larger messages are refused at publish with a ChannelError.
     ``retry_backoff`` (10)
@@ -126,6 +136,7 @@ class Options:
     claim_batch_max: int = DEFAULT_CLAIM_BATCH_MAX
     confirm_publish: bool = True
     synchronous_commit: str | None = None
+    visible_before_flush: bool = False
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     retry_backoff: timedelta = timedelta(seconds=DEFAULT_RETRY_BACKOFF_SECONDS)
     response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
@@ -150,6 +161,7 @@ def from_transport_options(options: Mapping[str, object]) -> Options:
         claim_batch_max=int(options.get("claim_batch_max", DEFAULT_CLAIM_BATCH_MAX)),
         confirm_publish=flag(options.get("confirm_publish", True)),
         synchronous_commit=None if synchronous_commit is None else str(synchronous_commit),
+        visible_before_flush=flag(options.get("visible_before_flush", False)),
         max_message_size=int(options.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)),
         retry_backoff=timedelta(
             seconds=float(options.get("retry_backoff", DEFAULT_RETRY_BACKOFF_SECONDS))),

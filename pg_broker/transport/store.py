@@ -185,6 +185,7 @@ def check(pgconn: pq.abc.PGconn, result: pq.abc.PGresult | None) -> pq.abc.PGres
 
 
 PUBLISH = Prepared("pg_broker_publish", queries["transport_publish"])
+FLUSH = Prepared("pg_broker_flush", queries["transport_flush"])
 
 
 def _held(held: Iterable[Held]) -> dict:
@@ -200,13 +201,23 @@ class Store:
 
     # Publishing ---------------------------------------------------------------
 
-    def publish(self, params: dict, lone: bool = False) -> None:
+    def publish(self, params: dict, lone: bool = False,
+                visible_before_flush: bool = False) -> None:
         """Store and notify one message (``transport_publish``) in a
         transaction of its own; returns after the commit. A prepared
         statement a pooler lost ran nothing: the publish goes again unprepared.
         ``lone``: a publish that would be pipelined in a burst (see
-        :meth:`.connections.WorkConnection.live`)."""
+        :meth:`.connections.WorkConnection.live`).
+
+        ``visible_before_flush`` (the transport option): the publish commits
+        asynchronously, so a waiting consumer claims it at once, then
+        ``transport_flush`` waits for its WAL flush as the publish's own
+        commit mode would have (nothing to wait for when that is ``off``)."""
         conn = self.work.live() if lone else self.work.conn
+        mode = params["synchronous_commit"]
+        flush = visible_before_flush and mode != "off"
+        if flush:
+            params = dict(params, synchronous_commit="off")
         try:
             PUBLISH.execute(conn, params)
         except psycopg.errors.ReadOnlySqlTransaction:
@@ -215,6 +226,13 @@ class Store:
         except STATEMENT_ELSEWHERE:
             forgo_prepared(conn, self.work.conninfo)
             PUBLISH.execute(conn, params)
+        if flush:
+            flushed = {"synchronous_commit": mode}
+            try:
+                FLUSH.execute(conn, flushed)
+            except STATEMENT_ELSEWHERE:  # waits for nothing it has not waited for
+                forgo_prepared(conn, self.work.conninfo)
+                FLUSH.execute(conn, flushed)
 
     @staticmethod
     def publish_in(conn: psycopg.Connection, params: dict) -> None:

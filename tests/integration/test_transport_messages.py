@@ -456,12 +456,14 @@ def commit_settings(db) -> Iterator[Callable[[], list[tuple[str, str]]]]:
 
 
 def test_the_synchronous_commit_option_applies_to_publishes(database_url, db, commit_settings):
+    """With visible_before_flush the insert commits asynchronously (a flush
+    follows it: tests/integration/test_publish_flush.py)."""
     (default,) = db.execute("SHOW synchronous_commit").fetchone()
     assert default != "off", "the server's default must differ from the option tested"
-    for options in ({}, {"synchronous_commit": "off"}):
+    for options in ({}, {"synchronous_commit": "off"}, {"visible_before_flush": True}):
         for conn in open_connection(database_url, **options):
             publish(conn, queue_named("commit"), "x")
-    assert commit_settings() == [("INSERT", default), ("INSERT", "off")]
+    assert commit_settings() == [("INSERT", default), ("INSERT", "off"), ("INSERT", "off")]
 
 
 def test_claims_settlements_and_renewals_commit_asynchronously(connection, db, commit_settings):
