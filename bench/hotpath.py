@@ -10,7 +10,12 @@ track_planning), so the figures are the transport's statements alone:
 - ``drain``: the consumer takes that backlog;
 - ``flow``: a producer thread publishes N while the consumer takes them (the
   shape of the end-to-end figure: the consumer often finds the queue empty,
-  records itself as waiting, and is woken).
+  records itself as waiting, and is woken);
+- ``cycle``: transport_claim alone on one connection, N times: ack the row
+  claimed last, claim the next (one row each), on a queue of N + 50 rows with
+  100 rows held by another consumer. ``--claim-sql FILE`` runs another text
+  of the statement instead (same parameters): how an earlier version of the
+  claim compares, measured the same way.
 
 For each phase: the database backends' CPU per message (/proc, all they do:
 parse, plan, execute, commit, network) and pg_stat_statements' execution and
@@ -27,12 +32,17 @@ import statistics
 import sys
 import threading
 import time
+import uuid
+from datetime import timedelta
 from pathlib import Path
 
+import psycopg
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from psycopg.types.json import Jsonb
 
 from bench.brokers import Broker, statement_costs
 from pg_broker.migrate import migrate
+from pg_broker.queries import queries
 from pg_broker.urls import broker_url
 from tests.chaos.servers import PostgresServer
 
@@ -49,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=None,
                         help="an existing database with pg_stat_statements loaded "
                              "(default: a private server)")
+    parser.add_argument("--claim-sql", type=Path, default=None,
+                        help="a file holding another text of transport_claim for the cycle phase")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    claim_sql = args.claim_sql.read_text() if args.claim_sql else queries["transport_claim"]
 
     server = None
     if args.url is None:
@@ -64,15 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         database_url = args.url
     try:
         migrate(database_url)
-        import psycopg
-
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         from pg_broker.database import with_database
 
         broker = Broker("pgbroker", broker_url(database_url), "", database_url=database_url,
                         admin_url=with_database(database_url, "postgres"), has_statements=True)
-        rounds = [run_round(broker, args.messages) for _ in range(args.rounds)]
+        rounds = [dict(run_round(broker, args.messages),
+                       cycle=claim_cycle(broker, args.messages, claim_sql))
+                  for _ in range(args.rounds)]
     finally:
         if server is not None:
             server.destroy()
@@ -115,6 +128,35 @@ def run_round(broker: Broker, n: int) -> dict:
 
             phases["flow"] = measured(broker, n, flow)
     return phases
+
+
+def claim_cycle(broker: Broker, n: int, claim_sql: str) -> dict:
+    """transport_claim alone, n times on one connection: ack the last row, claim the next."""
+    with psycopg.connect(broker.database_url, autocommit=True) as conn:
+        conn.execute("TRUNCATE job_tasks")
+        conn.execute("INSERT INTO job_tasks (queue, payload, task_type, task_id)"
+                     " SELECT 'bench.cycle', %s, 'bench.noop', g::text"
+                     " FROM generate_series(1, %s) g", (Jsonb(CYCLE_PAYLOAD), n + 150))
+        conn.execute("ANALYZE job_tasks")
+        conn.execute("UPDATE job_tasks SET status = 'claimed', worker_id = 'other',"
+                     " lease_token = gen_random_uuid(), lease_expires_at = now() + interval '1 hour'"
+                     " WHERE id IN (SELECT id FROM job_tasks ORDER BY id DESC LIMIT 100)")
+        held: list[tuple[int, uuid.UUID]] = []
+
+        def step() -> None:
+            nonlocal held
+            token = uuid.uuid4()
+            rows = conn.execute(claim_sql, {
+                "queue": "bench.cycle", "limit": 1, "worker_id": "bench", "lease_token": token,
+                "lease": timedelta(minutes=1), "delete_acked": True,
+                "ack_ids": [row_id for row_id, _ in held],
+                "ack_tokens": [lease for _, lease in held]}).fetchall()
+            held = [(row[1], token) for row in rows if row[0]]
+
+        return measured(broker, n, lambda: [step() for _ in range(n)])
+
+
+CYCLE_PAYLOAD = {"body": "W1swLjBdLCB7fSwge31d", "headers": {"task": "bench.noop"}}
 
 
 def consume(conn: Connection, queue: Queue, n: int) -> None:
