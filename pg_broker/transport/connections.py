@@ -173,7 +173,9 @@ class WorkConnection:
         running), as the pipeline replaces its own."""
         conn = self.conn
         with conn.lock:  # no statement in flight: whatever is readable is the server's last word
-            ended = bool(select.select([conn.pgconn.socket], [], [], 0)[0])
+            poller = select.poll()  # not select(): a busy process's descriptors pass 1023
+            poller.register(conn.pgconn.socket, select.POLLIN)
+            ended = bool(poller.poll(0))
         if ended:
             self.drop()
         return self.conn
