@@ -23,11 +23,12 @@ publish there takes the longest-waiting record away and notifies that
 consumer alone, on the listener's own channel (``pg_broker_wake``,
 migrations/core/131 and 140): one wake-up per message, however many
 consumers wait. A consumer woken with its prefetch window full passes the
-wake-up on; one that stops consuming a queue deletes its record. Under the hub, a queue that ran dry after giving
-messages is claimed from once more ``LINGER`` later before its consumer
-waits: a consumer keeping pace with its producers claims the next messages
-then, and is never notified (one notification costs the server a wake-up of
-every listening session; an empty claim, one index probe).
+wake-up on; one that stops consuming a queue deletes its record. Under the
+hub, a queue that ran dry after giving messages is claimed from once more
+``LINGER`` later before its consumer waits: a consumer keeping pace with its
+producers claims the next messages then, and is never notified (one
+notification costs the server a wake-up of every listening session; an
+empty claim, one index probe).
 
 A lost LISTEN session is replaced on the spot and every queue polled
 (notifications sent meanwhile are lost).
