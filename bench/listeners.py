@@ -176,9 +176,13 @@ def _idle_consumers(database_url: str, count: int) -> list[psycopg.Connection]:
 
 
 def _server_cpu(postmaster: int) -> float:
-    """CPU seconds so far of the server: the postmaster and every child."""
-    total = 0.0
+    """CPU seconds so far of the server: the postmaster, every child, and the
+    children that exited (reaped by the postmaster: a session closed during
+    a measurement, as idle connections close after IDLE_CLOSE, took its CPU
+    time out of the sum of the live ones)."""
     parent = psutil.Process(postmaster)
+    times = parent.cpu_times()
+    total = times.children_user + times.children_system
     for proc in [parent, *parent.children(recursive=True)]:
         try:
             times = proc.cpu_times()
