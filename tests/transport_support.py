@@ -68,6 +68,19 @@ def open_connection(database_url: str, **transport_options) -> Iterator[kombu.Co
 
 
 @pytest.fixture
+def open_consumer(broker_url):
+    """A worker's transport (consuming a durable queue with acks, so its lease
+    thread runs the maintenance every 0.2 s) with the given options."""
+    @contextmanager
+    def consumer(**options) -> Iterator[kombu.Connection]:
+        with kombu.Connection(broker_url, transport_options={
+                "maintenance_interval": 0.2, **options}) as conn:
+            with conn.Consumer([queue_named("worker")], callbacks=[lambda body, m: m.ack()]):
+                yield conn
+    return consumer
+
+
+@pytest.fixture
 def broker_url(database_url):
     return pgbroker_url(database_url)
 

@@ -4,31 +4,14 @@ finished rows past their windows (transport options), one worker at a time."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-import kombu
 import psycopg
-import pytest
 from celery_workers import wait_for
 from transport_support import queue_named
 
 from pg_broker.transport.settlement import CLEANUP_LOCK_KEY
 
 pytest_plugins = ["transport_support"]
-
-
-@pytest.fixture
-def open_consumer(broker_url):
-    """A worker's transport (consuming a durable queue with acks, so its lease
-    thread runs the maintenance every 0.2 s) with the given options."""
-    @contextmanager
-    def consumer(**options) -> Iterator[kombu.Connection]:
-        with kombu.Connection(broker_url, transport_options={
-                "maintenance_interval": 0.2, **options}) as conn:
-            with conn.Consumer([queue_named("worker")], callbacks=[lambda body, m: m.ack()]):
-                yield conn
-    return consumer
 
 
 def _plain(db: psycopg.Connection, queue: str, status: str, finished_ago: str) -> None:

@@ -11,16 +11,12 @@ import datetime as dt
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-import kombu
 import psycopg
 import pytest
 from celery_workers import wait_for
 from psycopg import sql
 from taskrows import ack_and_claim, add_job, add_tasks, job
-from transport_support import queue_named
 
 from pg_broker import jobs
 from pg_broker.maintenance import Retention
@@ -185,18 +181,6 @@ def test_a_service_role_worker_moves_rows(db):
         db.execute("SET LOCAL ROLE service_role")
         assert Retention.older_than(WEEK, partitioned=True).run(db) == 2
     assert len(_history(db)) == 2
-
-
-@pytest.fixture
-def open_consumer(broker_url):
-    """A worker's transport whose lease thread runs its maintenance every 0.2 s."""
-    @contextmanager
-    def consumer(**options) -> Iterator[kombu.Connection]:
-        with kombu.Connection(broker_url, transport_options={
-                "maintenance_interval": 0.2, **options}) as conn:
-            with conn.Consumer([queue_named("worker")], callbacks=[lambda body, m: m.ack()]):
-                yield conn
-    return consumer
 
 
 def test_a_consuming_worker_moves_finished_jobs_rows_with_the_option(open_consumer, db):
