@@ -161,7 +161,8 @@ def check_storage(ctx: Context) -> Result:
         storage = importlib.import_module("tasks.storage")
     except ImportError as exc:
         return Result(SKIP, f"no artifact storage: the worker app is not installed ({exc})",
-                      "pip install 'pg_broker[app]'")
+                      "pip install -e '.[app]' in a pg_broker checkout "
+                      "(pip install 'pg_broker[app]' from a wheel or package index)")
 
     url = os.environ.get("SUPABASE_URL", "").strip()
     key = os.environ.get("SUPABASE_SERVICE_ROLE_KEY", "").strip()

@@ -128,7 +128,8 @@ class SupabaseStorage(Storage):
         except ImportError as exc:
             raise StorageError(
                 "SUPABASE_URL is set but the Supabase client is not installed; "
-                "pip install 'pg_broker[app,supabase]'"
+                "pip install -e '.[app,supabase]' in a pg_broker checkout "
+                "(pip install 'pg_broker[app,supabase]' from a wheel or package index)"
             ) from exc
         self.bucket = bucket or os.environ.get(BUCKET_VARIABLE, "").strip() or DEFAULT_BUCKET
         self.client = SyncStorageClient(
