@@ -65,6 +65,10 @@ KEEP_ALIVE_CHECK = 1.0
 # unreachable: the first retry, and the most it backs off to.
 SETTLE_BACKOFF_MIN = 0.1
 SETTLE_BACKOFF_MAX = 5.0
+# Seconds before another vacuum of job_tasks after one that could not get it
+# under the threshold: the first wait, and the most it doubles to.
+VACUUM_RETRY_MIN = 60.0
+VACUUM_RETRY_MAX = 600.0
 
 
 class LeaseKeeper:
@@ -85,7 +89,7 @@ class LeaseKeeper:
         """``store`` runs the statements (on the transport's work connection);
         ``retention`` is the cleanup of finished rows the maintenance runs;
         ``vacuum_threshold`` the dead row versions of job_tasks past which it
-        vacuums the table when autovacuum does not (0: never);
+        vacuums the table (0: never);
         ``settle`` sends the deferred settlements (raising psycopg.Error when
         it cannot); ``finished`` says the thread may end (closed, nothing
         held); ``reconnect`` drops the work connection (the next statement
@@ -101,6 +105,8 @@ class LeaseKeeper:
         self.maintenance_interval = maintenance_interval
         self.retention = retention
         self.vacuum_threshold = vacuum_threshold
+        self._next_vacuum = 0.0  # monotonic time before which no vacuum is tried
+        self._vacuum_retry = 0.0  # the wait after a vacuum that left dead rows behind
         self._held: dict[int, uuid.UUID] = {}
         self._expiring: dict[str, float] = {}  # consumed queue -> x-expires seconds
         self._consumed: set[str] = set()
@@ -310,9 +316,26 @@ class LeaseKeeper:
             log.info("reclaimed %d task(s) whose lease expired", reclaimed)
         if dropped:
             log.info("dropped %d queue(s) unused past their expiry", dropped)
-        if self.vacuum_threshold and self._store.vacuum(self.vacuum_threshold):
-            log.info("vacuumed job_tasks (over %d dead row versions, autovacuum off or "
-                     "behind)", self.vacuum_threshold)
+        if self.vacuum_threshold and time.monotonic() >= self._next_vacuum:
+            self.vacuum()
+
+    def vacuum(self) -> None:
+        """VACUUM job_tasks past ``vacuum_threshold`` dead row versions. A
+        vacuum that leaves more than the threshold behind (an open snapshot
+        older than them keeps them; vacuuming again cannot help until it
+        ends) makes the next attempt wait, doubling up to VACUUM_RETRY_MAX."""
+        left = self._store.vacuum(self.vacuum_threshold)
+        if left is None:
+            return
+        if left <= self.vacuum_threshold:
+            self._vacuum_retry = 0.0
+            log.info("vacuumed job_tasks (over %d dead row versions)", self.vacuum_threshold)
+            return
+        self._vacuum_retry = min(max(self._vacuum_retry * 2, VACUUM_RETRY_MIN), VACUUM_RETRY_MAX)
+        self._next_vacuum = time.monotonic() + self._vacuum_retry
+        log.warning("vacuumed job_tasks but %d dead row versions remain (a transaction or "
+                    "snapshot older than them is open, or another vacuum had the table); "
+                    "next vacuum in %.0f s", left, self._vacuum_retry)
 
     def clean_up(self) -> bool:
         """One batch of the cleanup of finished rows, unless another worker is

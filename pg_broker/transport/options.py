@@ -65,10 +65,12 @@ class Options:
     ``vacuum_threshold`` (10000)
         Dead row versions of ``job_tasks`` past which a worker's
         maintenance runs ``VACUUM job_tasks`` itself (on a connection of its
-        own, skipped while another vacuum has the table), when the server's
-        autovacuum is off or has not vacuumed it for five minutes. Every
-        claim and ack leaves one; without any vacuum the table grows with
-        every task. 0: never.
+        own, skipped while another vacuum has the table), whatever the
+        server's autovacuum does: it visits a database once per naptime (a
+        minute), too seldom at hundreds of tasks/s. Every claim and ack
+        leaves one; without any vacuum the table grows with every task. A
+        vacuum that cannot get under the threshold (an older snapshot is
+        open) is tried again after 60 s, doubling to 10 minutes. 0: never.
     ``claim_batch_max`` (100)
         Upper bound of one claim when the prefetch window is unlimited.
     ``confirm_publish`` (True)

@@ -394,18 +394,22 @@ class Store:
         return self.work.execute(queries["transport_maintain"], None,
                                  MAINTENANCE_ROWS).fetchone()
 
-    def vacuum(self, threshold: int) -> bool:
+    def vacuum(self, threshold: int) -> int | None:
         """VACUUM job_tasks when ``transport_needs_vacuum`` says so, on a
         connection of its own (a vacuum of a bloated table may take seconds,
-        the work connection carries claims); whether it ran."""
+        the work connection carries claims): None when it was not needed,
+        else the dead row versions the statistics count after it — those it
+        could not remove because an older snapshot is still open (or another
+        vacuum had the table and this one was skipped)."""
         (needed,) = self.work.execute(queries["transport_needs_vacuum"],
                                       {"threshold": threshold}).fetchone()
         if not needed:
-            return False
+            return None
         with psycopg.connect(self.work.conninfo, autocommit=True,
                              **self.work.connect_kwargs) as conn:
             conn.execute(queries["transport_vacuum"])
-        return True
+            (left,) = conn.execute(queries["transport_dead_rows"]).fetchone()
+        return left
 
     def delete_finished(self, retention: Retention) -> tuple[int | None, int | None, int | None]:
         """One batch of ``retention`` (``delete_finished_tasks``): rows deleted
