@@ -183,8 +183,12 @@ SELECT q.name
     OR EXISTS (SELECT 1 FROM broker_transient_messages WHERE queue = q.name);
 
 -- name: transport_wait
--- A consumer found a queue empty: records it as waiting there, to be notified on its own channel (pg_broker_wait, migrations/core/131 and 140); whether a message is ready after all.
-SELECT pg_broker_wait(%(queue)s, %(waiter)s, %(channel)s);
+-- A consumer found a queue empty: records it as waiting there, to be notified on its own channel by its LISTEN session, which holds the advisory lock session_lock while it lives (pg_broker_wait, migrations/core/131, 140 and 210); whether a message is ready after all.
+SELECT pg_broker_wait(%(queue)s, %(waiter)s, %(channel)s, %(session_lock)s);
+
+-- name: transport_listener_lock
+-- A LISTEN session takes the advisory lock its waiter records name (migrations/core/210): held until the session ends, when a publish treats those records as dead. False: another live session holds this key (try another).
+SELECT pg_try_advisory_lock(1885823596, %(key)s);
 
 -- name: transport_unwait
 -- A consumer stops consuming queues: its waiting records there go (a record left behind would take a publish's wake-up).

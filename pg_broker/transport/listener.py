@@ -38,6 +38,7 @@ from psycopg import sql
 
 from pg_broker import forking
 from pg_broker.masking import mask_url, redacting
+from pg_broker.queries import queries
 
 from . import deadline
 from .connections import close_quietly
@@ -81,6 +82,9 @@ class Listener:
         # A publish wakes one waiting consumer on a channel of its own, the
         # queue as payload (migrations/core/140).
         self.waiter_channel = _waiter_channel()
+        # The advisory lock the LISTEN session holds while it lives, named
+        # by this consumer's waiter records (migrations/core/210).
+        self.session_lock: int | None = None
         self._heard_at: float | None = None  # last notification of any channel
         self._probe_sent_at: float | None = None  # the probe awaited, if any
         self.notifications_lost = False
@@ -100,6 +104,7 @@ class Listener:
         for channel in self._queues:
             self._listen(channel)
         self._listen(self.waiter_channel)
+        self.session_lock = self._lock_session()
         if self._notify is not None:
             self._listen(self._probe_channel)
             self._heard_at = self._probe_sent_at = None  # a new session: probe it
@@ -166,9 +171,19 @@ class Listener:
         :mod:`pg_broker.forking`); the child LISTENs on one of its own."""
         forking.disown(self.conn)
         self.conn = None
+        self.session_lock = None
         self._probe_channel = f"{CHANNEL_PREFIX}probe_{secrets.token_hex(8)}"
         self.waiter_channel = _waiter_channel()
         self._heard_at = self._probe_sent_at = None
+
+    def _lock_session(self) -> int:
+        """Take an advisory lock of a random key for this session's life: a
+        publish that finds it free knows this consumer's waiter records are
+        dead (its session ended) and wakes the next waiter instead."""
+        while True:
+            key = secrets.randbits(32) - 2**31
+            if self.conn.execute(queries["transport_listener_lock"], {"key": key}).fetchone()[0]:
+                return key
 
     def _listen(self, channel: str) -> None:
         self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

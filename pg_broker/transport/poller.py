@@ -194,7 +194,9 @@ class Poller:
                 if self._linger_timer is None:
                     self._linger_timer = self.loop.call_later(LINGER, self._linger_over)
                 continue
-            if self._store.wait(queue, self._waiter, self._listener.waiter_channel):
+            listener = self._listener
+            if self._store.wait(queue, self._waiter, listener.waiter_channel,
+                                listener.session_lock):
                 delivery.ready.add(queue)
                 found = True
             self._waiting.add(queue)

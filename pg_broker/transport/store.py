@@ -333,12 +333,14 @@ class Store:
         """A notification on ``channel`` (a listener's probe, see :mod:`.listener`)."""
         self.work.execute(queries["transport_notify_probe"], {"channel": channel})
 
-    def wait(self, queue: str, waiter: uuid.UUID, channel: str) -> bool:
+    def wait(self, queue: str, waiter: uuid.UUID, channel: str, session_lock: int) -> bool:
         """Record ``waiter`` as waiting on ``queue`` (a publish there takes
-        the record and notifies ``channel``); whether a message is ready
-        after all."""
+        the record and notifies ``channel``, unless the advisory lock
+        ``session_lock`` is free: its LISTEN session is gone); whether a
+        message is ready after all."""
         return self.work.execute(queries["transport_wait"],
-                                 {"queue": queue, "waiter": waiter, "channel": channel},
+                                 {"queue": queue, "waiter": waiter, "channel": channel,
+                                  "session_lock": session_lock},
                                  scalar_row).fetchone()
 
     def unwait(self, queues: list[str], waiter: uuid.UUID) -> None:

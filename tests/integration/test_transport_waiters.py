@@ -7,6 +7,9 @@ first."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -18,6 +21,7 @@ from transport_support import listen_as_waiter, open_connection, publish, queue_
 
 from pg_broker.queries import queries
 from pg_broker.transport.listener import channel_name
+from pg_broker.urls import broker_url as pgbroker_url
 
 pytest_plugins = ["transport_support"]
 
@@ -271,3 +275,52 @@ def test_no_wake_up_is_lost_among_several_consumers_that_never_poll(
             publish(producer, queue, "stop")
         wait_for(lambda: len(stopped) == len(consumers), 40, "every consumer to stop")
     assert sorted(b for b in received if b != "declare") == list(range(total))
+
+
+def test_a_consumer_killed_while_waiting_takes_no_wake_up(
+        database_url: str, db: psycopg.Connection) -> None:
+    # A consumer process waits on a queue (its record the oldest), then is
+    # SIGKILLed: it never deletes its record. A live consumer waits after it
+    # and never polls within the test. The next publish must wake the live
+    # one, not the dead one's channel (migrations/core/210).
+    queue = queue_named("killed-waiter")
+    dead = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import kombu, pg_broker
+        conn = kombu.Connection({pgbroker_url(database_url)!r},
+                                transport_options={{"polling_interval": 3600}})
+        queue = kombu.Queue({queue.name!r}, routing_key={queue.name!r})
+        with conn.Consumer([queue], callbacks=[lambda body, m: m.ack()]):
+            try:
+                conn.drain_events(timeout=0.2)  # finds it empty: waits
+            except TimeoutError:
+                pass
+            print(conn.transport._listener.conn.info.backend_pid, flush=True)
+            conn.drain_events(timeout=3600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        listen_pid = int(dead.stdout.readline())
+        assert _waiting(db, queue.name) == 1
+        dead.kill()
+        dead.wait(10)
+    finally:
+        dead.kill()
+    wait_for(lambda: not db.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                                    (listen_pid,)).fetchone(),
+             10, "the killed consumer's LISTEN session to end")
+    assert _waiting(db, queue.name) == 1  # its record stays
+
+    received = []
+    for consumer in open_connection(database_url, polling_interval=3600):
+        with consumer.Consumer([queue], callbacks=[lambda body, m: (received.append(body),
+                                                                    m.ack())]):
+            with pytest.raises(TimeoutError):
+                consumer.drain_events(timeout=0.2)  # waits, after the dead one
+            assert _waiting(db, queue.name) == 2
+            for producer in open_connection(database_url):
+                publish(producer, queue, "for the live one")
+            started = time.monotonic()
+            consumer.drain_events(timeout=30)  # a lost wake-up: 30 s, then a poll
+            woken_after = time.monotonic() - started
+    assert received == ["for the live one"]
+    assert woken_after < 5, f"the live consumer was woken only by its poll ({woken_after:.1f} s)"
+    assert _waiting(db, queue.name) == 0  # the dead record went with the wake-up
