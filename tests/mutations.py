@@ -427,10 +427,18 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "worker-vacuum", QUERIES,
-        "SELECT coalesce((SELECT s.n_dead_tup > %(threshold)s\n",
-        "SELECT coalesce((SELECT s.n_dead_tup > %(threshold)s * 1000\n",
-        (f"{PARTITIONED}::test_a_worker_vacuums_job_tasks_when_autovacuum_does_not",),
-        "workers never vacuum job_tasks where autovacuum does not",
+        "SELECT coalesce((SELECT n_dead_tup > %(threshold)s FROM pg_stat_user_tables\n",
+        "SELECT coalesce((SELECT n_dead_tup > %(threshold)s * 1000 FROM pg_stat_user_tables\n",
+        (f"{PARTITIONED}::test_a_worker_vacuums_job_tasks_when_autovacuum_is_off",
+         f"{PARTITIONED}::test_a_worker_vacuums_job_tasks_past_the_threshold_though_autovacuum_just_did"),
+        "workers never vacuum job_tasks",
+    ),
+    Mutation(
+        "worker-vacuum-backoff", "pg_broker/transport/leases.py",
+        "        self._next_vacuum = time.monotonic() + self._vacuum_retry\n",
+        "        self._next_vacuum = time.monotonic()\n",
+        (f"{PARTITIONED}::test_a_vacuum_an_open_snapshot_defeats_is_not_repeated_every_maintenance",),
+        "a vacuum an open snapshot defeats runs again every maintenance turn",
     ),
 )
 
