@@ -52,6 +52,8 @@ RENEW_START = "migrations/core/113_renew_and_start_defined_once.sql"
 CLAIM = "migrations/core/163_claim_acks_by_primary_key.sql"  # pg_broker_claim as redefined there
 SUPABASE = "migrations/supabase/101_supabase_layer.sql"
 HISTORY = "migrations/core/180_partitioned_history.sql"
+# pg_broker_released, reclaim_stale_tasks, claim_tasks, complete_task as redefined there
+RELEASE = "migrations/core/182_claim_complete_release_defined_once.sql"
 HISTORY_LAYER = "migrations/supabase/181_history_privileges.sql"
 
 MESSAGES = "tests/integration/test_transport_messages.py"
@@ -199,11 +201,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a claim does not count a delivery",
     ),
     Mutation(
-        "attempts-requeue-max", QUERIES,
-        "SET status = CASE WHEN t.attempts - %(refund)s < t.max_attempts THEN 'pending' ELSE 'dead' END",
-        "SET status = CASE WHEN t.attempts - %(refund)s <= t.max_attempts THEN 'pending' ELSE 'dead' END",
-        (f"{MESSAGES}::test_requeue_after_the_last_attempt_buries_the_row",),
-        "a requeue after the last delivery is not dead",
+        "attempts-release-max", RELEASE,
+        "      FROM (SELECT p_attempts - p_refund < p_max_attempts AS left_over) AS d",
+        "      FROM (SELECT p_attempts - p_refund <= p_max_attempts AS left_over) AS d",
+        (f"{MESSAGES}::test_requeue_after_the_last_attempt_buries_the_row",
+         f"{FUNCTIONS}::test_reclaim_past_max_attempts_dead_letters_the_task"),
+        "a requeue or a lease lost after the last delivery is not dead",
     ),
     Mutation(
         "attempts-fail-max", LEASES_OWNERS,
@@ -215,16 +218,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a reject after the last delivery retries again",
     ),
     Mutation(
-        "attempts-reclaim-max", SCHEMA,
-        "CASE WHEN attempts >= max_attempts THEN 'lease lost'",
-        "CASE WHEN attempts > max_attempts THEN 'lease lost'",
-        (f"{FUNCTIONS}::test_reclaim_past_max_attempts_dead_letters_the_task",),
-        "a lease lost on the last delivery is retried",
-    ),
-    Mutation(
-        "refund-sql", QUERIES,
-        "       attempts = greatest(t.attempts - %(refund)s, 0),",
-        "       attempts = t.attempts,",
+        "refund-sql", RELEASE,
+        "           greatest(p_attempts - p_refund, 0),",
+        "           p_attempts,",
         (f"{MESSAGES}::test_closing_the_channel_returns_unacked_messages_without_counting_them",),
         "transport_requeue ignores its refund",
     ),
@@ -290,7 +286,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "held leases are not renewed",
     ),
     Mutation(
-        "reclaim-live-lease", SCHEMA,
+        "reclaim-live-lease", RELEASE,
         "         WHERE status IN ('claimed', 'processing')\n           AND lease_expires_at < now()\n",
         "         WHERE status IN ('claimed', 'processing')\n           AND lease_expires_at < now() + interval '10 minutes'\n",
         (f"{RECOVERY}::test_held_message_keeps_its_lease_past_the_lease_length",),

@@ -130,16 +130,12 @@ DELETE FROM broker_transient_messages m USING taken
 RETURNING m.id, m.payload, m.priority;
 
 -- name: transport_requeue
--- Requeues held rows at once (dead once deliveries reach max_attempts); refund 1 un-counts a delivery that never started (prefetched, returned at shutdown); error, if given, is the reason kept on the row.
+-- Requeues held rows at once (dead once deliveries reach max_attempts: pg_broker_released, migrations/core/182, the rule reclaim_stale_tasks applies too); refund 1 un-counts a delivery that never started (prefetched, returned at shutdown); error, if given, is the reason kept on the row.
 UPDATE job_tasks t
-   SET status = CASE WHEN t.attempts - %(refund)s < t.max_attempts THEN 'pending' ELSE 'dead' END,
-       attempts = greatest(t.attempts - %(refund)s, 0),
-       error = CASE WHEN t.attempts - %(refund)s < t.max_attempts
-                    THEN coalesce(%(error)s::text, t.error)
-                    ELSE concat_ws(': ', format('requeued after %%s of %%s deliveries',
-                                                t.attempts, t.max_attempts),
-                                   %(error)s::text) END,
-       completed_at = CASE WHEN t.attempts - %(refund)s < t.max_attempts THEN NULL ELSE now() END,
+   SET (status, attempts, error, completed_at) =
+           (SELECT r.status, r.attempts, r.error, r.completed_at
+              FROM pg_broker_released(t.attempts, t.max_attempts, t.error, %(refund)s,
+                                      'requeued', %(error)s::text) AS r),
        worker_id = NULL, lease_token = NULL, lease_expires_at = NULL
   FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held(id, lease_token),
        (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit

@@ -7,7 +7,7 @@ import uuid
 
 import psycopg
 import pytest
-from taskrows import ack_and_claim
+from taskrows import ack_and_claim, add_tasks, claim, task
 from transport_support import listen_as_waiter
 
 from pg_broker.jobs import cancel_held_task, cancel_job, get_job, user_session
@@ -100,6 +100,47 @@ def test_a_held_task_its_worker_skips_for_a_cancelled_job_ends_cancelled_not_com
     assert (job.status, job.completed_tasks, job.cancelled_tasks, job.progress) == (
         "cancelled", 1, 2, 100)
     assert not cancel_held_task(db, (skipped, token)), "a settled task is no longer held"
+
+
+def test_complete_task_settles_a_row_cancelled_while_held_as_the_transports_ack_does(
+    db: psycopg.Connection,
+) -> None:
+    # complete_task settles through pg_broker_claim's ack (migrations/core/182):
+    # the row its worker held when the job was cancelled stays cancelled, its
+    # lease ends (before 182 complete_task refused it and left it held), and
+    # nothing reports it completed.
+    job_id = _job(db, ["pending", "pending"])
+    (held,) = claim(db, queues=["audio"])
+    assert cancel_job(db, job_id) == 1
+    token = held["lease_token"]
+    assert cancel_held_task(db, (held["id"], token))
+
+    assert db.execute("SELECT complete_task(%s, %s, '{\"ok\": 1}')",
+                      (held["id"], token)).fetchone() == (False,)
+    row = task(db, held["id"])
+    assert (row["status"], row["lease_token"], row["result"]) == ("cancelled", None, None)
+    assert row["completed_at"] is not None
+    assert get_job(db, job_id, details=False).status == "cancelled"
+    # Settled: the same token finds nothing more to do.
+    assert db.execute("SELECT complete_task(%s, %s)", (held["id"], token)).fetchone() == (False,)
+
+
+def test_the_task_functions_leave_the_callers_commit_setting_as_it_was(
+    db: psycopg.Connection, database_url: str,
+) -> None:
+    # pg_broker_claim makes its transaction's commit asynchronous (a lost ack
+    # redelivers); claim_tasks and complete_task, which call it, put the
+    # caller's setting back, so the rest of the caller's transaction commits
+    # as the caller asked.
+    add_tasks(db, 1, queue="commit")
+    with psycopg.connect(database_url) as conn:  # one transaction
+        conn.execute("SET LOCAL synchronous_commit = 'remote_write'")
+        (held,) = claim(conn, queues=["commit"])
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("remote_write",)
+        assert conn.execute("SELECT complete_task(%s, %s)",
+                            (held["id"], held["lease_token"])).fetchone() == (True,)
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("remote_write",)
+        conn.rollback()
 
 
 def test_a_user_sees_their_own_job_and_nobody_elses(db: psycopg.Connection) -> None:
