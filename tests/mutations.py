@@ -422,6 +422,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a job's page loses the tasks moved to the history",
     ),
     Mutation(
+        "retention-failed-unlocked", QUERIES,
+        "     LIMIT %(batch)s\n       FOR UPDATE SKIP LOCKED\n), of_jobs AS MATERIALIZED (",
+        "     LIMIT %(batch)s\n), of_jobs AS MATERIALIZED (",
+        ("tests/integration/test_retention_races.py::"
+         "test_retention_racing_claims_acks_and_dead_retry_deletes_only_finished_rows",),
+        "retention deletes a dead message dead retry is re-queueing",
+    ),
+    Mutation(
         "worker-vacuum", QUERIES,
         "SELECT coalesce((SELECT n_dead_tup > %(threshold)s FROM pg_stat_user_tables\n",
         "SELECT coalesce((SELECT n_dead_tup > %(threshold)s * 1000 FROM pg_stat_user_tables\n",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,11 +18,11 @@ import psycopg
 import pytest
 from celery_workers import wait_for
 from psycopg import sql
-from taskrows import ack_and_claim, add_job, add_tasks, job
+from races import Ledger, claim_ack_bury, race, retry_dead
+from taskrows import add_job, add_tasks, job
 
 from pg_broker import jobs
 from pg_broker.maintenance import Retention
-from pg_broker.queries import queries
 
 pytest_plugins = ["transport_support"]
 
@@ -282,91 +281,33 @@ def test_a_vacuum_an_open_snapshot_defeats_is_not_repeated_every_maintenance(
 # The race of test_retention_races, on the partition path: finished jobs'
 # rows moving while a worker claims, acks and buries and dead retry re-queues.
 
-RACE_SECONDS = 4.0
-
-
 def test_moving_racing_claims_acks_and_dead_retry_moves_only_finished_jobs_rows(
     db: psycopg.Connection, database_url: str,
 ) -> None:
-    ledger: dict[int, str] = {}
-    lock = threading.Lock()
-
-    def record(ids, state):
-        with lock:
-            for i in ids:
-                ledger[i] = state
-
+    ledger = Ledger()
     # Jobs of two tasks: one acked (completed), one buried (dead), so each
     # job finishes (failed) and reopens when dead retry re-queues its row.
     for _ in range(150):
         job_id = add_job(db)
-        record(add_tasks(db, 2, queue="race-h", job_id=job_id), "pending")
+        ledger.record(add_tasks(db, 2, queue="race-h", job_id=job_id), "pending")
     delayed_job = add_job(db)
     delayed = add_tasks(db, 20, queue="race-h", job_id=delayed_job,
                         visible_at="2100-01-01T00:00:00Z")
-    record(delayed, "pending")
+    ledger.record(delayed, "pending")
 
-    stop, errors, moved = threading.Event(), [], []
-
-    def worker():
-        try:
-            with psycopg.connect(database_url, autocommit=True) as conn:
-                while not stop.is_set():
-                    with conn.transaction():
-                        claimed, _, token = ack_and_claim(conn, [], "race-h", limit=4,
-                                                          worker="racer")
-                        record(claimed, "claimed")
-                    with conn.transaction():
-                        _, acked, _ = ack_and_claim(
-                            conn, [(i, token) for i in claimed if i % 2 == 0])
-                        record(acked, "completed")
-                    with conn.transaction():
-                        burials = [i for i in claimed if i % 2]
-                        buried = conn.execute(queries["transport_bury"], {
-                            "ids": burials, "tokens": [token] * len(burials),
-                            "error": "raced"}).fetchall()
-                        record([r[0] for r in buried], "dead")
-        except Exception as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-
-    def retrier():
-        try:
-            with psycopg.connect(database_url, autocommit=True) as conn:
-                while not stop.is_set():
-                    with conn.transaction():
-                        retried = conn.execute(queries["retry_dead_tasks"],
-                                               {"ids": None}).fetchall()
-                        record([r[0] for r in retried], "pending")
-                    time.sleep(0.01)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    def mover():
-        try:
-            with psycopg.connect(database_url, autocommit=True) as conn:
-                retention = Retention(completed="0 seconds", failed="0 seconds", job=WEEK,
-                                      batch_size=10, partitioned=True)
-                while not stop.is_set():
-                    moved.append(retention.run(conn))
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    actors = [threading.Thread(target=f) for f in (worker, retrier, mover)]
-    for actor in actors:
-        actor.start()
-    time.sleep(RACE_SECONDS)
-    stop.set()
-    for actor in actors:
-        actor.join(30)
-    assert not errors, errors
+    moved = []
+    retention = Retention(completed="0 seconds", failed="0 seconds", job=WEEK,
+                          batch_size=10, partitioned=True)
+    race(database_url, [claim_ack_bury(ledger, "race-h", limit=4), retry_dead(ledger),
+                        lambda conn: moved.append(retention.run(conn))])
 
     left = dict(db.execute("SELECT id, status FROM job_tasks").fetchall())
     history = _history(db)
     assert sum(moved) == len(history) > 0, "rows moved while racing"
     assert not set(left) & set(history), "a row on both sides"
-    assert set(ledger) == set(left) | set(history), "a row lost"
-    not_completed = {i: ledger[i] for i in history if ledger[i] != "completed"}
+    assert set(ledger.state) == set(left) | set(history), "a row lost"
+    not_completed = {i: ledger.state[i] for i in history if ledger.state[i] != "completed"}
     assert not not_completed, f"moved before they completed: {not_completed}"
     assert all(left.get(i) == "pending" for i in delayed), "a delayed (ETA) message moved"
-    changed = {i: (ledger[i], s) for i, s in left.items() if ledger[i] != s}
+    changed = {i: (ledger.state[i], s) for i, s in left.items() if ledger.state[i] != s}
     assert not changed, changed

@@ -16,77 +16,15 @@ its changes.
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
 
 import psycopg
-from taskrows import ack_and_claim, add_tasks
+from races import Ledger, claim_ack_bury, race, retry_dead
+from taskrows import add_tasks
 
 from pg_broker.maintenance import Retention
-from pg_broker.queries import queries
 
-RACE_SECONDS = 4.0
 QUEUE = "race"
-
-
-class Ledger:
-    """What each actor last made of each row (after its statement returned)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.state: dict[int, str] = {}
-
-    def record(self, row_ids, state: str) -> None:
-        with self._lock:
-            for row_id in row_ids:
-                self.state[row_id] = state
-
-
-def _worker(url: str, ledger: Ledger, stop: threading.Event, errors: list) -> None:
-    """Claims up to 5, then acks the even rows (their rows stay completed
-    for retention to take) and buries the odd ones (dead, for dead retry)."""
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            while not stop.is_set():
-                with conn.transaction():
-                    claimed, _, token = ack_and_claim(conn, [], QUEUE, limit=5,
-                                                      worker="racer", delete_acked=False)
-                    ledger.record(claimed, "claimed")
-                with conn.transaction():
-                    acks = [(i, token) for i in claimed if i % 2 == 0]
-                    _, acked, _ = ack_and_claim(conn, acks, delete_acked=False)
-                    ledger.record(acked, "completed")
-                with conn.transaction():
-                    burials = [(i, token) for i in claimed if i % 2]
-                    buried = conn.execute(queries["transport_bury"], {
-                        "ids": [i for i, _ in burials], "tokens": [t for _, t in burials],
-                        "error": "raced"}).fetchall()
-                    ledger.record([r[0] for r in buried], "dead")
-    except Exception as exc:  # noqa: BLE001 - reported by the test
-        errors.append(exc)
-
-
-def _retrier(url: str, ledger: Ledger, stop: threading.Event, errors: list) -> None:
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            while not stop.is_set():
-                with conn.transaction():
-                    retried = conn.execute(queries["retry_dead_tasks"], {"ids": None}).fetchall()
-                    ledger.record([r[0] for r in retried], "pending")
-                time.sleep(0.01)
-    except Exception as exc:  # noqa: BLE001
-        errors.append(exc)
-
-
-def _retention(url: str, stop: threading.Event, errors: list, deleted: list) -> None:
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            retention = Retention.older_than("0 seconds", batch_size=20)
-            while not stop.is_set():
-                deleted.append(retention.run(conn))
-    except Exception as exc:  # noqa: BLE001
-        errors.append(exc)
 
 
 def test_retention_racing_claims_acks_and_dead_retry_deletes_only_finished_rows(
@@ -106,17 +44,10 @@ def test_retention_racing_claims_acks_and_dead_retry_deletes_only_finished_rows(
                " WHERE id = ANY (%s)", (slow_token, held))
     ledger.record(held, "claimed")
 
-    stop, errors, deleted = threading.Event(), [], []
-    actors = [threading.Thread(target=_worker, args=(database_url, ledger, stop, errors)),
-              threading.Thread(target=_retrier, args=(database_url, ledger, stop, errors)),
-              threading.Thread(target=_retention, args=(database_url, stop, errors, deleted))]
-    for actor in actors:
-        actor.start()
-    time.sleep(RACE_SECONDS)
-    stop.set()
-    for actor in actors:
-        actor.join(30)
-    assert not errors, errors
+    deleted = []
+    retention = Retention.older_than("0 seconds", batch_size=20)
+    race(database_url, [claim_ack_bury(ledger, QUEUE, limit=5, delete_acked=False),
+                        retry_dead(ledger), lambda conn: deleted.append(retention.run(conn))])
 
     left = dict(db.execute("SELECT id, status FROM job_tasks").fetchall())
     gone = set(ledger.state) - set(left)
