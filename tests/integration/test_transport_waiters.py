@@ -324,3 +324,29 @@ def test_a_consumer_killed_while_waiting_takes_no_wake_up(
     assert received == ["for the live one"]
     assert woken_after < 5, f"the live consumer was woken only by its poll ({woken_after:.1f} s)"
     assert _waiting(db, queue.name) == 0  # the dead record went with the wake-up
+
+
+
+def test_a_wake_takes_one_waiter_whatever_plan_the_planner_picks(database_url: str) -> None:
+    # pg_broker_wake chose its waiter in a LIMIT 1 ... FOR UPDATE SKIP LOCKED
+    # subquery joined to its DELETE. With statistics that said broker_waiters
+    # held one row, the plan scanned the table outside and ran the subquery
+    # again for each row; each run skipped the record the DELETE had just
+    # removed and took the next: one publish deleted every waiter of the
+    # queue and failed ("query returned more than one row", seen in
+    # tests/integration/test_transport_recovery.py).
+    queue = f"plan-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM broker_waiters")
+        conn.execute("INSERT INTO broker_waiters (queue, waiter, channel)"
+                     " VALUES ('elsewhere', %s, 'nobody')", (uuid.uuid4(),))
+        conn.execute("ANALYZE broker_waiters")
+        for n in range(5):
+            conn.execute("INSERT INTO broker_waiters (queue, waiter, since, channel)"
+                         " VALUES (%s, %s, now() - make_interval(secs => %s), %s)",
+                         (queue, uuid.uuid4(), 10 - n, f"nobody_{n}"))
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        conn.execute("SELECT pg_broker_wake(%s)", (queue,))
+        left = conn.execute("SELECT channel FROM broker_waiters WHERE queue = %s ORDER BY since",
+                            (queue,)).fetchall()
+    assert [c for (c,) in left] == [f"nobody_{n}" for n in range(1, 5)]
