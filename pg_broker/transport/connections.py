@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import select
 import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import psycopg
 from kombu.transport import virtual
@@ -64,6 +66,8 @@ STATEMENT_ELSEWHERE: tuple[type[psycopg.Error], ...] = (
 
 _warned_unprepared: set[str] = set()
 
+T = TypeVar("T")
+
 # A connection a process opens beside its work and LISTEN connections (the
 # pipeline's, the result backend's) closes after this many idle seconds, so
 # that an idle worker holds those two only (issue 12); the next use opens it
@@ -105,9 +109,29 @@ def conninfo(client) -> str:
     )
 
 
-# One work connection per process and database (see shared_work()).
-_shared: dict[tuple, WorkConnection] = {}
-_shared_lock = threading.Lock()
+class PerProcess(Generic[T]):
+    """One ``T`` per process and database (its conninfo, connect keyword
+    arguments and response deadline), made on first use; a forked child
+    starts with none (each ``T`` disowns its own connection)."""
+
+    def __init__(self, make: Callable[[str, dict, float], T]) -> None:
+        self._make = make
+        self._objects: dict[tuple, T] = {}
+        self._lock = threading.Lock()
+        forking.on_fork(self._forget)
+
+    def get(self, conninfo: str, connect_kwargs: dict, response_timeout: float) -> T:
+        key = (conninfo, tuple(sorted(connect_kwargs.items())), response_timeout)
+        with self._lock:
+            made = self._objects.get(key)
+            if made is None:
+                made = self._objects[key] = self._make(conninfo, connect_kwargs, response_timeout)
+            return made
+
+    def _forget(self) -> None:
+        # A lock another thread held at the fork stays taken in the child.
+        self._objects.clear()
+        self._lock = threading.Lock()
 
 
 def shared_work(conninfo: str, connect_kwargs: dict, response_timeout: float) -> WorkConnection:
@@ -116,21 +140,7 @@ def shared_work(conninfo: str, connect_kwargs: dict, response_timeout: float) ->
     a consumer and a producer-pool connection, Flower one per concurrent
     inspect call), each of them a user (:meth:`WorkConnection.use`) until it
     closes (:meth:`WorkConnection.leave`)."""
-    key = (conninfo, tuple(sorted(connect_kwargs.items())), response_timeout)
-    with _shared_lock:
-        work = _shared.get(key)
-        if work is None:
-            work = _shared[key] = WorkConnection(conninfo, connect_kwargs, response_timeout)
-        return work
-
-
-@forking.on_fork
-def _forget_shared() -> None:
-    """In a forked child: the shared work connections are the parent's; a
-    lock another thread held at the fork stays taken in the child."""
-    global _shared_lock
-    _shared.clear()
-    _shared_lock = threading.Lock()
+    return _work.get(conninfo, connect_kwargs, response_timeout)
 
 
 class WorkConnection:
@@ -248,6 +258,9 @@ class WorkConnection:
         self._conn = None
         self._connecting = threading.Lock()
         self._users = set()
+
+
+_work: PerProcess[WorkConnection] = PerProcess(WorkConnection)
 
 
 def close_quietly(conn: psycopg.Connection | None) -> None:

@@ -93,6 +93,7 @@ class Delivery:
             del self.consumers[queue]
             self._leases.let_expire(queue)
             self._leases.stop_consuming(queue)
+            self._listener.unlisten(queue)
         self.ready.discard(queue)
         self.return_buffered([queue])
 

@@ -98,6 +98,7 @@ class Poller:
         self.loop = loop
         self._delivery.attach(loop, self.kick)
         self._listener.connect()
+        self._listener.wake_with(self.kick)  # another thread's read of the shared session
         if self._wake_fds is None:
             self._wake_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._settlements.attach(self.kick)
@@ -131,6 +132,7 @@ class Poller:
                 os.close(fd)
             self._wake_fds = None
         self._delivery.detach()
+        self._listener.wake_with(None)
         self.loop = None
 
     def kick(self) -> None:
@@ -150,6 +152,8 @@ class Poller:
         except (BlockingIOError, OSError):
             pass
         self._kicked = False
+        self._check_session()
+        self._notified(self._listener.take())
         self._deliver_one()
 
     def _on_readable(self) -> None:
@@ -157,6 +161,8 @@ class Poller:
             self._notified(self._listener.read())
         except CONNECTION_ERRORS:
             self.relisten()
+        else:
+            self._check_session()
         self._deliver_one()
 
     def _notified(self, queues: set[str]) -> None:
@@ -209,19 +215,32 @@ class Poller:
         self.kick()
 
     def relisten(self) -> None:
-        """The LISTEN session was lost: a fresh one, and every queue polled
-        (notifications sent meanwhile are lost). Raises when the database
-        cannot be reached: the consumer then restarts."""
+        """The LISTEN session was lost: a fresh one (or the one another
+        transport of the process opened meanwhile), and every queue polled.
+        Raises when the database cannot be reached: the consumer then
+        restarts."""
         loop = self.loop
         if loop is not None and self._listen_fd is not None:
             loop.remove_reader(self._listen_fd)
             self._listen_fd = None
-        self._listener.close()
-        self._waiting.clear()  # publishes meanwhile took records whose notifications were lost
-        self._listener.connect()
+        self._listener.reconnect()
+        self._relistened()
+
+    def _check_session(self) -> None:
+        if self._listener.reconnected():
+            self._relistened()
+
+    def _relistened(self) -> None:
+        """The process's LISTEN session is a new one: notifications sent
+        meanwhile are lost (and the publishes that sent them took this
+        consumer's waiter records): poll every queue."""
+        loop = self.loop
         if loop is not None:
+            if self._listen_fd is not None:
+                loop.remove_reader(self._listen_fd)  # closed already: the hub ignores it
             self._listen_fd = self._listener.fileno()
             loop.add_reader(self._listen_fd, self._on_readable)
+        self._waiting.clear()
         self._delivery.ready |= set(self._delivery.consumers)
         log.info("listening again after a lost connection")
 
@@ -245,6 +264,7 @@ class Poller:
 
     def _safety_poll(self) -> None:
         self._settlements.flush_acks()
+        self._check_session()
         self._listener.check_notifications()
         ready = self._delivery.ready
         idle = [queue for queue in self._delivery.consumers if queue not in ready]
@@ -259,6 +279,7 @@ class Poller:
         delivery = self._delivery
         deadline = None if timeout is None else monotonic() + timeout
         self._listener.connect()
+        self._check_session()
         while True:
             if (delivery.ready or delivery.buffers) and delivery.deliver_ready():
                 return
@@ -274,6 +295,7 @@ class Poller:
             except CONNECTION_ERRORS:
                 self.relisten()
                 notified = set()
+            self._check_session()
             if notified:
                 self._notified(notified)
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from celery_workers import (
 from flower.utils.broker import Broker, Redis
 
 from pg_broker.flower import PgBroker, install
+from pg_broker.transport.connections import IDLE_CLOSE
 from pg_broker.urls import broker_url
 
 pytestmark = pytest.mark.slow
@@ -39,6 +41,7 @@ pytest_plugins = ["celery_session"]
 
 RESULT_TIMEOUT = 90
 QUEUE = f"flower.{uuid.uuid4().hex[:8]}"
+FLOWER_NAME = f"flower-{uuid.uuid4().hex[:8]}"  # every session Flower opens carries it
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,11 @@ def flower(worker, env, tmp_path_factory) -> Iterator[str]:
     """Base URL of a Flower watching the worker."""
     port = free_port()
     log_path = Path(tmp_path_factory.mktemp("flower-logs")) / "flower.log"
+    url = env["PG_BROKER_URL"]
+    named = f"{url}{'&' if '?' in url else '?'}application_name={FLOWER_NAME}"
     server = process(
-        celery_command("flower", f"--port={port}", "--address=127.0.0.1"), env, log_path,
+        celery_command("flower", f"--port={port}", "--address=127.0.0.1"),
+        {**env, "PG_BROKER_URL": named}, log_path,
     )
     server.start()
     base = f"http://127.0.0.1:{port}"
@@ -106,6 +112,28 @@ def test_api_worker_details_come_from_concurrent_inspect_calls(flower, worker):
     assert info["stats"]["broker"]["transport"] == "pgbroker"
     assert "e2e.add" in info["registered"]
     assert info["conf"]["task_default_queue"] == "e2e"
+
+
+def test_an_idle_flower_holds_two_connections_after_concurrent_inspect_calls(
+        flower, worker, database_url):
+    # Its event receiver and each concurrent inspect call consume with a
+    # kombu connection of their own: all LISTEN on one session (issue 12;
+    # it was one LISTEN connection each, 6 connections in all when idle).
+    url = f"{flower}/api/workers?refresh=1&workername={worker.nodename}"
+    assert wait_for(lambda: (w := get_json(url)) and "stats" in w.get(worker.nodename, {}), 90,
+                    lambda: f"inspect replies in {fetch(url)}")
+    with psycopg.connect(database_url, autocommit=True) as db:
+        def sessions() -> int:
+            return db.execute("SELECT count(*) FROM pg_stat_activity"
+                              " WHERE application_name = %s", (FLOWER_NAME,)).fetchone()[0]
+
+        wait_for(lambda: sessions() == 2, IDLE_CLOSE * 3 + 30,
+                 lambda: f"an idle Flower to hold 2 connections ({sessions()} now)")
+        held = set()
+        for _ in range(30):  # its event receiver drains all the while
+            held.add(sessions())
+            time.sleep(0.1)
+        assert held == {2}
 
 
 def test_api_tasks_lists_tasks_the_worker_ran(app, flower, worker):
