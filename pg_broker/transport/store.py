@@ -219,20 +219,22 @@ class Store:
         if flush:
             params = dict(params, synchronous_commit="off")
         try:
-            PUBLISH.execute(conn, params)
+            self._run(PUBLISH, conn, params)
         except psycopg.errors.ReadOnlySqlTransaction:
             self.work.drop_read_only(conn)
             raise
+        if flush:  # running it again waits for nothing it has not waited for
+            self._run(FLUSH, conn, {"synchronous_commit": mode})
+
+    def _run(self, statement: Prepared, conn: psycopg.Connection, params: dict) -> None:
+        """Run ``statement`` on ``conn``; when its prepared statement was lost
+        behind a pooler (which ran nothing), again unprepared, as every
+        statement on ``conn`` goes from then on."""
+        try:
+            statement.execute(conn, params)
         except STATEMENT_ELSEWHERE:
             forgo_prepared(conn, self.work.conninfo)
-            PUBLISH.execute(conn, params)
-        if flush:
-            flushed = {"synchronous_commit": mode}
-            try:
-                FLUSH.execute(conn, flushed)
-            except STATEMENT_ELSEWHERE:  # waits for nothing it has not waited for
-                forgo_prepared(conn, self.work.conninfo)
-                FLUSH.execute(conn, flushed)
+            statement.execute(conn, params)
 
     @staticmethod
     def publish_in(conn: psycopg.Connection, params: dict) -> None:
