@@ -321,3 +321,32 @@ def _renew_a_claimed_batch_ten_times(db: psycopg.Connection, database_url: str) 
     after, hot_after = _update_counts(db, database_url, before + 1000)
     assert after - before >= 1000
     assert hot_after - hot_before >= 800, "renewals are HOT while pages have room (fillfactor)"
+
+
+def test_task_ids_are_indexed_for_the_dead_letters_alone(
+    new_database: Callable[..., str],
+) -> None:
+    # A publish and a claim each wrote an entry into a task-id index of every
+    # row; only dead-letter lookups (retry by Celery task id) read one.
+    database_url = new_database()
+    migrate(database_url)
+    with psycopg.connect(database_url, autocommit=True) as db:
+        add_tasks(db, 2000, task_id="celery-task-id")
+        claim(db, worker="w", batch=1000)
+        add_tasks(db, 1, task_id="dead-one", status="dead")
+        db.execute("ANALYZE job_tasks")
+        sizes = dict(db.execute(
+            "SELECT indexrelid::regclass::text, pg_relation_size(indexrelid)"
+            " FROM pg_index WHERE indrelid = 'job_tasks'::regclass"
+            " AND pg_get_indexdef(indexrelid) LIKE '%%(task_id)%%'").fetchall())
+        # The metapage and one leaf page holding the dead row's entry (an
+        # index of every row took six pages here, deduplicated).
+        assert sizes == {"job_tasks_dead_task_id_idx": 2 * 8192}
+        with db.transaction():
+            db.execute("SET LOCAL enable_seqscan = off")
+            plan = "\n".join(row[0] for row in db.execute(
+                "EXPLAIN " + queries["not_dead_letters"].replace("%(ids)s", "ARRAY['dead-one']")))
+        assert "job_tasks_dead_task_id_idx" in plan
+        assert db.execute(queries["not_dead_letters"],
+                          {"ids": ["dead-one", "celery-task-id"]}).fetchall() == [
+            ("celery-task-id",)]
