@@ -17,8 +17,13 @@ track_planning), so the figures are the transport's statements alone:
   of the statement instead (same parameters): how an earlier version of the
   claim compares, measured the same way.
 
+``--transport-options '{"confirm_publish": false}'`` runs the producer and
+consumer with those options (pipelined publishes: each publishing phase then
+ends once the database confirmed every message).
+
 For each phase: the database backends' CPU per message (/proc, all they do:
-parse, plan, execute, commit, network) and pg_stat_statements' execution and
+parse, plan, execute, commit, network), the whole server's (the background
+processes too: the WAL writer flushes what asynchronous commits leave) and pg_stat_statements' execution and
 planning time per message by statement. Several rounds, interleaved, medians.
 Used to choose between versions of the claim/ack/publish statements; the
 end-to-end figures stay ``python -m bench``'s.
@@ -36,6 +41,7 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import psutil
 import psycopg
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from psycopg.types.json import Jsonb
@@ -43,6 +49,7 @@ from psycopg.types.json import Jsonb
 from bench.brokers import Broker, statement_costs
 from pg_broker.migrate import migrate
 from pg_broker.queries import queries
+from pg_broker.transport.pipeline import confirm_publishes
 from pg_broker.urls import broker_url
 from tests.chaos.servers import PostgresServer
 
@@ -61,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: a private server)")
     parser.add_argument("--claim-sql", type=Path, default=None,
                         help="a file holding another text of transport_claim for the cycle phase")
+    parser.add_argument("--transport-options", type=json.loads, default={},
+                        help='transport options of the producer and consumer, as JSON '
+                             '(\'{"confirm_publish": false}\': pipelined publishes)')
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     claim_sql = args.claim_sql.read_text() if args.claim_sql else queries["transport_claim"]
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
         broker = Broker("pgbroker", broker_url(database_url), "", database_url=database_url,
                         admin_url=with_database(database_url, "postgres"), has_statements=True)
-        rounds = [dict(run_round(broker, args.messages),
+        rounds = [dict(run_round(broker, args.messages, args.transport_options),
                        cycle=claim_cycle(broker, args.messages, claim_sql))
                   for _ in range(args.rounds)]
     finally:
@@ -97,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_round(broker: Broker, n: int) -> dict:
+def run_round(broker: Broker, n: int, options: dict) -> dict:
     exchange = Exchange(QUEUE, type="direct")
     queue = Queue(QUEUE, exchange, routing_key=QUEUE)
     body = {"args": [0.0], "kwargs": {}}
-    with Connection(broker.url) as conn:
+    with Connection(broker.url, transport_options=options) as conn:
         producer = Producer(conn.channel())
         queue.bind(producer.channel).declare()
 
@@ -109,14 +119,15 @@ def run_round(broker: Broker, n: int) -> dict:
             for _ in range(count):
                 producer.publish(body, exchange=exchange, routing_key=QUEUE,
                                  delivery_mode=2, headers={"task": "bench.noop"})
+            confirm_publishes()  # pipelined ones: until the database confirmed them
 
         phases = {}
         phases["publish"] = measured(broker, n, lambda: publish(n))
-        with Connection(broker.url) as consuming:
+        with Connection(broker.url, transport_options=options) as consuming:
             phases["drain"] = measured(broker, n, lambda: consume(consuming, queue, n))
 
             def flow() -> None:
-                with Connection(broker.url) as producing:
+                with Connection(broker.url, transport_options=options) as producing:
                     other = Producer(producing.channel())
                     thread = threading.Thread(target=lambda: [
                         other.publish(body, exchange=exchange, routing_key=QUEUE,
@@ -125,6 +136,7 @@ def run_round(broker: Broker, n: int) -> dict:
                     thread.start()
                     consume(consuming, queue, n)
                     thread.join()
+                    confirm_publishes()
 
             phases["flow"] = measured(broker, n, flow)
     return phases
@@ -174,20 +186,41 @@ def consume(conn: Connection, queue: Queue, n: int) -> None:
 
 def measured(broker: Broker, n: int, action) -> dict:
     cpu_before = broker.server_cpu()
+    all_before = server_processes_cpu(broker)
     statements_before = broker.statement_totals()
     started = time.perf_counter()
     action()
     elapsed = time.perf_counter() - started
     cpu_after = broker.server_cpu()
+    all_after = server_processes_cpu(broker)
     cpu = sum(t - cpu_before.get(pid, 0.0) for pid, t in cpu_after.items())
+    server = sum(t - all_before.get(pid, 0.0) for pid, t in all_after.items())
     statements = statement_costs(statements_before, broker.statement_totals(), n)
     return {
         "per_s": n / elapsed,
         "backend_cpu_ms": cpu / n * 1e3,
+        "server_cpu_ms": server / n * 1e3,
         "exec_ms": sum(s["exec_ms_per_task"] for s in statements),
         "plan_ms": sum(s["plan_ms_per_task"] for s in statements),
         "statements": statements,
     }
+
+
+def server_processes_cpu(broker: Broker) -> dict[int, float]:
+    """CPU seconds so far of every process of the server (its own, in this
+    tool: backends of any database and the background ones — the WAL
+    writer flushes what asynchronous commits left), by pid."""
+    with psycopg.connect(broker.admin_url, autocommit=True) as conn:
+        pids = [row[0] for row in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()")]
+    found = {}
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found[pid] = times.user + times.system
+    return found
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -200,7 +233,7 @@ def summarise(rounds: list[dict]) -> dict:
                 by_name.setdefault(s["statement"], []).append(s)
         out[phase] = {
             key: statistics.median(r[key] for r in runs)
-            for key in ("per_s", "backend_cpu_ms", "exec_ms", "plan_ms")
+            for key in ("per_s", "backend_cpu_ms", "server_cpu_ms", "exec_ms", "plan_ms")
         }
         out[phase]["statements"] = {
             name: {key: statistics.median(s[key] for s in found)
@@ -215,7 +248,7 @@ def table(summary: dict) -> str:
     lines = []
     for phase, data in summary.items():
         lines.append(f"{phase}: {data['per_s']:,.0f} msg/s, backend CPU {data['backend_cpu_ms']:.3f}"
-                     f" ms/msg, exec {data['exec_ms']:.3f} + plan {data['plan_ms']:.3f} ms/msg")
+                     f" ms/msg (whole server {data['server_cpu_ms']:.3f}), exec {data['exec_ms']:.3f} + plan {data['plan_ms']:.3f} ms/msg")
         rows = sorted(data["statements"].items(),
                       key=lambda kv: -(kv[1]["exec_ms_per_task"] + kv[1]["plan_ms_per_task"]))
         for name, s in rows[:8]:

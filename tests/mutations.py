@@ -58,6 +58,7 @@ HISTORY_LAYER = "migrations/supabase/181_history_privileges.sql"
 
 MESSAGES = "tests/integration/test_transport_messages.py"
 EVENT_LOOP = "tests/integration/test_transport_event_loop.py"
+FLUSH = "tests/integration/test_publish_flush.py"
 PIPELINE = "tests/integration/test_transport_pipeline.py"
 RECOVERY = "tests/integration/test_transport_recovery.py"
 ROUTING = "tests/integration/test_transport_routing.py"
@@ -323,10 +324,24 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "pipeline-resend", "pg_broker/transport/pipeline.py",
-        "        again = [e for e in self._in_flight if e.durable]",
+        "        again = [e for e in (*self._unflushed, *self._in_flight) if e.durable]",
         "        again = []",
         (f"{PIPELINE}::test_no_message_is_lost_when_the_sessions_are_dropped_mid_stream",),
         "unconfirmed messages are not sent again after a lost connection",
+    ),
+    Mutation(
+        "pipeline-unflushed-resend", "pg_broker/transport/pipeline.py",
+        "        again = [e for e in (*self._unflushed, *self._in_flight) if e.durable]",
+        "        again = [e for e in self._in_flight if e.durable]",
+        (f"{FLUSH}::test_a_pipelined_message_committed_but_not_flushed_is_sent_again_after_a_lost_session",),
+        "a message committed asynchronously is not sent again before its flush",
+    ),
+    Mutation(
+        "pipeline-confirm-before-flush", "pg_broker/transport/pipeline.py",
+        "            elif entry.awaits_flush:\n                self._unflushed.append(entry)",
+        "            elif False:\n                self._unflushed.append(entry)",
+        (f"{FLUSH}::test_a_pipelined_publish_is_claimable_at_once_and_confirmed_only_by_a_flush",),
+        "a pipelined message is confirmed by its asynchronous commit",
     ),
     Mutation(
         "publish-synchronous-commit", QUERIES,
@@ -337,9 +352,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "publish-flush", "pg_broker/transport/store.py",
-        "                FLUSH.execute(conn, flushed)\n            except",
-        "                pass\n            except",
-        ("tests/integration/test_publish_flush.py",),
+        "            self._run(FLUSH, conn, {\"synchronous_commit\": mode})",
+        "            pass",
+        (f"{FLUSH}::test_a_publish_is_claimable_before_its_flush_and_returns_only_after_it",),
         "a confirmed publish returns before its WAL flush",
     ),
     Mutation(

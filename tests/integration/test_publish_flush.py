@@ -75,3 +75,53 @@ def test_a_publish_is_claimable_before_its_flush_and_returns_only_after_it(stall
         db.execute("SELECT pg_cancel_backend(%s)", (waiting[0][0],))
     producer.join(WAIT)
     assert outcome == ["returned"]
+
+
+def _published_rows(db, queue: str) -> int:
+    return db.execute("SELECT count(*) FROM job_tasks WHERE queue = %s", (queue,)).fetchone()[0]
+
+
+def _flush_waiting(db) -> list[tuple[int]]:
+    return db.execute("SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchall()
+
+
+def test_a_pipelined_publish_is_claimable_at_once_and_confirmed_only_by_a_flush(
+        stalled_flush_url):
+    # Without confirm_publish a message commits asynchronously (its consumer
+    # claims it before any flush) and stays unconfirmed, kept to be sent
+    # again, until a flush after it returns.
+    url, server = stalled_flush_url
+    queue = unique("pipelined")
+    for conn in open_connection(url, confirm_publish=False):
+        pipeline = conn.default_channel.connection.pipeline
+        with conn.Producer() as producer:
+            producer.publish("x", exchange="", routing_key=queue)
+        with server.admin("broker") as db:
+            _wait_for(lambda: _published_rows(db, queue), "the published row visible")
+            waiting = _wait_for(lambda: _flush_waiting(db), "a flush waiting")
+            assert not pipeline.confirm(timeout=0.5)
+            assert pipeline.unconfirmed == 1
+            db.execute("SELECT pg_cancel_backend(%s)", (waiting[0][0],))
+            assert pipeline.confirm(timeout=WAIT)
+            assert _published_rows(db, queue) == 1
+
+
+def test_a_pipelined_message_committed_but_not_flushed_is_sent_again_after_a_lost_session(
+        stalled_flush_url):
+    # A server crash takes away what was committed asynchronously and not yet
+    # flushed: until its flush returned, a lost session sends the message again
+    # (at-least-once: here, where the first copy stayed, it is stored twice).
+    url, server = stalled_flush_url
+    queue = unique("pipelined")
+    for conn in open_connection(url, confirm_publish=False):
+        pipeline = conn.default_channel.connection.pipeline
+        with conn.Producer() as producer:
+            producer.publish("x", exchange="", routing_key=queue)
+        with server.admin("broker") as db:
+            _wait_for(lambda: _published_rows(db, queue), "the published row visible")
+            waiting = _wait_for(lambda: _flush_waiting(db), "a flush waiting")
+            db.execute("SELECT pg_terminate_backend(%s)", (waiting[0][0],))
+            _wait_for(lambda: _published_rows(db, queue) == 2, "the message sent again")
+            waiting = _wait_for(lambda: _flush_waiting(db), "the next flush waiting")
+            db.execute("SELECT pg_cancel_backend(%s)", (waiting[0][0],))
+            assert pipeline.confirm(timeout=WAIT)
