@@ -171,7 +171,8 @@ def publish_params(message: dict, exchange: str, routing_key: str, priority: int
 def refuse_unstorable(params: dict) -> None:
     """ChannelError for what the database would refuse in a payload, for a
     publish whose refusal would come too late for its caller (pipelined)."""
-    if _JSON_NUL.search(params["payload"]):
+    payload = params["payload"]
+    if "\\u0000" in payload and _JSON_NUL.search(payload):  # the regex only where it may match
         raise ChannelError("message refused: PostgreSQL's jsonb cannot store "
                            "the NUL character (\\u0000) it contains")
 
