@@ -4,8 +4,9 @@
 (:mod:`.options`), opens nothing until asked, and owns the connections a
 process's transport has — the work connection every statement runs on (one per
 process and database, shared by its transports)
-(:mod:`.connections`, through the store :mod:`.store`), the LISTEN
-connection (:mod:`.listener`) and the shared publish pipeline
+(:mod:`.connections`, through the store :mod:`.store`), its channels on the
+LISTEN session (one per process and database too, :mod:`.listener`) and the
+shared publish pipeline
 (:mod:`.pipeline`) — from ``establish_connection`` to ``close_connection``,
 and what a forked child must forget of them (:mod:`pg_broker.forking`).
 The rest it wires together and leaves to its parts:
@@ -65,7 +66,7 @@ class Transport(virtual.Transport):
     """``pgbroker://``: a Celery broker over PostgreSQL.
 
     Transport options (``broker_transport_options``): see
-    :class:`.options.Options` (lease_seconds, polling_interval,
+    :class:`.options.Options` (lease_seconds, polling_interval, linger_max,
     maintenance_interval, claim_batch_max, confirm_publish,
     synchronous_commit, max_message_size, retry_backoff, response_timeout,
     migrate, prepared_statements, listen_url, completed_retention, failed_retention,
@@ -113,7 +114,7 @@ class Transport(virtual.Transport):
         # kombu's Transport._deliver hands a message to its queue's consumer.
         self.delivery = Delivery(self._deliver, self._listener, self.settlements)
         self.poller = Poller(self._listener, self.delivery, self.settlements, self.store,
-                             options.polling_interval)
+                             options.polling_interval, options.linger_max)
         self._pipeline: Pipeline | None = None
         _transports.add(self)
         forking.forget_in_child(self)

@@ -4,7 +4,11 @@ messages never delivered given back uncounted."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import kombu
+import psycopg
 from transport_support import event_loop, open_connection, publish, queue_named, rows
 
 from pg_broker.transport import poller
@@ -90,3 +94,37 @@ def test_claimed_messages_never_delivered_go_back_uncounted_when_the_consumer_ca
                 [("claimed", 1, True)] * delivered + [("pending", 0, False)] * (total - delivered))
     # The delivered ones went back at the close, uncounted too.
     assert rows(db, queue.name) == [("pending", 0, False)] * total
+
+
+def test_a_consumer_keeping_pace_with_a_steady_producer_stops_costing_notifications(
+        database_url, db):
+    # A message every 15 ms: more than LINGER apart, so a consumer that
+    # claimed once more LINGER after running dry and then waited was notified
+    # for nearly every message (77 of 80 with linger_max=LINGER); its linger
+    # grows (up to linger_max) while its waits end that soon, and then it
+    # takes them by claiming.
+    linger_max = 0.04
+    assert poller.LINGER < 0.015 < linger_max
+    queue = queue_named("paced")
+    total = 80
+    received = []
+    for consumer in open_connection(database_url, polling_interval=3600, linger_max=linger_max):
+        with consumer.Consumer([queue], callbacks=[lambda body, m: (received.append(body),
+                                                                    m.ack())]):
+            with psycopg.connect(database_url, autocommit=True) as listener, \
+                    event_loop(consumer) as run_until:
+                listener.execute(f'LISTEN "{consumer.transport._listener.waiter_channel}"')
+
+                def produce() -> None:
+                    for producer in open_connection(database_url):
+                        for n in range(total):
+                            publish(producer, queue, n)
+                            time.sleep(0.015)
+
+                producing = threading.Thread(target=produce)
+                producing.start()
+                run_until(lambda: len(received) == total, "every message to be delivered", 60)
+                producing.join(10)
+                notifications = len(list(listener.notifies(timeout=0.2)))
+    assert sorted(received) == list(range(total))
+    assert notifications < total // 4, f"{notifications} notifications for {total} messages"
