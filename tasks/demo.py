@@ -247,8 +247,12 @@ def run_demo(
     where = getattr(storage, "root", None)
     if where and audio:
         say(f"MP3s: {where / Path(audio[0].artifact.storage_path).parent}/")
+    # In chapter order, each named: the files are named by task id (the
+    # seed's storage path), which says nothing to a listener.
+    audio.sort(key=lambda link: link.artifact.metadata.get("chapter", 0))
     for link in audio[:3]:
-        say(f"  {link.url}")
+        meta = link.artifact.metadata
+        say(f"  {meta.get('chapter', '?'):>2}. {meta.get('title', '')}: {link.url}")
     if len(audio) > 3:
         say(f"  ... and {len(audio) - 3} more")
     for link in pdfs:

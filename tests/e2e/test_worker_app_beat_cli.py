@@ -72,6 +72,10 @@ def test_demo_runs_a_package_job_and_the_cli_shows_it(
     demo = _pg_broker(env, "demo", "--chapters", "3", "--concurrency", "1", "--timeout", "90")
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "completed" in demo.stdout and "3 MP3 files" in demo.stdout
+    mp3s = re.findall(r"^ +(\d+)\. (.+): (file://\S+\.mp3)$", demo.stdout, re.MULTILINE)
+    assert [number for number, _, _ in mp3s] == ["1", "2", "3"], demo.stdout
+    assert all(title.strip() for _, title, _ in mp3s), "each MP3 named by its chapter's title"
+    assert all(Path(url.removeprefix("file://")).stat().st_size > 0 for _, _, url in mp3s)
     (pdf_url,) = re.findall(r"PDF:\s+(file://\S+)", demo.stdout)
     assert Path(pdf_url.removeprefix("file://")).read_bytes().startswith(b"%PDF")
     job_id = re.search(r"submitted job ([0-9a-f-]{36})", demo.stdout).group(1)
