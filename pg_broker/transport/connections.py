@@ -206,9 +206,16 @@ class WorkConnection:
         upserts, reads are reads; a claim whose reply was lost leaves its rows
         to their lease, as a crash would. Publishes and purges never come here.
         """
+        return self.retrying(
+            lambda conn: conn.cursor(row_factory=row_factory).execute(query, params))
+
+    def retrying(self, run: Callable[[psycopg.Connection], T]) -> T:
+        """``run(connection)`` as :meth:`execute` runs its statement: again
+        on a fresh session when the old one turned out to be gone, again
+        unprepared when a pooler lost its prepared statement."""
         conn = self.conn
         try:
-            return conn.cursor(row_factory=row_factory).execute(query, params)
+            return run(conn)
         except psycopg.errors.ReadOnlySqlTransaction:
             self.drop_read_only(conn)
             raise
@@ -217,7 +224,7 @@ class WorkConnection:
         except CONNECTION_ERRORS:
             if not conn.closed or getattr(conn, "cut_after", None) is not None:
                 raise
-        return self.conn.cursor(row_factory=row_factory).execute(query, params)
+        return run(self.conn)
 
     def drop_read_only(self, conn: psycopg.Connection) -> None:
         """``conn`` found the database read-only: an open session stays so

@@ -21,6 +21,7 @@ from pg_broker.transport.messages import (
     milliseconds,
 )
 from pg_broker.transport.options import flag
+from pg_broker.transport.store import text_value
 from pg_broker.urls import broker_url, libpq_url, masked_url, result_backend_url
 
 
@@ -76,6 +77,16 @@ def test_a_nul_character_is_found_in_the_json_and_an_escaped_backslash_is_not(
 ) -> None:
     encoded = json.dumps({"body": text})
     assert bool(_JSON_NUL.search(encoded)) is refused
+
+
+def test_parameters_sent_as_text_include_arrays_of_ids_and_lease_tokens() -> None:
+    # The claim's acks go through libpq as text: bigint[] and uuid[] literals.
+    token = uuid.UUID("8d8ac610-566d-4ef0-9c22-186b2a5ed793")
+    assert text_value([1, 22]) == b"{1,22}"
+    assert text_value([token]) == b"{8d8ac610-566d-4ef0-9c22-186b2a5ed793}"
+    assert text_value([]) == b"{}"
+    assert text_value(timedelta(seconds=90)) == b"90.0 seconds"
+    assert text_value(False) == b"false"
 
 
 def test_a_pgbroker_url_is_the_same_libpq_url_with_every_parameter() -> None:
