@@ -183,8 +183,16 @@ SELECT q.name
 SELECT pg_broker_wait(%(queue)s, %(waiter)s, %(channel)s, %(session_lock)s);
 
 -- name: transport_listener_lock
--- A LISTEN session takes the advisory lock its waiter records name (migrations/core/210): held until the session ends, when a publish treats those records as dead. False: another live session holds this key (try another).
-SELECT pg_try_advisory_lock(1885823596, %(key)s);
+-- A LISTEN session takes the advisory lock its waiter records name (migrations/core/210): held until the session ends, when a publish treats those records as dead. False: another live session holds this key (try another). The server probes the client as the client probes the server (TCP keepalives, tcp_user_timeout), so the session ends soon after its machine vanishes.
+-- Without the server-side settings a client machine that vanished without
+-- closing its socket (power, network) kept its backend, its advisory lock
+-- and so its waiter records alive for the operating system's keepalive time
+-- (2 hours by default). Ignored on a Unix-domain socket.
+SELECT pg_try_advisory_lock(1885823596, %(key)s),
+       set_config('tcp_keepalives_idle', %(idle)s, false),
+       set_config('tcp_keepalives_interval', %(interval)s, false),
+       set_config('tcp_keepalives_count', %(count)s, false),
+       set_config('tcp_user_timeout', %(user_timeout)s, false);
 
 -- name: transport_unwait
 -- A consumer stops consuming queues: its waiting records there go (a record left behind would take a publish's wake-up).

@@ -85,6 +85,20 @@ def shared_session(conninfo: str, connect_kwargs: dict, response_timeout: float)
     return _sessions.get(conninfo, connect_kwargs, response_timeout)
 
 
+def _server_probes(parameters: dict[str, str]) -> dict[str, str]:
+    """The server-side TCP keepalive and user-timeout settings for a LISTEN
+    session: the client's own (its connection parameters, CONNECT_DEFAULTS
+    unless the URL says otherwise); zeros (the server's defaults) when the
+    URL turned keepalives off."""
+    if parameters.get("keepalives", "1") == "0":
+        return {"idle": "0", "interval": "0", "count": "0",
+                "user_timeout": parameters.get("tcp_user_timeout", "0")}
+    return {"idle": parameters.get("keepalives_idle", "0"),
+            "interval": parameters.get("keepalives_interval", "0"),
+            "count": parameters.get("keepalives_count", "0"),
+            "user_timeout": parameters.get("tcp_user_timeout", "0")}
+
+
 class ListenSession:
     """An autocommit connection LISTENing for every listener of the process.
 
@@ -185,9 +199,11 @@ class ListenSession:
         """Take an advisory lock of a random key for this session's life: a
         publish that finds it free knows the waiter records naming it are
         dead (the session ended) and wakes the next waiter instead."""
+        probes = _server_probes(self.conn.info.get_parameters())
         while True:
             key = secrets.randbits(32) - 2**31
-            if self.conn.execute(queries["transport_listener_lock"], {"key": key}).fetchone()[0]:
+            if self.conn.execute(queries["transport_listener_lock"],
+                                 {"key": key, **probes}).fetchone()[0]:
                 return key
 
     def fileno(self) -> int:

@@ -14,10 +14,12 @@ from contextlib import ExitStack, contextmanager
 
 import kombu
 import psycopg
+import pytest
 from celery_workers import wait_for
 from transport_support import queue_named
 
 from pg_broker.queries import queries
+from pg_broker.transport import listener
 from pg_broker.urls import broker_url as pgbroker_url
 
 pytest_plugins = ["transport_support"]
@@ -138,3 +140,31 @@ def test_a_lost_listen_session_is_replaced_once_for_every_consumer(
         time.sleep(0.5)  # every drain has found out
         assert len(_listen_sessions(db, name)) == 1
         _each_gets_its_own(db, consumers, "after")
+
+
+def test_the_listen_session_has_the_server_probe_its_client_too(database_url: str) -> None:
+    # The session's advisory lock says its consumer lives (core 210), so the
+    # server must notice a client machine that vanished without closing its
+    # socket: the LISTEN session sets the server's TCP keepalives and
+    # tcp_user_timeout to the client's own (CONNECT_DEFAULTS), not the
+    # operating system's two hours.
+    url, name = _named(database_url)
+    with kombu.Connection(url) as conn:
+        queue = queue_named("probes")
+        with conn.Consumer([queue], callbacks=[lambda body, message: message.ack()]):
+            try:
+                conn.drain_events(timeout=0.2)
+            except TimeoutError:
+                pass
+            (session,) = [s for s in listener._sessions._objects.values()
+                          if name in s._conninfo and s.connected]
+            with session.lock:
+                if session.conn.info.host.startswith("/"):
+                    pytest.skip("a Unix-domain socket has no TCP keepalives "
+                                "(set PG_BROKER_TEST_URL to a server over TCP)")
+                settings = dict(session.conn.execute(
+                    "SELECT name, setting FROM pg_settings WHERE name IN ("
+                    "'tcp_keepalives_idle', 'tcp_keepalives_interval',"
+                    " 'tcp_keepalives_count', 'tcp_user_timeout')").fetchall())
+    assert settings == {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
+                        "tcp_keepalives_count": "3", "tcp_user_timeout": "20000"}
