@@ -16,7 +16,7 @@ import kombu
 import psycopg
 import pytest
 from celery_workers import wait_for
-from transport_support import queue_named
+from transport_support import event_loop, queue_named
 
 from pg_broker.queries import queries
 from pg_broker.transport import listener
@@ -168,3 +168,29 @@ def test_the_listen_session_has_the_server_probe_its_client_too(database_url: st
                     " 'tcp_keepalives_count', 'tcp_user_timeout')").fetchall())
     assert settings == {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
                         "tcp_keepalives_count": "3", "tcp_user_timeout": "20000"}
+
+
+def test_a_hub_and_a_draining_thread_of_one_process_are_each_woken_whoever_reads(
+        database_url: str, db: psycopg.Connection) -> None:
+    # A worker's event loop and a client thread (say, a remote-control call)
+    # share the LISTEN session: whichever reads a notification first hands
+    # it to the other (the hub through its kick). Here the hub's own
+    # notifications arrive while the loop is not turning, so the thread
+    # reads them. Neither polls in the test.
+    url, name = _named(database_url)
+    hub_queue = queue_named("hub")
+    hub_received: list[str] = []
+    with drainers(url, db, 1) as (drainer,), \
+            kombu.Connection(url, transport_options={"polling_interval": 3600}) as consumer:
+        with consumer.Consumer([hub_queue], callbacks=[lambda body, m: (hub_received.append(body),
+                                                                        m.ack())]):
+            with event_loop(consumer) as run_until:
+                run_until(lambda: consumer.transport.poller._waiting, "the hub to wait")
+                for n in range(10):
+                    _publish_sql(db, hub_queue.name, f"hub-{n}")
+                    _publish_sql(db, drainer.queue.name, f"thread-{n}")
+                    time.sleep(0.3)  # the thread, waiting on the session, reads both
+                    run_until(lambda n=n: f"hub-{n}" in hub_received, f"hub message {n}", 10)
+                    wait_for(lambda n=n: f"thread-{n}" in drainer.received, 10,
+                             f"thread message {n}")
+                assert len(_listen_sessions(db, name)) == 1
