@@ -55,9 +55,12 @@ HISTORY = "migrations/core/180_partitioned_history.sql"
 # pg_broker_released, reclaim_stale_tasks, claim_tasks, complete_task as redefined there
 RELEASE = "migrations/core/182_claim_complete_release_defined_once.sql"
 HISTORY_LAYER = "migrations/supabase/181_history_privileges.sql"
+WAKE = "migrations/core/212_wake_deletes_one_waiter.sql"  # pg_broker_wake as redefined there
 
 MESSAGES = "tests/integration/test_transport_messages.py"
 EVENT_LOOP = "tests/integration/test_transport_event_loop.py"
+WAITERS = "tests/integration/test_transport_waiters.py"
+SHARED_LISTEN = "tests/integration/test_transport_shared_listen.py"
 FLUSH = "tests/integration/test_publish_flush.py"
 PIPELINE = "tests/integration/test_transport_pipeline.py"
 RECOVERY = "tests/integration/test_transport_recovery.py"
@@ -378,6 +381,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            pass",
         (f"{EVENT_LOOP}::test_an_ack_on_an_idle_loop_goes_out_on_its_own_without_waiting_for_the_poll",),
         "an ack on an idle loop waits for the safety poll",
+    ),
+    # Wake-ups (issue 12) ------------------------------------------------------------------------
+    Mutation(
+        "wake-dead-waiter", WAKE,
+        "        CONTINUE WHEN v_lock IS NOT NULL\n",
+        "        CONTINUE WHEN false AND v_lock IS NOT NULL\n",
+        (f"{WAITERS}::test_a_consumer_killed_while_waiting_takes_no_wake_up",),
+        "a killed consumer's waiter record takes a publish's wake-up",
+    ),
+    Mutation(
+        "listen-session-per-transport", "pg_broker/transport/listener.py",
+        "    return _sessions.get(conninfo, connect_kwargs, response_timeout)\n",
+        "    return ListenSession(conninfo, connect_kwargs, response_timeout)\n",
+        (f"{SHARED_LISTEN}::test_consuming_connections_of_a_process_share_one_listen_session",),
+        "every kombu connection of a process opens a LISTEN connection of its own",
+    ),
+    Mutation(
+        "kick-ignores-inbox", "pg_broker/transport/poller.py",
+        "        self._notified(self._listener.take())\n",
+        "",
+        (f"{SHARED_LISTEN}::test_a_hub_and_a_draining_thread_of_one_process_are_each_woken_whoever_reads",),
+        "a hub is not woken for its notification read by another thread of the process",
     ),
     # Row-level security -----------------------------------------------------------------------
     *(Mutation(
