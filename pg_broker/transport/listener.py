@@ -407,10 +407,11 @@ class Listener:
         end = monotonic() + timeout
         if self._pipe is None:
             self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        wake = self._pipe[0]
         session = self.session
         poller = select.poll()  # not select(): a busy process's descriptors pass 1023
         poller.register(session.fileno(), select.POLLIN)
-        poller.register(self._pipe[0], select.POLLIN)
+        poller.register(wake, select.POLLIN)
         while True:
             notified = self.read()
             remaining = end - monotonic()
@@ -418,10 +419,12 @@ class Listener:
                 return notified  # a new session: the caller sees reconnected()
             poller.poll(remaining * 1000)
             try:
-                while os.read(self._pipe[0], 4096):
+                while os.read(wake, 4096):
                     pass
             except BlockingIOError:
                 pass
+            except OSError:  # closed meanwhile (the connection closed from another thread)
+                return notified
 
     def heard(self, channel: str, payload: str) -> None:
         """A notification on one of this listener's channels (from the
