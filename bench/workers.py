@@ -101,7 +101,7 @@ class Measured:
 
 @dataclass
 class Worker(Measured):
-    """One ``celery -A bench.app worker`` consuming one queue."""
+    """One ``celery -A bench.app worker`` (or another app module) consuming one queue."""
 
     broker: str
     role: str  # solo | threads | prefork | events | results
@@ -111,6 +111,7 @@ class Worker(Measured):
     mark_file: Path
     log_file: Path
     events: bool = False
+    app: str = "bench.app"  # the Celery app module (bench.roundtrip: with probes)
     process: Supervised | None = field(default=None, repr=False)
 
     @property
@@ -121,7 +122,7 @@ class Worker(Measured):
               result_backend: str | None = None) -> None:
         self.mark_file.write_bytes(b"")
         command = worker_command(
-            "bench.app", hostname=self.nodename, pool=self.pool, concurrency=self.concurrency,
+            self.app, hostname=self.nodename, pool=self.pool, concurrency=self.concurrency,
             queues=[self.queue], events=self.events, loglevel="warning",
             extra_args=("--without-gossip", "--without-mingle"),
         )

@@ -144,7 +144,9 @@ class Retention:
 class ResultExpiry:
     """Deletes results and chord counters past their expiry
     (``result_expires``, ``result_chord_expires``), one batch per statement;
-    rows being written at that moment wait for the next run."""
+    rows being written at that moment wait for the next run. Also the waiter
+    records (``task_result_waiters``) of sessions that ended: each would
+    cost a notification to nobody if its key were written again."""
 
     batch_size: int = 1000
     name: str = "result expiry"
@@ -160,6 +162,9 @@ class ResultExpiry:
                 break
         if deleted:
             log.info("result expiry: deleted %d expired result(s) and chord counter(s)", deleted)
+        (ended,) = conn.execute(queries["result_ended_waiters"]).fetchone()
+        if ended:
+            log.info("result expiry: deleted %d record(s) of ended waiting sessions", ended)
         return deleted
 
 

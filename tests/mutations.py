@@ -69,6 +69,8 @@ FUNCTIONS = "tests/integration/test_task_functions.py"
 RLS = "tests/integration/test_rls.py"
 CLI = "tests/e2e/test_cli_foundation.py"
 PARTITIONED = "tests/integration/test_partitioned_history.py"
+RESULTS = "tests/integration/test_result_backend.py"
+AWAITED = "migrations/core/200_notify_only_awaited_results.sql"
 
 
 @dataclass(frozen=True)
@@ -483,6 +485,35 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        self._next_vacuum = time.monotonic()\n",
         (f"{PARTITIONED}::test_a_vacuum_an_open_snapshot_defeats_is_not_repeated_every_maintenance",),
         "a vacuum an open snapshot defeats runs again every maintenance turn",
+    ),
+    # Results notify only their waiters (core 200) ----------------------------------
+    Mutation(
+        "result-notify-always", AWAITED,
+        "       OR EXISTS (SELECT 1 FROM task_result_waiters w WHERE w.key = p_key) THEN\n",
+        "       OR true THEN\n",
+        (f"{RESULTS}::test_a_result_no_session_awaits_is_written_without_a_notification",),
+        "every result write notifies, awaited or not",
+    ),
+    Mutation(
+        "result-await-unlocked", AWAITED,
+        "        PERFORM pg_advisory_xact_lock(1885823602, v_lock);\n",
+        "        NULL;\n",
+        (f"{RESULTS}::test_a_waiter_recording_itself_while_a_write_commits_reads_that_write",),
+        "a waiter records itself without waiting for a write in flight, and misses it",
+    ),
+    Mutation(
+        "result-set-unlocked", AWAITED,
+        "    PERFORM pg_advisory_xact_lock_shared(1885823602, hashtext(p_key));\n",
+        "",
+        (f"{RESULTS}::test_a_write_while_a_waiter_records_itself_notifies_it",),
+        "a write misses a waiter recording itself, and notifies nobody",
+    ),
+    Mutation(
+        "result-ended-waiters", QUERIES,
+        "     WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.session)\n",
+        "     WHERE false\n",
+        (f"{RESULTS}::test_records_of_ended_waiting_sessions_leave_with_the_retention",),
+        "records of ended waiting sessions stay for ever",
     ),
 )
 

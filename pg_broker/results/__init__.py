@@ -20,7 +20,7 @@ PostgreSQL 15 on 127.0.0.1, other work running beside):
   leave ``job_tasks`` within minutes), and exist for what never was a
   ``job_tasks`` row: saved groups, revoked ids, tasks sent through another
   broker.
-- **A channel per result, LISTENed by the process that waits.** Every write
+- **A channel per result, LISTENed by the process that waits.** A write
   notifies ``pgbroker_r_`` + md5(key). LISTEN plus UNLISTEN cost a waiter
   40–57 µs (two round trips of ~18 µs, or one piggybacked on its read); one
   channel for all results would save that but deliver every result of the
@@ -28,6 +28,12 @@ PostgreSQL 15 on 127.0.0.1, other work running beside):
   client's per result and per process (PostgreSQL already spends ~7 µs per
   listening session per notification, whatever its channels). The cost
   stays with the waiter that way, not with every process.
+- **Only awaited results notify** (migrations/core/200): a waiting process
+  records its keys in ``task_result_waiters`` (in the round trip of its
+  LISTENs and read), and a write notifies only when it finds a record. A
+  result nobody awaits (a stream of tasks, a chord's header parts) sends no
+  notification, which would signal every listening session of the database
+  and take PostgreSQL's cluster-wide notification lock through the commit.
 - **The notification carries the result** (base64, up to 5,400 bytes, under
   NOTIFY's 8,000-byte payload): the waiter hands it out without reading the
   row, one round trip less between the worker's write and the caller, which

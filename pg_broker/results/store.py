@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 # or a refusal, and propagates as it is.
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
 
+# Keys recorded as awaited per transaction (each key takes an advisory lock
+# until its transaction ends: PostgreSQL's lock table is finite).
+AWAIT_BATCH = 100
+
 _stores: dict[tuple[str, str | None], ResultStore] = {}
 _stores_lock = threading.Lock()
 
@@ -104,8 +108,10 @@ class ResultStore:
             return self._conn
         ensure_migrated(self.conninfo)
         conn = connect(self.conninfo, **self.connect_kwargs)
-        if self.synchronous_commit is not None:
-            conn.execute(queries["result_session_commit"], {"mode": self.synchronous_commit})
+        with conn.pipeline():
+            conn.execute(queries["result_session_isolation"])
+            if self.synchronous_commit is not None:
+                conn.execute(queries["result_session_commit"], {"mode": self.synchronous_commit})
         conn.add_notify_handler(lambda notify: self.on_notify(notify.channel, notify.payload))
         self._conn = conn
         self.generation += 1
@@ -189,35 +195,47 @@ class ResultStore:
             return {}
         return dict(self._run(queries["result_mget"], {"keys": keys}))
 
-    def listen_and_read(self, listen: Iterable[str], unlisten: Iterable[str],
+    def listen_and_read(self, listen: dict[str, str], unlisten: dict[str, str],
                         keys: Iterable[str]) -> dict[str, bytes]:
-        """LISTEN on ``listen`` and UNLISTEN ``unlisten`` (committed first),
-        then read ``keys`` (as :meth:`mget`): one round trip, pipelined.
-        Not retried: after a lost connection the waiters LISTEN again."""
+        """Start waiting for the keys of ``listen`` (channel -> key: LISTEN
+        on their channels and record the keys as awaited, so that their
+        writes notify: migrations/core/200), stop waiting for those of
+        ``unlisten`` (UNLISTEN, records deleted), then read ``keys`` and the
+        keys of ``listen`` (as :meth:`mget`): one round trip, pipelined, one
+        transaction (read committed: the read sees what committed before the
+        records), or one more per further ``AWAIT_BATCH`` keys recorded. Not
+        retried: after a lost connection the waiters LISTEN again."""
         batch = ([sql.SQL("LISTEN {}").format(sql.Identifier(c)) for c in listen]
                  + [sql.SQL("UNLISTEN {}").format(sql.Identifier(c)) for c in unlisten])
-        keys = list(keys)
+        awaited = list(listen.values())
+        keys = list(dict.fromkeys([*keys, *awaited]))
         if not batch:
             return self.mget(keys)
         with self.connection() as conn:
-            if not keys:  # one simple-protocol message, one transaction
-                conn.execute(sql.SQL("; ").join(batch))
-                return {}
             with conn.pipeline() as pipeline:
                 for statement in batch:
                     conn.execute(statement)
-                pipeline.sync()
+                if unlisten:
+                    conn.execute(queries["result_unwait"], {"keys": list(unlisten.values())})
+                for start in range(0, len(awaited), AWAIT_BATCH):
+                    if start:  # each further batch its own transaction: a bounded number of locks
+                        pipeline.sync()
+                    conn.execute(queries["result_await"],
+                                 {"keys": awaited[start:start + AWAIT_BATCH]})
+                if not keys:
+                    return {}
                 cursor = conn.execute(queries["result_mget"], {"keys": keys})
             return dict(cursor.fetchall())
 
     def set(self, key: str, value: bytes, state: str | None, expires: float | None,
             keep_success: bool = False) -> bool:
-        """Write ``key`` and wake its waiters; False when ``keep_success``
-        found a SUCCESS there (nothing written)."""
-        return bool(self._run(queries["result_set"], {
+        """Write ``key`` and wake its waiters, if any; False when
+        ``keep_success`` found a SUCCESS there (nothing written)."""
+        (written,), = self._run(queries["result_set"], {
             "key": key, "value": value, "state": state, "expires": _interval(expires),
             "keep_success": keep_success,
-        }))
+        })
+        return written is not None
 
     def delete(self, key: str) -> None:
         self._run(queries["result_delete"], {"key": key})

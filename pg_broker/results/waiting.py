@@ -1,17 +1,20 @@
 """Waiting for results: LISTEN/NOTIFY on the store's one connection, shared
 by every waiter of the process.
 
-Every write of a result notifies ``pgbroker_r_`` + md5(key) (the SQL side
-computes the same name: ``result_set`` in ``queries.sql``), with the value
-itself as payload when it fits one (up to 5,400 bytes). A process LISTENs
-on the channels of the results it waits for, however many threads and
-results that is: a thousand waiters are a thousand channels on one
-connection. Before waiting, a waiter LISTENs on its channels (channels no
-longer waited for are UNLISTENed in the same batch) and then reads its
-results from the table, pipelined in one round trip: the LISTENs commit
-first, then the read, so a result written in between is seen by one or the
-other. (Reading first, then LISTENing, then reading again cost three round
-trips, on the way from the publish to the caller's wait.) A
+A write of a result notifies ``pgbroker_r_`` + md5(key) (the SQL side
+computes the same name: ``pg_broker_result_set``, migrations/core/200) when
+a session awaits that key, with the value itself as payload when it fits
+one (up to 5,400 bytes). A process LISTENs on the channels of the results
+it waits for, however many threads and results that is: a thousand waiters
+are a thousand channels on one connection. Before waiting, a waiter LISTENs
+on its channels (channels no longer waited for are UNLISTENed in the same
+batch), then records their keys as awaited (``task_result_waiters``; a
+key nobody awaits is written without a notification, which would signal
+every listening session of the database), then reads its results from the
+table, pipelined in one round trip, each part committed before the next:
+a result written meanwhile is seen by the read or notified (the lock order
+of migrations/core/200). (Reading first, then LISTENing, then reading again
+cost three round trips, on the way from the publish to the caller's wait.) A
 notification that carries its value hands it to every consumer (one per
 Celery backend object, so per thread) waiting for it, with no read: the
 round trip it saves is on the way from the worker's write to the caller
@@ -99,7 +102,8 @@ class ResultListener:
         # (consumer id, key) to stop waiting for: appended without a lock,
         # because Celery cancels from AsyncResult.__del__ (any thread, any time).
         self._cancelled: deque[tuple[int, str]] = deque()
-        self._listening: set[str] = set()  # channels LISTENed on the current connection
+        # channel -> key, LISTENed on (and the key recorded as awaited on) the current connection
+        self._listening: dict[str, str] = {}
         self._generation = 0  # the store's connection they were LISTENed on
         # channel -> payload of its latest notification not yet handed out
         self._notified: dict[str, str] = {}
@@ -200,21 +204,20 @@ class ResultListener:
                 # A new connection has no LISTENs (and a result written while
                 # the old one was down notified nobody: read them all).
                 self._generation = self.store.generation
-                self._listening = set()
+                self._listening = {}
                 keys = keys | self.waiting_for()
             wanted = {channel_name(key): key for key in self.waiting_for()}
-            listen = wanted.keys() - self._listening
-            stale = self._listening - wanted.keys()
+            listen = {c: key for c, key in wanted.items() if c not in self._listening}
+            stale = {c: key for c, key in self._listening.items() if c not in wanted}
             # UNLISTENs wait for the next LISTENs (or pile up to STALE_MAX):
             # a notification on a stale channel is only ignored.
             if not listen and len(stale) < STALE_MAX:
-                listen = stale = set()
-            keys = keys | {wanted[channel] for channel in listen}
+                listen = stale = {}
             if not (keys or listen or stale):
                 return
             found = self.store.listen_and_read(listen, stale, keys)
             if listen or stale:
-                self._listening = set(wanted)
+                self._listening = wanted
         self._hand_out(found)
 
     def _take_notified(self, notified: dict[str, str]) -> None:

@@ -357,15 +357,21 @@ VACUUM (SKIP_LOCKED) job_tasks;
 
 -- ---------------------------------------------------------------------------
 -- The result backend (pg_broker.results): Celery's key-value results in
--- task_results, chord counters in task_result_chords (migrations/core/110). Every
+-- task_results, chord counters in task_result_chords (migrations/core/110). A
 -- result write notifies 'pgbroker_r_' || md5(key), where its waiters LISTEN
--- (pg_broker.results.waiting), with the value itself (base64) as payload when
--- it fits one (a waiter then reads nothing), or an empty payload (read the
--- row). Expired rows are invisible at once and deleted by result_cleanup.
+-- (pg_broker.results.waiting), when a session awaits that key
+-- (task_result_waiters, migrations/core/200), with the value itself (base64)
+-- as payload when it fits one (a waiter then reads nothing), or an empty
+-- payload (read the row). Expired rows are invisible at once and deleted by
+-- result_cleanup.
 
 -- name: result_session_commit
 -- How the result backend's session commits (synchronous_commit, e.g. off).
 SELECT set_config('synchronous_commit', %(mode)s, false);
+
+-- name: result_session_isolation
+-- The result backend's session reads committed data at every statement (whatever the role's default): a waiter's read must see every write that committed before its records (migrations/core/200).
+SELECT set_config('default_transaction_isolation', 'read committed', false);
 
 -- name: result_get
 -- One result's encoded meta, unless it expired.
@@ -378,25 +384,21 @@ SELECT key, value FROM task_results
  WHERE key = ANY (%(keys)s::text[]) AND (expires_at IS NULL OR expires_at > now());
 
 -- name: result_set
--- Writes a key's value (and state) and wakes its waiters; with keep_success, never over a SUCCESS that has not expired (a late copy of a task must not undo its success). Returns the key if written.
--- The notification carries the value in base64 up to 5,400 bytes (7,300
--- characters with encode's line breaks, under NOTIFY's 8,000-byte payload
--- limit), saving the waiter a round trip on the way to its result; a larger
--- value notifies with an empty payload and is read from the row.
-WITH written AS (
-    INSERT INTO task_results AS r (key, value, state, expires_at)
-    VALUES (%(key)s, %(value)s, %(state)s, now() + %(expires)s::interval)
-    ON CONFLICT (key) DO UPDATE
-       SET value = EXCLUDED.value, state = EXCLUDED.state,
-           expires_at = EXCLUDED.expires_at, updated_at = now()
-     WHERE NOT %(keep_success)s::boolean OR r.state IS DISTINCT FROM 'SUCCESS'
-        OR r.expires_at <= now()
-    RETURNING r.key, r.value
-)
-SELECT key, pg_notify('pgbroker_r_' || md5(key),
-                      CASE WHEN octet_length(value) <= 5400 THEN encode(value, 'base64')
-                           ELSE '' END)
-  FROM written;
+-- Writes a key's value (and state) and wakes its waiters, if any (pg_broker_result_set, migrations/core/200); with keep_success, never over a SUCCESS that has not expired (a late copy of a task must not undo its success). Returns the key if written, else NULL.
+-- The notification carries the value in base64 up to 5,400 bytes (a waiter
+-- then reads nothing); a larger value notifies with an empty payload and is
+-- read from the row. A key no session awaits notifies nobody.
+SELECT pg_broker_result_set(%(key)s, %(value)s, %(state)s, %(expires)s::interval,
+                            %(keep_success)s::boolean);
+
+-- name: result_await
+-- The session waits for these keys (it LISTENs on their channels already): records them, so that their writes notify it (migrations/core/200); read them once this commits.
+SELECT pg_broker_await_results(%(keys)s::text[]);
+
+-- name: result_unwait
+-- The session no longer waits for these keys: its records of them go.
+DELETE FROM task_result_waiters
+ WHERE key = ANY (%(keys)s::text[]) AND session = pg_backend_pid();
 
 -- name: result_delete
 -- Forgets a key (a task's result, a saved group).
@@ -451,6 +453,15 @@ WITH results AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM results), (SELECT count(*) FROM chords);
+
+-- name: result_ended_waiters
+-- Retention: the waiter records of sessions that have ended (a waiting process killed, or its connection lost) leave; returns how many.
+WITH gone AS (
+    DELETE FROM task_result_waiters w
+     WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.session)
+    RETURNING 1
+)
+SELECT count(*) FROM gone;
 
 -- ---------------------------------------------------------------------------
 -- The worker app and the job model (pg_broker.jobs, storage, maintenance;

@@ -31,6 +31,7 @@ from celery.app.task import Context
 from celery.exceptions import TaskRevokedError
 from celery.result import AsyncResult, GroupResult, ResultSet
 from celery_workers import REPO_ROOT, pgbroker_url, wait_for
+from psycopg import sql
 
 from pg_broker.maintenance import ResultExpiry
 from pg_broker.queries import queries
@@ -285,7 +286,7 @@ def counted_reads(store, monkeypatch) -> list[int]:
     mget, listen_and_read = store.mget, store.listen_and_read
 
     def counted_listen_and_read(listen, unlisten, keys):
-        listen, unlisten, keys = list(listen), list(unlisten), list(keys)
+        listen, unlisten, keys = dict(listen), dict(unlisten), list(keys)
         if keys and (listen or unlisten):  # else it is an mget, counted there
             reads.append(1)
         return listen_and_read(listen, unlisten, keys)
@@ -406,6 +407,94 @@ def test_a_thousand_waiters_in_twenty_threads_share_one_connection(app, database
         assert outcome == [[n * 100 + m for m in range(50)]]
     assert len(results_sessions(db)) == 1
     assert listener.waiting_for() == set()
+
+
+def _result_set_params(backend: PgBrokerBackend, task_id: str, result) -> dict:
+    meta = {"status": states.SUCCESS, "result": result, "traceback": None, "children": [],
+            "date_done": None, "task_id": task_id}
+    return {"key": backend.task_key(task_id), "value": backend.encode(meta).encode(),
+            "state": states.SUCCESS, "expires": None, "keep_success": True}
+
+
+def _waiting_for_an_awaited_key(db: psycopg.Connection, pids: list[int] | None = None) -> bool:
+    """Whether a session of this database (of ``pids``) waits for the lock of
+    an awaited key (migrations/core/200: 1885823602)."""
+    return bool(db.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+        " WHERE l.locktype = 'advisory' AND l.classid = 1885823602 AND NOT l.granted"
+        " AND d.datname = current_database() AND (%(pids)s::int[] IS NULL"
+        " OR l.pid = ANY (%(pids)s::int[])))", {"pids": pids}).fetchone()[0])
+
+
+def test_a_result_no_session_awaits_is_written_without_a_notification(app, database_url):
+    # Every NOTIFY signals every LISTENing session of the database: a result
+    # nobody awaits (a stream of tasks, a chord's parts) sends none.
+    backend = app.backend
+    unawaited, awaited = str(uuid.uuid4()), str(uuid.uuid4())
+    channels = {i: channel_name(backend.task_key(i)) for i in (unawaited, awaited)}
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        for channel in channels.values():  # LISTENs on both, records one
+            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        listener.execute(queries["result_await"], {"keys": [backend.task_key(awaited)]})
+        write_from_elsewhere(database_url, backend, unawaited, "unheard")
+        write_from_elsewhere(database_url, backend, awaited, "heard")
+
+        heard = [n.channel for n in listener.notifies(timeout=2, stop_after=2)]
+
+    assert heard == [channels[awaited]]
+    assert AsyncResult(unawaited, app=app).get(timeout=10) == "unheard"  # stored all the same
+
+
+def test_a_waiter_recording_itself_while_a_write_commits_reads_that_write(app, database_url, db):
+    """The write came first (no record yet, so no notification) and has not
+    committed: the waiter's record waits for that commit (the key's lock),
+    and its read, after it, sees the result."""
+    task_id = str(uuid.uuid4())
+    with psycopg.connect(database_url) as writer:
+        writer.execute(queries["result_set"], _result_set_params(app.backend, task_id, "raced"))
+        waiter, outcome = in_thread(lambda: AsyncResult(task_id, app=app).get(timeout=15))
+        wait_for(lambda: _waiting_for_an_awaited_key(db, results_sessions(db)), 10,
+                 "the waiter's record to wait for the write's commit")
+        writer.commit()
+    waiter.join(30)
+
+    assert outcome == ["raced"]
+
+
+def test_a_write_while_a_waiter_records_itself_notifies_it(app, database_url, db):
+    """The waiter recorded its key and has not committed: the write waits for
+    that commit (the key's lock), then finds the record and notifies."""
+    backend = app.backend
+    task_id = str(uuid.uuid4())
+    channel = channel_name(backend.task_key(task_id))
+    with psycopg.connect(database_url, autocommit=True) as waiter:
+        waiter.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        waiter.execute("BEGIN")
+        waiter.execute(queries["result_await"], {"keys": [backend.task_key(task_id)]})
+        writer, outcome = in_thread(
+            lambda: write_from_elsewhere(database_url, backend, task_id, "heard"))
+        wait_for(lambda: _waiting_for_an_awaited_key(db), 10,
+                 "the write to wait for the waiter's commit")
+        waiter.execute("COMMIT")
+        writer.join(30)
+
+        heard = [n.channel for n in waiter.notifies(timeout=5, stop_after=1)]
+
+    assert outcome == [None] and heard == [channel]
+
+
+def test_records_of_ended_waiting_sessions_leave_with_the_retention(app, database_url, db):
+    backend = app.backend
+    task_id = str(uuid.uuid4())
+    with psycopg.connect(database_url, autocommit=True) as waiter:
+        waiter.execute(queries["result_await"], {"keys": [backend.task_key(task_id)]})
+        ResultExpiry().run(db)
+        assert db.execute("SELECT count(*) FROM task_result_waiters WHERE key = %s",
+                          (backend.task_key(task_id),)).fetchone()[0] == 1
+    ResultExpiry().run(db)
+
+    assert db.execute("SELECT count(*) FROM task_result_waiters WHERE key = %s",
+                      (backend.task_key(task_id),)).fetchone()[0] == 0
 
 
 def _listening(store) -> set[str]:
