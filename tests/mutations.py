@@ -515,6 +515,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         (f"{RESULTS}::test_records_of_ended_waiting_sessions_leave_with_the_retention",),
         "records of ended waiting sessions stay for ever",
     ),
+    Mutation(
+        "chord-part-apart", "pg_broker/results/backend.py",
+        "        if (not store_result or request is None or not request.chord or not request.group\n",
+        "        if (True or request is None or not request.chord or not request.group\n",
+        (f"{RESULTS}::test_a_header_part_stores_its_result_and_counts_itself_in_one_statement",),
+        "a chord's header task stores its result and counts its part in two statements",
+    ),
 )
 
 

@@ -9,6 +9,9 @@ What differs from Celery's generic key-value code, and why:
 - storing a result is one statement that also refuses to overwrite a
   SUCCESS and notifies the waiters (Celery reads the old meta first: two
   round trips);
+- a chord's header task stores its result and counts its part in one
+  statement (``pg_broker_chord_part_stored``), where Celery stores, then
+  calls ``on_chord_part_return``: one round trip of the worker, not two;
 - chords count their parts in SQL once per header task and index
   (``pg_broker_chord_part_returned``), so a header task delivered twice (at
   least once delivery, acks late) counts once, and the worker that counts the
@@ -118,6 +121,10 @@ class PgBrokerBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         self.failure_expires = (self.expires if failure_expires is None
                                 else self.prepare_expires(failure_expires))
         self.connection_errors = CONNECTION_ERRORS + (DatabaseUnavailable,)
+        # Header parts counted with their result, for on_chord_part_return:
+        # part -> (claimer, (parts, claimed, size)). Celery keeps a backend
+        # object per thread, so a part is taken by the thread that counted it.
+        self._parts_counted: dict[str, tuple[str, tuple[int, bool, int | None]]] = {}
         self._conninfo: str | None = None
         self.result_consumer = self.ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages,
@@ -174,13 +181,33 @@ class PgBrokerBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
     def expire(self, key, value) -> None:
         self.store.expire(_key(key), value or None)
 
-    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+    def _store_result(self, task_id, result, state, traceback=None, request=None,
+                      chord_part: tuple | None = None, **kwargs):
         meta = self._get_result_meta(result=result, state=state, traceback=traceback,
                                      request=request)
         meta["task_id"] = bytes_to_str(task_id)
-        self.store.set(self.task_key(task_id), ensure_bytes(self.encode(meta)), state,
-                       self._expires_for(state), keep_success=True)
+        key, value = self.task_key(task_id), ensure_bytes(self.encode(meta))
+        if chord_part is None:
+            self.store.set(key, value, state, self._expires_for(state), keep_success=True)
+        else:  # see mark_as_done
+            chord, part, claimer, claim, chord_expires = chord_part
+            self._parts_counted[part] = (claimer, self.store.chord_part_stored(
+                key, value, state, self._expires_for(state), chord, part, claimer, claim,
+                chord_expires))
         return result
+
+    def mark_as_done(self, task_id, result, request=None, store_result=True,
+                     state=states.SUCCESS) -> None:
+        """Celery's, but a chord's header task stores its result and counts its
+        part in one statement (migrations/core/202), not one each."""
+        if (not store_result or request is None or not request.chord or not request.group
+                or not request.id or request.ignore_result):
+            super().mark_as_done(task_id, result, request, store_result, state)
+            return
+        chord, part, claim, chord_expires = self._chord_part(request)
+        self.store_result(task_id, result, state, request=request,
+                          chord_part=(chord, part, uuid4().hex, claim, chord_expires))
+        self.on_chord_part_return(request, state, result)
 
     def forget(self, task_id) -> None:
         super().forget(task_id)
@@ -196,19 +223,29 @@ class PgBrokerBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         self.store.chord_size(_key(self.get_key_for_chord(group_id)), chord_size,
                               self.chord_expires or None)
 
+    def _chord_part(self, request) -> tuple[str, str, float, float | None]:
+        """(the chord's key, this header task's part, how long the worker
+        counting the last part holds the chord, the chord's expiry)."""
+        join_timeout = self.app.conf.result_chord_join_timeout
+        return (_key(self.get_key_for_chord(request.group)),
+                f"{request.id}:{request.group_index}",
+                max(MIN_CHORD_CLAIM, (join_timeout or 5.0) * 2),
+                self.chord_expires or None)
+
     def on_chord_part_return(self, request, state, result, **kwargs) -> None:
         app = self.app
         gid, tid = request.group, request.id
         if not gid or not tid:
             return
-        key = _key(self.get_key_for_chord(gid))
+        key, part, claim, expires = self._chord_part(request)
         join_timeout = app.conf.result_chord_join_timeout
-        claim = max(MIN_CHORD_CLAIM, (join_timeout or 5.0) * 2)
-        expires = self.chord_expires or None
-        part = f"{tid}:{request.group_index}"
-        claimer = uuid4().hex
-        parts, claimed, size = self.store.chord_part_returned(
-            key, part, None, claimer, claim, expires)
+        counted = self._parts_counted.pop(part, None)  # with its result (mark_as_done)
+        if counted is not None:
+            claimer, (parts, claimed, size) = counted
+        else:
+            claimer = uuid4().hex
+            parts, claimed, size = self.store.chord_part_returned(
+                key, part, None, claimer, claim, expires)
         deps = None
         if size is None:  # applied without set_chord_size: the header says how many
             deps = self._restore_header(request, gid)

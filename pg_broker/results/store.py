@@ -257,6 +257,19 @@ class ResultStore:
         })[0]
         return parts, claimed, size
 
+    def chord_part_stored(self, key: str, value: bytes, state: str | None,
+                          expires: float | None, chord: str, part: str, claimer: str,
+                          claim: float, chord_expires: float | None
+                          ) -> tuple[int, bool, int | None]:
+        """:meth:`set` (keeping a SUCCESS) and :meth:`chord_part_returned`
+        (without a size) in one statement: a chord's header task returned."""
+        parts, claimed, size = self._run(queries["result_chord_part_stored"], {
+            "key": key, "value": value, "state": state, "expires": _interval(expires),
+            "keep_success": True, "chord": chord, "part": part, "claimer": claimer,
+            "claim": _interval(claim), "chord_expires": _interval(chord_expires),
+        })[0]
+        return parts, claimed, size
+
     def chord_size(self, key: str, size: int, expires: float | None) -> None:
         self._run(queries["result_chord_size"], {"key": key, "size": size,
                                         "expires": _interval(expires)})

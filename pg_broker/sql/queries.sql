@@ -420,6 +420,14 @@ SELECT parts, claimed, size
   FROM pg_broker_chord_part_returned(%(key)s, %(part)s, %(size)s, %(claimer)s,
                                      %(claim)s::interval, %(expires)s::interval);
 
+-- name: result_chord_part_stored
+-- A chord's header task stored its result and counted its part, in one statement (migrations/core/202): result_set, then result_chord_part_returned without a size.
+SELECT parts, claimed, size
+  FROM pg_broker_chord_part_stored(%(key)s, %(value)s, %(state)s, %(expires)s::interval,
+                                   %(keep_success)s::boolean, %(chord)s, %(part)s,
+                                   %(claimer)s, %(claim)s::interval,
+                                   %(chord_expires)s::interval);
+
 -- name: result_chord_done
 -- A chord's callback was sent (or the chord failed): its parts are forgotten, later copies of them count nothing.
 WITH forgotten AS (

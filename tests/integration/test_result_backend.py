@@ -697,6 +697,27 @@ def test_a_chord_whose_parts_return_twice_sends_its_callback_once(app, db):
     assert db.execute("SELECT done, parts FROM task_result_chords").fetchall() == [(True, 0)]
 
 
+def test_a_header_part_stores_its_result_and_counts_itself_in_one_statement(
+        app, db, monkeypatch):
+    backend = app.backend
+    gid = str(uuid.uuid4())
+    header_ids = [str(uuid.uuid4()) for _ in range(2)]
+    backend.set_chord_size(gid, len(header_ids))
+    statements: list[str] = []
+    once = backend.store._once
+    monkeypatch.setattr(backend.store, "_once",
+                        lambda query, params: statements.append(query) or once(query, params))
+    request = Context(id=header_ids[0], group=gid, group_index=0,
+                      chord=dict(app.signature("results.never")), delivery_info={})
+
+    backend.mark_as_done(header_ids[0], 7, request=request)
+
+    assert statements == [queries["result_chord_part_stored"]]
+    assert AsyncResult(header_ids[0], app=app).get(timeout=10) == 7
+    assert db.execute("SELECT parts, done FROM task_result_chords WHERE key = %s",
+                      (backend.get_key_for_chord(gid).decode(),)).fetchone() == (1, False)
+
+
 # Configuration ------------------------------------------------------------------
 
 
