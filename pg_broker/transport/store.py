@@ -20,6 +20,7 @@ text the statement casts), a fraction of psycopg's per-call cost.
 from __future__ import annotations
 
 import re
+import select
 import uuid
 import weakref
 from collections.abc import Iterable
@@ -176,6 +177,54 @@ class Prepared:
             return check(pgconn, pgconn.exec_prepared(self.name, values))
 
 
+def execute_then(first: Prepared, first_params: dict, then: Prepared, then_params: dict,
+                 conn: psycopg.Connection) -> tuple[pq.abc.PGresult, pq.abc.PGresult]:
+    """Run ``first`` and then ``then`` on ``conn`` (idle, autocommit), each its
+    own transaction, in one round trip (libpq pipeline mode: the server runs
+    the second once the first committed, whether or not it succeeded).
+    Returns both results, unchecked (see :func:`check`); raises
+    OperationalError when the connection was lost."""
+    values = (first.values(first_params), then.values(then_params))
+    with conn.lock, deadline.waiting(conn):
+        pgconn = conn.pgconn
+        prepared = prepares(conn)
+        if prepared:
+            for statement in (first, then):
+                if conn not in statement._prepared_on:
+                    statement.prepare(pgconn)
+                    statement._prepared_on.add(conn)
+        results: list[pq.abc.PGresult] = []
+        pgconn.enter_pipeline_mode()
+        try:
+            first.send(pgconn, values[0], prepared)
+            pgconn.pipeline_sync()
+            then.send(pgconn, values[1], prepared)
+            pgconn.pipeline_sync()
+            syncs = 0
+            while syncs < 2 and pgconn.status != pq.ConnStatus.BAD:
+                # get_result() blocks holding the GIL while libpq is busy:
+                # wait for the socket here, without it.
+                pgconn.consume_input()
+                if pgconn.is_busy():
+                    poller = select.poll()
+                    poller.register(pgconn.socket, select.POLLIN)
+                    poller.poll()
+                    continue
+                result = pgconn.get_result()
+                if result is None:
+                    continue
+                if result.status == pq.ExecStatus.PIPELINE_SYNC:
+                    syncs += 1
+                else:
+                    results.append(result)
+        finally:
+            if pgconn.status != pq.ConnStatus.BAD:
+                pgconn.exit_pipeline_mode()
+        if len(results) < 2:
+            check(pgconn, None)
+        return results[0], results[1]
+
+
 def check(pgconn: pq.abc.PGconn, result: pq.abc.PGresult | None) -> pq.abc.PGresult:
     """``result`` if it succeeded; else the psycopg exception it means
     (OperationalError when the connection is gone)."""
@@ -230,20 +279,33 @@ class Store:
 
         ``visible_before_flush`` (the transport option): the publish commits
         asynchronously, so a waiting consumer claims it at once, then
-        ``transport_flush`` waits for its WAL flush as the publish's own
-        commit mode would have (nothing to wait for when that is ``off``)."""
+        ``transport_flush``, pipelined behind it (one round trip), waits for
+        its WAL flush as the publish's own commit mode would have (nothing to
+        wait for when that is ``off``)."""
         conn = self.work.live() if lone else self.work.conn
         mode = params["synchronous_commit"]
         flush = visible_before_flush and mode != "off"
         if flush:
             params = dict(params, synchronous_commit="off")
+        flushed = {"synchronous_commit": mode}
         try:
-            self._run(PUBLISH, conn, params)
+            if not flush:
+                self._run(PUBLISH, conn, params)
+                return
+            try:  # the publish and its flush in one round trip
+                published, flush_result = execute_then(PUBLISH, params, FLUSH, flushed, conn)
+                check(conn.pgconn, published)
+            except STATEMENT_ELSEWHERE:  # the publish ran nothing: again, unprepared
+                forgo_prepared(conn, self.work.conninfo)
+                published, flush_result = execute_then(PUBLISH, params, FLUSH, flushed, conn)
+                check(conn.pgconn, published)
         except psycopg.errors.ReadOnlySqlTransaction:
             self.work.drop_read_only(conn)
             raise
-        if flush:  # running it again waits for nothing it has not waited for
-            self._run(FLUSH, conn, {"synchronous_commit": mode})
+        try:
+            check(conn.pgconn, flush_result)
+        except STATEMENT_ELSEWHERE:  # running it again waits for nothing it has not waited for
+            self._run(FLUSH, conn, flushed)
 
     def _run(self, statement: Prepared, conn: psycopg.Connection, params: dict) -> None:
         """Run ``statement`` on ``conn``; when its prepared statement was lost
