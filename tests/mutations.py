@@ -357,8 +357,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "publish-flush", "pg_broker/transport/store.py",
-        "            self._run(FLUSH, conn, {\"synchronous_commit\": mode})",
-        "            pass",
+        "            then.send(pgconn, values[1], prepared)\n",
+        "",
         (f"{FLUSH}::test_a_publish_is_claimable_before_its_flush_and_returns_only_after_it",),
         "a confirmed publish returns before its WAL flush",
     ),
@@ -507,6 +507,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "",
         (f"{RESULTS}::test_a_write_while_a_waiter_records_itself_notifies_it",),
         "a write misses a waiter recording itself, and notifies nobody",
+    ),
+    Mutation(
+        "result-ready-recorded", AWAITED,
+        "                        WHERE r.key = k AND r.state IN ('SUCCESS', 'FAILURE', 'REVOKED')\n",
+        "                        WHERE r.key = k AND false\n",
+        (f"{RESULTS}::test_a_result_ready_before_its_wait_is_read_without_a_record",),
+        "a waiter records (and locks) keys whose results are ready already",
     ),
     Mutation(
         "result-ended-waiters", QUERIES,

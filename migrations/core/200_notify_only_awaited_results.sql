@@ -92,18 +92,27 @@ $$;
 
 -- The calling session waits for p_keys (it LISTENs on their channels
 -- already): records them, so that their writes notify. The caller reads the
--- keys after this transaction commits (see above).
+-- keys next, in a statement of its own (a snapshot taken after the locks;
+-- see above). A key whose result is ready already (SUCCESS, FAILURE,
+-- REVOKED: Celery waits for no more) is not recorded: that read finds it
+-- (a chord's last part joins a header of finished results so).
 CREATE FUNCTION pg_broker_await_results(p_keys text[]) RETURNS void
     LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT AS $$
 DECLARE
+    v_keys text[];
     v_lock integer;
 BEGIN
-    FOR v_lock IN SELECT DISTINCT hashtext(k) FROM unnest(p_keys) k ORDER BY 1 LOOP
+    SELECT array_agg(DISTINCT k) INTO v_keys
+      FROM unnest(p_keys) k
+     WHERE NOT EXISTS (SELECT 1 FROM task_results r
+                        WHERE r.key = k AND r.state IN ('SUCCESS', 'FAILURE', 'REVOKED')
+                          AND (r.expires_at IS NULL OR r.expires_at > now()));
+    FOR v_lock IN SELECT DISTINCT hashtext(k) FROM unnest(v_keys) k ORDER BY 1 LOOP
         PERFORM pg_advisory_xact_lock(1885823602, v_lock);
     END LOOP;
     -- An UNLOGGED table writes no WAL: its commit waits for no flush.
     INSERT INTO task_result_waiters (key)
-    SELECT DISTINCT k FROM unnest(p_keys) k
+    SELECT k FROM unnest(v_keys) k
     ON CONFLICT DO NOTHING;
 END
 $$;

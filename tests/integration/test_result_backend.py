@@ -483,6 +483,26 @@ def test_a_write_while_a_waiter_records_itself_notifies_it(app, database_url, db
     assert outcome == [None] and heard == [channel]
 
 
+def test_a_result_ready_before_its_wait_is_read_without_a_record(app, db):
+    # A chord's last part joins a header of finished results: no records,
+    # no locks for them.
+    ready, started = str(uuid.uuid4()), str(uuid.uuid4())
+    app.backend.mark_as_done(ready, "ready")
+    app.backend.store_result(started, None, states.STARTED)
+    listener = listener_of(app.backend.store)
+    consumer = app.backend.result_consumer
+
+    keys = [app.backend.task_key(i) for i in (ready, started)]
+
+    listener.check(consumer, keys)
+    for key in keys:  # the process's store is shared with the next tests
+        listener.cancel(consumer, key)
+
+    assert [row[0] for row in db.execute(
+        "SELECT key FROM task_result_waiters WHERE key = ANY (%s)", (keys,))] == [keys[1]]
+    assert AsyncResult(ready, app=app).get(timeout=10) == "ready"
+
+
 def test_records_of_ended_waiting_sessions_leave_with_the_retention(app, database_url, db):
     backend = app.backend
     task_id = str(uuid.uuid4())
