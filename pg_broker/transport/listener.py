@@ -1,5 +1,11 @@
 """Wake-ups: one LISTEN connection per process and database.
 
+(Longer than ~400 lines on purpose: the shared session, :class:`ListenSession`,
+and each transport's subscriptions to it, :class:`Listener`, hand
+notifications and wake-ups across threads under one lock discipline —
+whoever reads the socket dispatches for everyone, a lost session is replaced
+once for all — that is easier to check in one file than across two.)
+
 Every publish runs ``pg_broker_wake(queue)`` in the same statement as its
 INSERT: when a consumer waits on the queue (see :mod:`.poller`), it notifies
 that consumer's own channel (:attr:`Listener.waiter_channel`, the queue as
