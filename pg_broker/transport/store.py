@@ -1,5 +1,10 @@
 """The transport's store: the only code that runs its statements.
 
+(Longer than ~400 lines on purpose: being the one place that runs the
+transport's statements is its job — one short method per statement, plus the
+libpq path (:class:`Prepared`) the publish, the flush and the claim share.
+Splitting it by statement would scatter that rule.)
+
 Every statement is a named one of ``pg_broker/sql/queries.sql``
 (``transport_*``); each method here runs one and returns what it returned as
 named rows (the ``NamedTuple`` types below) or plain values. The channel,
@@ -12,9 +17,9 @@ Statements run on the transport's work connection
 when the old one turned out to be gone — except the publish and the purge,
 which must never run twice.
 
-The publish is the hottest statement: :class:`Prepared` runs it through
-libpq directly, without a cursor or psycopg's adaptation (every parameter is
-text the statement casts), a fraction of psycopg's per-call cost.
+The publish and the claim are the hottest statements: :class:`Prepared` runs
+them through libpq directly, without a cursor or psycopg's adaptation (every
+parameter is text the statement casts), a fraction of psycopg's per-call cost.
 """
 
 from __future__ import annotations
