@@ -445,20 +445,49 @@ def test_a_result_no_session_awaits_is_written_without_a_notification(app, datab
     assert AsyncResult(unawaited, app=app).get(timeout=10) == "unheard"  # stored all the same
 
 
-def test_a_waiter_recording_itself_while_a_write_commits_reads_that_write(app, database_url, db):
+# The write of the next test, in a process of its own: it holds its transaction
+# open until it sees the waiter wait for its key's lock, then commits. (In a
+# thread of the test's process the commit could wait for the interpreter lock
+# while the waiter's thread waits for the database inside libpq.)
+_WRITE_AND_HOLD = """
+import sys, time, psycopg
+url, key, value, query = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3]), sys.argv[4]
+with psycopg.connect(url) as writer, psycopg.connect(url, autocommit=True) as watcher:
+    writer.execute(query, {"key": key, "value": value, "state": "SUCCESS", "expires": None,
+                           "keep_success": True})
+    print("written", flush=True)
+    deadline = time.monotonic() + 20
+    while not watcher.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.locktype = 'advisory' AND l.classid = 1885823602 AND NOT l.granted"
+            " AND a.datname = current_database() AND a.application_name = %s)",
+            ("pg_broker results",)).fetchone()[0]:
+        if time.monotonic() > deadline:
+            sys.exit(3)  # the waiter never waited for this write's commit
+        time.sleep(0.05)
+    writer.commit()
+"""
+
+
+def test_a_waiter_recording_itself_while_a_write_commits_reads_that_write(app, database_url):
     """The write came first (no record yet, so no notification) and has not
     committed: the waiter's record waits for that commit (the key's lock),
     and its read, after it, sees the result."""
     task_id = str(uuid.uuid4())
-    with psycopg.connect(database_url) as writer:
-        writer.execute(queries["result_set"], _result_set_params(app.backend, task_id, "raced"))
-        waiter, outcome = in_thread(lambda: AsyncResult(task_id, app=app).get(timeout=15))
-        wait_for(lambda: _waiting_for_an_awaited_key(db, results_sessions(db)), 10,
-                 "the waiter's record to wait for the write's commit")
-        writer.commit()
-    waiter.join(30)
+    params = _result_set_params(app.backend, task_id, "raced")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITE_AND_HOLD, database_url, params["key"],
+         params["value"].hex(), queries["result_set"]],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "written"
+        outcome = AsyncResult(task_id, app=app).get(timeout=15)
+        assert writer.wait(30) == 0  # it saw the waiter wait for its commit
+    finally:
+        writer.kill()
+        writer.wait()
 
-    assert outcome == ["raced"]
+    assert outcome == "raced"
 
 
 def test_a_write_while_a_waiter_records_itself_notifies_it(app, database_url, db):
@@ -511,6 +540,9 @@ def test_records_of_ended_waiting_sessions_leave_with_the_retention(app, databas
         ResultExpiry().run(db)
         assert db.execute("SELECT count(*) FROM task_result_waiters WHERE key = %s",
                           (backend.task_key(task_id),)).fetchone()[0] == 1
+        pid = waiter.info.backend_pid
+    wait_for(lambda: not db.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                                    (pid,)).fetchone(), 10, "the waiting session to end")
     ResultExpiry().run(db)
 
     assert db.execute("SELECT count(*) FROM task_result_waiters WHERE key = %s",

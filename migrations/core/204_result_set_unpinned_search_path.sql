@@ -1,0 +1,12 @@
+-- core 204: pg_broker_result_set (core 200) runs with its caller's search_path.
+--
+-- Its SET search_path FROM CURRENT cost every result write a configuration
+-- change and its undo: measured on PostgreSQL 15 here (2,000 writes on one
+-- connection, synchronous_commit off, three rounds), 120-156 µs per write
+-- from the client with it, 110-119 µs without, where the notifying statement
+-- it replaced took 124-144 µs with no session listening. Its callers are the
+-- result backend's session, whose statements (queries.sql) name the same
+-- tables unqualified, and pg_broker_chord_part_stored (core 202), whose own
+-- pinned search_path it then runs with. It is not SECURITY DEFINER: a
+-- caller's search_path can only change what the caller itself could do.
+ALTER FUNCTION pg_broker_result_set(text, bytea, text, interval, boolean) RESET search_path;
