@@ -483,7 +483,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "worker-vacuum-backoff", "pg_broker/transport/leases.py",
         "        self._next_vacuum = time.monotonic() + self._vacuum_retry\n",
         "        self._next_vacuum = time.monotonic()\n",
-        (f"{PARTITIONED}::test_a_vacuum_an_open_snapshot_defeats_is_not_repeated_every_maintenance",),
+        (f"{PARTITIONED}::test_a_vacuum_an_old_snapshot_defeats_is_not_repeated_every_maintenance",),
         "a vacuum an open snapshot defeats runs again every maintenance turn",
     ),
     # Results notify only their waiters (core 200) ----------------------------------

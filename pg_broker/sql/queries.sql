@@ -332,9 +332,15 @@ WITH expired AS (
                    WHERE queue IN (SELECT name FROM expired) OR expires_at < now()
                      FOR UPDATE SKIP LOCKED)
 ), orphaned AS (
+    -- Read only when a queue expired (EXISTS: a one-time filter). As
+    -- `queue IN (SELECT name FROM expired)` alone the plan hashed the (nearly
+    -- always empty) list and read all of job_tasks beside it: a sequential
+    -- scan of the table in every worker's maintenance, whose snapshot, the
+    -- longer the table grew, kept vacuum from removing rows.
     DELETE FROM job_tasks
      WHERE id IN (SELECT id FROM job_tasks
-                   WHERE queue IN (SELECT name FROM expired) AND status = 'pending'
+                   WHERE EXISTS (SELECT 1 FROM expired)
+                     AND queue IN (SELECT name FROM expired) AND status = 'pending'
                      AND job_id IS NULL AND (expires_at IS NULL OR expires_at >= now())
                      FOR UPDATE SKIP LOCKED)
 )
@@ -353,10 +359,11 @@ SELECT reclaim_stale_tasks(), (SELECT count(*) FROM expired)
 SELECT coalesce((SELECT n_dead_tup > %(threshold)s FROM pg_stat_user_tables
                   WHERE relid = 'job_tasks'::regclass), false);
 
--- name: transport_dead_rows
--- The dead row versions of job_tasks the statistics count: after a VACUUM, those it could not remove (a snapshot older than them is still open).
-SELECT coalesce((SELECT n_dead_tup FROM pg_stat_user_tables
-                  WHERE relid = 'job_tasks'::regclass), 0);
+-- name: transport_oldest_snapshot
+-- Seconds the oldest transaction or statement of another session of this database has held its snapshot (0: none): rows that died after it began stay until it ends, whatever vacuums.
+SELECT coalesce(extract(epoch FROM now() - min(coalesce(xact_start, query_start)))::float8, 0)
+  FROM pg_stat_activity
+ WHERE datname = current_database() AND backend_xmin IS NOT NULL AND pid <> pg_backend_pid();
 
 -- name: transport_vacuum
 -- Vacuums job_tasks, unless another vacuum (autovacuum, another worker) has it now. Not in a transaction: run on a connection of its own.

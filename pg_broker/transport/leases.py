@@ -65,8 +65,10 @@ KEEP_ALIVE_CHECK = 1.0
 # unreachable: the first retry, and the most it backs off to.
 SETTLE_BACKOFF_MIN = 0.1
 SETTLE_BACKOFF_MAX = 5.0
-# Seconds before another vacuum of job_tasks after one that could not get it
-# under the threshold: the first wait, and the most it doubles to.
+# A snapshot open this long (seconds) when a worker's vacuum of job_tasks
+# ends keeps what died since it began; then the next vacuum waits
+# VACUUM_RETRY_MIN, doubling up to VACUUM_RETRY_MAX while it stays open.
+VACUUM_OLD_SNAPSHOT = 60.0
 VACUUM_RETRY_MIN = 60.0
 VACUUM_RETRY_MAX = 600.0
 
@@ -106,7 +108,7 @@ class LeaseKeeper:
         self.retention = retention
         self.vacuum_threshold = vacuum_threshold
         self._next_vacuum = 0.0  # monotonic time before which no vacuum is tried
-        self._vacuum_retry = 0.0  # the wait after a vacuum that left dead rows behind
+        self._vacuum_retry = 0.0  # the wait after a vacuum an old snapshot defeated
         self._held: dict[int, uuid.UUID] = {}
         self._expiring: dict[str, float] = {}  # consumed queue -> x-expires seconds
         self._consumed: set[str] = set()
@@ -320,22 +322,24 @@ class LeaseKeeper:
             self.vacuum()
 
     def vacuum(self) -> None:
-        """VACUUM job_tasks past ``vacuum_threshold`` dead row versions. A
-        vacuum that leaves more than the threshold behind (an open snapshot
-        older than them keeps them; vacuuming again cannot help until it
-        ends) makes the next attempt wait, doubling up to VACUUM_RETRY_MAX."""
-        left = self._store.vacuum(self.vacuum_threshold)
-        if left is None:
+        """VACUUM job_tasks past ``vacuum_threshold`` dead row versions. While
+        a snapshot older than VACUUM_OLD_SNAPSHOT is open in the database,
+        the rows that died since it began stay whatever vacuums, so the next
+        attempt waits, doubling from VACUUM_RETRY_MIN to VACUUM_RETRY_MAX.
+        (The dead-row count after a vacuum cannot tell: under a steady
+        stream of tasks it is past the threshold again within a second.)"""
+        oldest = self._store.vacuum(self.vacuum_threshold)
+        if oldest is None:
             return
-        if left <= self.vacuum_threshold:
+        if oldest < VACUUM_OLD_SNAPSHOT:
             self._vacuum_retry = 0.0
             log.info("vacuumed job_tasks (over %d dead row versions)", self.vacuum_threshold)
             return
         self._vacuum_retry = min(max(self._vacuum_retry * 2, VACUUM_RETRY_MIN), VACUUM_RETRY_MAX)
         self._next_vacuum = time.monotonic() + self._vacuum_retry
-        log.warning("vacuumed job_tasks but %d dead row versions remain (a transaction or "
-                    "snapshot older than them is open, or another vacuum had the table); "
-                    "next vacuum in %.0f s", left, self._vacuum_retry)
+        log.warning("vacuumed job_tasks, but a transaction or snapshot open for %.0f s keeps "
+                    "the rows that died since it began; next vacuum in %.0f s",
+                    oldest, self._vacuum_retry)
 
     def clean_up(self) -> bool:
         """One batch of the cleanup of finished rows, unless another worker is

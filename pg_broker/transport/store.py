@@ -491,13 +491,13 @@ class Store:
         return self.work.execute(queries["transport_maintain"], None,
                                  MAINTENANCE_ROWS).fetchone()
 
-    def vacuum(self, threshold: int) -> int | None:
+    def vacuum(self, threshold: int) -> float | None:
         """VACUUM job_tasks when ``transport_needs_vacuum`` says so, on a
         connection of its own (a vacuum of a bloated table may take seconds,
         the work connection carries claims): None when it was not needed,
-        else the dead row versions the statistics count after it — those it
-        could not remove because an older snapshot is still open (or another
-        vacuum had the table and this one was skipped)."""
+        else how many seconds the oldest snapshot of another session of the
+        database has been open (rows that died since then stay, however
+        often anyone vacuums)."""
         (needed,) = self.work.execute(queries["transport_needs_vacuum"],
                                       {"threshold": threshold}).fetchone()
         if not needed:
@@ -505,8 +505,8 @@ class Store:
         with psycopg.connect(self.work.conninfo, autocommit=True,
                              **self.work.connect_kwargs) as conn:
             conn.execute(queries["transport_vacuum"])
-            (left,) = conn.execute(queries["transport_dead_rows"]).fetchone()
-        return left
+            (oldest,) = conn.execute(queries["transport_oldest_snapshot"]).fetchone()
+        return oldest
 
     def delete_finished(self, retention: Retention) -> tuple[int | None, int | None, int | None]:
         """One batch of ``retention`` (``delete_finished_tasks``): rows deleted
