@@ -87,9 +87,10 @@ class Options:
         own, skipped while another vacuum has the table), whatever the
         server's autovacuum does: it visits a database once per naptime (a
         minute), too seldom at hundreds of tasks/s. Every claim and ack
-        leaves one; without any vacuum the table grows with every task. A
-        vacuum that cannot get under the threshold (an older snapshot is
-        open) is tried again after 60 s, doubling to 10 minutes. 0: never.
+        leaves one; without any vacuum the table grows with every task.
+        While another session holds a snapshot older than 60 s (what died
+        since it began stays whatever vacuums), the next vacuum waits 60 s,
+        doubling to 10 minutes. 0: never.
     ``claim_batch_max`` (100)
         Upper bound of one claim when the prefetch window is unlimited.
     ``confirm_publish`` (True)
