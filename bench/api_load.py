@@ -30,7 +30,7 @@ import httpx
 import psutil
 import psycopg
 
-from bench.brokers import recreate_database
+from bench.brokers import processes_cpu, recreate_database
 from pg_broker.database import with_database
 from pg_broker.migrate import migrate
 from pg_broker.processes import Supervised
@@ -53,14 +53,7 @@ def _backend_cpu(admin_url: str, dbname: str) -> dict[int, float]:
         pids = [r[0] for r in conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = %s"
             " AND backend_type = 'client backend'", (dbname,))]
-    found = {}
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        found[pid] = times.user + times.system
-    return found
+    return processes_cpu(pids)
 
 
 def _tree_cpu(pid: int) -> float:

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -181,14 +182,7 @@ class Broker:
                     " AND backend_type = 'client backend'", (self.dbname,))]
         else:
             pids = [self.server_pid] if self.server_pid else []
-        found = {}
-        for pid in pids:
-            try:
-                times = psutil.Process(pid).cpu_times()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            found[pid] = times.user + times.system
-        return found
+        return processes_cpu(pids)
 
     def sessions_of(self, pids: list[int]) -> int | None:
         """Connections the processes ``pids`` hold to this broker (its database,
@@ -284,6 +278,19 @@ class Broker:
 
 # The harness's own statistics queries run in the same database; leave them out.
 _NOT_OURS = " AND s.query NOT LIKE '%%pg_stat_statements%%'"
+
+
+def processes_cpu(pids: Iterable[int]) -> dict[int, float]:
+    """CPU seconds so far (user + system) of each of ``pids`` still running
+    and readable, by pid."""
+    found = {}
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found[pid] = times.user + times.system
+    return found
 
 
 def _relation_exists(conn: psycopg.Connection, table: str) -> bool:

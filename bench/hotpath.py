@@ -41,12 +41,11 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
-import psutil
 import psycopg
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from psycopg.types.json import Jsonb
 
-from bench.brokers import Broker, statement_costs
+from bench.brokers import Broker, processes_cpu, statement_costs
 from pg_broker.migrate import migrate
 from pg_broker.queries import queries
 from pg_broker.transport.pipeline import confirm_publishes
@@ -213,14 +212,7 @@ def server_processes_cpu(broker: Broker) -> dict[int, float]:
     with psycopg.connect(broker.admin_url, autocommit=True) as conn:
         pids = [row[0] for row in conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()")]
-    found = {}
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        found[pid] = times.user + times.system
-    return found
+    return processes_cpu(pids)
 
 
 def summarise(rounds: list[dict]) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from chaos.servers import PostgresServer
@@ -85,11 +86,12 @@ def _flush_waiting(db) -> list[tuple[int]]:
     return db.execute("SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchall()
 
 
-def test_a_pipelined_publish_is_claimable_at_once_and_confirmed_only_by_a_flush(
-        stalled_flush_url):
-    # Without confirm_publish a message commits asynchronously (its consumer
-    # claims it before any flush) and stays unconfirmed, kept to be sent
-    # again, until a flush after it returns.
+@contextmanager
+def _pipelined_publish_awaiting_its_flush(stalled_flush_url):
+    """One message published with confirm_publish=False on the server whose
+    synchronous commits never end; yields (the pipeline, a connection to the
+    database, the queue, the pid of the session whose flush waits) once the
+    message's row is visible and its flush waits."""
     url, server = stalled_flush_url
     queue = unique("pipelined")
     for conn in open_connection(url, confirm_publish=False):
@@ -99,11 +101,20 @@ def test_a_pipelined_publish_is_claimable_at_once_and_confirmed_only_by_a_flush(
         with server.admin("broker") as db:
             _wait_for(lambda: _published_rows(db, queue), "the published row visible")
             waiting = _wait_for(lambda: _flush_waiting(db), "a flush waiting")
-            assert not pipeline.confirm(timeout=0.5)
-            assert pipeline.unconfirmed == 1
-            db.execute("SELECT pg_cancel_backend(%s)", (waiting[0][0],))
-            assert pipeline.confirm(timeout=WAIT)
-            assert _published_rows(db, queue) == 1
+            yield pipeline, db, queue, waiting[0][0]
+
+
+def test_a_pipelined_publish_is_claimable_at_once_and_confirmed_only_by_a_flush(
+        stalled_flush_url):
+    # Without confirm_publish a message commits asynchronously (its consumer
+    # claims it before any flush) and stays unconfirmed, kept to be sent
+    # again, until a flush after it returns.
+    with _pipelined_publish_awaiting_its_flush(stalled_flush_url) as (pipeline, db, queue, flush):
+        assert not pipeline.confirm(timeout=0.5)
+        assert pipeline.unconfirmed == 1
+        db.execute("SELECT pg_cancel_backend(%s)", (flush,))
+        assert pipeline.confirm(timeout=WAIT)
+        assert _published_rows(db, queue) == 1
 
 
 def test_a_pipelined_message_committed_but_not_flushed_is_sent_again_after_a_lost_session(
@@ -111,17 +122,9 @@ def test_a_pipelined_message_committed_but_not_flushed_is_sent_again_after_a_los
     # A server crash takes away what was committed asynchronously and not yet
     # flushed: until its flush returned, a lost session sends the message again
     # (at-least-once: here, where the first copy stayed, it is stored twice).
-    url, server = stalled_flush_url
-    queue = unique("pipelined")
-    for conn in open_connection(url, confirm_publish=False):
-        pipeline = conn.default_channel.connection.pipeline
-        with conn.Producer() as producer:
-            producer.publish("x", exchange="", routing_key=queue)
-        with server.admin("broker") as db:
-            _wait_for(lambda: _published_rows(db, queue), "the published row visible")
-            waiting = _wait_for(lambda: _flush_waiting(db), "a flush waiting")
-            db.execute("SELECT pg_terminate_backend(%s)", (waiting[0][0],))
-            _wait_for(lambda: _published_rows(db, queue) == 2, "the message sent again")
-            waiting = _wait_for(lambda: _flush_waiting(db), "the next flush waiting")
-            db.execute("SELECT pg_cancel_backend(%s)", (waiting[0][0],))
-            assert pipeline.confirm(timeout=WAIT)
+    with _pipelined_publish_awaiting_its_flush(stalled_flush_url) as (pipeline, db, queue, flush):
+        db.execute("SELECT pg_terminate_backend(%s)", (flush,))
+        _wait_for(lambda: _published_rows(db, queue) == 2, "the message sent again")
+        waiting = _wait_for(lambda: _flush_waiting(db), "the next flush waiting")
+        db.execute("SELECT pg_cancel_backend(%s)", (waiting[0][0],))
+        assert pipeline.confirm(timeout=WAIT)
