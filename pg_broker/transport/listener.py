@@ -144,7 +144,16 @@ class ListenSession:
             if not self.connected:
                 self._connect()
             elif new:
-                self._execute_listens(new, "LISTEN")
+                try:
+                    self._execute_listens(new, "LISTEN")
+                except psycopg.OperationalError:
+                    if self.connected:
+                        raise
+                    # The session was lost before this listener joined (its
+                    # other listeners learn it at their next look): a new
+                    # one, which LISTENs on every channel, this one's too.
+                    self.close()
+                    self._connect()
 
     def leave(self, listener: Listener, channels: set[str], part: bool = False) -> None:
         """``listener`` stops hearing ``channels``; with ``part`` it is no

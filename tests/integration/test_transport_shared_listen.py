@@ -194,3 +194,29 @@ def test_a_hub_and_a_draining_thread_of_one_process_are_each_woken_whoever_reads
                     wait_for(lambda n=n: f"thread-{n}" in drainer.received, 10,
                              f"thread message {n}")
                 assert len(_listen_sessions(db, name)) == 1
+
+
+def test_a_consumer_joining_a_session_lost_meanwhile_gets_a_new_one(
+    database_url: str, db: psycopg.Connection,
+) -> None:
+    # The process's LISTEN session was terminated while a consumer used it,
+    # before that consumer looked again; a second consumer joining then found
+    # the session "connected" and its LISTEN failed: AdminShutdown out of
+    # drain_events (seen in CI, after a test that terminated sessions).
+    url, name = _named(database_url)
+    with kombu.Connection(url, transport_options={"polling_interval": 3600}) as first, \
+            kombu.Connection(url, transport_options={"polling_interval": 3600}) as second:
+        got: list[str] = []
+        with first.Consumer([queue_named("first")], callbacks=[lambda b, m: m.ack()]):
+            try:
+                first.drain_events(timeout=0.2)
+            except TimeoutError:
+                pass
+            (pid,) = _listen_sessions(db, name)
+            db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            wait_for(lambda: not _listen_sessions(db, name), 10, "the session gone")
+            queue = queue_named("second")
+            with second.Consumer([queue], callbacks=[lambda b, m: (got.append(b), m.ack())]):
+                _publish_sql(db, queue.name, "hello")
+                second.drain_events(timeout=10)
+    assert got == ["hello"]
