@@ -96,13 +96,10 @@ def _server_probes(parameters: dict[str, str]) -> dict[str, str]:
     session: the client's own (its connection parameters, CONNECT_DEFAULTS
     unless the URL says otherwise); zeros (the server's defaults) when the
     URL turned keepalives off."""
-    if parameters.get("keepalives", "1") == "0":
-        return {"idle": "0", "interval": "0", "count": "0",
-                "user_timeout": parameters.get("tcp_user_timeout", "0")}
-    return {"idle": parameters.get("keepalives_idle", "0"),
-            "interval": parameters.get("keepalives_interval", "0"),
-            "count": parameters.get("keepalives_count", "0"),
-            "user_timeout": parameters.get("tcp_user_timeout", "0")}
+    probing = parameters.get("keepalives", "1") != "0"
+    probes = {key: parameters.get(f"keepalives_{key}", "0") if probing else "0"
+              for key in ("idle", "interval", "count")}
+    return {**probes, "user_timeout": parameters.get("tcp_user_timeout", "0")}
 
 
 class ListenSession:
@@ -152,8 +149,7 @@ class ListenSession:
                     # The session was lost before this listener joined (its
                     # other listeners learn it at their next look): a new
                     # one, which LISTENs on every channel, this one's too.
-                    self.close()
-                    self._connect()
+                    self.reconnect(self.generation)
 
     def leave(self, listener: Listener, channels: set[str], part: bool = False) -> None:
         """``listener`` stops hearing ``channels``; with ``part`` it is no
