@@ -243,6 +243,58 @@ def test_the_transports_claim_keeps_one_index_driven_plan_on_a_200k_backlog(
         assert scans and all(_actual_rows(s) <= 10 for s in scans), scans
 
 
+def test_the_claims_plan_made_on_an_empty_table_stays_index_driven_as_a_backlog_grows(
+    db: psycopg.Connection, explained: list[str]
+) -> None:
+    # A session keeps pg_broker_claim's generic plan until the table's
+    # statistics change (a vacuum, an analyze). Planned while job_tasks was
+    # empty — the statistics a vacuum of a drained queue leaves — that plan
+    # read the whole table and sorted it on every claim (a seq scan costs
+    # nothing on a table said to be empty), however long the backlog grew
+    # before the next vacuum: bench.listeners' collapsed steps, 20 ms per
+    # claim with 3,000 rows (README, "Many listeners").
+    db.execute("VACUUM ANALYZE job_tasks")
+    claim_args = {"queue": "audio", "limit": 4, "worker_id": "w", "lease": timedelta(minutes=1),
+                  "delete_acked": True}
+    assert db.execute(queries["transport_claim"], {
+        **claim_args, "lease_token": uuid.uuid4(), "ack_ids": [], "ack_tokens": []}).fetchall() == []
+    db.execute("INSERT INTO job_tasks (queue, payload)"
+               " SELECT 'audio', '{}' FROM generate_series(1, 3000)")
+    held: list[tuple[int, uuid.UUID]] = []
+    for _ in range(3):
+        explained.clear()
+        token = uuid.uuid4()
+        rows = db.execute(queries["transport_claim"], {
+            **claim_args, "lease_token": token, "ack_ids": [i for i, _ in held],
+            "ack_tokens": [t for _, t in held]}).fetchall()
+        assert [r[0] for r in rows].count(True) == 4
+        held = [(r[1], token) for r in rows if r[0]]
+        scans = [line for line in _plan_lines(explained, " on job_tasks") if "Scan" in line]
+        assert scans and not [s for s in scans if "Seq Scan" in s], explained
+        assert all(_actual_rows(s) <= 4 for s in scans), scans
+
+
+def test_a_consumers_wait_planned_on_an_empty_table_reads_no_other_queues_backlog(
+    db: psycopg.Connection, explained: list[str]
+) -> None:
+    # pg_broker_wait re-checks its queue before the consumer sleeps, from a
+    # plan its session keeps (plpgsql): made on an empty table it was a
+    # sequential scan, which then read every other queue's backlog on each
+    # wait of an idle consumer.
+    db.execute("VACUUM ANALYZE job_tasks")
+    for _ in range(6):  # past plpgsql's custom plans: the generic one is kept
+        assert db.execute("SELECT pg_broker_wait('idle', gen_random_uuid(), NULL, NULL)"
+                          ).fetchone() == (False,)
+    db.execute("INSERT INTO job_tasks (queue, payload)"
+               " SELECT 'busy', '{}' FROM generate_series(1, 3000)")
+    explained.clear()
+    assert db.execute("SELECT pg_broker_wait('idle', gen_random_uuid(), NULL, NULL)"
+                      ).fetchone() == (False,)
+    scans = [line for line in _plan_lines(explained, " on job_tasks") if "Scan" in line]
+    assert scans and all(_actual_rows(s) == 0 for s in scans), explained
+    assert not [s for s in scans if "Seq Scan" in s], explained
+
+
 def test_the_watchdog_finds_expired_messages_without_reading_the_backlog(
     db: psycopg.Connection, big_table: None, explained: list[str]
 ) -> None:
