@@ -85,19 +85,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved repeats of the steps (default 2)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
+    parser.add_argument("--no-vacuum", dest="vacuum", action="store_false",
+                        help="do not VACUUM job_tasks before each throughput run (by default "
+                             "every run starts from the same table: the dead row versions of "
+                             "the runs before it vacuumed away, whenever autovacuum and the "
+                             "workers' own vacuum last ran)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     levels = [int(n) for n in args.idle.split(",")]
     install_cleanup()
 
     server = PostgresServer("listeners")
-    server.settings["max_connections"] = str(max(levels) + 100)
+    server.settings.update({
+        "max_connections": str(max(levels) + 100),
+        # What each step's database time went to, per statement (statements
+        # inside pg_broker's functions too: the claim is one).
+        "shared_preload_libraries": "'pg_stat_statements'",
+        "pg_stat_statements.track": "all",
+        "pg_stat_statements.track_planning": "on",
+    })
     server.start()
     workdir = Path(tempfile.mkdtemp(prefix="pg_broker_listeners_"))
     workers: list[Worker] = []
     try:
         database_url = server.create_database(DATABASE)
         migrate(database_url)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         url = broker_url(database_url)
         workers = [Worker(broker="pgbroker", role=f"solo{n}", pool="solo", concurrency=1,
                           queue=QUEUE, mark_file=workdir / f"worker{n}.marks",
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 for idle in levels:
                     step = _step(app, loading, database_url, workers, counter, postmaster,
                                  idle, args.tasks, args.latency_samples,
-                                 workdir / "gate")
+                                 workdir / "gate", args.vacuum)
                     step["repeat"] = repeat
                     steps.append(step)
                     print(_line(step), flush=True)
@@ -212,14 +226,15 @@ def _marks(workers: list[Worker]) -> list[tuple[float, float]]:
 
 
 def _step(app, loading, database_url: str, workers: list[Worker], counter: psycopg.Connection,
-          postmaster: int, idle: int, tasks: int, samples: int, gate: Path) -> dict:
+          postmaster: int, idle: int, tasks: int, samples: int, gate: Path,
+          vacuum: bool) -> dict:
     sessions = _idle_consumers(database_url, idle)
     try:
         time.sleep(1.0)  # the workers settle into waiting
         _notifications(counter)
         latency = _latency(app, workers, counter, samples)
-        throughput = _throughput(loading, workers, counter, postmaster, tasks, gate)
-        paced = _throughput(loading, workers, counter, postmaster, tasks, None)
+        throughput = _throughput(loading, workers, counter, postmaster, tasks, gate, vacuum)
+        paced = _throughput(loading, workers, counter, postmaster, tasks, None, vacuum)
         costs = _notify_cost(database_url, postmaster)
         memory = _server_memory_mb(postmaster)
     finally:
@@ -299,16 +314,23 @@ def _publish_batches(task, count: int) -> None:
 
 
 def _throughput(app, workers: list[Worker], counter: psycopg.Connection, postmaster: int,
-                tasks: int, gate: Path | None) -> dict:
+                tasks: int, gate: Path | None, vacuum: bool) -> dict:
     """``tasks`` tasks end to end. With ``gate``: under load (published
-    while the workers are held, see the module's docstring); without: paced."""
+    while the workers are held, see the module's docstring); without: paced.
+    With ``vacuum``, the table is vacuumed first (see ``--no-vacuum``)."""
     task = app.tasks[TASK_NAME]
     for worker in workers:
         worker.clear_marks()
+    if vacuum:
+        with psycopg.connect(_database_url_of(app), autocommit=True) as conn:
+            conn.execute("VACUUM job_tasks")
     held = _hold(app, workers, gate) if gate is not None else 0
     if gate is not None:
         _publish_batches(task, tasks)
     _notifications(counter)
+    with psycopg.connect(_database_url_of(app), autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_statements_reset()")
+        table_before = _table_state(conn)
     cpu_before = _server_cpu(postmaster)
     with psycopg.connect(_database_url_of(app), autocommit=True) as conn:
         wal_before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
@@ -327,16 +349,42 @@ def _throughput(app, workers: list[Worker], counter: psycopg.Connection, postmas
     with psycopg.connect(_database_url_of(app), autocommit=True) as conn:
         wal = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)",
                            (wal_before,)).fetchone()[0]
+        statements = _statements(conn)
+        table_after = _table_state(conn)
     notified = _notifications(counter)
     done = len(starts)
     suffix = "" if gate is not None else "_paced"
     return {
+        f"statements{suffix}": statements,
+        f"table{suffix}": {"before": table_before, "after": table_after},
         f"throughput{suffix}": done / max((starts[-1] if starts else time.time()) - t0, 1e-9),
         f"done{suffix}": done,
         f"notifications_per_task{suffix}": notified / max(done, 1),
         f"database_cpu_ms_per_task{suffix}": cpu / max(done, 1) * 1e3,
         f"wal_bytes_per_task{suffix}": float(wal) / max(done, 1),
     }
+
+
+def _statements(conn: psycopg.Connection, limit: int = 8) -> list[dict]:
+    """The statements that took the most server time since the reset (the
+    run's), with their calls and mean times: what a slow run spent on."""
+    rows = conn.execute(
+        "SELECT calls, total_exec_time, total_plan_time, rows, toplevel,"
+        " left(regexp_replace(query, '\\s+', ' ', 'g'), 160)"
+        " FROM pg_stat_statements WHERE query NOT LIKE '%%pg_stat_statements%%'"
+        " ORDER BY total_exec_time + total_plan_time DESC LIMIT %s", (limit,)).fetchall()
+    return [{"calls": calls, "exec_ms": round(exec_ms, 2), "plan_ms": round(plan_ms, 2),
+             "mean_ms": round((exec_ms + plan_ms) / max(calls, 1), 4), "rows": n,
+             "toplevel": top, "query": query}
+            for calls, exec_ms, plan_ms, n, top, query in rows]
+
+
+def _table_state(conn: psycopg.Connection) -> dict:
+    """job_tasks' live and dead row versions and its vacuums so far."""
+    live, dead, vacuums, autovacuums = conn.execute(
+        "SELECT n_live_tup, n_dead_tup, vacuum_count, autovacuum_count"
+        " FROM pg_stat_user_tables WHERE relname = 'job_tasks'").fetchone()
+    return {"live": live, "dead": dead, "vacuums": vacuums, "autovacuums": autovacuums}
 
 
 def _database_url_of(app) -> str:
@@ -385,7 +433,17 @@ def _line(step: dict) -> str:
             f"{step['database_cpu_ms_per_task']:.2f} ms database CPU/task, "
             f"{step['wal_bytes_per_task']:.0f} WAL bytes/task; a NOTIFY "
             f"{step['notify_server_cpu_us']:.0f} µs of server CPU "
-            f"({step['notifies_per_second']:.0f}/s); server {step['server_memory_mb']:.0f} MiB")
+            f"({step['notifies_per_second']:.0f}/s); server {step['server_memory_mb']:.0f} MiB; "
+            f"under load the dearest statement {_dearest(step['statements'])}, "
+            f"dead row versions {step['table']['before']['dead']} -> "
+            f"{step['table']['after']['dead']}")
+
+
+def _dearest(statements: list[dict]) -> str:
+    if not statements:
+        return "none"
+    top = statements[0]
+    return f"{top['mean_ms']:.3f} ms x {top['calls']} ({top['query'][:60]!r})"
 
 
 def _table(rows: list[dict]) -> str:
