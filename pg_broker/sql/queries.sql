@@ -171,19 +171,10 @@ SELECT pg_notify(%(channel)s, '');
 
 -- name: transport_probe
 -- Safety poll: which of these queues have a message ready now.
--- The first ready row in claim order, not EXISTS: PostgreSQL drops an
--- EXISTS subquery's ORDER BY and LIMIT, and from the statistics (a few
--- queues, thousands of rows each) it expected a sequential scan to meet a
--- row of any queue at once, so an idle queue's probe read the whole backlog
--- of the others: 20,000 pending rows on other queues, 3.3 ms per idle queue,
--- every polling_interval. Ordered as the claim index is, the plan is that index.
-SELECT q.name
-  FROM unnest(%(queues)s::text[]) AS q(name)
- WHERE (SELECT t.id FROM job_tasks t
-         WHERE t.status = 'pending' AND t.queue = q.name AND t.visible_at <= now()
-           AND (t.expires_at IS NULL OR t.expires_at > now())
-         ORDER BY t.priority DESC, t.sequence LIMIT 1) IS NOT NULL
-    OR EXISTS (SELECT 1 FROM broker_transient_messages WHERE queue = q.name);
+-- pg_broker_probe (migrations/core/231): each queue's first ready row in claim
+-- order through the claim index, planned once per session (as a statement it
+-- was planned on every call, ten times its execution).
+SELECT pg_broker_probe(%(queues)s::text[]);
 
 -- name: transport_wait
 -- A consumer found a queue empty: records it as waiting there, to be notified on its own channel by its LISTEN session, which holds the advisory lock session_lock while it lives (pg_broker_wait, migrations/core/131, 140 and 210); whether a message is ready after all.

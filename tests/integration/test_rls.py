@@ -139,6 +139,7 @@ def test_users_cannot_write_even_their_own_rows(
     "SELECT complete_task(1, gen_random_uuid())",
     "SELECT fail_task(1, gen_random_uuid(), 'x')",
     "SELECT start_task(1, gen_random_uuid())",
+    "SELECT pg_broker_probe(ARRAY['default'])",
 ])
 def test_users_cannot_call_the_worker_functions(
     db: psycopg.Connection, two_users: dict, role: str, call: str
