@@ -58,6 +58,13 @@ def spawn(count: int) -> list[str]:
     return [add.delay(n, n).id for n in range(count)]
 
 
+@app.task(name="e2e.await_result")
+def await_result(task_id: str, timeout: float) -> object:
+    """Wait inside a task for another task's result (Celery refuses that by
+    default, for deadlocks a worker can reach so; allowed here)."""
+    return app.AsyncResult(task_id).get(timeout=timeout, disable_sync_subtasks=False)
+
+
 @app.task(name="e2e.fail")
 def fail(message: str) -> None:
     raise ValueError(message)

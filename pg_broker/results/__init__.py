@@ -39,12 +39,16 @@ PostgreSQL 15 on 127.0.0.1, other work running beside):
   row, one round trip less between the worker's write and the caller, which
   on a busy machine is two process wake-ups. Larger ones notify empty and are
   read. ``notified_values=False`` reads them all (any session can NOTIFY).
-- **One connection per process**, whatever the threads (Celery keeps a
+- **One LISTEN session per process**, whatever the threads (Celery keeps a
   backend object per thread) and waiters: a thousand results awaited at
-  once are a thousand channels on one session. It is drained by the caller's
-  own wait (Celery's drainer), never by a sleep loop; the table is read
-  (in the round trip of the waiter's LISTEN) before waiting and again after
-  a reconnect, so no wake-up is lost.
+  once are a thousand channels on one session — the session the process's
+  transport consumers LISTEN on, when broker and backend share a database
+  (issue 12: a worker that consumes and awaits holds its work and LISTEN
+  connections, no third). It is drained by the caller's own wait (Celery's
+  drainer) or by whoever else reads it (the worker's event loop), never by
+  a sleep loop; the table is read (in the round trip of the waiter's
+  LISTEN) before waiting and again after a reconnect, so no wake-up is
+  lost. Writes run on a connection of their own, closed when idle.
 - **Result writes commit asynchronously** (``synchronous_commit = off``, the
   ``result_backend_transport_options`` key ``synchronous_commit`` changes it):
   128 µs instead of 398 µs per result for the worker, 40 instead of 137 µs of

@@ -2,11 +2,12 @@
 that runs SQL (the ``result_*`` statements of ``pg_broker/sql/queries.sql``).
 
 One :class:`ResultStore` per process and database (:func:`shared_store`):
-Celery keeps one backend object per thread, and every one of them, with every
-waiter, shares this one autocommit connection. Statements hold its lock for
-their round trip only; waiting for notifications happens without it (see
-:mod:`.waiting`). A statement that loses the connection drops it, and the next
-one reconnects (the waiters re-LISTEN then: :attr:`ResultStore.generation`).
+Celery keeps one backend object per thread, and every one of them shares
+this one autocommit connection for writes and reads. Statements hold its lock
+for their round trip only. A statement that loses the connection drops it,
+and the next one reconnects. The waiters' statements (their LISTENs, records
+and reads: :meth:`ResultStore.listen_and_read`) run on the process's LISTEN
+session instead, which the transport's consumers share (:mod:`.waiting`).
 
 In a forked child (a prefork pool's process) every store forgets the parent's
 connection without closing it (closing would end the parent's session) and
@@ -16,22 +17,24 @@ opens its own when first used.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
 from pg_broker import forking
 from pg_broker.database import connect, session_defaults
 from pg_broker.maintenance import ResultExpiry
 from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
-from pg_broker.transport import connections
+from pg_broker.transport import connections, deadline
 from pg_broker.transport.connections import CONNECT_DEFAULTS, close_quietly
+from pg_broker.transport.store import OK, check, positional
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +74,6 @@ class ResultStore:
         if "application_name" in self.connect_kwargs:
             self.connect_kwargs["application_name"] = "pg_broker results"
         self.lock = threading.RLock()
-        # Bumped at every (re)connect: LISTENs of an earlier connection are gone.
-        self.generation = 0
-        # Called with the channel and payload of every notification the connection receives.
-        self.on_notify: Callable[[str, str], None] = lambda channel, payload: None
         # Its waiters' ResultListener (pg_broker.results.waiting), once one waits.
         self.listener = None
         self._conn: psycopg.Connection | None = None
@@ -98,11 +97,6 @@ class ResultStore:
             finally:
                 self._used_at = time.monotonic()
 
-    def socket(self) -> int:
-        """The connection's socket (connecting if need be), to wait on without the lock."""
-        with self.lock:
-            return self._connected().pgconn.socket
-
     def _connected(self) -> psycopg.Connection:
         if self._conn is not None and not self._conn.closed:
             return self._conn
@@ -112,9 +106,7 @@ class ResultStore:
             conn.execute(queries["result_session_isolation"])
             if self.synchronous_commit is not None:
                 conn.execute(queries["result_session_commit"], {"mode": self.synchronous_commit})
-        conn.add_notify_handler(lambda notify: self.on_notify(notify.channel, notify.payload))
         self._conn = conn
-        self.generation += 1
         if self._closer is None:
             self._closer = threading.Thread(target=self._close_when_idle, daemon=True,
                                             name="pg_broker-results-idle")
@@ -122,10 +114,10 @@ class ResultStore:
         return conn
 
     def _close_when_idle(self) -> None:
-        """Close the connection once unused for ``IDLE_CLOSE`` seconds while
-        no result is awaited (no LISTEN to keep): a worker stores results on
-        it, and an idle worker keeps its work and LISTEN connections only
-        (issue 12). The next statement connects again."""
+        """Close the connection once unused for ``IDLE_CLOSE`` seconds (its
+        waiters LISTEN elsewhere): a worker stores results on it, and an idle
+        worker keeps its work and LISTEN connections only (issue 12). The
+        next statement connects again."""
         while True:
             idle = connections.IDLE_CLOSE
             time.sleep(max(self._used_at + idle - time.monotonic(), min(idle, 1.0)))
@@ -133,22 +125,11 @@ class ResultStore:
                 if self._conn is None or self._conn.closed:
                     self._closer = None
                     return
-                awaited = self.listener is not None and self.listener.busy()
-                if time.monotonic() - self._used_at >= idle and not awaited:
+                if time.monotonic() - self._used_at >= idle:
                     conn, self._conn = self._conn, None
                     close_quietly(conn)
                     self._closer = None
                     return
-
-    def read_notifications(self) -> None:
-        """Take what arrived on the socket: notifications go to :attr:`on_notify`."""
-        with self.connection() as conn:
-            pgconn = conn.pgconn
-            pgconn.consume_input()
-            if pgconn.status == psycopg.pq.ConnStatus.BAD:
-                raise psycopg.OperationalError("the result backend's connection was lost")
-            while (notify := pgconn.notifies()) is not None:
-                pgconn.notify_handler(notify)
 
     def close(self) -> None:
         with self.lock:
@@ -195,37 +176,50 @@ class ResultStore:
             return {}
         return dict(self._run(queries["result_mget"], {"keys": keys}))
 
-    def listen_and_read(self, listen: dict[str, str], unlisten: dict[str, str],
-                        keys: Iterable[str]) -> dict[str, bytes]:
-        """Start waiting for the keys of ``listen`` (channel -> key: LISTEN
-        on their channels and record the keys as awaited, so that their
-        writes notify: migrations/core/200), stop waiting for those of
-        ``unlisten`` (UNLISTEN, records deleted), then read ``keys`` and the
-        keys of ``listen`` (as :meth:`mget`): one round trip, pipelined, one
-        transaction (read committed: the read sees what committed before the
-        records), or one more per further ``AWAIT_BATCH`` keys recorded. Not
-        retried: after a lost connection the waiters LISTEN again."""
-        batch = ([sql.SQL("LISTEN {}").format(sql.Identifier(c)) for c in listen]
-                 + [sql.SQL("UNLISTEN {}").format(sql.Identifier(c)) for c in unlisten])
+    def listen_and_read(self, conn: psycopg.Connection, listen: dict[str, str],
+                        unlisten: dict[str, str], keys: Iterable[str],
+                        isolate: bool = False) -> dict[str, bytes]:
+        """On ``conn`` (the process's LISTEN session, idle, autocommit; the
+        caller holds its lock): start waiting for the keys of ``listen``
+        (channel -> key: LISTEN on their channels and record the keys as
+        awaited, so that their writes notify: migrations/core/200), stop
+        waiting for those of ``unlisten`` (UNLISTEN, records deleted), then
+        read ``keys`` and the keys of ``listen`` (as :meth:`mget`): one round
+        trip, pipelined, one transaction (read committed, which ``isolate``
+        sets for the session first: the read sees what committed before the
+        records), or one more per further ``AWAIT_BATCH`` keys recorded.
+        Raises OperationalError when the connection was lost (not retried:
+        the waiters LISTEN again on the new one).
+
+        Run through libpq, waiting for the socket with ``poll`` (without the
+        interpreter lock): a record can wait for a write's commit (its key's
+        lock), and that write may be this process's own, in another thread;
+        a statement of psycopg's pipeline was once seen waiting inside libpq
+        holding the interpreter lock, so that the write never committed."""
+        statements: list[Statement | None] = []  # None: a transaction ends there
+        if isolate:
+            statements.append((ISOLATION, []))
+        statements += [(sql.SQL("LISTEN {}").format(sql.Identifier(c)).as_bytes(conn), [])
+                       for c in listen]
+        statements += [(sql.SQL("UNLISTEN {}").format(sql.Identifier(c)).as_bytes(conn), [])
+                       for c in unlisten]
+        if unlisten:
+            statements.append((UNWAIT, [text_array(unlisten.values())]))
         awaited = list(listen.values())
+        for start in range(0, len(awaited), AWAIT_BATCH):
+            if start:  # each further batch its own transaction: a bounded number of locks
+                statements.append(None)
+            statements.append((AWAIT, [text_array(awaited[start:start + AWAIT_BATCH])]))
         keys = list(dict.fromkeys([*keys, *awaited]))
-        if not batch:
-            return self.mget(keys)
-        with self.connection() as conn:
-            with conn.pipeline() as pipeline:
-                for statement in batch:
-                    conn.execute(statement)
-                if unlisten:
-                    conn.execute(queries["result_unwait"], {"keys": list(unlisten.values())})
-                for start in range(0, len(awaited), AWAIT_BATCH):
-                    if start:  # each further batch its own transaction: a bounded number of locks
-                        pipeline.sync()
-                    conn.execute(queries["result_await"],
-                                 {"keys": awaited[start:start + AWAIT_BATCH]})
-                if not keys:
-                    return {}
-                cursor = conn.execute(queries["result_mget"], {"keys": keys})
-            return dict(cursor.fetchall())
+        if keys:
+            statements.append((MGET, [text_array(keys)]))
+        if not statements:
+            return {}
+        last = pipelined(conn, statements)
+        if not keys:
+            return {}
+        return {last.get_value(row, 0).decode(): last.get_value(row, 1)
+                for row in range(last.ntuples)}
 
     def set(self, key: str, value: bytes, state: str | None, expires: float | None,
             keep_success: bool = False) -> bool:
@@ -281,6 +275,79 @@ class ResultStore:
         """Delete every expired result and chord counter (:class:`ResultExpiry`)."""
         with self.connection() as conn:
             return ResultExpiry().run(conn)
+
+
+# The waiters' statements, run through libpq (ResultStore.listen_and_read).
+Statement = tuple[bytes, list[bytes | None]]  # the query, its parameters in text format
+ISOLATION, UNWAIT, AWAIT, MGET = (
+    positional(queries[name])[0].encode() for name in (
+        "result_session_isolation", "result_unwait", "result_await", "result_mget"))
+
+
+def text_array(values: Iterable[str]) -> bytes:
+    """A ``text[]`` parameter in PostgreSQL's text format."""
+    quoted = ('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
+    return ("{" + ",".join(quoted) + "}").encode()
+
+
+def pipelined(conn: psycopg.Connection, statements: list[Statement | None]) -> pq.abc.PGresult:
+    """Run ``statements`` on ``conn`` (idle, autocommit) in one round trip
+    (libpq pipeline mode; None ends a transaction, as does the last one), results
+    in binary format; the last one's result. Waits for the socket with
+    ``poll``, never inside libpq (see :meth:`ResultStore.listen_and_read`).
+    Raises the first statement's error, if one failed; notifications that
+    arrived meanwhile go to the connection's handler."""
+    with conn.lock, deadline.waiting(conn):
+        pgconn = conn.pgconn
+        pgconn.enter_pipeline_mode()
+        syncs = 0
+        try:
+            for statement in statements:
+                if statement is None:
+                    pgconn.pipeline_sync()
+                    syncs += 1
+                else:
+                    pgconn.send_query_params(statement[0], statement[1],
+                                             result_format=pq.Format.BINARY)
+            pgconn.pipeline_sync()
+            syncs += 1
+            results, failed = _pipeline_results(pgconn, syncs)
+        finally:
+            if pgconn.status != pq.ConnStatus.BAD:
+                pgconn.exit_pipeline_mode()
+        while (notify := pgconn.notifies()) is not None:
+            pgconn.notify_handler(notify)
+    if failed is not None or len(results) < len([s for s in statements if s is not None]):
+        check(pgconn, failed)
+    return results[-1]
+
+
+def _pipeline_results(pgconn: pq.abc.PGconn, syncs: int
+                      ) -> tuple[list[pq.abc.PGresult], pq.abc.PGresult | None]:
+    """Every result up to the ``syncs``-th sync, and the first that failed."""
+    results: list[pq.abc.PGresult] = []
+    failed = None
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN | select.POLLOUT)
+    while pgconn.flush():  # a long batch may fill the socket's buffer
+        poller.poll()
+        pgconn.consume_input()
+    poller.modify(pgconn.socket, select.POLLIN)
+    while syncs and pgconn.status != pq.ConnStatus.BAD:
+        pgconn.consume_input()
+        if pgconn.is_busy():
+            poller.poll()
+            continue
+        result = pgconn.get_result()
+        if result is None:
+            continue
+        if result.status == pq.ExecStatus.PIPELINE_SYNC:
+            syncs -= 1
+        elif result.status in OK:
+            results.append(result)
+        elif failed is None and result.status != pq.ExecStatus.PIPELINE_ABORTED:
+            failed = result
+    return results, failed
 
 
 @forking.on_fork

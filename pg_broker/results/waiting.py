@@ -1,5 +1,8 @@
-"""Waiting for results: LISTEN/NOTIFY on the store's one connection, shared
-by every waiter of the process.
+"""Waiting for results: LISTEN/NOTIFY on the process's one LISTEN session per
+database, shared by every waiter of the process and by its transport's
+consumers (:class:`~pg_broker.transport.listener.ListenSession`): a worker
+that consumes and awaits results holds its work and LISTEN connections, not
+a third (issue 12).
 
 A write of a result notifies ``pgbroker_r_`` + md5(key) (the SQL side
 computes the same name: ``pg_broker_result_set``, migrations/core/200) when
@@ -22,13 +25,22 @@ round trip it saves is on the way from the worker's write to the caller
 empty payload) are read from ``task_results`` in one statement. Notifications
 come in commit order, so the last one per channel carries the latest value.
 
-Nothing polls. The thread that waits reads the socket (``poll``, without the
-connection's lock, so other threads keep storing and reading); other threads
-waiting meanwhile wait for it to finish a read, which serves them too. A
-notification that arrives while some statement runs on the connection is
-caught by the connection's handler and wakes the reader through a pipe.
-After a lost connection the next wait reconnects, LISTENs again and re-reads
-every result still waited for from the table: no wake-up is lost.
+The waiter's statements (LISTENs, records, read) run on the LISTEN session
+itself, so that the one round trip covers them and the records name the
+session that LISTENs (a record of an ended session is deleted by the
+retention). They go through libpq with the socket awaited by ``poll``: a
+record can wait for a write's commit, and the write may be this process's.
+
+Nothing polls. The thread that waits reads the session's socket (``poll``,
+without its lock, so other threads keep storing and reading); other threads
+waiting meanwhile wait for it to finish a read, which serves them too.
+Whoever reads the session's socket (a worker's event loop, a transport's
+``drain_events``, a waiter) hands each notification to the member whose
+channel it is: a result's wakes its waiter through a pipe. After a lost
+session the next wait opens a new one (or finds the one another member
+opened), LISTENs again and re-reads every result still waited for from the
+table: no wake-up is lost. The listener leaves the session ``IDLE_CLOSE``
+seconds after its last wait.
 """
 
 from __future__ import annotations
@@ -44,6 +56,11 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
+
+from pg_broker.database import DatabaseUnavailable
+from pg_broker.migrate import ensure_migrated
+from pg_broker.transport import connections
+from pg_broker.transport.listener import ListenSession, session_for
 
 from .store import CONNECTION_ERRORS, ResultStore
 
@@ -87,14 +104,19 @@ def listener_of(store: ResultStore) -> ResultListener:
 
 
 class ResultListener:
-    """Who waits for which result, and the reads that wake them."""
+    """Who waits for which result, and the reads that wake them.
+
+    A member of the process's LISTEN session for the store's database
+    (:func:`~pg_broker.transport.listener.session_for`) while results are
+    awaited, and ``IDLE_CLOSE`` after: the session then closes if no
+    transport consumes on it.
+    """
 
     def __init__(self, store: ResultStore) -> None:
         self.store = store
         # Whether values carried by notifications are taken (see trust_carried).
         self.take_carried = True
         self._reset()
-        store.on_notify = self._notified_on
 
     def _reset(self) -> None:
         self._state = threading.Lock()  # the fields below; never held during I/O
@@ -102,14 +124,25 @@ class ResultListener:
         # (consumer id, key) to stop waiting for: appended without a lock,
         # because Celery cancels from AsyncResult.__del__ (any thread, any time).
         self._cancelled: deque[tuple[int, str]] = deque()
-        # channel -> key, LISTENed on (and the key recorded as awaited on) the current connection
+        # channel -> key, LISTENed on (and the key recorded as awaited on) the
+        # current session; changed under the session's lock
         self._listening: dict[str, str] = {}
-        self._generation = 0  # the store's connection they were LISTENed on
+        self._generation = 0  # the session's connection they were LISTENed on
         # channel -> payload of its latest notification not yet handed out
         self._notified: dict[str, str] = {}
         self._reading = False
         self._read_done = threading.Condition(self._state)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._session: ListenSession | None = None
+        self._used_at = time.monotonic()
+        self._parter: threading.Thread | None = None  # see _part_when_idle
+
+    @property
+    def session(self) -> ListenSession:
+        """The process's LISTEN session on the store's database."""
+        if self._session is None:
+            self._session = session_for(self.store.conninfo)
+        return self._session
 
     def trust_carried(self, trusted: bool) -> None:
         """Whether to take values from notifications (any session of the
@@ -168,28 +201,33 @@ class ResultListener:
                 self._read_done.wait(timeout)
                 return
             self._reading = True
+        session = self.session
+        generation = session.generation
         try:
-            self._read(set())
+            fd = self._read(set())
             with self._state:
                 pending = bool(self._notified)
             if not pending:
-                self._wait_readable(self.store.socket(), timeout)
-            self.store.read_notifications()
+                self._wait_readable(fd, timeout)
+            generation = session.generation
+            session.read()
             with self._state:
                 notified, self._notified = self._notified, {}
             if notified:
                 self._take_notified(notified)
         except CONNECTION_ERRORS as exc:
             log.warning("waiting for results: %s; reconnecting", exc)
+            self._lost(generation)
             time.sleep(RECONNECT_PAUSE if timeout is None else min(timeout, RECONNECT_PAUSE))
         finally:
             with self._state:
                 self._reading = False
                 self._read_done.notify_all()
 
-    def _read(self, keys: set[str]) -> None:
+    def _read(self, keys: set[str]) -> int:
         """Bring the LISTENs up to date and read ``keys`` and every key newly
-        LISTENed for, in one round trip; hand out what was found.
+        LISTENed for, in one round trip on the LISTEN session; hand out what
+        was found. Returns the session's socket, to wait on.
 
         The LISTEN/UNLISTEN batch commits before the read starts (pipelined,
         each its own transaction), so a result written meanwhile is seen by
@@ -199,11 +237,21 @@ class ResultListener:
         caller one round trip before it waits, where reading first, then
         LISTENing, then reading again cost three.
         """
-        with self.store.connection():
-            if self.store.generation != self._generation:
-                # A new connection has no LISTENs (and a result written while
-                # the old one was down notified nobody: read them all).
-                self._generation = self.store.generation
+        session = self.session
+        if not session.has_member(self):
+            ensure_migrated(self.store.conninfo)  # once per process (the records' table)
+        with session.lock:
+            self._used_at = time.monotonic()
+            if not session.has_member(self) or not session.connected:
+                session.join(self, set())  # connects if need be
+                self._start_parter()
+            conn, generation = session.conn, session.generation
+            assert conn is not None
+            isolate = generation != self._generation
+            if isolate:
+                # A new connection: its records are gone, and a result written
+                # while the old one was down notified nobody: read them all.
+                self._generation = generation
                 self._listening = {}
                 keys = keys | self.waiting_for()
             wanted = {channel_name(key): key for key in self.waiting_for()}
@@ -214,11 +262,28 @@ class ResultListener:
             if not listen and len(stale) < STALE_MAX:
                 listen = stale = {}
             if not (keys or listen or stale):
-                return
-            found = self.store.listen_and_read(listen, stale, keys)
+                return conn.fileno()
+            _, gone = session.subscribe(self, listen, stale)
+            try:
+                found = self.store.listen_and_read(
+                    conn, listen, {c: stale[c] for c in gone}, keys, isolate)
+            except CONNECTION_ERRORS:
+                self._lost(generation)
+                raise
             if listen or stale:
                 self._listening = wanted
+            fd = conn.fileno()
         self._hand_out(found)
+        return fd
+
+    def _lost(self, generation: int) -> None:
+        """The session of ``generation`` failed: a new one (its other members
+        learn it), unless another member replaced it already; if the
+        database cannot be reached, the next wait tries again."""
+        try:
+            self.session.reconnect(generation)
+        except (*CONNECTION_ERRORS, DatabaseUnavailable) as exc:
+            log.debug("results: no new LISTEN session yet: %s", exc)
 
     def _take_notified(self, notified: dict[str, str]) -> None:
         """Hand out the values notifications carried; read those they did not."""
@@ -249,16 +314,56 @@ class ResultListener:
         with self._state:  # threads waiting for the reader: theirs may be among them
             self._read_done.notify_all()
 
-    # Waking -----------------------------------------------------------------
+    # The session's member ------------------------------------------------------
 
-    def _notified_on(self, channel: str, payload: str) -> None:
-        """The connection's notification handler (called under its lock)."""
+    def heard(self, channel: str, payload: str) -> None:
+        """A notification on one of this listener's channels (from the
+        session's read, in whichever thread read: a worker's event loop, or a
+        waiter's :meth:`drain`)."""
         with self._state:
             self._notified[channel] = payload
+        self.wake_up()
+
+    def wake_up(self) -> None:
+        """Wake the thread waiting in :meth:`drain` (a notification, or a
+        new session: its next read LISTENs and reads again)."""
         try:
             os.write(self._wake_w, b"\0")
         except OSError:  # the pipe is full: the reader is awake already
             pass
+
+    def _start_parter(self) -> None:
+        if self._parter is None or not self._parter.is_alive():
+            self._parter = threading.Thread(target=self._part_when_idle, daemon=True,
+                                            name="pg_broker-results-listen")
+            self._parter.start()
+
+    def _part_when_idle(self) -> None:
+        """Leave the session once no result was awaited for ``IDLE_CLOSE``
+        seconds: its channels UNLISTENed and its records deleted, or the
+        session closed if no transport of the process consumes on it (a
+        producer that awaited results holds its work connection only)."""
+        session = self.session
+        while True:
+            idle = connections.IDLE_CLOSE
+            time.sleep(max(self._used_at + idle - time.monotonic(), min(idle, 1.0)))
+            with session.lock:
+                if not session.has_member(self):
+                    return
+                if self.busy() or time.monotonic() - self._used_at < idle:
+                    continue
+                listening, self._listening = self._listening, {}
+                _, gone = session.subscribe(self, [], listening)
+                if gone and session.connected:
+                    try:
+                        self.store.listen_and_read(
+                            session.conn, {}, {c: listening[c] for c in gone}, [])
+                    except CONNECTION_ERRORS:  # the records die with the session
+                        log.debug("results: UNLISTEN failed", exc_info=True)
+                session.leave(self, set(), part=True)
+                return
+
+    # Waking -----------------------------------------------------------------
 
     def _wait_readable(self, fd: int, timeout: float | None) -> None:
         poller = select.poll()
@@ -272,8 +377,9 @@ class ResultListener:
             pass
 
     def forget_after_fork(self) -> None:
-        """In a forked child (its store's at-fork hook calls it): waiters and
-        channels were the parent's."""
+        """In a forked child (its store's at-fork hook calls it): waiters,
+        channels and the session were the parent's (the child's session
+        forgets its connection on its own)."""
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._reset()

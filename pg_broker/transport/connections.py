@@ -128,6 +128,11 @@ class PerProcess(Generic[T]):
                 made = self._objects[key] = self._make(conninfo, connect_kwargs, response_timeout)
             return made
 
+    def find(self, conninfo: str) -> T | None:
+        """The one made first for ``conninfo``, whatever its other arguments; None if none."""
+        with self._lock:
+            return next((made for key, made in self._objects.items() if key[0] == conninfo), None)
+
     def _forget(self) -> None:
         # A lock another thread held at the fork stays taken in the child.
         self._objects.clear()

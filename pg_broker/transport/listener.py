@@ -31,6 +31,12 @@ lost, whoever finds out opens a new one (LISTENing on every channel again)
 and every listener learns it at its next look (:meth:`Listener.reconnected`):
 notifications sent meanwhile are lost, so each polls its queues.
 
+The result backend's waiters are members too (:func:`session_for`,
+:mod:`pg_broker.results.waiting`): they subscribe to their results' channels
+and send their LISTENs themselves, in the round trip of their records and
+read, so a process that consumes and awaits results holds one LISTEN
+connection, not two.
+
 The session holds an advisory lock of a random key while it lives
 (:attr:`ListenSession.session_lock`), which its consumers' waiter records
 name: a publish that finds the lock free knows the session ended (a killed
@@ -57,18 +63,20 @@ import os
 import secrets
 import select
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from time import monotonic
 
 import psycopg
 from psycopg import sql
 
 from pg_broker import forking
+from pg_broker.database import session_defaults
 from pg_broker.masking import mask_url, redacting
 from pg_broker.queries import queries
 
 from . import deadline
-from .connections import PerProcess, close_quietly
+from .connections import CONNECT_DEFAULTS, PerProcess, close_quietly
+from .options import DEFAULT_RESPONSE_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,15 @@ def channel_name(queue: str) -> str:
 def shared_session(conninfo: str, connect_kwargs: dict, response_timeout: float) -> ListenSession:
     """The process's LISTEN session on this database, shared by its listeners."""
     return _sessions.get(conninfo, connect_kwargs, response_timeout)
+
+
+def session_for(conninfo: str) -> ListenSession:
+    """The process's LISTEN session on ``conninfo`` for the result backend's
+    waiters (:mod:`pg_broker.results.waiting`): the one its transports use,
+    whatever their options, else one with the transport's defaults (which a
+    transport with defaults, made later, shares)."""
+    return _sessions.find(conninfo) or shared_session(
+        conninfo, session_defaults(conninfo, CONNECT_DEFAULTS), DEFAULT_RESPONSE_TIMEOUT)
 
 
 def _server_probes(parameters: dict[str, str]) -> dict[str, str]:
@@ -119,7 +136,9 @@ class ListenSession:
         # Bumped at every connect: a listener that saw an older one lost notifications.
         self.generation = 0
         self.session_lock: int | None = None  # see _lock_session()
-        self._listeners: dict[str, dict[int, Listener]] = {}  # channel -> id -> listener
+        # channel -> id -> listener (a Listener, or a result waiter: anything
+        # with heard(channel, payload) and wake_up())
+        self._listeners: dict[str, dict[int, Listener]] = {}
         self._members: dict[int, Listener] = {}  # the listeners that joined, by id
         self._probe_channel = f"{CHANNEL_PREFIX}probe_{secrets.token_hex(8)}"
         self._heard_at: float | None = None  # last notification of any channel
@@ -150,6 +169,27 @@ class ListenSession:
                     # other listeners learn it at their next look): a new
                     # one, which LISTENs on every channel, this one's too.
                     self.reconnect(self.generation)
+
+    def subscribe(self, member, listen: Iterable[str], unlisten: Iterable[str]
+                  ) -> tuple[list[str], list[str]]:
+        """For a member that sends its LISTENs itself, in the round trip of
+        its own statements on :attr:`conn` (the result waiters): ``member``
+        hears ``listen`` and no longer ``unlisten``. Returns the channels the
+        session now has to LISTEN on and to UNLISTEN, which the caller sends,
+        under :attr:`lock` as this is called. A reconnect LISTENs again on
+        every channel subscribed."""
+        with self.lock:
+            new = [channel for channel in listen if channel not in self._listeners]
+            for channel in listen:
+                self._listeners.setdefault(channel, {})[id(member)] = member
+            gone = []
+            for channel in unlisten:
+                heard_by = self._listeners.get(channel)
+                if heard_by is not None and heard_by.pop(id(member), None) is not None:
+                    if not heard_by:
+                        del self._listeners[channel]
+                        gone.append(channel)
+            return new, gone
 
     def leave(self, listener: Listener, channels: set[str], part: bool = False) -> None:
         """``listener`` stops hearing ``channels``; with ``part`` it is no

@@ -37,7 +37,7 @@ from pg_broker.maintenance import ResultExpiry
 from pg_broker.queries import queries
 from pg_broker.results import PgBrokerBackend
 from pg_broker.results.store import shared_store
-from pg_broker.results.waiting import channel_name, listener_of
+from pg_broker.results.waiting import CHANNEL_PREFIX, channel_name, listener_of
 
 RESULTS_APP = "pg_broker results"
 
@@ -72,11 +72,25 @@ def app(database_url: str, db: psycopg.Connection) -> Iterator[Celery]:
 
 
 def results_sessions(db: psycopg.Connection) -> list[int]:
-    """Backend pids of this database's result-backend sessions."""
+    """Backend pids of this database's result-backend sessions (writes and reads)."""
     return [row[0] for row in db.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
         " AND application_name = %s", (RESULTS_APP,),
     )]
+
+
+def listen_session(app: Celery) -> int:
+    """Backend pid of the LISTEN session this process's result waiters use
+    (the one its transports share), once a waiter joined it."""
+    session = listener_of(app.backend.store).session
+    with session.lock:
+        return session.conn.info.backend_pid if session.connected else 0
+
+
+def waiting_sessions(db: psycopg.Connection, keys: list[str]) -> set[int]:
+    """The sessions that recorded these keys as awaited."""
+    return {row[0] for row in db.execute(
+        "SELECT DISTINCT session FROM task_result_waiters WHERE key = ANY (%s)", (keys,))}
 
 
 def write_from_elsewhere(database_url: str, backend: PgBrokerBackend, task_id: str,
@@ -285,11 +299,11 @@ def counted_reads(store, monkeypatch) -> list[int]:
     reads: list[int] = []
     mget, listen_and_read = store.mget, store.listen_and_read
 
-    def counted_listen_and_read(listen, unlisten, keys):
-        listen, unlisten, keys = dict(listen), dict(unlisten), list(keys)
-        if keys and (listen or unlisten):  # else it is an mget, counted there
+    def counted_listen_and_read(conn, listen, unlisten, keys, isolate=False):
+        keys = list(keys)
+        if keys or listen:
             reads.append(1)
-        return listen_and_read(listen, unlisten, keys)
+        return listen_and_read(conn, listen, unlisten, keys, isolate)
 
     monkeypatch.setattr(store, "mget", lambda keys: reads.append(1) or mget(keys))
     monkeypatch.setattr(store, "listen_and_read", counted_listen_and_read)
@@ -390,9 +404,12 @@ def test_a_thousand_waiters_in_twenty_threads_share_one_connection(app, database
 
     waiters = [in_thread(lambda batch=batch: join(batch)) for batch in ids]
     listener = listener_of(app.backend.store)
+    keys = [app.backend.task_key(i) for batch in ids for i in batch]
     wait_for(lambda: len(listener.waiting_for()) == 1000, 60,
              lambda: f"1000 waiters; {len(listener.waiting_for())} registered")
-    assert len(results_sessions(db)) == 1
+    wait_for(lambda: db.execute("SELECT count(*) FROM task_result_waiters WHERE key = ANY (%s)",
+                                (keys,)).fetchone()[0] == 1000, 60, "1000 records")
+    assert waiting_sessions(db, keys) == {listen_session(app)}  # one session LISTENs and records
     with psycopg.connect(database_url, autocommit=True) as worker:
         for n, batch in enumerate(ids):
             for m, task_id in enumerate(batch):
@@ -405,7 +422,6 @@ def test_a_thousand_waiters_in_twenty_threads_share_one_connection(app, database
     for n, (thread, outcome) in enumerate(waiters):
         thread.join(120)
         assert outcome == [[n * 100 + m for m in range(50)]]
-    assert len(results_sessions(db)) == 1
     assert listener.waiting_for() == set()
 
 
@@ -460,8 +476,7 @@ with psycopg.connect(url) as writer, psycopg.connect(url, autocommit=True) as wa
     while not watcher.execute(
             "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
             " WHERE l.locktype = 'advisory' AND l.classid = 1885823602 AND NOT l.granted"
-            " AND a.datname = current_database() AND a.application_name = %s)",
-            ("pg_broker results",)).fetchone()[0]:
+            " AND a.datname = current_database())").fetchone()[0]:
         if time.monotonic() > deadline:
             sys.exit(3)  # the waiter never waited for this write's commit
         time.sleep(0.05)
@@ -550,8 +565,13 @@ def test_records_of_ended_waiting_sessions_leave_with_the_retention(app, databas
 
 
 def _listening(store) -> set[str]:
-    with store.connection() as conn:
-        return {row[0] for row in conn.execute("SELECT pg_listening_channels()")}
+    """The result channels the process's LISTEN session listens on."""
+    session = listener_of(store).session
+    with session.lock:
+        if not session.connected:
+            return set()
+        return {row[0] for row in session.conn.execute("SELECT pg_listening_channels()")
+                if row[0].startswith(CHANNEL_PREFIX)}
 
 
 def test_a_result_got_or_forgotten_is_unlistened_with_the_next_batch(app, database_url):
@@ -575,7 +595,8 @@ def test_a_result_got_or_forgotten_is_unlistened_with_the_next_batch(app, databa
     wait_for(lambda: channel_name(backend.task_key(third)) in _listening(store), 10,
              "the third waiter to LISTEN")
 
-    assert _listening(store) == {channel_name(backend.task_key(third))}
+    listening = _listening(store)
+    assert listening == {channel_name(backend.task_key(third))}, (len(listening), listening)
     write_from_elsewhere(database_url, backend, third, "third")
     waiter.join(30)
     assert outcome == ["third"]
@@ -587,10 +608,10 @@ def test_a_result_written_while_the_connection_was_down_still_wakes_its_waiter(
     backend = app.backend
     task_id = str(uuid.uuid4())
     waiter, outcome = in_thread(lambda: AsyncResult(task_id, app=app).get(timeout=60))
-    wait_for(lambda: results_sessions(db) and backend.task_key(task_id)
-             in listener_of(backend.store).waiting_for(), 10, "the waiter to LISTEN")
-    time.sleep(0.5)
-    (session,) = results_sessions(db)
+    key = backend.task_key(task_id)
+    wait_for(lambda: waiting_sessions(db, [key]), 10, "the waiter to LISTEN")
+    (session,) = waiting_sessions(db, [key])
+    assert session == listen_session(app)
 
     db.execute("SELECT pg_terminate_backend(%s)", (session,))
     # Nobody LISTENs now: this notification is lost; only the re-read after
@@ -599,7 +620,7 @@ def test_a_result_written_while_the_connection_was_down_still_wakes_its_waiter(
     waiter.join(60)
 
     assert outcome == ["after the outage"]
-    assert results_sessions(db) != [session]
+    assert listen_session(app) not in (0, session)
 
 
 def test_a_store_whose_session_was_ended_stores_on_a_new_one(app, db):
@@ -635,6 +656,7 @@ def test_a_forked_child_waits_on_a_connection_of_its_own(app, db):
     app.backend.mark_as_done(parent_id, "parent")
     assert AsyncResult(parent_id, app=app).get(timeout=10) == "parent"
     (parent_session,) = results_sessions(db)
+    parent_listen = listen_session(app)
     app.backend.mark_as_done(child_id, "child")
 
     pid = os.fork()
@@ -647,7 +669,8 @@ def test_a_forked_child_waits_on_a_connection_of_its_own(app, db):
     _, status = os.waitpid(pid, 0)
 
     assert os.waitstatus_to_exitcode(status) == 0
-    assert parent_session in results_sessions(db)  # the child never closed it
+    assert parent_session in results_sessions(db)  # the child never closed them
+    assert listen_session(app) == parent_listen
     other = str(uuid.uuid4())
     app.backend.mark_as_done(other, "still works")
     assert AsyncResult(other, app=app).get(timeout=10) == "still works"
