@@ -25,6 +25,13 @@ send to its result in hand; in it, the first time of each probe:
 and, for pgbroker, the caller's own statement before it waits (``get`` to
 ``listened``: its LISTEN and read, pipelined). Stages are printed as medians
 and 90th percentiles per broker. A probe costs a ``write`` (a few µs).
+
+``--chord N`` takes a chord of N apart instead (the bench's chord figure:
+``echo`` header tasks, a ``total`` callback, one solo worker), in ms from its
+send: the header's N publishes done, the first header task's start, the last
+header task's result stored, the callback's publish and start, its result in
+the caller's hands; and per header task, the worker's cycle (start to start)
+and its store (``store`` -> ``stored``: result and chord count, one statement).
 """
 
 from __future__ import annotations
@@ -40,9 +47,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from celery import signals
+from celery import chord, signals
 
-from bench.app import ECHO_TASK, app, make_app
+from bench.app import ECHO_TASK, TOTAL_TASK, app, make_app
 
 TRACE_FILE_VARIABLE = "BENCH_TRACE_FILE"
 CHAIN = ("send", "published", "wake", "claimed", "prerun", "store", "stored", "delivered", "done")
@@ -154,6 +161,46 @@ def summarise(name: str, calls: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def chord_stages(records: list[tuple[str, int]], windows: list[tuple[int, int]],
+                 n: int) -> list[dict]:
+    """Per chord (its window): the times (ms from its send) of the n-th
+    ``published`` (the header sent), the first ``prerun``, the n-th
+    ``stored`` (the last part's result), the (n+1)-th ``published`` and
+    ``prerun`` (the callback's), ``done``; and the worker's per-part cycle
+    and store, medians over the parts."""
+    chords = []
+    for start, end in windows:
+        times: dict[str, list[int]] = {}
+        for label, t in records:
+            if start <= t <= end:
+                times.setdefault(label, []).append(t)
+
+        def at(label: str, index: int, times=times, start=start) -> float | None:
+            found = times.get(label, [])
+            return (found[index] - start) / 1e6 if len(found) > index else None
+
+        starts, stores, stored = (times.get(label, []) for label in ("prerun", "store", "stored"))
+        cycles = [(b - a) / 1e6 for a, b in itertools.pairwise(starts[:n])]
+        writes = [(b - a) / 1e6 for a, b in zip(stores[:n], stored[:n], strict=False)]
+        chords.append({
+            "header published": at("published", n - 1), "first start": at("prerun", 0),
+            "last part stored": at("stored", n - 1), "callback published": at("published", n),
+            "callback start": at("prerun", n), "done": at("done", 0),
+            "part cycle": statistics.median(cycles) if cycles else None,
+            "part store": statistics.median(writes) if writes else None,
+        })
+    return chords
+
+
+def summarise_chords(name: str, chords: list[dict]) -> str:
+    lines = [f"{name}: {len(chords)} chords; ms, median [max]"]
+    for label in chords[0] if chords else ():
+        values = [c[label] for c in chords if c[label] is not None]
+        if values:
+            lines.append(f"  {label:<20} {statistics.median(values):8.2f} [{max(values):8.2f}]")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.__main__ import choose_pg_server
     from bench.brokers import prepare
@@ -164,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--brokers", default="redis,pgbroker",
                         help="comma-separated bench broker names with a result backend")
     parser.add_argument("--samples", type=int, default=200, help="calls per broker")
+    parser.add_argument("--chord", type=int, default=0,
+                        help="take chords of this many header tasks apart instead (--samples "
+                             "of them per broker)")
     parser.add_argument("--pg-server", default="private",
                         help="as python -m bench's --pg-server (default private)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -199,16 +249,25 @@ def main(argv: list[str] | None = None) -> int:
             for name, (producer, worker) in apps.items():
                 start = time.monotonic_ns()
                 probe("send")
-                result = producer.tasks[ECHO_TASK].apply_async((0.0,), queue=worker.queue)
-                probe("get")
-                result.get(timeout=30)
+                if args.chord:
+                    header = [producer.tasks[ECHO_TASK].s(1.0).set(queue=worker.queue)
+                              for _ in range(args.chord)]
+                    callback = producer.tasks[TOTAL_TASK].s().set(queue=worker.queue)
+                    chord(header)(callback).get(timeout=120)
+                else:
+                    result = producer.tasks[ECHO_TASK].apply_async((0.0,), queue=worker.queue)
+                    probe("get")
+                    result.get(timeout=30)
                 probe("done")
                 windows[name].append((start, time.monotonic_ns()))
-                time.sleep(random.uniform(0.01, 0.03))
+                time.sleep(random.uniform(0.01, 0.03) if not args.chord else 0.5)
         records = read_trace(trace)
         print(f"load average {os.getloadavg()[0]:.2f} at the end")
         for name, spans in windows.items():
-            print(summarise(name, stages(records, spans)))
+            if args.chord:
+                print(summarise_chords(name, chord_stages(records, spans, args.chord)))
+            else:
+                print(summarise(name, stages(records, spans)))
         stop_all(workers)
     finally:
         kill_all()
