@@ -172,6 +172,12 @@ def _plan_lines(plans: list[str], fragment: str) -> list[str]:
     return [line for plan in plans for line in plan.splitlines() if fragment in line]
 
 
+def _rows_removed(plans: list[str]) -> list[int]:
+    """How many rows each node of these plans read and threw away: a scan
+    that finds its rows by key throws few away."""
+    return [int(n) for n in re.findall(r"Rows Removed by (?:Join )?Filter: (\d+)", "\n".join(plans))]
+
+
 def _actual_rows(line: str) -> float:
     if "(never executed)" in line:
         return 0
@@ -312,6 +318,61 @@ def test_a_consumers_wait_planned_on_an_empty_table_reads_no_other_queues_backlo
     scans = [line for line in _plan_lines(explained, " on job_tasks") if "Scan" in line]
     assert scans and all(_actual_rows(s) == 0 for s in scans), explained
     assert not [s for s in scans if "Seq Scan" in s], explained
+    assert all(n <= 10 for n in _rows_removed(explained)), explained
+
+
+def _hot_calls(db: psycopg.Connection, n: int) -> None:
+    """One call of each per-message function of the transport and the result
+    backend that finds its rows by key (their n-th: keys of their own)."""
+    token = uuid.uuid4()
+    db.execute("INSERT INTO job_tasks (queue, payload) VALUES ('held', '{}')")
+    (row_id,) = [r[1] for r in db.execute(queries["transport_claim"], {
+        "queue": "held", "limit": 1, "worker_id": "w", "lease_token": token,
+        "lease": timedelta(minutes=1), "delete_acked": True, "ack_ids": [],
+        "ack_tokens": []}).fetchall()]
+    held = {"ids": [row_id], "tokens": [token]}
+    db.execute(queries["mark_task_processing"], {"id": row_id, "lease_token": token})
+    db.execute(queries["transport_renew_leases"], {**held, "lease": timedelta(minutes=1)})
+    db.execute(queries["transport_fail"], {**held, "backoff": timedelta(0)})
+    db.execute(queries["result_await"], {"keys": [f"awaited{n}"]})
+    result = {"value": b"{}", "state": "SUCCESS", "expires": timedelta(days=1),
+              "keep_success": True}
+    db.execute(queries["result_set"], {"key": f"result{n}", **result})
+    db.execute(queries["result_chord_part_stored"], {
+        "key": f"part{n}", **result, "chord": f"chord{n}", "part": f"part{n}",
+        "claimer": "w", "claim": timedelta(seconds=30), "chord_expires": timedelta(days=1)})
+    db.execute(queries["result_chord_part_returned"], {
+        "key": f"chord{n}", "part": f"other{n}", "size": 3, "claimer": "w",
+        "claim": timedelta(seconds=30), "expires": timedelta(days=1)})
+
+
+def test_per_message_functions_planned_on_empty_tables_read_no_table_when_they_grow(
+    db: psycopg.Connection, explained: list[str]
+) -> None:
+    # What core 213 found in the claim holds for every function that keeps
+    # its plans for the session (plpgsql; SQL functions too on PostgreSQL 18):
+    # planned on empty tables, a lookup by key became a sequential scan, kept
+    # as the table grew — a lease renewal read the backlog, a chord's part
+    # read every chord counter, waiting for a result read every stored
+    # result (results stay a day). Core 214.
+    for table in ("job_tasks", "task_results", "task_result_chords", "task_result_waiters"):
+        db.execute(f"VACUUM ANALYZE {table}")
+    for n in range(7):  # past plpgsql's custom plans: the generic ones are kept
+        _hot_calls(db, n)
+    db.execute("INSERT INTO job_tasks (queue, payload)"
+               " SELECT 'backlog', '{}' FROM generate_series(1, 3000)")
+    db.execute("INSERT INTO task_results (key, value, state)"
+               " SELECT 'stored' || g, '{}', 'SUCCESS' FROM generate_series(1, 3000) g")
+    db.execute("INSERT INTO task_result_chords (key, parts)"
+               " SELECT 'counted' || g, 1 FROM generate_series(1, 3000) g")
+    explained.clear()
+    _hot_calls(db, 100)
+    scans = [line for line in _plan_lines(explained, "Scan ")
+             if re.search(r"Scan (using \S+ )?on (job_tasks|task_results|task_result_chords)\b",
+                          line)]
+    assert scans and not [s for s in scans if "Seq Scan" in s], explained
+    assert all(_actual_rows(s) <= 2 for s in scans), [s for s in scans if _actual_rows(s) > 2]
+    assert all(n <= 10 for n in _rows_removed(explained)), explained
 
 
 def test_the_watchdog_finds_expired_messages_without_reading_the_backlog(
