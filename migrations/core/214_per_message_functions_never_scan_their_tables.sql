@@ -17,7 +17,7 @@
 -- tables of their own (pg_broker_wake).
 --
 -- A later migration that redefines one of these with CREATE OR REPLACE must
--- repeat the setting (CREATE OR REPLACE replaces a function's settings); 
+-- repeat the setting (CREATE OR REPLACE replaces a function's settings);
 -- test_schema.py plans each on empty tables and fails if one scans.
 
 -- pg_broker_renew and pg_broker_start (core 113) joined the held ids to
