@@ -54,9 +54,15 @@ SELECT reclaim_stale_tasks();
 -- asynchronously and its producer then waits for transport_flush).
 
 -- name: transport_publish
--- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue (unless store is false), wakes those queues' waiting consumers (unless notify is false).
+-- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue (unless store is false), wakes those queues' waiting consumers (unless notify is false); with hand_off, a plain message goes to a waiting consumer already claimed, the row in its notification.
 -- pg_broker_wake notifies a queue only when a consumer waits on it, and
--- takes its waiters away (migrations/core/131).
+-- takes its waiters away (migrations/core/131). pg_broker_hand_off does the
+-- same for a durable queue, except that a waiter which takes hand-offs is
+-- returned instead (migrations/core/220): the row is inserted claimed under
+-- its lease token, and its notification is JSON: q the queue, id the row, t
+-- the token, m the message when the notification stays under NOTIFY's
+-- 8,000 bytes (else the consumer reads it by id). With no waiter (a busy
+-- queue) each queue costs what pg_broker_wake cost.
 WITH target AS (
     SELECT %(routing_key)s::text AS queue
      WHERE %(exchange)s::text = '' AND %(routing_key)s::text <> ''
@@ -73,19 +79,43 @@ WITH target AS (
                 THEN set_config('synchronous_commit', %(synchronous_commit)s::text, true)
            END AS commit_mode
       FROM target t LEFT JOIN broker_queues q ON q.name = t.queue
+), handed AS MATERIALIZED (
+    SELECT r.queue, h.channel, h.worker_id, h.lease, h.lease_token
+      FROM routed r CROSS JOIN LATERAL pg_broker_hand_off(r.queue) h
+     WHERE r.durable AND %(store)s::boolean AND %(notify)s::boolean
+       AND %(hand_off)s::boolean AND %(job_id)s::uuid IS NULL
 ), durable AS (
     INSERT INTO job_tasks (queue, priority, payload, task_type, task_id, job_id, user_id,
-                           max_attempts, expires_at)
-    SELECT queue, %(priority)s::smallint, %(payload)s::jsonb, %(task_type)s::text,
+                           max_attempts, expires_at, status, worker_id, lease_token,
+                           lease_expires_at, claimed_at, attempts)
+    SELECT r.queue, %(priority)s::smallint, %(payload)s::jsonb, %(task_type)s::text,
            %(task_id)s::text, %(job_id)s::uuid, %(user_id)s::uuid,
-           coalesce(%(max_attempts)s::integer, 3), expires_at
-      FROM routed WHERE durable AND %(store)s::boolean
+           coalesce(%(max_attempts)s::integer, 3), r.expires_at,
+           CASE WHEN h.lease_token IS NULL THEN 'pending' ELSE 'claimed' END,
+           h.worker_id, h.lease_token, now() + h.lease,
+           CASE WHEN h.lease_token IS NOT NULL THEN now() END,
+           CASE WHEN h.lease_token IS NULL THEN 0 ELSE 1 END
+      FROM routed r LEFT JOIN handed h ON h.queue = r.queue
+     WHERE r.durable AND %(store)s::boolean
+    RETURNING id, queue, lease_token
 ), transient AS (
     INSERT INTO broker_transient_messages (queue, priority, payload, expires_at)
     SELECT queue, %(priority)s::smallint, %(payload)s::jsonb, expires_at
       FROM routed WHERE NOT durable AND %(store)s::boolean
 )
-SELECT pg_broker_wake(queue) FROM routed WHERE %(notify)s::boolean;
+SELECT pg_broker_wake(queue) FROM routed
+ WHERE %(notify)s::boolean
+   AND NOT (durable AND %(store)s::boolean AND %(hand_off)s::boolean
+            AND %(job_id)s::uuid IS NULL)
+UNION ALL
+SELECT pg_notify(h.channel,
+                 CASE WHEN octet_length(n.note) + octet_length(n.message) < 7990
+                      THEN n.note || ',"m":' || n.message || '}'
+                      ELSE n.note || '}' END)
+  FROM durable d JOIN handed h ON h.queue = d.queue AND h.lease_token = d.lease_token,
+       LATERAL (SELECT format('{"q":%%s,"id":%%s,"t":"%%s"', to_json(d.queue::text), d.id,
+                              d.lease_token) AS note,
+                       %(payload)s::jsonb::text AS message) n;
 
 -- name: transport_flush
 -- Returns once the WAL written so far is flushed (and replicated) as synchronous_commit asks (this mode, or the session's): a transaction of its own that writes one tiny WAL record and so waits at its commit.
@@ -177,8 +207,32 @@ SELECT pg_notify(%(channel)s, '');
 SELECT pg_broker_probe(%(queues)s::text[]);
 
 -- name: transport_wait
--- A consumer found a queue empty: records it as waiting there, to be notified on its own channel by its LISTEN session, which holds the advisory lock session_lock while it lives (pg_broker_wait, migrations/core/131, 140 and 210); whether a message is ready after all.
-SELECT pg_broker_wait(%(queue)s, %(waiter)s, %(channel)s, %(session_lock)s);
+-- A consumer found a queue empty: records it as waiting there, to be notified on its own channel by its LISTEN session, which holds the advisory lock session_lock while it lives (pg_broker_wait, migrations/core/131, 140, 210 and 220), and, unless lease_token is NULL, to be handed a message claimed as worker_id under lease_token for lease; whether a message is ready after all.
+SELECT pg_broker_wait(%(queue)s, %(waiter)s, %(channel)s, %(session_lock)s, %(worker_id)s,
+                      %(lease)s::interval, %(lease_token)s::uuid);
+
+-- name: transport_give_back
+-- Rows handed to this consumer (worker_id) under the given lease tokens and not taken by it (it closed, stopped consuming, or had no room): back to pending at once, the delivery un-counted (migrations/core/220); each one's queue woken for the next waiter. Returns the ids given back.
+-- Found through job_tasks_lease_idx (the rows worker_id holds). A row whose
+-- lease was renewed (last_heartbeat set) was taken: never given back here.
+WITH given AS (
+    UPDATE job_tasks t
+       SET (status, attempts, error, completed_at) =
+               (SELECT r.status, r.attempts, r.error, r.completed_at
+                  FROM pg_broker_released(t.attempts, t.max_attempts, t.error, 1,
+                                          'given back', NULL) AS r),
+           worker_id = NULL, lease_token = NULL, lease_expires_at = NULL
+      FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+     WHERE t.worker_id = %(worker_id)s AND t.status = 'claimed'
+       AND t.lease_token = ANY (%(tokens)s::uuid[]) AND t.last_heartbeat IS NULL
+    RETURNING t.id, t.queue
+)
+SELECT id, pg_broker_wake(queue) FROM given;
+
+-- name: transport_handed
+-- The message of a row handed to this consumer whose notification could not carry it (over NOTIFY's 8,000 bytes), by primary key, fenced by its lease token; no row when it is no longer held under that token.
+SELECT payload::text FROM job_tasks
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'claimed';
 
 -- name: transport_listener_lock
 -- A LISTEN session takes the advisory lock its waiter records name (migrations/core/210): held until the session ends, when a publish treats those records as dead. False: another live session holds this key (try another). The server probes the client as the client probes the server (TCP keepalives, tcp_user_timeout), so the session ends soon after its machine vanishes.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -34,6 +35,7 @@ from pg_broker.masking import first_line
 
 from .messages import (
     TRANSIENT_TAG_PREFIX,
+    HandOff,
     delivery_tag,
     malformed,
     milliseconds,
@@ -315,16 +317,10 @@ class Channel(virtual.Channel):
         payloads = []
         held = []
         for row in rows:
-            payload = row.payload
-            problem = malformed(payload)
-            if problem:
-                settlements.bury(row.id, token, problem)
-                continue
-            properties = payload["properties"]
-            properties["delivery_tag"] = delivery_tag(row.id, token)
-            properties.setdefault("delivery_info", {})["redelivered"] = row.attempts > 1
-            payloads.append(payload)
-            held.append((row.id, token))
+            payload = self._held_message(row.id, token, row.payload, row.attempts)
+            if payload is not None:
+                payloads.append(payload)
+                held.append((row.id, token))
         if no_ack and held:
             settlements.ack_and_claim(held)
         elif held:
@@ -333,6 +329,50 @@ class Channel(virtual.Channel):
                 leases.hold(*row)
             leases.start()
         return payloads, len(rows)
+
+    def _held_message(self, row_id: int, token: uuid.UUID, payload: object,
+                      attempts: int) -> dict | None:
+        """A held row's Kombu message, its delivery tag set; None (the row
+        buried) when it is no Kombu message."""
+        problem = malformed(payload)
+        if problem:
+            self.settlements.bury(row_id, token, problem)
+            return None
+        properties = payload["properties"]
+        properties["delivery_tag"] = delivery_tag(row_id, token)
+        properties.setdefault("delivery_info", {})["redelivered"] = attempts > 1
+        return payload
+
+    def takes_hand_offs(self, queue: str) -> bool:
+        """Whether a publish may hand this channel a message of ``queue``
+        already claimed (migrations/core/220): it consumes a durable queue
+        with acks and has room for one more message."""
+        return (not self.closed and not self.is_no_ack(queue) and self.is_durable(queue)
+                and self.fetch_limit() > 0)
+
+    def has_room(self) -> bool:
+        """Whether one more message fits in the prefetch window."""
+        estimate = self.qos.can_consume_max_estimate()
+        return estimate is None or estimate - self.delivery.buffered(self) > 0
+
+    def take_handed(self, handed: HandOff) -> dict | None:
+        """The message of a row a publish handed to this channel, held under
+        its lease from now on; None when it is gone (read by id when the
+        notification could not carry it, and no longer held) or no Kombu
+        message (buried)."""
+        message = handed.message
+        if message is None:
+            message = self.store.handed(handed.id, handed.token)
+            if message is None:
+                log.warning("job_tasks row %s handed to this consumer is no longer held by "
+                            "lease %s; skipped", handed.id, handed.token)
+                return None
+        payload = self._held_message(handed.id, handed.token, message, 1)
+        if payload is not None:
+            leases = self.settlements.leases
+            leases.hold(handed.id, handed.token)
+            leases.start()
+        return payload
 
     def _take(self, queue: str, limit: int) -> tuple[list[dict], int]:
         rows = self.store.take_transient(queue, limit)

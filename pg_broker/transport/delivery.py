@@ -5,7 +5,9 @@ notification, a poll, or a claim that came back full says they may hold
 messages), and the messages claimed but not yet delivered. A queue's buffer
 is refilled by one claim sized to its consumer's free prefetch window, and
 only once it is empty, so one round trip feeds many deliveries; the hub
-hands out one message per callback (:mod:`.poller`).
+hands out one message per callback (:mod:`.poller`). A message a publish
+handed to this consumer already claimed (:meth:`Delivery.accept`) joins its
+queue's buffer with no statement at all.
 
 No message may stop a consumer: a delivery whose consumer raised is
 requeued and counted (:meth:`Delivery.deliver`), and messages claimed but
@@ -23,7 +25,7 @@ from pg_broker import forking
 
 from .connections import CONNECTION_ERRORS
 from .listener import Listener
-from .messages import failure_reason, held_row, label
+from .messages import HandOff, failure_reason, held_row, label
 from .settlement import Settlements
 
 if TYPE_CHECKING:
@@ -138,6 +140,29 @@ class Delivery:
             self.emptied.add(queue)
         if payloads:
             self.buffers[queue] = deque(payloads)
+
+    def takes_hand_offs(self, queue: str) -> bool:
+        """Whether ``queue``'s consumer may be handed a message claimed for it."""
+        channel = self.consumers.get(queue)
+        return channel is not None and channel.takes_hand_offs(queue)
+
+    def accept(self, handed: HandOff) -> None:
+        """A row a publish handed to this consumer, claimed for it
+        (migrations/core/220): buffered for delivery as a claimed one, or,
+        when its consumer is gone, cancelled, closed or has no room now,
+        given back at once (pending again, un-counted, the next waiter woken)."""
+        channel = self.consumers.get(handed.queue)
+        if (channel is None or channel.closed or channel.is_no_ack(handed.queue)
+                or not channel.has_room()):
+            self._settlements.give_back([handed.token])
+            return
+        payload = channel.take_handed(handed)
+        if payload is not None:
+            self.buffers.setdefault(handed.queue, deque()).append(payload)
+
+    def give_back(self, tokens: list) -> None:
+        """Rows handed under ``tokens`` and not taken go back (see :meth:`accept`)."""
+        self._settlements.give_back(tokens)
 
     def can_claim(self, queue: str) -> bool:
         """Whether a claim for ``queue`` would take messages now (room in its

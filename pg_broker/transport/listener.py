@@ -12,9 +12,13 @@ that consumer's own channel (:attr:`Listener.waiter_channel`, the queue as
 payload), or, when no waiter is free, the queue's channel,
 ``'pgbroker_' || md5(queue)``, which every consumer of the queue LISTENs on
 (as do plain ``NOTIFY``s from SQL). So a consumer hears about a message when
-its row is committed. A notification is only a wake-up: the consumer then
-claims rows with the usual statement, and a slow safety poll covers any
-notification lost while the connection was down. Channel names are hashed
+its row is committed. Such a notification is only a wake-up: the consumer
+then claims rows with the usual statement, and a slow safety poll covers any
+notification lost while the connection was down. A plain message published
+to a consumer that waits and takes hand-offs is another kind: the publish
+inserted its row already claimed for that consumer, and the notification on
+the consumer's own channel carries it (:func:`.messages.hand_off`,
+migrations/core/220). Channel names are hashed
 because PostgreSQL identifiers hold at most 63 bytes and Celery queue names
 hold ``@`` and ``.``.
 
@@ -76,6 +80,7 @@ from pg_broker.queries import queries
 
 from . import deadline
 from .connections import CONNECT_DEFAULTS, PerProcess, close_quietly
+from .messages import HandOff, hand_off
 from .options import DEFAULT_RESPONSE_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -353,6 +358,7 @@ class Listener:
         # queue as payload (migrations/core/140).
         self.waiter_channel = _waiter_channel()
         self._inbox: set[str] = set()  # queues notified, not yet taken
+        self._handed: list[HandOff] = []  # rows handed to this consumer, not yet taken
         self._inbox_lock = threading.Lock()
         self._wake: Callable[[], None] | None = None
         self._reading = False  # this listener's own read hands notifications to it
@@ -452,6 +458,12 @@ class Listener:
             queues, self._inbox = self._inbox, set()
         return queues
 
+    def take_handed(self) -> list[HandOff]:
+        """Rows handed to this consumer (by any thread's read) and not yet taken."""
+        with self._inbox_lock:
+            handed, self._handed = self._handed, []
+        return handed
+
     def wait(self, timeout: float) -> set[str]:
         """Block up to ``timeout`` seconds for the first notifications."""
         self.connect()
@@ -466,7 +478,8 @@ class Listener:
         while True:
             notified = self.read()
             remaining = end - monotonic()
-            if notified or remaining <= 0 or session.generation != self._generation:
+            if (notified or self._handed or remaining <= 0
+                    or session.generation != self._generation):
                 return notified  # a new session: the caller sees reconnected()
             poller.poll(remaining * 1000)
             try:
@@ -480,14 +493,22 @@ class Listener:
     def heard(self, channel: str, payload: str) -> None:
         """A notification on one of this listener's channels (from the
         session's read, in whichever thread read)."""
+        handed: HandOff | None = None
         if channel == self.waiter_channel:
             queue = payload if payload in self._queues.values() else None
+            if queue is None:
+                # A row claimed for this consumer (migrations/core/220): kept
+                # even for a queue no longer consumed, so that it goes back.
+                handed = hand_off(payload)
         else:
             queue = self._queues.get(channel)
-        if queue is None:
+        if queue is None and handed is None:
             return
         with self._inbox_lock:
-            self._inbox.add(queue)
+            if handed is not None:
+                self._handed.append(handed)
+            else:
+                self._inbox.add(queue)
         if not self._reading:
             self.wake_up()
 
@@ -521,6 +542,7 @@ class Listener:
         self._generation = 0
         self.waiter_channel = _waiter_channel()
         self._inbox = set()
+        self._handed = []
         self._inbox_lock = threading.Lock()
         self._reading = False
         self._pipe = None  # the parent's descriptors, shared: left open

@@ -15,6 +15,7 @@ import re
 import uuid
 from datetime import timedelta
 from functools import partial
+from typing import NamedTuple
 
 from kombu.exceptions import ChannelError
 from kombu.utils import json as kombu_json
@@ -52,6 +53,28 @@ def held_row(tag: object) -> tuple[int, uuid.UUID] | None:
     try:
         return int(row_id), uuid.UUID(token)
     except ValueError:
+        return None
+
+
+class HandOff(NamedTuple):
+    """A row a publish inserted already claimed for a waiting consumer, as
+    its notification names it (migrations/core/220)."""
+
+    queue: str
+    id: int
+    token: uuid.UUID
+    message: dict | None  # the Kombu message; None: too large for NOTIFY, read it by id
+
+
+def hand_off(payload: str) -> HandOff | None:
+    """The hand-off a notification's payload carries; None when it is none
+    (a plain wake-up, or anything else a client sent on the channel)."""
+    if not payload.startswith("{"):
+        return None
+    try:
+        note = kombu_json.loads(payload)
+        return HandOff(str(note["q"]), int(note["id"]), uuid.UUID(note["t"]), note.get("m"))
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
 
 
@@ -165,6 +188,9 @@ def publish_params(message: dict, exchange: str, routing_key: str, priority: int
         "synchronous_commit": None,
         "store": True,
         "notify": True,
+        # A waiting consumer may get it claimed (migrations/core/220); not
+        # in a caller's transaction (see .store.Store.publish_in).
+        "hand_off": True,
     }
 
 

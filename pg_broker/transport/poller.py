@@ -57,6 +57,7 @@ from pg_broker import forking
 from .connections import CONNECTION_ERRORS
 from .delivery import Delivery
 from .listener import Listener
+from .messages import HandOff
 from .settlement import ACK_WAIT, Settlements
 from .store import Store
 
@@ -93,6 +94,9 @@ class Poller:
         # took the record away).
         self._waiter = uuid.uuid4()
         self._waiting: set[str] = set()
+        # The lease token each waiting record offers for a hand-off
+        # (migrations/core/220), by queue.
+        self._tokens: dict[str, uuid.UUID] = {}
         # Queues to claim from once more when the linger timer fires.
         self._lingering: set[str] = set()
         self._linger_timer = None
@@ -171,6 +175,7 @@ class Poller:
         self._kicked = False
         self._check_session()
         self._notified(self._listener.take())
+        self._handed(self._listener.take_handed())
         self._deliver_one()
 
     def _on_readable(self) -> None:
@@ -180,6 +185,7 @@ class Poller:
             self.relisten()
         else:
             self._check_session()
+        self._handed(self._listener.take_handed())
         self._deliver_one()
 
     def _notified(self, queues: set[str]) -> None:
@@ -189,17 +195,33 @@ class Poller:
         the next waiter: it was the only one the publish sent."""
         self._waiting -= queues
         self._delivery.ready |= queues
-        now = monotonic()
         for queue in queues:
-            since = self._waited_since.pop(queue, None)
-            if since is not None:
-                linger = self._linger.get(queue, LINGER)
-                if now - since < self.linger_max:
-                    self._linger[queue] = min(linger * 2, self.linger_max)
-                else:
-                    self._linger[queue] = max(linger / 2, LINGER)
+            self._tokens.pop(queue, None)
+            self._waited(queue)
             if not self._delivery.can_claim(queue):
                 self._store.pass_wake(queue)
+
+    def _handed(self, handed: list[HandOff]) -> None:
+        """Publishes handed rows to this consumer, claimed for it: each
+        took this consumer's record of its queue, and is delivered (or
+        given back) with no claim."""
+        for row in handed:
+            if self._tokens.get(row.queue) == row.token:
+                del self._tokens[row.queue]
+                self._waiting.discard(row.queue)
+                self._waited(row.queue)
+            self._delivery.accept(row)
+
+    def _waited(self, queue: str) -> None:
+        """A wait on ``queue`` ended with a message: its linger adapts (see
+        the module's docstring)."""
+        since = self._waited_since.pop(queue, None)
+        if since is not None:
+            linger = self._linger.get(queue, LINGER)
+            if monotonic() - since < self.linger_max:
+                self._linger[queue] = min(linger * 2, self.linger_max)
+            else:
+                self._linger[queue] = max(linger / 2, LINGER)
 
     def stop_waiting(self, queues: list[str]) -> None:
         """No longer consuming ``queues``: this consumer's records go (each
@@ -207,6 +229,14 @@ class Poller:
         if self._waiting.intersection(queues):
             self._waiting.difference_update(queues)
             self._store.unwait(queues, self._waiter)
+            # After the records went (a publish that took one committed
+            # first: the unwait waited for its row lock), what was handed
+            # and not yet heard goes back.
+            self._give_back([self._tokens.pop(queue) for queue in queues if queue in self._tokens])
+
+    def _give_back(self, tokens: list[uuid.UUID]) -> None:
+        if tokens:
+            self._delivery.give_back(tokens)
 
     def _wait_on_empty(self, linger: bool = False) -> bool:
         """Record this consumer as waiting on the queues it found empty (those
@@ -233,8 +263,14 @@ class Poller:
                 self._dry_since.pop(queue, None)
                 self._waited_since[queue] = now
             listener = self._listener
+            hand_off = None
+            if delivery.takes_hand_offs(queue):
+                token = self._tokens[queue] = uuid.uuid4()
+                hand_off = (self._settlements.worker_id, self._settlements.lease, token)
+            else:
+                self._tokens.pop(queue, None)
             if self._store.wait(queue, self._waiter, listener.waiter_channel,
-                                listener.session_lock):
+                                listener.session_lock, hand_off):
                 delivery.ready.add(queue)
                 found = True
             self._waiting.add(queue)
@@ -273,6 +309,9 @@ class Poller:
             self._listen_fd = self._listener.fileno()
             loop.add_reader(self._listen_fd, self._on_readable)
         self._waiting.clear()
+        # Rows handed on the lost session, their notifications lost: back now.
+        tokens, self._tokens = list(self._tokens.values()), {}
+        self._give_back(tokens)
         self._delivery.ready |= set(self._delivery.consumers)
         log.info("listening again after a lost connection")
 
@@ -328,9 +367,12 @@ class Poller:
                 self.relisten()
                 notified = set()
             self._check_session()
+            handed = self._listener.take_handed()
+            if handed:
+                self._handed(handed)
             if notified:
                 self._notified(notified)
-            else:
+            elif not handed:
                 delivery.ready |= set(delivery.consumers)
 
     def forget_after_fork(self) -> None:
@@ -344,6 +386,7 @@ class Poller:
         self._kicked = False
         self._waiter = uuid.uuid4()
         self._waiting.clear()
+        self._tokens.clear()
         self._lingering.clear()
         self._linger_timer = None
         self._linger.clear()

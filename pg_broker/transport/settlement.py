@@ -200,6 +200,20 @@ class Settlements:
         self.leases.release(row_id for row_id, _ in held)
         self._refused(held, settled, action)
 
+    def give_back(self, tokens: list[uuid.UUID]) -> None:
+        """Rows handed to this consumer under ``tokens`` and not taken: back
+        to pending at once, un-counted (migrations/core/220). When the
+        database cannot be told, their leases expire and reclaim_stale_tasks
+        returns them, un-counted too."""
+        try:
+            given = self.store.give_back(self.worker_id, tokens)
+        except CONNECTION_ERRORS as exc:
+            log.warning("could not give back %d handed message(s) (%s); they return when "
+                        "their leases expire", len(tokens), first_line(exc))
+            return
+        if given:
+            log.debug("gave back handed job_tasks row(s) %s", given)
+
     def bury(self, row_id: int, token: uuid.UUID, problem: str) -> None:
         log.error("job_tasks row %s is not a Kombu message (%s): marked dead", row_id, problem)
         self.settle("bury", [(row_id, token)], error=f"malformed message: {problem}")

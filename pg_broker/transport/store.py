@@ -325,7 +325,10 @@ class Store:
     @staticmethod
     def publish_in(conn: psycopg.Connection, params: dict) -> None:
         """Store one message in the caller's transaction on ``conn`` (see
-        :func:`.channel.enqueue_in`): visible, and notified, at its commit."""
+        :func:`.channel.enqueue_in`): visible, and notified, at its commit.
+        Never handed off to a waiting consumer: its lease would run while
+        the caller's transaction stays open."""
+        params = {**params, "hand_off": False}
         if (conn.pgconn.transaction_status == pq.TransactionStatus.INTRANS
                 and not conn.pgconn.pipeline_status):
             PUBLISH.execute(conn, params)  # the caller's open transaction
@@ -428,15 +431,35 @@ class Store:
         """A notification on ``channel`` (a listener's probe, see :mod:`.listener`)."""
         self.work.execute(queries["transport_notify_probe"], {"channel": channel})
 
-    def wait(self, queue: str, waiter: uuid.UUID, channel: str, session_lock: int) -> bool:
+    def wait(self, queue: str, waiter: uuid.UUID, channel: str, session_lock: int,
+             hand_off: tuple[str, timedelta, uuid.UUID] | None = None) -> bool:
         """Record ``waiter`` as waiting on ``queue`` (a publish there takes
         the record and notifies ``channel``, unless the advisory lock
         ``session_lock`` is free: its LISTEN session is gone); whether a
-        message is ready after all."""
+        message is ready after all. With ``hand_off`` (worker id, lease,
+        lease token), a plain message's publish may insert its row claimed
+        that way and notify it (migrations/core/220)."""
+        worker_id, lease, token = hand_off or (None, None, None)
         return self.work.execute(queries["transport_wait"],
                                  {"queue": queue, "waiter": waiter, "channel": channel,
-                                  "session_lock": session_lock},
+                                  "session_lock": session_lock, "worker_id": worker_id,
+                                  "lease": lease, "lease_token": token},
                                  scalar_row).fetchone()
+
+    def give_back(self, worker_id: str, tokens: list[uuid.UUID]) -> list[int]:
+        """Rows handed to ``worker_id`` under ``tokens`` and not taken: back to
+        pending, un-counted, their queues woken; the ids given back."""
+        return self.work.execute(queries["transport_give_back"],
+                                 {"worker_id": worker_id, "tokens": tokens},
+                                 scalar_row).fetchall()
+
+    def handed(self, row_id: int, token: uuid.UUID) -> object:
+        """The message of a row handed to this consumer (decoded by kombu's
+        JSON); None when ``token`` no longer holds it."""
+        payload = self.work.execute(queries["transport_handed"],
+                                    {"id": row_id, "lease_token": token},
+                                    scalar_row).fetchone()
+        return None if payload is None else kombu_json.loads(payload)
 
     def unwait(self, queues: list[str], waiter: uuid.UUID) -> None:
         """``waiter`` no longer waits on ``queues``."""

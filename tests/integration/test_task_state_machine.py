@@ -200,7 +200,7 @@ class TaskLifeCycle(RuleBasedStateMachine):
             "payload": "{}", "task_type": "sm.task", "task_id": str(uuid.uuid4()),
             "job_id": job_id, "user_id": self.jobs.get(job_id) if job_id else None,
             "max_attempts": data.draw(st.sampled_from((1, 2, 3)), label="max_attempts"),
-            "synchronous_commit": None, "store": True, "notify": False,
+            "synchronous_commit": None, "store": True, "notify": False, "hand_off": True,
         })
         before = set(self.rows)
         after = self.step("publish", {})

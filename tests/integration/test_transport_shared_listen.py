@@ -54,7 +54,7 @@ def _publish_sql(db: psycopg.Connection, queue: str, body: str) -> None:
                                   f'"content-encoding": "utf-8", "headers": {{}}, '
                                   f'"properties": {{}}}}',
         "task_type": None, "task_id": None, "job_id": None, "user_id": None,
-        "max_attempts": None, "store": True, "notify": True,
+        "max_attempts": None, "store": True, "notify": True, "hand_off": True,
     })
 
 

@@ -32,7 +32,7 @@ def _publish_sql(conn: psycopg.Connection, queue: str, body: str = "x") -> None:
         "exchange": "", "routing_key": queue, "ttl": None, "synchronous_commit": None,
         "priority": 0, "payload": f'{{"body": "{body}", "properties": {{}}}}',
         "task_type": None, "task_id": None, "job_id": None, "user_id": None,
-        "max_attempts": None, "store": True, "notify": True,
+        "max_attempts": None, "store": True, "notify": True, "hand_off": True,
     })
 
 
