@@ -14,7 +14,10 @@ the steps between timestamps taken with ``time.time()`` in both processes:
   the worker's hub calling the LISTEN connection's reader — the server
   storing and committing the message, the NOTIFY, two process wake-ups;
 - ``wakeup_to_claim``: reading the notification, deciding to claim;
-- ``claim``: the claim's round trip (``Store.ack_and_claim``);
+- ``claim``: the claim's round trip (``Store.ack_and_claim``), or taking a
+  message a publish handed to the worker already claimed
+  (``Delivery.accept``, migrations/core/220: no statement unless the
+  message was too large for its notification);
 - ``claim_to_deliver``, ``deliver_to_start``: the transport handing the
   message to Celery, and Celery starting the task (the solo pool).
 
@@ -72,6 +75,7 @@ def _install_hooks(path: str) -> None:
 
     timed(poller.Poller, "_on_readable", "readable")
     timed(store.Store, "ack_and_claim", "claim", "claimed")
+    timed(delivery.Delivery, "accept", "claim", "claimed")
     timed(delivery.Delivery, "deliver", "deliver")
     timed(store.Store, "publish", "publish", "published")
     timed(pipeline.Pipeline, "send", "publish", "published")

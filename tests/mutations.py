@@ -246,7 +246,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "redelivered-flag", "pg_broker/transport/channel.py",
-        '["redelivered"] = row.attempts > 1',
+        '["redelivered"] = attempts > 1',
         '["redelivered"] = False',
         (f"{MESSAGES}::test_requeue_returns_the_row_to_pending_at_once",),
         "a redelivery is not marked redelivered",

@@ -250,6 +250,11 @@ SELECT pg_try_advisory_lock(1885823596, %(key)s),
 -- A consumer stops consuming queues: its waiting records there go (a record left behind would take a publish's wake-up).
 DELETE FROM broker_waiters WHERE waiter = %(waiter)s AND queue = ANY(%(queues)s);
 
+-- name: transport_wake_only
+-- A consumer whose prefetch window filled while it waited on queues: its records there stop offering hand-offs (migrations/core/220) and only wake it. A record a publish is taking meanwhile is waited for, so no hand-off committed after this returns.
+UPDATE broker_waiters SET worker_id = NULL, lease = NULL, lease_token = NULL
+ WHERE waiter = %(waiter)s AND queue = ANY (%(queues)s) AND lease_token IS NOT NULL;
+
 -- name: transport_pass_wake
 -- A consumer woken for a queue it cannot claim from now (prefetch window full) passes the wake-up to the next waiter, if any (migrations/core/140).
 SELECT pg_broker_wake(%(queue)s);

@@ -11,7 +11,8 @@ as kombu's Redis transport has its ``MultiChannelPoller``:
   not yet empty) and the safety poll every ``polling_interval``, which also
   sends acks left waiting and lets the listener check that notifications
   arrive (:meth:`.listener.Listener.check_notifications`). Acks wait ``ACK_WAIT`` for a claim to carry them
-  when the hub is idle, then go on their own;
+  when the hub is idle, then go on their own (at once when the consumer
+  waits to be handed messages: no claim will come);
 - ``drain_events`` waits on the LISTEN connection (or the polling interval)
   and delivers what is ready.
 
@@ -234,6 +235,16 @@ class Poller:
             # and not yet heard goes back.
             self._give_back([self._tokens.pop(queue) for queue in queues if queue in self._tokens])
 
+    def _withdraw_offers(self) -> None:
+        """Records offering hand-offs on queues whose consumer has no room
+        now (a delivery filled its prefetch window) only wake it from now on:
+        a waiter record is handed a row only when its consumer can take it."""
+        full = [queue for queue in self._tokens if not self._delivery.takes_hand_offs(queue)]
+        if full:
+            for queue in full:
+                del self._tokens[queue]
+            self._store.wake_only(full, self._waiter)
+
     def _give_back(self, tokens: list[uuid.UUID]) -> None:
         if tokens:
             self._delivery.give_back(tokens)
@@ -318,9 +329,13 @@ class Poller:
     def _deliver_one(self) -> None:
         # One message per hub iteration: between two, Celery sees a shutdown
         # request and runs what the last message scheduled.
-        self._delivery.deliver_ready(most=1)
+        if self._delivery.deliver_ready(most=1) and self._tokens:
+            self._withdraw_offers()
         if self._wait_on_empty(linger=True) or self._delivery.buffers:
             self.kick()
+        elif self._settlements.acks_waiting and self._tokens:
+            # Waiting to be handed messages: no claim will carry the acks.
+            self._settlements.flush_acks()
         elif self._settlements.acks_waiting and self._ack_timer is None:
             # Idle for now: the acks wait a moment for the next claim to take them.
             self._ack_timer = self.loop.call_later(ACK_WAIT, self._flush_acks_later)
@@ -353,6 +368,8 @@ class Poller:
         self._check_session()
         while True:
             if (delivery.ready or delivery.buffers) and delivery.deliver_ready():
+                if self._tokens:
+                    self._withdraw_offers()
                 return
             self._listener.check_notifications()
             remaining = None if deadline is None else deadline - monotonic()

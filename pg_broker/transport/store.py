@@ -446,6 +446,10 @@ class Store:
                                   "lease": lease, "lease_token": token},
                                  scalar_row).fetchone()
 
+    def wake_only(self, queues: list[str], waiter: uuid.UUID) -> None:
+        """``waiter``'s records on ``queues`` no longer offer hand-offs."""
+        self.work.execute(queries["transport_wake_only"], {"queues": queues, "waiter": waiter})
+
     def give_back(self, worker_id: str, tokens: list[uuid.UUID]) -> list[int]:
         """Rows handed to ``worker_id`` under ``tokens`` and not taken: back to
         pending, un-counted, their queues woken; the ids given back."""
