@@ -48,6 +48,7 @@ PGBROKER_PIPELINED_DATABASE = "pg_broker_bench_pipelined"
 PGBROKER_UNPREPARED_DATABASE = "pg_broker_bench_unprepared"
 PGBROKER_VISIBLE_DATABASE = "pg_broker_bench_visible"
 PGBROKER_LINGER_DATABASE = "pg_broker_bench_linger"
+PGBROKER_CLAIM_DATABASE = "pg_broker_bench_claim"
 SQLA_DATABASE = "pg_broker_bench_sqla"
 PGMQ_DATABASE = "pg_broker_bench_pgmq"
 SQLA_RESULTS_DATABASE = "pg_broker_bench_sqlaresults"
@@ -56,11 +57,12 @@ EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / ".pgdata"
 # The default set; pg_broker with one of its documented transport options
 # (pgbroker-async, pgbroker-pipelined, pgbroker-visible, pgbroker-unprepared: what a
 # transaction-mode pooler needs; pgbroker-linger: workers that ran dry keep claiming
-# up to 40 ms before they wait) is there when asked for.
+# up to 40 ms before they wait; pgbroker-claim: waiting workers are woken and claim,
+# never handed a message) is there when asked for.
 DEFAULT_BROKERS = ("redis", "rabbitmq", "sqla", "pgmq", "pgbroker", "pgbroker-embedded",
                    "pgbroker-sqlaresults")
 ALL_BROKERS = DEFAULT_BROKERS + ("pgbroker-async", "pgbroker-pipelined", "pgbroker-unprepared",
-                                 "pgbroker-visible", "pgbroker-linger")
+                                 "pgbroker-visible", "pgbroker-linger", "pgbroker-claim")
 
 
 @dataclass
@@ -349,6 +351,9 @@ def prepare(names: list[str], pg_server: str, pgbroker_database: str | None,
         "pgbroker-linger": lambda: _pgbroker_variant(
             pg_server, "pgbroker-linger", PGBROKER_LINGER_DATABASE,
             {"linger_max": 0.04}),
+        "pgbroker-claim": lambda: _pgbroker_variant(
+            pg_server, "pgbroker-claim", PGBROKER_CLAIM_DATABASE,
+            {"hand_off": False}),
         "pgbroker-embedded": _pgbroker_embedded,
         "pgbroker-sqlaresults": lambda: _pgbroker_sqla_results(pg_server),
     }

@@ -345,9 +345,10 @@ class Channel(virtual.Channel):
 
     def takes_hand_offs(self, queue: str) -> bool:
         """Whether a publish may hand this channel a message of ``queue``
-        already claimed (migrations/core/220): it consumes a durable queue
-        with acks and has room for one more message."""
-        return (not self.closed and not self.is_no_ack(queue) and self.is_durable(queue)
+        already claimed (migrations/core/220): the hand_off option is on,
+        and it consumes a durable queue with acks and has room."""
+        return (self.transport.options.hand_off and not self.closed
+                and not self.is_no_ack(queue) and self.is_durable(queue)
                 and self.fetch_limit() > 0)
 
     def has_room(self) -> bool:

@@ -60,6 +60,13 @@ class Options:
         tasks come 10-30 ms apart: README *Many listeners*). For many
         listening sessions on PostgreSQL up to 18, where one notification
         costs the server milliseconds.
+    ``hand_off`` (True)
+        A worker that waits on an empty queue offers to be handed its next
+        message: the publish stores the row already claimed for it and the
+        notification carries it (the message itself when it fits in
+        NOTIFY's 8,000 bytes), so the worker starts it with no claim round
+        trip (migrations/core/220; README *Hand-off*). False: it is only
+        woken, and claims. Plain messages only (a job's tasks are woken).
     ``maintenance_interval`` (10)
         Seconds between a consumer's runs of ``reclaim_stale_tasks()``, of
         the sweep of expired queues and transient messages, and of the
@@ -155,6 +162,7 @@ class Options:
     lease: timedelta = timedelta(seconds=DEFAULT_LEASE_SECONDS)
     polling_interval: float = DEFAULT_POLLING_INTERVAL
     linger_max: float = DEFAULT_LINGER_MAX
+    hand_off: bool = True
     maintenance_interval: float = DEFAULT_MAINTENANCE_INTERVAL
     claim_batch_max: int = DEFAULT_CLAIM_BATCH_MAX
     confirm_publish: bool = True
@@ -180,6 +188,7 @@ def from_transport_options(options: Mapping[str, object]) -> Options:
         lease=timedelta(seconds=float(options.get("lease_seconds", DEFAULT_LEASE_SECONDS))),
         polling_interval=float(options.get("polling_interval", DEFAULT_POLLING_INTERVAL)),
         linger_max=float(options.get("linger_max", DEFAULT_LINGER_MAX)),
+        hand_off=flag(options.get("hand_off", True)),
         maintenance_interval=float(
             options.get("maintenance_interval", DEFAULT_MAINTENANCE_INTERVAL)),
         claim_batch_max=int(options.get("claim_batch_max", DEFAULT_CLAIM_BATCH_MAX)),

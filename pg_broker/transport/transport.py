@@ -66,7 +66,7 @@ class Transport(virtual.Transport):
     """``pgbroker://``: a Celery broker over PostgreSQL.
 
     Transport options (``broker_transport_options``): see
-    :class:`.options.Options` (lease_seconds, polling_interval, linger_max,
+    :class:`.options.Options` (lease_seconds, polling_interval, linger_max, hand_off,
     maintenance_interval, claim_batch_max, confirm_publish,
     synchronous_commit, max_message_size, retry_backoff, response_timeout,
     migrate, prepared_statements, listen_url, completed_retention, failed_retention,

@@ -313,3 +313,18 @@ def test_a_consumer_whose_window_fills_withdraws_its_other_offers(
                 held[0].ack()
                 consumer.drain_events(timeout=10)
     assert [m.payload for m in held] == ["fills the window", "woken for"]
+
+
+def test_a_consumer_without_the_hand_off_option_is_only_woken(
+        database_url: str, db: psycopg.Connection) -> None:
+    queue = queue_named("no-hand-off")
+    received = []
+    for consumer in open_connection(database_url, polling_interval=3600, hand_off=False):
+        with consumer.Consumer([queue], callbacks=[lambda body, m: (received.append(body),
+                                                                    m.ack())]):
+            _wait_empty(consumer)
+            for producer in open_connection(database_url):
+                publish(producer, queue, "woken")
+            assert _row(db, queue.name)[0] == "pending"
+            consumer.drain_events(timeout=10)
+    assert received == ["woken"]
