@@ -28,8 +28,10 @@
 --   delivery refunded (reclaim_stale_tasks below). A hand-off happens only at
 --   a message's publish, so at most one delivery of a message goes uncounted
 --   this way, and a message that kills its workers still goes dead;
--- - a waiter record exists only for a queue the consumer found empty, so
---   priorities and order are those of the claim; records without a lease
+-- - a waiter record exists only for a queue the consumer found empty, and a
+--   message is handed off only while no other is ready there (else the
+--   consumer is woken and claims), so priorities and order are those of the
+--   claim; records without a lease
 --   (core 140/210 consumers, or a consumer whose prefetch window was full)
 --   are woken as before;
 -- - job rows (submit_job, job_id set) and publishes inside a caller's
@@ -114,8 +116,15 @@ BEGIN
         END IF;
         CONTINUE WHEN v_lock IS NOT NULL
                   AND pg_try_advisory_xact_lock_shared(1885823596, v_lock);
+        -- Handed off only while no message is ready in the queue (one
+        -- stored without a wake-up, a pipelined burst's): else the consumer
+        -- is woken and claims them in order, priority first.
         IF v_channel IS NOT NULL AND v_token IS NOT NULL AND v_lease IS NOT NULL
-           AND v_worker IS NOT NULL THEN
+           AND v_worker IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM job_tasks t
+                            WHERE t.status = 'pending' AND t.queue = p_queue
+                              AND t.visible_at <= now()
+                              AND (t.expires_at IS NULL OR t.expires_at > now())) THEN
             RETURN QUERY SELECT v_channel, v_worker, v_lease, v_token;
         ELSIF v_channel IS NOT NULL THEN
             PERFORM pg_notify(v_channel, p_queue);

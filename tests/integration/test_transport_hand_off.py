@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import timedelta
 
 import psycopg
@@ -46,9 +47,15 @@ def _counting(monkeypatch: pytest.MonkeyPatch, store, name: str) -> list:
 
 
 def _wait_empty(consumer) -> None:
-    """Let ``consumer`` find its queue empty and record itself as waiting."""
-    with pytest.raises(TimeoutError):
-        consumer.drain_events(timeout=0.2)
+    """Let ``consumer`` find its queues empty and record itself as waiting
+    on each (drains of 0.2 s until it did: a loaded machine may need more)."""
+    poller = consumer.transport.poller
+    consumed = set(consumer.transport.delivery.consumers)
+    deadline = time.monotonic() + 10
+    while poller._waiting != consumed:
+        assert time.monotonic() < deadline, "the consumer never waited on its queues"
+        with pytest.raises(TimeoutError):
+            consumer.drain_events(timeout=0.2)
 
 
 def test_a_waiting_consumer_is_handed_the_message_with_no_claim(
@@ -235,10 +242,11 @@ def test_a_killed_worker_s_hand_off_is_reclaimed_without_counting(
         def hold(body, message):
             print("received", flush=True)
         with conn.Consumer([queue], callbacks=[hold]):
-            try:
-                conn.drain_events(timeout=0.2)  # finds it empty: waits
-            except TimeoutError:
-                pass
+            while not conn.transport.poller._waiting:
+                try:
+                    conn.drain_events(timeout=0.2)  # finds it empty: waits
+                except TimeoutError:
+                    pass
             print("waiting", flush=True)
             conn.drain_events(timeout=3600)
             print("received", flush=True)
@@ -328,3 +336,29 @@ def test_a_consumer_without_the_hand_off_option_is_only_woken(
             assert _row(db, queue.name)[0] == "pending"
             consumer.drain_events(timeout=10)
     assert received == ["woken"]
+
+
+def test_a_publish_behind_ready_messages_wakes_the_consumer_to_claim_them_in_order(
+        database_url: str, db: psycopg.Connection) -> None:
+    queue = queue_named("behind")
+    received = []
+    for consumer in open_connection(database_url, polling_interval=3600):
+        with consumer.Consumer([queue], callbacks=[lambda body, m: (received.append(body),
+                                                                    m.ack())]):
+            _wait_empty(consumer)
+            for producer in open_connection(database_url):
+                # Stored without a wake-up (as a pipelined burst's messages
+                # are until their trailing notification), a high priority.
+                pipeline = producer.transport.pipeline
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(pipeline, "ration", lambda params: {**params, "notify": False})
+                    patch.setattr(pipeline, "owe", lambda params: None)
+                    publish(producer, queue, "first, urgent", priority=9)
+                assert _waiting(db, queue.name) == 1
+                publish(producer, queue, "second")
+            assert [status for status, *_ in db.execute(
+                "SELECT status FROM job_tasks WHERE queue = %s ORDER BY id",
+                (queue.name,))] == ["pending", "pending"]
+            while len(received) < 2:
+                consumer.drain_events(timeout=10)
+    assert received == ["first, urgent", "second"]
