@@ -8,3 +8,5 @@ GRANT EXECUTE ON FUNCTION pg_broker_wait(text, uuid, text, integer, text, interv
     TO service_role;
 REVOKE ALL ON FUNCTION pg_broker_hand_off(text) FROM anon, authenticated;
 GRANT EXECUTE ON FUNCTION pg_broker_hand_off(text) TO service_role;
+REVOKE ALL ON FUNCTION pg_broker_ready(text) FROM anon, authenticated;
+GRANT EXECUTE ON FUNCTION pg_broker_ready(text) TO service_role;
