@@ -86,25 +86,35 @@ $$;
 
 REVOKE ALL ON FUNCTION pg_broker_ready(text) FROM PUBLIC;
 
--- A publish about to store one plain message in p_queue: core 212's
--- pg_broker_wake, except that the live waiter it takes, when that one takes
--- hand-offs, is returned (its channel, worker_id, lease, lease_token) instead
--- of notified: the caller inserts the row claimed for it and notifies it
--- (transport_publish). Otherwise it wakes as pg_broker_wake does and returns
--- no row. Called once per routed queue, in place of pg_broker_wake, by the
--- same statement, under the same lock (core 131).
-CREATE FUNCTION pg_broker_hand_off(p_queue text)
-    RETURNS TABLE (channel text, worker_id text, lease interval, lease_token uuid)
+-- A publish about to store one plain message in p_queue as row p_id:
+-- core 212's pg_broker_wake, except that when the live waiter it takes
+-- takes hand-offs (and no message is ready in the queue: else it is woken
+-- and claims them in order, priority first), that waiter is notified of the
+-- row (JSON: q the queue, id, t the token, m the message when the whole
+-- notification stays under NOTIFY's 8,000 bytes) and the claim to store it
+-- under is returned (worker_id, lease, lease_token); the caller inserts the
+-- row so (transport_publish). Otherwise it wakes as pg_broker_wake does and
+-- returns NULLs. Called for each durable queue a message is routed to, in
+-- place of pg_broker_wake, by the same statement, under the same lock
+-- (core 131); p_go false (no wake-up asked, or not a plain message of the
+-- publish's own transaction): nothing (the statement wakes, if asked, with
+-- pg_broker_wake). A scalar function (not set-returning, no CASE around it,
+-- the notification sent here): with no waiter, a busy queue, a publish
+-- costs what it cost with pg_broker_wake (README, "Hand-off").
+CREATE FUNCTION pg_broker_hand_off(p_queue text, p_id bigint, p_message jsonb, p_go boolean,
+                                   OUT worker_id text, OUT lease interval,
+                                   OUT lease_token uuid)
     LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT AS $$
-#variable_conflict use_column
 DECLARE
     v_waiter uuid;
     v_channel text;
     v_lock integer;
-    v_worker text;
-    v_lease interval;
-    v_token uuid;
+    v_note text;
+    v_message text;
 BEGIN
+    IF NOT p_go THEN
+        RETURN;
+    END IF;
     PERFORM pg_advisory_xact_lock_shared(1885823607, hashtext(p_queue));
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         PERFORM pg_notify('pgbroker_' || md5(p_queue), '');
@@ -114,6 +124,10 @@ BEGIN
         RETURN;
     END IF;
     LOOP
+        -- Not a dead record's, taken in the turn before.
+        worker_id := NULL;
+        lease := NULL;
+        lease_token := NULL;
         SELECT w.waiter INTO v_waiter FROM broker_waiters w
          WHERE w.queue = p_queue
          ORDER BY w.since LIMIT 1
@@ -121,7 +135,7 @@ BEGIN
         IF FOUND THEN
             DELETE FROM broker_waiters w WHERE w.queue = p_queue AND w.waiter = v_waiter
             RETURNING w.channel, w.session_lock, w.worker_id, w.lease, w.lease_token
-                 INTO v_channel, v_lock, v_worker, v_lease, v_token;
+                 INTO v_channel, v_lock, worker_id, lease, lease_token;
         END IF;
         IF NOT FOUND THEN
             IF EXISTS (SELECT 1 FROM broker_waiters w WHERE w.queue = p_queue) THEN
@@ -131,14 +145,24 @@ BEGIN
         END IF;
         CONTINUE WHEN v_lock IS NOT NULL
                   AND pg_try_advisory_xact_lock_shared(1885823596, v_lock);
-        -- Handed off only while no message is ready in the queue (one
-        -- stored without a wake-up, a pipelined burst's): else the consumer
-        -- is woken and claims them in order, priority first.
-        IF v_channel IS NOT NULL AND v_token IS NOT NULL AND v_lease IS NOT NULL
-           AND v_worker IS NOT NULL
+        IF v_channel IS NOT NULL AND lease_token IS NOT NULL
+           AND lease IS NOT NULL AND worker_id IS NOT NULL
            AND NOT pg_broker_ready(p_queue) THEN
-            RETURN QUERY SELECT v_channel, v_worker, v_lease, v_token;
-        ELSIF v_channel IS NOT NULL THEN
+            v_note := format('{"q":%s,"id":%s,"t":"%s"', to_json(p_queue), p_id,
+                             lease_token);
+            v_message := p_message::text;
+            IF octet_length(v_note) + octet_length(v_message) < 7990 THEN
+                PERFORM pg_notify(v_channel, v_note || ',"m":' || v_message || '}');
+            ELSE  -- the consumer reads the message by id
+                PERFORM pg_notify(v_channel, v_note || '}');
+            END IF;
+            RETURN;
+        END IF;
+        -- Woken, not handed a row.
+        worker_id := NULL;
+        lease := NULL;
+        lease_token := NULL;
+        IF v_channel IS NOT NULL THEN
             PERFORM pg_notify(v_channel, p_queue);
         ELSE
             PERFORM pg_notify('pgbroker_' || md5(p_queue), '');
@@ -148,7 +172,7 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION pg_broker_hand_off(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_broker_hand_off(text, bigint, jsonb, boolean) FROM PUBLIC;
 
 -- core 182's reclaim_stale_tasks, with one change: a hand-off (above) whose
 -- lease was never renewed (last_heartbeat NULL: its consumer never confirmed

@@ -6,7 +6,7 @@ REVOKE ALL ON FUNCTION pg_broker_wait(text, uuid, text, integer, text, interval,
     FROM anon, authenticated;
 GRANT EXECUTE ON FUNCTION pg_broker_wait(text, uuid, text, integer, text, interval, uuid)
     TO service_role;
-REVOKE ALL ON FUNCTION pg_broker_hand_off(text) FROM anon, authenticated;
-GRANT EXECUTE ON FUNCTION pg_broker_hand_off(text) TO service_role;
+REVOKE ALL ON FUNCTION pg_broker_hand_off(text, bigint, jsonb, boolean) FROM anon, authenticated;
+GRANT EXECUTE ON FUNCTION pg_broker_hand_off(text, bigint, jsonb, boolean) TO service_role;
 REVOKE ALL ON FUNCTION pg_broker_ready(text) FROM anon, authenticated;
 GRANT EXECUTE ON FUNCTION pg_broker_ready(text) TO service_role;

@@ -57,12 +57,11 @@ SELECT reclaim_stale_tasks();
 -- Routes one message (anonymous exchange, or the bindings of a direct/topic/fanout exchange), stores one copy per queue (unless store is false), wakes those queues' waiting consumers (unless notify is false); with hand_off, a plain message goes to a waiting consumer already claimed, the row in its notification.
 -- pg_broker_wake notifies a queue only when a consumer waits on it, and
 -- takes its waiters away (migrations/core/131). pg_broker_hand_off does the
--- same for a durable queue, except that a waiter which takes hand-offs is
--- returned instead (migrations/core/220): the row is inserted claimed under
--- its lease token, and its notification is JSON: q the queue, id the row, t
--- the token, m the message when the notification stays under NOTIFY's
--- 8,000 bytes (else the consumer reads it by id). With no waiter (a busy
--- queue) each queue costs what pg_broker_wake cost.
+-- same for a plain message's durable queue, except that a waiter which takes
+-- hand-offs is notified of the row (JSON: the queue, the row's id, the
+-- token, the message when it fits) and the row is inserted claimed for it
+-- (migrations/core/220). With no waiter (a busy queue) each queue costs
+-- what pg_broker_wake cost.
 WITH target AS (
     SELECT %(routing_key)s::text AS queue
      WHERE %(exchange)s::text = '' AND %(routing_key)s::text <> ''
@@ -79,25 +78,27 @@ WITH target AS (
                 THEN set_config('synchronous_commit', %(synchronous_commit)s::text, true)
            END AS commit_mode
       FROM target t LEFT JOIN broker_queues q ON q.name = t.queue
-), handed AS MATERIALIZED (
-    SELECT r.queue, h.channel, h.worker_id, h.lease, h.lease_token
-      FROM routed r CROSS JOIN LATERAL pg_broker_hand_off(r.queue) h
-     WHERE r.durable AND %(store)s::boolean AND %(notify)s::boolean
-       AND %(hand_off)s::boolean AND %(job_id)s::uuid IS NULL
 ), durable AS (
-    INSERT INTO job_tasks (queue, priority, payload, task_type, task_id, job_id, user_id,
+    -- Each row's id taken first: a waiting consumer is told it by
+    -- pg_broker_hand_off, which returns the claim to store the row under.
+    INSERT INTO job_tasks (id, queue, priority, payload, task_type, task_id, job_id, user_id,
                            max_attempts, expires_at, status, worker_id, lease_token,
                            lease_expires_at, claimed_at, attempts)
-    SELECT r.queue, %(priority)s::smallint, %(payload)s::jsonb, %(task_type)s::text,
+    OVERRIDING SYSTEM VALUE
+    SELECT m.id, m.queue, %(priority)s::smallint, %(payload)s::jsonb, %(task_type)s::text,
            %(task_id)s::text, %(job_id)s::uuid, %(user_id)s::uuid,
-           coalesce(%(max_attempts)s::integer, 3), r.expires_at,
-           CASE WHEN h.lease_token IS NULL THEN 'pending' ELSE 'claimed' END,
-           h.worker_id, h.lease_token, now() + h.lease,
-           CASE WHEN h.lease_token IS NOT NULL THEN now() END,
-           CASE WHEN h.lease_token IS NULL THEN 0 ELSE 1 END
-      FROM routed r LEFT JOIN handed h ON h.queue = r.queue
-     WHERE r.durable AND %(store)s::boolean
-    RETURNING id, queue, lease_token
+           coalesce(%(max_attempts)s::integer, 3), m.expires_at,
+           CASE WHEN (m.claim).lease_token IS NULL THEN 'pending' ELSE 'claimed' END,
+           (m.claim).worker_id, (m.claim).lease_token, now() + (m.claim).lease,
+           CASE WHEN (m.claim).lease_token IS NOT NULL THEN now() END,
+           CASE WHEN (m.claim).lease_token IS NULL THEN 0 ELSE 1 END
+      FROM (SELECT r.queue, r.expires_at, n.id,
+                   pg_broker_hand_off(r.queue, n.id, %(payload)s::jsonb,
+                                      %(notify)s::boolean AND %(hand_off)s::boolean
+                                      AND %(job_id)s::uuid IS NULL) AS claim
+              FROM routed r, LATERAL (SELECT nextval('job_tasks_id_seq') AS id) n
+             WHERE r.durable AND %(store)s::boolean
+            OFFSET 0) m  -- one hand-off per row, however often the claim is read
 ), transient AS (
     INSERT INTO broker_transient_messages (queue, priority, payload, expires_at)
     SELECT queue, %(priority)s::smallint, %(payload)s::jsonb, expires_at
@@ -106,16 +107,7 @@ WITH target AS (
 SELECT pg_broker_wake(queue) FROM routed
  WHERE %(notify)s::boolean
    AND NOT (durable AND %(store)s::boolean AND %(hand_off)s::boolean
-            AND %(job_id)s::uuid IS NULL)
-UNION ALL
-SELECT pg_notify(h.channel,
-                 CASE WHEN octet_length(n.note) + octet_length(n.message) < 7990
-                      THEN n.note || ',"m":' || n.message || '}'
-                      ELSE n.note || '}' END)
-  FROM durable d JOIN handed h ON h.queue = d.queue AND h.lease_token = d.lease_token,
-       LATERAL (SELECT format('{"q":%%s,"id":%%s,"t":"%%s"', to_json(d.queue::text), d.id,
-                              d.lease_token) AS note,
-                       %(payload)s::jsonb::text AS message) n;
+            AND %(job_id)s::uuid IS NULL);
 
 -- name: transport_flush
 -- Returns once the WAL written so far is flushed (and replicated) as synchronous_commit asks (this mode, or the session's): a transaction of its own that writes one tiny WAL record and so waits at its commit.
