@@ -15,7 +15,8 @@ send to its result in hand; in it, the first time of each probe:
     wake       the worker's hub: the broker's socket turned readable
                (pgbroker: the LISTEN connection; Redis: the BRPOP reply)
     claimed    the worker has the message (pgbroker: the claim statement
-               returned; Redis: the BRPOP reply read)
+               returned, or it took a message handed to it, migrations/core/220;
+               Redis: the BRPOP reply read)
     prerun     the task starts (task_prerun)
     store      the worker starts storing the result (Backend.store_result)
     stored     ... and the store returned (its commit, and its notification sent)
@@ -91,11 +92,13 @@ def install(path: str) -> None:
     from kombu.transport import redis as kombu_redis
 
     from pg_broker.results.store import ResultStore
+    from pg_broker.transport.delivery import Delivery
     from pg_broker.transport.poller import Poller
     from pg_broker.transport.store import Store
 
     _probed(Poller, "_on_readable", "wake", None)
     _probed(Store, "ack_and_claim", None, "claimed")
+    _probed(Delivery, "accept", None, "claimed")  # a message handed to the worker
     _probed(kombu_redis.MultiChannelPoller, "on_readable", "wake", None)
     _probed(kombu_redis.Channel, "_brpop_read", None, "claimed")
     _probed(Backend, "store_result", "store", "stored")
