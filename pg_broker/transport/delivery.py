@@ -159,9 +159,6 @@ class Delivery:
         payload = channel.take_handed(handed)
         if payload is not None:
             self.buffers.setdefault(handed.queue, deque()).append(payload)
-            # As after a claim that gave messages: the queue lingers before
-            # its consumer waits again (see .poller).
-            self.emptied.discard(handed.queue)
 
     def give_back(self, tokens: list) -> None:
         """Rows handed under ``tokens`` and not taken go back (see :meth:`accept`)."""

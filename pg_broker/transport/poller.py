@@ -212,6 +212,13 @@ class Poller:
                 self._waiting.discard(row.queue)
                 self._waited(row.queue)
             self._delivery.accept(row)
+            if self.linger_max > LINGER:
+                # Lingering asked for (many listeners): the queue lingers as
+                # after a claim that gave messages. By default the consumer
+                # waits again at once, to be handed the next one: no claim
+                # LINGER later, and a caller's next request, published right
+                # after its result, is handed over instead of waiting for it.
+                self._delivery.emptied.discard(row.queue)
 
     def _waited(self, queue: str) -> None:
         """A wait on ``queue`` ended with a message: its linger adapts (see
