@@ -56,10 +56,13 @@ HISTORY = "migrations/core/180_partitioned_history.sql"
 RELEASE = "migrations/core/182_claim_complete_release_defined_once.sql"
 HISTORY_LAYER = "migrations/supabase/181_history_privileges.sql"
 WAKE = "migrations/core/212_wake_deletes_one_waiter.sql"  # pg_broker_wake as redefined there
+# pg_broker_hand_off, and reclaim_stale_tasks as redefined there
+HAND_OFF = "migrations/core/220_hand_off_to_waiting_consumer.sql"
 
 MESSAGES = "tests/integration/test_transport_messages.py"
 EVENT_LOOP = "tests/integration/test_transport_event_loop.py"
 WAITERS = "tests/integration/test_transport_waiters.py"
+HANDED = "tests/integration/test_transport_hand_off.py"
 SHARED_LISTEN = "tests/integration/test_transport_shared_listen.py"
 FLUSH = "tests/integration/test_publish_flush.py"
 PIPELINE = "tests/integration/test_transport_pipeline.py"
@@ -292,7 +295,29 @@ MUTATIONS: tuple[Mutation, ...] = (
         "held leases are not renewed",
     ),
     Mutation(
-        "reclaim-live-lease", RELEASE,
+        "hand-off-refund", HAND_OFF,
+        "                                    THEN 1 ELSE 0 END,",
+        "                                    THEN 0 ELSE 0 END,",
+        (f"{HANDED}::test_an_ack_from_a_stale_owner_is_refused_and_the_reclaim_does_not_count",
+         f"{HANDED}::test_a_killed_worker_s_hand_off_is_reclaimed_without_counting"),
+        "a hand-off whose worker never renewed it counts as a delivery when reclaimed",
+    ),
+    Mutation(
+        "hand-off-give-back", "pg_broker/transport/poller.py",
+        "self._give_back([self._tokens.pop(queue) for queue in queues if queue in self._tokens])",
+        "self._give_back([])",
+        (f"{HANDED}::test_a_consumer_closed_before_it_heard_its_hand_off_gives_it_back",),
+        "a consumer that stops waiting leaves its hand-offs held until their leases end",
+    ),
+    Mutation(
+        "hand-off-withdraw", "pg_broker/transport/poller.py",
+        "            self._store.wake_only(full, self._waiter)",
+        "            self._store.wake_only([], self._waiter)",
+        (f"{HANDED}::test_a_consumer_whose_window_fills_withdraws_its_other_offers",),
+        "a consumer whose prefetch window is full is still handed rows",
+    ),
+    Mutation(
+        "reclaim-live-lease", HAND_OFF,
         "         WHERE status IN ('claimed', 'processing')\n           AND lease_expires_at < now()\n",
         "         WHERE status IN ('claimed', 'processing')\n           AND lease_expires_at < now() + interval '10 minutes'\n",
         (f"{RECOVERY}::test_held_message_keeps_its_lease_past_the_lease_length",),
