@@ -527,6 +527,24 @@ def test_a_write_while_a_waiter_records_itself_notifies_it(app, database_url, db
     assert outcome == [None] and heard == [channel]
 
 
+def test_a_join_hands_out_its_results_without_a_yield_per_result(app, monkeypatch):
+    # Celery's consumer ends each result with sleep(0), for greenlet
+    # drainers; with threads it gives the CPU away once per result (a
+    # chord's join of 100: 100 times).
+    import celery.backends.asynchronous
+
+    ids = [str(uuid.uuid4()) for _ in range(100)]
+    for n, task_id in enumerate(ids):
+        app.backend.mark_as_done(task_id, n)
+    sleeps: list[float] = []
+    monkeypatch.setattr(celery.backends.asynchronous, "sleep", sleeps.append)
+
+    values = ResultSet([AsyncResult(i, app=app) for i in ids]).join_native(timeout=30)
+
+    assert values == list(range(100))
+    assert sleeps == []
+
+
 def test_a_result_ready_before_its_wait_is_read_without_a_record(app, db):
     # A chord's last part joins a header of finished results: no records,
     # no locks for them.
