@@ -78,7 +78,10 @@ def run_suite(broker: str, backend: str, tests: Sequence[str], report: Path, log
     pytest session; the outcome (passed, failed, skipped, xfailed) of every
     test by its node id (none when the session could not run)."""
     source = celery_source()
-    env = dict(os.environ, TEST_BROKER=broker, TEST_BACKEND=backend)
+    # Its tests start `celery` by name (test_worker.py, test_serialization.py):
+    # the one of this interpreter's environment, activated or not.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, TEST_BROKER=broker, TEST_BACKEND=backend, PATH=path)
     command = [
         # Run from the sdist's root, as Celery's CI does (test_worker.py starts
         # `celery --config t.integration.worker_config`), but its `celery`
