@@ -264,6 +264,12 @@ class ResultStore:
         })[0]
         return parts, claimed, size
 
+    def chord_header(self, key: str, prefix: str) -> list[tuple[str, bytes | None]]:
+        """(part, its task's encoded meta or None) for every part the chord
+        counted; a task's key is ``prefix`` and its id."""
+        return [(part, value) for part, value in
+                self._run(queries["result_chord_header"], {"key": key, "prefix": prefix})]
+
     def chord_size(self, key: str, size: int, expires: float | None) -> None:
         self._run(queries["result_chord_size"], {"key": key, "size": size,
                                         "expires": _interval(expires)})
@@ -279,9 +285,10 @@ class ResultStore:
 
 # The waiters' statements, run through libpq (ResultStore.listen_and_read).
 Statement = tuple[bytes, list[bytes | None]]  # the query, its parameters in text format
-ISOLATION, UNWAIT, AWAIT, MGET = (
-    positional(queries[name])[0].encode() for name in (
-        "result_session_isolation", "result_unwait", "result_await", "result_mget"))
+ISOLATION = positional(queries["result_session_isolation"])[0].encode()
+UNWAIT = positional(queries["result_unwait"])[0].encode()
+AWAIT = positional(queries["result_await"])[0].encode()
+MGET = positional(queries["result_mget"])[0].encode()
 
 
 def text_array(values: Iterable[str]) -> bytes:
