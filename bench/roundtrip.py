@@ -30,7 +30,8 @@ and 90th percentiles per broker. A probe costs a ``write`` (a few µs).
 ``--chord N`` takes a chord of N apart instead (the bench's chord figure:
 ``echo`` header tasks, a ``total`` callback, one solo worker), in ms from its
 send: the header's N publishes done, the first header task's start, the last
-header task's result stored, the callback's publish and start, its result in
+header task's result stored, its ``on_chord_part_return`` returned (the
+header read, the callback sent), the callback's publish and start, its result in
 the caller's hands; and per header task, the worker's cycle (start to start)
 and its store (``store`` -> ``stored``: result and chord count, one statement).
 """
@@ -91,6 +92,7 @@ def install(path: str) -> None:
     from celery.backends.base import Backend
     from kombu.transport import redis as kombu_redis
 
+    from pg_broker.results.backend import PgBrokerBackend, ResultConsumer
     from pg_broker.results.store import ResultStore
     from pg_broker.transport.delivery import Delivery
     from pg_broker.transport.poller import Poller
@@ -104,6 +106,8 @@ def install(path: str) -> None:
     _probed(Backend, "store_result", "store", "stored")
     _probed(ResultStore, "listen_and_read", None, "listened")
     _probed(BaseResultConsumer, "on_state_change", "delivered", None)
+    _probed(ResultConsumer, "on_state_change", "delivered", None)  # its own, without sleep(0)
+    _probed(PgBrokerBackend, "on_chord_part_return", None, "part returned")
     signals.task_prerun.connect(lambda **kw: probe("prerun"), weak=False)
     signals.after_task_publish.connect(lambda **kw: probe("published"), weak=False)
 
@@ -188,6 +192,7 @@ def chord_stages(records: list[tuple[str, int]], windows: list[tuple[int, int]],
         chords.append({
             "header published": at("published", n - 1), "first start": at("prerun", 0),
             "last part stored": at("stored", n - 1), "callback published": at("published", n),
+            "last part returned": at("part returned", n - 1),
             "callback start": at("prerun", n), "done": at("done", 0),
             "part cycle": statistics.median(cycles) if cycles else None,
             "part store": statistics.median(writes) if writes else None,
@@ -197,8 +202,8 @@ def chord_stages(records: list[tuple[str, int]], windows: list[tuple[int, int]],
 
 def summarise_chords(name: str, chords: list[dict]) -> str:
     lines = [f"{name}: {len(chords)} chords; ms, median [max]"]
-    for label in chords[0] if chords else ():
-        values = [c[label] for c in chords if c[label] is not None]
+    for label in dict.fromkeys(label for c in chords for label in c):
+        values = [c[label] for c in chords if c.get(label) is not None]
         if values:
             lines.append(f"  {label:<20} {statistics.median(values):8.2f} [{max(values):8.2f}]")
     return "\n".join(lines)

@@ -484,6 +484,15 @@ SELECT parts, claimed, size
                                    %(claimer)s, %(claim)s::interval,
                                    %(chord_expires)s::interval);
 
+-- name: result_chord_header
+-- A chord's header results, for the worker that counted its last part: every part counted (header task id and index, "id:index") with its task's encoded meta (NULL when not there or expired), read by key (the task's key is the prefix and the id).
+SELECT p.part, r.value
+  FROM task_result_chord_parts p
+  LEFT JOIN task_results r
+    ON r.key = %(prefix)s || left(p.part, length(p.part) - strpos(reverse(p.part), ':'))
+   AND (r.expires_at IS NULL OR r.expires_at > now())
+ WHERE p.chord = %(key)s;
+
 -- name: result_chord_done
 -- A chord's callback was sent (or the chord failed): its parts are forgotten, later copies of them count nothing.
 WITH forgotten AS (
