@@ -211,6 +211,12 @@ class Poller:
                 del self._tokens[row.queue]
                 self._waiting.discard(row.queue)
                 self._waited(row.queue)
+            else:
+                # Not the offer this consumer's record makes now: one
+                # withdrawn (still held for it) or given back when it stopped
+                # waiting (pending again, perhaps another's by now). Its row
+                # is read, fenced by the token, rather than trusted.
+                row = row._replace(message=None)
             self._delivery.accept(row)
             if self.linger_max > LINGER:
                 # Lingering asked for (many listeners): the queue lingers as

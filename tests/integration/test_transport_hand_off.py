@@ -16,6 +16,7 @@ from celery_workers import wait_for
 from transport_support import event_loop, open_connection, publish, queue_named
 
 from pg_broker.transport.channel import enqueue_in
+from pg_broker.transport.messages import HandOff
 from pg_broker.urls import broker_url as pgbroker_url
 
 pytest_plugins = ["transport_support"]
@@ -363,3 +364,28 @@ def test_a_publish_behind_ready_messages_wakes_the_consumer_to_claim_them_in_ord
             while len(received) < 2:
                 consumer.drain_events(timeout=10)
     assert received == ["first, urgent", "second"]
+
+
+def test_a_hand_off_heard_after_it_was_given_back_is_not_delivered(
+        database_url: str, db: psycopg.Connection) -> None:
+    # The consumer stopped waiting (its hand-off given back), consumed the
+    # queue again, then heard the old notification: the row, pending again,
+    # is not delivered from it.
+    queue = queue_named("late-hand-off")
+    received = []
+    for consumer in open_connection(database_url, polling_interval=3600):
+        with consumer.Consumer([queue], callbacks=[lambda body, m: received.append(body)]):
+            _wait_empty(consumer)
+            poller = consumer.transport.poller
+            token = poller._tokens[queue.name]
+            for producer in open_connection(database_url):
+                publish(producer, queue, "given back")
+            row_id = db.execute("SELECT id FROM job_tasks WHERE queue = %s",
+                                (queue.name,)).fetchone()[0]
+            poller.stop_waiting([queue.name])  # as a cancel does, before it heard it
+            assert _row(db, queue.name) == ("pending", 0, None, False, False)
+            late = HandOff(queue.name, row_id, token, {"body": "stale copy", "properties": {}})
+            poller._handed([late])
+            assert consumer.transport.delivery.buffers == {}
+            assert _row(db, queue.name) == ("pending", 0, None, False, False)
+    assert received == []
