@@ -290,11 +290,10 @@ class PgBrokerBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
             if parts > size:
                 logger.warning("Chord %r counted %d parts, more than its %d", gid, parts, size)
             return
-        header = None if deps is not None else self._header_results(key, size)
-        if header is None:  # not all there: Celery's restore and join (which waits)
-            deps = deps or self._restore_header(request, gid)
-            if deps is None:
-                return
+        deps = deps or self._restore_header(request, gid)
+        if deps is None:
+            return
+        header = self._header_results(key, deps)  # None: Celery's join (which waits)
         callback = maybe_signature(request.chord, app=app)
         try:
             if header is not None:
@@ -323,30 +322,24 @@ class PgBrokerBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         finally:
             self.store.chord_done(key)
             if self._chord_result_expires != (self.expires or 0):
-                ids = ([task_id for task_id, _ in header] if header is not None
-                       else [dep.id for dep in deps.results])
-                for task_id in ids:
-                    self.expire(self.get_key_for_task(task_id), self.expires)
+                for dep in deps.results:
+                    self.expire(self.get_key_for_task(dep.id), self.expires)
 
-    def _header_results(self, key: str, size: int) -> list[tuple[str, dict]] | None:
+    def _header_results(self, key: str, deps: GroupResult) -> list[tuple[str, dict]] | None:
         """The chord's header results in header order, (task id, meta), read
         in one statement from its counted parts, as Celery's Redis backend
-        reads its chord's list: no GroupResult restored, no join (100 LISTENs,
-        a read and 100 hand-outs through Celery's result machinery). None
-        when one is missing (expired, or counted without its result) or a
-        part has no index in the header: then Celery's join decides."""
-        prefix = _key(self.task_keyprefix)  # with result_backend_global_keyprefix, if set
-        rows = self.store.chord_header(key, prefix)
-        header = []
-        for part, value in rows:
-            task_id, _, index = part.rpartition(":")
-            if value is None or not index.isdigit():
-                return None
-            header.append((int(index), task_id, value))
-        if len(header) != size:
+        reads its chord's list: no join (a LISTEN per header result, a read
+        and Celery's hand-out of each). None when the header is not flat (a
+        group nested in it: Celery's join gives its nested shape) or a result
+        is missing (expired, or counted without its result)."""
+        if any(isinstance(dep, ResultSet) for dep in deps.results):
             return None
-        header.sort()
-        return [(task_id, self.decode_result(value)) for _, task_id, value in header]
+        found = {part.rpartition(":")[0]: value for part, value in
+                 self.store.chord_header(key, _key(self.task_keyprefix))}
+        values = [found.get(dep.id) for dep in deps.results]
+        if any(value is None for value in values):
+            return None
+        return [(dep.id, self.decode_result(value)) for dep, value in zip(deps.results, values, strict=True)]
 
     @staticmethod
     def _header_values(header: list[tuple[str, dict]]) -> list:
