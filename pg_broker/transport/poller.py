@@ -217,6 +217,12 @@ class Poller:
                 # waiting (pending again, perhaps another's by now). Its row
                 # is read, fenced by the token, rather than trusted.
                 row = row._replace(message=None)
+                if row.queue not in self._tokens:
+                    # Withdrawn: the publish took the record before the
+                    # withdrawal reached it, so none is left. Record again
+                    # once the queue is empty (while it counted as waiting,
+                    # a worker's publishes there waited for the safety poll).
+                    self._waiting.discard(row.queue)
             self._delivery.accept(row)
             if self.linger_max > LINGER:
                 # Lingering asked for (many listeners): the queue lingers as

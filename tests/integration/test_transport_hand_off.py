@@ -389,3 +389,46 @@ def test_a_hand_off_heard_after_it_was_given_back_is_not_delivered(
             assert consumer.transport.delivery.buffers == {}
             assert _row(db, queue.name) == ("pending", 0, None, False, False)
     assert received == []
+
+
+def test_a_hand_off_taken_while_its_offer_was_withdrawn_leaves_the_consumer_waiting_again(
+        database_url: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A publish took the consumer's record of the second queue (handing it a
+    # row) just before the consumer, its window filled, withdrew that offer.
+    # The consumer takes the row from the notification it hears later; its
+    # record is gone, so it must record itself again once the queue is empty:
+    # else every later publish there waited for the safety poll (seen in the
+    # results bench after a chord: get() at 985 ms, repeat after repeat).
+    first, second = queue_named("withdrawn-a"), queue_named("withdrawn-b")
+    held = []
+    for consumer in open_connection(database_url, polling_interval=3600):
+        with consumer.Consumer([first, second], callbacks=[lambda body, m: held.append(m)],
+                               prefetch_count=1):
+            _wait_empty(consumer)
+            for producer in open_connection(database_url):
+                store = consumer.transport.poller._store
+                withdraw = store.wake_only
+
+                def publish_first(queues, waiter, producer=producer, withdraw=withdraw):
+                    publish(producer, second, "taken meanwhile")
+                    return withdraw(queues, waiter)
+                monkeypatch.setattr(store, "wake_only", publish_first)
+                publish(producer, first, "fills the window")
+                consumer.drain_events(timeout=10)
+                monkeypatch.setattr(store, "wake_only", withdraw)
+                assert [m.payload for m in held] == ["fills the window"]
+                assert _row(db, second.name)[0] == "claimed"  # handed, not woken
+                held[0].ack()
+                consumer.drain_events(timeout=10)
+                assert [m.payload for m in held][1:] == ["taken meanwhile"]
+                held[1].ack()
+                with pytest.raises(TimeoutError):
+                    consumer.drain_events(timeout=0.5)  # finds both queues empty, waits
+                # It believes it waits on both queues: both records exist (a
+                # worker's hub has no drain timeout to claim on, only the
+                # safety poll).
+                assert consumer.transport.poller._waiting == {first.name, second.name}
+                assert (_waiting(db, first.name), _waiting(db, second.name)) == (1, 1)
+                publish(producer, second, "after")
+                consumer.drain_events(timeout=10)
+    assert [m.payload for m in held] == ["fills the window", "taken meanwhile", "after"]
