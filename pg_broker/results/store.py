@@ -17,7 +17,6 @@ opens its own when first used.
 from __future__ import annotations
 
 import logging
-import select
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -34,7 +33,7 @@ from pg_broker.migrate import ensure_migrated
 from pg_broker.queries import queries
 from pg_broker.transport import connections, deadline
 from pg_broker.transport.connections import CONNECT_DEFAULTS, close_quietly
-from pg_broker.transport.store import OK, check, positional
+from pg_broker.transport.store import OK, check, pipeline_results, positional
 
 log = logging.getLogger(__name__)
 
@@ -331,26 +330,12 @@ def pipelined(conn: psycopg.Connection, statements: list[Statement | None]) -> p
 
 def _pipeline_results(pgconn: pq.abc.PGconn, syncs: int
                       ) -> tuple[list[pq.abc.PGresult], pq.abc.PGresult | None]:
-    """Every result up to the ``syncs``-th sync, and the first that failed."""
+    """Every result up to the ``syncs``-th sync that succeeded, and the first
+    that failed (not counting those aborted after it)."""
     results: list[pq.abc.PGresult] = []
     failed = None
-    poller = select.poll()
-    poller.register(pgconn.socket, select.POLLIN | select.POLLOUT)
-    while pgconn.flush():  # a long batch may fill the socket's buffer
-        poller.poll()
-        pgconn.consume_input()
-    poller.modify(pgconn.socket, select.POLLIN)
-    while syncs and pgconn.status != pq.ConnStatus.BAD:
-        pgconn.consume_input()
-        if pgconn.is_busy():
-            poller.poll()
-            continue
-        result = pgconn.get_result()
-        if result is None:
-            continue
-        if result.status == pq.ExecStatus.PIPELINE_SYNC:
-            syncs -= 1
-        elif result.status in OK:
+    for result in pipeline_results(pgconn, syncs):
+        if result.status in OK:
             results.append(result)
         elif failed is None and result.status != pq.ExecStatus.PIPELINE_ABORTED:
             failed = result

@@ -198,36 +198,47 @@ def execute_then(first: Prepared, first_params: dict, then: Prepared, then_param
                 if conn not in statement._prepared_on:
                     statement.prepare(pgconn)
                     statement._prepared_on.add(conn)
-        results: list[pq.abc.PGresult] = []
         pgconn.enter_pipeline_mode()
         try:
             first.send(pgconn, values[0], prepared)
             pgconn.pipeline_sync()
             then.send(pgconn, values[1], prepared)
             pgconn.pipeline_sync()
-            syncs = 0
-            while syncs < 2 and pgconn.status != pq.ConnStatus.BAD:
-                # get_result() blocks holding the GIL while libpq is busy:
-                # wait for the socket here, without it.
-                pgconn.consume_input()
-                if pgconn.is_busy():
-                    poller = select.poll()
-                    poller.register(pgconn.socket, select.POLLIN)
-                    poller.poll()
-                    continue
-                result = pgconn.get_result()
-                if result is None:
-                    continue
-                if result.status == pq.ExecStatus.PIPELINE_SYNC:
-                    syncs += 1
-                else:
-                    results.append(result)
+            results = pipeline_results(pgconn, 2)
         finally:
             if pgconn.status != pq.ConnStatus.BAD:
                 pgconn.exit_pipeline_mode()
         if len(results) < 2:
             check(pgconn, None)
         return results[0], results[1]
+
+
+def pipeline_results(pgconn: pq.abc.PGconn, syncs: int) -> list[pq.abc.PGresult]:
+    """Every result of a pipeline (in pipeline mode, ``syncs`` syncs sent)
+    up to its ``syncs``-th sync, unchecked; fewer when the connection is lost.
+    get_result() blocks holding the GIL while libpq is busy, so the socket is
+    awaited here, without it (and flushed first: a long batch may fill its
+    buffer)."""
+    results: list[pq.abc.PGresult] = []
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN | select.POLLOUT)
+    while pgconn.flush():
+        poller.poll()
+        pgconn.consume_input()
+    poller.modify(pgconn.socket, select.POLLIN)
+    while syncs and pgconn.status != pq.ConnStatus.BAD:
+        pgconn.consume_input()
+        if pgconn.is_busy():
+            poller.poll()
+            continue
+        result = pgconn.get_result()
+        if result is None:
+            continue
+        if result.status == pq.ExecStatus.PIPELINE_SYNC:
+            syncs -= 1
+        else:
+            results.append(result)
+    return results
 
 
 def check(pgconn: pq.abc.PGconn, result: pq.abc.PGresult | None) -> pq.abc.PGresult:
